@@ -1,0 +1,47 @@
+# Every target sets itself up: a fresh clone needs nothing but Python 3.11+ and root for apt.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= auto
+
+.PHONY: install system-deps up test lint format bench clean
+
+install: $(STAMP) system-deps
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# Debian packages the tests and `make up` use: redis-server (real Redis) and
+# apache2-utils (Apache's htpasswd, to make password files with the real tool).
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v htpasswd >/dev/null || missing="$$missing apache2-utils"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+up: install
+	$(VENV)/bin/outrider up
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install lint
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m loadtests.run $(if $(SCENARIO),--scenario $(SCENARIO)) $(if $(QUICK),--quick)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

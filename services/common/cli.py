@@ -1,0 +1,276 @@
+"""The ``outrider`` command line.
+
+``outrider SUBCOMMAND ...``; every ``--flag`` can also come from the
+environment as ``OUTRIDER_FLAG`` (``--redis-url`` ← ``OUTRIDER_REDIS_URL``;
+repeatable flags take a comma-separated list). A flag on the command line wins.
+
+Exit codes: 0 clean stop, 2 bad flags or bad config, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+
+from .configfile import ConfigError
+from .listeners import Address, ListenError, parse_address
+from .logs import setup_logging
+from .runtime import Runtime, RuntimeOptions
+from .service import ServiceFactory
+
+ENV_PREFIX = "OUTRIDER_"
+
+# subcommand → (module exposing COMMAND, one-line help). Imported lazily so that
+# starting one service does not import the others.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ratelimit": ("services.ratelimit.main", "global rate limit service (envoyproxy/ratelimit)"),
+    "extauth": ("services.extauth.main", "external authorization service (ext_authz)"),
+    "extproc": ("services.extproc.main", "external processing service (ext_proc)"),
+    "translate": ("translator.cli", "Envoy Gateway policies → Envoy config + sidecar configs"),
+    "up": ("translator.up", "run Envoy, the sidecars, Redis and a demo upstream locally"),
+}
+
+
+class Command(Protocol):
+    name: str
+    help: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+class UsageError(Exception):
+    """A flag value that parses but makes no sense; exit 2."""
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.lstrip("-").upper().replace("-", "_")
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def apply_environment(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]
+) -> None:
+    """Fill every flag not given on the command line from its OUTRIDER_* variable."""
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in given or action.dest == "help":
+            continue
+        raw = os.environ.get(env_name(longs[0]))
+        if raw is None:
+            continue
+        convert = action.type if callable(action.type) else str
+        try:
+            if isinstance(action, argparse._AppendAction):
+                value: object = [convert(v.strip()) for v in raw.split(",") if v.strip()]
+            elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+                value = _truthy(raw) == isinstance(action, argparse._StoreTrueAction)
+            else:
+                value = convert(raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{env_name(longs[0])}={raw!r}: {exc}")
+        setattr(args, action.dest, value)
+
+
+def parse_with_environment(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.Namespace:
+    # Required flags may come from the environment, so check them after merging.
+    required = [a for a in parser._actions if a.required and a.option_strings]
+    for action in required:
+        action.required = False
+    args = parser.parse_args(argv)
+    given = {
+        action.dest
+        for action in parser._actions
+        for token in argv
+        for option in action.option_strings
+        if token == option or token.startswith(option + "=")
+    }
+    apply_environment(parser, args, given)
+    for action in required:
+        if getattr(args, action.dest) in (None, []):
+            parser.error(
+                f"the following argument is required: {'/'.join(action.option_strings)} "
+                f"(or {env_name(action.option_strings[-1])})"
+            )
+    return args
+
+
+def address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode from 000 to 777")
+    return mode
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
+    return value
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+def install_event_loop(choice: str) -> None:
+    """uvloop unless asked otherwise (it serves grpc.aio and aiohttp faster)."""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise UsageError("--event-loop uvloop: uvloop is not installed") from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class ServiceCommand:
+    """Turns a :class:`ServiceFactory` into a subcommand run by the shared runtime."""
+
+    def __init__(self, factory: ServiceFactory, default_listen: str) -> None:
+        self.factory = factory
+        self.name = factory.name
+        self.help = factory.help
+        self.default_listen = default_listen
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--config", required=True, type=Path, help="config file or directory of *.yaml"
+        )
+        parser.add_argument(
+            "--listen",
+            action="append",
+            type=address,
+            default=None,
+            metavar="ADDR",
+            help=f"unix:/abs/path.sock, HOST:PORT or [V6]:PORT; repeatable "
+            f"(default {self.default_listen})",
+        )
+        parser.add_argument("--admin", type=address, metavar="ADDR", help="admin HTTP address")
+        parser.add_argument("--drain-timeout", type=positive_float, default=5.0, metavar="SECONDS")
+        parser.add_argument(
+            "--reload-interval",
+            type=positive_float,
+            default=1.0,
+            metavar="SECONDS",
+            help="how often config files are checked for changes",
+        )
+        parser.add_argument(
+            "--socket-mode", type=octal_mode, default=None, help="mode of unix sockets, e.g. 0660"
+        )
+        parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+        add_logging_arguments(parser)
+        self.factory.add_arguments(parser)
+
+    def options(self, args: argparse.Namespace) -> RuntimeOptions:
+        listen = tuple(args.listen or [parse_address(self.default_listen)])
+        return RuntimeOptions(
+            config=args.config,
+            listen=listen,
+            admin=args.admin,
+            drain_timeout=args.drain_timeout,
+            reload_interval=args.reload_interval,
+            socket_mode=args.socket_mode,
+        )
+
+    def run(self, args: argparse.Namespace) -> int:
+        setup_logging(args.log_level, args.log_format)
+        install_event_loop(args.event_loop)
+        registry = CollectorRegistry()
+        service = self.factory.create(args, registry)
+        runtime = Runtime(service, self.options(args), registry)
+        return asyncio.run(runtime.run())
+
+
+def load_command(name: str) -> Command:
+    module_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return module.COMMAND
+
+
+def build_parser(command: Command | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outrider",
+        description="Out-of-band services for Envoy. Every --flag also reads OUTRIDER_<FLAG>.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        if command is not None and name == command.name:
+            command.add_arguments(sp)
+    return parser
+
+
+def run_command(command: Command, argv: Sequence[str]) -> int:
+    """Parse ``argv`` for ``command`` (flags, then OUTRIDER_* variables) and run it."""
+    parser = build_parser(command)
+    subparser = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices.get(command.name)
+    if subparser is None:  # a command outside COMMANDS (tests' sample service)
+        subparser = argparse.ArgumentParser(prog=f"outrider {command.name}", allow_abbrev=False)
+        command.add_arguments(subparser)
+    args = parse_with_environment(subparser, argv)
+    args.command = command.name
+    try:
+        return command.run(args)
+    except ConfigError as exc:
+        print(f"outrider {command.name}: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"outrider {command.name}: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:
+        print(f"outrider {command.name}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception:
+        logging.getLogger("outrider").exception("outrider %s failed", command.name)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0] if argv else ""
+    if name not in COMMANDS:
+        build_parser().parse_args(argv or ["--help"])  # prints help or the usage error (exit 2)
+        return 2
+    return run_command(load_command(name), argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

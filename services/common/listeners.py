@@ -1,0 +1,102 @@
+"""Listener addresses: ``unix:/abs/path.sock``, ``HOST:PORT`` and ``[V6]:PORT``."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ListenError(Exception):
+    """An address that cannot be listened on; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    unix_path: str | None = None
+    host: str = ""
+    port: int = 0
+
+    @property
+    def is_unix(self) -> bool:
+        return self.unix_path is not None
+
+    def grpc_target(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.grpc_target()
+
+
+def parse_address(text: str) -> Address:
+    """Parse one ``--listen``/``--admin`` value; raise ValueError with what was expected."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if path.startswith("//"):  # tolerate unix:///abs/path
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ValueError(f"{text!r}: a unix socket path must be absolute (unix:/abs/path.sock)")
+        if len(path.encode()) > 107:
+            raise ValueError(f"{text!r}: unix socket path is longer than 107 bytes")
+        return Address(unix_path=path)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [V6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r}: expected unix:/abs/path.sock, HOST:PORT or [V6]:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return Address(host=host or "0.0.0.0", port=int(port))
+
+
+def prepare_unix_path(path: str) -> None:
+    """Make ``path`` bindable: replace a stale socket file, refuse a live one.
+
+    A socket file nobody accepts on (left by a crashed process) is removed; one
+    that accepts a connection belongs to a running server and is an error, so
+    two instances never silently steal each other's traffic.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.exists() and not p.is_symlink():
+        return
+    if not p.is_socket():
+        raise ListenError(f"unix:{path}: exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            return
+        raise ListenError(f"unix:{path}: cannot check the existing socket: {exc}") from exc
+    else:
+        raise ListenError(
+            f"unix:{path}: another process is listening on this socket; "
+            "stop it or choose another --listen path"
+        )
+    finally:
+        probe.close()
+
+
+def set_socket_mode(address: Address, mode: int | None) -> None:
+    if address.unix_path is not None and mode is not None:
+        os.chmod(address.unix_path, mode)
+
+
+def remove_unix_socket(address: Address) -> None:
+    if address.unix_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.unix_path)

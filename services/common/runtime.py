@@ -1,0 +1,256 @@
+"""Process lifecycle shared by every service: listen, serve, reload, drain.
+
+``Runtime.run()`` is the whole life of one service process:
+
+1. load and validate the config (a bad one exits 2 before anything listens);
+2. start the service's backends, register its servicers and grpc.health.v1;
+3. listen on every ``--listen`` address (UDS and TCP at once) and the admin port;
+4. until SIGTERM/SIGINT: keep health in step with readiness, reload on SIGHUP
+   or when a config file changes (validated first; a bad config is logged,
+   counted, and the old one stays in force);
+5. drain: health goes NOT_SERVING, new calls are refused, in-flight calls get
+   up to ``--drain-timeout`` to finish, then everything closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .admin import AdminServer
+from .configfile import ConfigError, fingerprint
+from .listeners import Address, ListenError, prepare_unix_path, remove_unix_socket, set_socket_mode
+from .service import Readiness, Service
+
+log = logging.getLogger("outrider.runtime")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    config: Path
+    listen: tuple[Address, ...]
+    admin: Address | None = None
+    drain_timeout: float = 5.0
+    reload_interval: float = 1.0
+    readiness_interval: float = 1.0
+    socket_mode: int | None = None
+
+
+class RuntimeMetrics:
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.reloads = Counter(
+            "outrider_config_reloads",
+            "Config reload attempts by result (success, failure).",
+            ["service", "result"],
+            registry=registry,
+        ).labels
+        self.reload_ok = Gauge(
+            "outrider_config_last_reload_successful",
+            "1 when the last config reload attempt succeeded.",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.loaded_at = Gauge(
+            "outrider_config_loaded_timestamp_seconds",
+            "When the config in force was loaded.",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.ready = Gauge(
+            "outrider_ready", "1 when the service is ready.", ["service"], registry=registry
+        ).labels(service)
+        self.service = service
+
+
+class Runtime:
+    def __init__(self, service: Service, options: RuntimeOptions, registry: CollectorRegistry):
+        self.service = service
+        self.options = options
+        self.registry = registry
+        self.metrics = RuntimeMetrics(registry, service.name)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._health = HealthServicer()
+        self._config_error: str = ""
+        self._serving: bool | None = None
+
+    # -- readiness --------------------------------------------------------------
+    async def readiness(self) -> Readiness:
+        if self._stop.is_set():
+            return Readiness(False, "shutting down")
+        return await self.service.readiness()
+
+    async def _publish_health(self) -> None:
+        state = await self.readiness()
+        if state.ready == self._serving:
+            return
+        self._serving = state.ready
+        self.metrics.ready.set(1 if state.ready else 0)
+        status = SERVING if state.ready else NOT_SERVING
+        for name in ("", *self.service.grpc_service_names):
+            await self._health.set(name, status)
+        if state.ready:
+            log.info("%s is ready", self.service.name)
+        else:
+            log.warning("%s is not ready: %s", self.service.name, state.reason)
+
+    async def _health_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._publish_health()
+            except Exception:
+                log.exception("readiness check failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.options.readiness_interval)
+
+    # -- reload -------------------------------------------------------------------
+    def _watched(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            files = self.service.config_files(self.options.config)
+        except ConfigError:
+            files = [self.options.config]
+        return fingerprint([self.options.config, *files])
+
+    async def reload(self, reason: str) -> bool:
+        """Load, validate and swap the config; on any error keep the old one."""
+        try:
+            config = await asyncio.to_thread(self.service.load_config, self.options.config)
+            self.service.apply_config(config)
+        except ConfigError as exc:
+            self._config_error = str(exc)
+            self.metrics.reloads(self.service.name, "failure").inc()
+            self.metrics.reload_ok.set(0)
+            log.error("config reload (%s) rejected, keeping the previous config: %s", reason, exc)
+            return False
+        except Exception as exc:
+            self._config_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.reloads(self.service.name, "failure").inc()
+            self.metrics.reload_ok.set(0)
+            log.exception("config reload (%s) failed, keeping the previous config", reason)
+            return False
+        self._config_error = ""
+        self.metrics.reloads(self.service.name, "success").inc()
+        self.metrics.reload_ok.set(1)
+        self.metrics.loaded_at.set(time.time())
+        log.info("config reloaded (%s) from %s", reason, self.options.config)
+        return True
+
+    async def _reload_loop(self) -> None:
+        seen = self._watched()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload.wait(), self.options.reload_interval)
+            if self._stop.is_set():
+                return
+            if self._reload.is_set():
+                self._reload.clear()
+                seen = self._watched()
+                await self.reload("SIGHUP")
+                continue
+            current = self._watched()
+            if current != seen:
+                seen = current
+                await self.reload("file changed")
+
+    def describe(self) -> Any:
+        return {
+            "service": self.service.name,
+            "config_path": str(self.options.config),
+            "last_reload_error": self._config_error or None,
+            "config": self.service.describe_config(),
+        }
+
+    # -- lifecycle --------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def run(self) -> int:
+        config = self.service.load_config(self.options.config)  # ConfigError → exit 2
+        self.metrics.reload_ok.set(1)
+        self.metrics.loaded_at.set(time.time())
+        await self.service.start(config)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        self.service.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for name in ("", *self.service.grpc_service_names):
+            await self._health.set(name, NOT_SERVING)
+        admin: AdminServer | None = None
+        bound: list[Address] = []  # only sockets we created are removed at exit
+        try:
+            for address in self.options.listen:
+                if address.unix_path is not None:
+                    prepare_unix_path(address.unix_path)
+                try:
+                    server.add_insecure_port(address.grpc_target())
+                except RuntimeError as exc:
+                    raise ListenError(f"{address}: cannot listen: {exc}") from None
+                bound.append(address)
+            await server.start()
+            for address in self.options.listen:
+                set_socket_mode(address, self.options.socket_mode)
+            if self.options.admin is not None:
+                admin = AdminServer(
+                    self.options.admin, self.registry, self.readiness, self.describe
+                )
+                try:
+                    await admin.start()
+                except OSError as exc:
+                    raise ListenError(f"admin {self.options.admin}: cannot listen: {exc}") from None
+                bound.append(self.options.admin)
+            log.info(
+                "%s listening on %s%s",
+                self.service.name,
+                ", ".join(map(str, self.options.listen)),
+                f" (admin {self.options.admin})" if admin else "",
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            tasks = [
+                asyncio.create_task(self._health_loop(), name="health"),
+                asyncio.create_task(self._reload_loop(), name="reload"),
+            ]
+            await self._stop.wait()
+            log.info("draining (up to %.1fs)", self.options.drain_timeout)
+            self._serving = False
+            self.metrics.ready.set(0)
+            await self._health.enter_graceful_shutdown()
+            await server.stop(grace=self.options.drain_timeout)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await server.stop(grace=None)
+            if admin is not None:
+                await admin.stop()
+            await self.service.stop()
+            for address in bound:
+                remove_unix_socket(address)
+        log.info("%s stopped", self.service.name)
+        return 0

@@ -1,0 +1,72 @@
+"""The contract between the shared runtime and each service (ratelimit, extauth, extproc).
+
+The runtime owns sockets, health, admin HTTP, reload, signals and drain; a
+service owns its config type, its core and its backends. A service is written
+once against this protocol and never touches process lifecycle itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str = ""
+
+
+class Service(Protocol):
+    """One Outrider service as the runtime drives it.
+
+    Order of calls: ``load_config`` (validated, no side effects) →
+    ``start`` (open backends) → ``register`` (add servicers) → serve; on reload,
+    ``load_config`` then ``apply_config`` (only when the new config is valid);
+    on shutdown ``stop``.
+    """
+
+    name: str
+    #: gRPC service names reported through grpc.health.v1 besides "".
+    grpc_service_names: Sequence[str]
+
+    def load_config(self, path: Path) -> Any:
+        """Parse and validate; raise ``ConfigError``. Must not change running state."""
+        ...
+
+    def config_files(self, path: Path) -> list[Path]:
+        """Files whose change should trigger a reload (config plus referenced files)."""
+        ...
+
+    async def start(self, config: Any) -> None: ...
+
+    def apply_config(self, config: Any) -> None:
+        """Swap in a validated config atomically (one reference assignment)."""
+        ...
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def readiness(self) -> Readiness: ...
+
+    def describe_config(self) -> Any:
+        """The effective config as JSON-able data, secrets redacted."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+class ServiceFactory(Protocol):
+    """What a service module exposes to the CLI."""
+
+    name: str
+    help: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> Service: ...

@@ -1,0 +1,298 @@
+"""The shared runtime end to end: listeners, health, reload, drain, flags, environment."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.harness.outrider import REPO
+from tests.harness.procs import ManagedProcess, free_port, http_get, wait_until
+
+SAMPLE = [sys.executable, "-m", "tests.harness.sample_service"]
+METHOD = "/outrider.test.Sample/Sleep"
+
+
+def start_sample(
+    config: Path, *args: str, env: dict[str, str] | None = None, admin_port: int | None = None
+) -> tuple[ManagedProcess, str]:
+    admin_port = admin_port or free_port()
+    cmd = [*SAMPLE, "--config", str(config), "--admin", f"127.0.0.1:{admin_port}", *args]
+    proc = ManagedProcess("sample", cmd, env=env, cwd=REPO).start()
+    admin = f"http://127.0.0.1:{admin_port}"
+    proc.wait_ready(lambda: http_get(admin + "/healthz", 0.5)[0] == 200)
+    return proc, admin
+
+
+def call(target: str, seconds: float = 0.0, timeout: float = 5.0) -> str:
+    with grpc.insecure_channel(target) as channel:
+        rpc = channel.unary_unary(METHOD)
+        return rpc(str(seconds).encode(), timeout=timeout).decode()
+
+
+def health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=3).status
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "sample.yaml"
+    path.write_text("greeting: hello\nready: true\n")
+    return path
+
+
+def test_listens_on_unix_and_tcp_at_once(config: Path, sockdir: Path) -> None:
+    sock = sockdir / "s.sock"
+    port = free_port()
+    proc, _ = start_sample(
+        config, "--listen", f"unix:{sock}", "--listen", f"127.0.0.1:{port}", "--socket-mode", "0660"
+    )
+    try:
+        assert call(f"unix:{sock}") == "hello"
+        assert call(f"127.0.0.1:{port}") == "hello"
+        assert (sock.stat().st_mode & 0o777) == 0o660
+    finally:
+        assert proc.stop() == 0
+    assert not sock.exists(), "the socket file is removed at a clean stop"
+
+
+def test_health_follows_readiness(config: Path, sockdir: Path) -> None:
+    config.write_text("greeting: hello\nready: false\n")
+    target = f"unix:{sockdir / 's.sock'}"
+    proc, admin = start_sample(config, "--listen", target, "--reload-interval", "0.2")
+    try:
+        NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+        SERVING = health_pb2.HealthCheckResponse.SERVING
+        wait_until(lambda: http_get(admin + "/readyz")[0] == 503, 5, "readyz 503")
+        assert "config says ready: false" in http_get(admin + "/readyz")[1]
+        assert health(target) == NOT_SERVING
+        assert health(target, "outrider.test.Sample") == NOT_SERVING
+        config.write_text("greeting: hello\nready: true\n")
+        wait_until(lambda: health(target) == SERVING, 10, "health SERVING")
+        assert health(target, "outrider.test.Sample") == SERVING
+        assert http_get(admin + "/readyz")[0] == 200
+        assert http_get(admin + "/healthz") == (200, "ok\n")
+    finally:
+        proc.stop()
+
+
+def test_reload_good_then_bad_keeps_old_config(config: Path, sockdir: Path) -> None:
+    target = f"unix:{sockdir / 's.sock'}"
+    proc, admin = start_sample(config, "--listen", target, "--reload-interval", "0.2")
+    try:
+        config.write_text("greeting: second\n")
+        wait_until(lambda: call(target) == "second", 10, "the good config to be applied")
+        config.write_text("greeting: [unclosed\n")
+        wait_until(
+            lambda: (
+                'outrider_config_reloads_total{result="failure",service="sample"} 1.0'
+                in http_get(admin + "/metrics")[1]
+            ),
+            10,
+            "a failed reload to be counted",
+        )
+        assert call(target) == "second", "a bad config never replaces a good one"
+        status, body = http_get(admin + "/config")
+        assert status == 200
+        assert "invalid YAML" in body
+        assert str(config) in body
+        assert "config reload (file changed) rejected" in proc.output()
+        config.write_text("greeting: 3\n")  # valid YAML, wrong type: named field in the error
+        wait_until(lambda: "greeting: expected a string; got 3" in proc.output(), 10, "error")
+        assert call(target) == "second"
+    finally:
+        proc.stop()
+
+
+def test_sighup_reloads(config: Path, sockdir: Path) -> None:
+    target = f"unix:{sockdir / 's.sock'}"
+    proc, _ = start_sample(config, "--listen", target, "--reload-interval", "3600")
+    try:
+        config.write_text("greeting: after-hup\n")
+        time.sleep(0.1)
+        assert call(target) == "hello"
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: call(target) == "after-hup", 10, "SIGHUP reload")
+    finally:
+        proc.stop()
+
+
+def test_sigterm_drains_in_flight_call(config: Path, sockdir: Path) -> None:
+    target = f"unix:{sockdir / 's.sock'}"
+    proc, _ = start_sample(config, "--listen", target, "--drain-timeout", "5")
+    result: dict[str, object] = {}
+
+    def slow_call() -> None:
+        try:
+            result["answer"] = call(target, seconds=1.5)
+        except grpc.RpcError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    time.sleep(0.4)  # the call is in flight
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    thread.join(10)
+    assert result.get("answer") == "hello", result
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 5, "drain ends when in-flight calls finish"
+    assert "draining" in proc.output()
+
+
+def test_drain_timeout_bounds_a_stuck_call(config: Path, sockdir: Path) -> None:
+    target = f"unix:{sockdir / 's.sock'}"
+    proc, _ = start_sample(config, "--listen", target, "--drain-timeout", "0.5")
+    errors: list[grpc.RpcError] = []
+
+    def stuck_call() -> None:
+        try:
+            call(target, seconds=30, timeout=20)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=stuck_call)
+    thread.start()
+    time.sleep(0.4)
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    thread.join(10)
+    assert errors, "a call still running after the drain timeout is cancelled"
+
+
+def test_live_socket_is_refused_and_stale_socket_replaced(config: Path, sockdir: Path) -> None:
+    sock = sockdir / "s.sock"
+    # A stale socket file: bound, then its owner went away without unlinking it.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()
+    assert sock.exists()
+    first, _ = start_sample(config, "--listen", f"unix:{sock}")
+    try:
+        assert call(f"unix:{sock}") == "hello"
+        second = subprocess.run(
+            [*SAMPLE, "--config", str(config), "--listen", f"unix:{sock}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert f"unix:{sock}: another process is listening on this socket" in second.stderr
+        assert call(f"unix:{sock}") == "hello", "the running server keeps its socket"
+    finally:
+        first.stop()
+
+
+def test_tcp_port_in_use_is_an_error(config: Path) -> None:
+    port = free_port()
+    first, _ = start_sample(config, "--listen", f"127.0.0.1:{port}")
+    try:
+        second = subprocess.run(
+            [*SAMPLE, "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert f"127.0.0.1:{port}: cannot listen" in second.stderr
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "nonsense"], "expected unix:/abs/path.sock, HOST:PORT or [V6]:PORT"),
+        (["--listen", "unix:relative.sock"], "must be absolute"),
+        (["--listen", "127.0.0.1:99999"], "port must be a number from 0 to 65535"),
+        (["--drain-timeout", "soon"], "expected a number of seconds"),
+        (["--socket-mode", "rw"], "expected an octal mode"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_flags_exit_2(config: Path, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*SAMPLE, "--config", str(config), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_missing_config_flag_names_the_env_variable() -> None:
+    result = subprocess.run(SAMPLE, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+    assert "OUTRIDER_CONFIG" in result.stderr
+
+
+def test_bad_config_at_start_exits_2_naming_file_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("greeting: hi\nready: maybe\n")
+    result = subprocess.run(
+        [*SAMPLE, "--config", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert f"{bad}: ready: expected true or false; got 'maybe'" in result.stderr
+
+
+def test_environment_variables_fill_flags_and_flags_win(config: Path, sockdir: Path) -> None:
+    env_sock = sockdir / "env.sock"
+    flag_sock = sockdir / "flag.sock"
+    env = {"OUTRIDER_LISTEN": f"unix:{env_sock}", "OUTRIDER_CONFIG": str(config)}
+    proc = ManagedProcess("sample-env", [*SAMPLE], env=env, cwd=REPO).start()
+    try:
+        proc.wait_ready(env_sock.exists)
+        assert call(f"unix:{env_sock}") == "hello"
+    finally:
+        proc.stop()
+    proc = ManagedProcess(
+        "sample-flag", [*SAMPLE, "--listen", f"unix:{flag_sock}"], env=env, cwd=REPO
+    ).start()
+    try:
+        proc.wait_ready(flag_sock.exists)
+        assert call(f"unix:{flag_sock}") == "hello"
+        assert not env_sock.exists(), "the flag wins over OUTRIDER_LISTEN"
+    finally:
+        proc.stop()
+
+
+def test_json_logs(config: Path, sockdir: Path) -> None:
+    import json
+
+    proc, _ = start_sample(config, "--listen", f"unix:{sockdir / 's.sock'}", "--log-format", "json")
+    try:
+        wait_until(lambda: "listening on" in proc.output(), 5, "start-up log")
+    finally:
+        proc.stop()
+    lines = [json.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
+    assert any(e["msg"].startswith("sample listening on") and e["level"] == "info" for e in lines)
+
+
+def test_unknown_subcommand_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.common.cli", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'nope'" in result.stderr
