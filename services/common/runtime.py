@@ -150,7 +150,8 @@ class Runtime:
         return True
 
     async def _reload_loop(self) -> None:
-        seen = self._watched()
+        # stat() calls go to a thread: a slow volume (NFS, a busy node) never stalls calls.
+        seen = await asyncio.to_thread(self._watched)
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reload.wait(), self.options.reload_interval)
@@ -158,10 +159,10 @@ class Runtime:
                 return
             if self._reload.is_set():
                 self._reload.clear()
-                seen = self._watched()
+                seen = await asyncio.to_thread(self._watched)
                 await self.reload("SIGHUP")
                 continue
-            current = self._watched()
+            current = await asyncio.to_thread(self._watched)
             if current != seen:
                 seen = current
                 await self.reload("file changed")
