@@ -1,0 +1,349 @@
+"""Transport: ``ExternalProcessor/Process`` ↔ :class:`services.extproc.core.StreamCore`.
+
+Protobuf stops here: messages become core events, core replies become
+ProcessingResponses. The per-route chain comes from the gRPC initial metadata
+``x-outrider-chain`` (Envoy's ``grpc_initial_metadata``), else ``default``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import json_format, struct_pb2
+
+from .core import (
+    BodyEvent,
+    BodyMode,
+    BodyReply,
+    Chain,
+    HeaderOps,
+    HeadersEvent,
+    HeadersReply,
+    ImmediateReply,
+    ModeOverride,
+    Observer,
+    Phase,
+    ProtocolViolation,
+    Reply,
+    StreamCore,
+    StreamedBodyReply,
+    StreamOptions,
+    TrailersEvent,
+    TrailersReply,
+)
+
+log = logging.getLogger("outrider.extproc")
+
+CHAIN_METADATA_KEY = "x-outrider-chain"
+DEFAULT_CHAIN = "default"
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+CONTINUE_AND_REPLACE = pb.CommonResponse.CONTINUE_AND_REPLACE
+
+
+class StreamMetrics(Observer):
+    """What the transport reports besides the core's observations."""
+
+    def stream_started(self, chain: str) -> None:
+        pass
+
+    def stream_ended(self, chain: str) -> None:
+        pass
+
+    def message(self, kind: str) -> None:
+        pass
+
+    def protocol_violation(self, reason: str) -> None:
+        pass
+
+    def stream_error(self, chain: str) -> None:
+        pass
+
+
+# -- protobuf → core ---------------------------------------------------------------------------
+def header_dict(header_map: base_pb2.HeaderMap) -> dict[str, str]:
+    """Envoy's HeaderMap as ``{lower-case name: value}``; repeated names joined with ','.
+
+    Envoy (1.40) sends values in ``raw_value``; ``value`` is read only when that is empty.
+    """
+    headers = header_map.headers
+    out = {
+        h.key: h.raw_value.decode("utf-8", "surrogateescape") if h.raw_value else h.value
+        for h in headers
+    }
+    if len(out) == len(headers):
+        return out
+    # Repeated names: keep every value, in order.
+    out = {}
+    for h in headers:
+        raw = h.raw_value
+        value = raw.decode("utf-8", "surrogateescape") if raw else h.value
+        out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
+    return out
+
+
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(struct)
+
+
+def stream_options(msg: pb.ProcessingRequest) -> StreamOptions:
+    if not msg.HasField("protocol_config"):
+        return StreamOptions()
+    pc = msg.protocol_config
+    return StreamOptions(
+        request_body_mode=BodyMode(pc.request_body_mode),
+        response_body_mode=BodyMode(pc.response_body_mode),
+        send_body_without_waiting=pc.send_body_without_waiting_for_header_response,
+        known=True,
+    )
+
+
+def to_event(msg: pb.ProcessingRequest) -> tuple[str, HeadersEvent | BodyEvent | TrailersEvent]:
+    kind = msg.WhichOneof("request")
+    if kind == "request_headers":
+        h = msg.request_headers
+        return kind, HeadersEvent(Phase.REQUEST, header_dict(h.headers), h.end_of_stream)
+    if kind == "response_headers":
+        h = msg.response_headers
+        return kind, HeadersEvent(Phase.RESPONSE, header_dict(h.headers), h.end_of_stream)
+    if kind == "request_body":
+        b = msg.request_body
+        return kind, BodyEvent(Phase.REQUEST, b.body, b.end_of_stream)
+    if kind == "response_body":
+        b = msg.response_body
+        return kind, BodyEvent(Phase.RESPONSE, b.body, b.end_of_stream)
+    if kind == "request_trailers":
+        return kind, TrailersEvent(Phase.REQUEST, header_dict(msg.request_trailers.trailers))
+    if kind == "response_trailers":
+        return kind, TrailersEvent(Phase.RESPONSE, header_dict(msg.response_trailers.trailers))
+    raise ProtocolViolation("ProcessingRequest without a request message", "INVALID_ARGUMENT")
+
+
+# -- core → protobuf ---------------------------------------------------------------------------
+def _encode(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+def header_mutation(ops: HeaderOps) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, raw_value=_encode(value)),
+                append_action=APPEND if append else OVERWRITE,
+            )
+            for name, value, append in ops.settings()
+        ],
+        remove_headers=ops.removals(),
+    )
+
+
+def _struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(data)
+    return s
+
+
+def _mode(o: ModeOverride) -> processing_mode_pb2.ProcessingMode:
+    return processing_mode_pb2.ProcessingMode(
+        response_header_mode=int(o.response_header_mode),
+        request_body_mode=int(o.request_body_mode),
+        response_body_mode=int(o.response_body_mode),
+        request_trailer_mode=int(o.request_trailer_mode),
+        response_trailer_mode=int(o.response_trailer_mode),
+    )
+
+
+def _common(
+    ops: HeaderOps | None, body: bytes | None, clear_route_cache: bool, replace: bool = False
+) -> pb.CommonResponse:
+    common = pb.CommonResponse()
+    if ops:
+        common.header_mutation.CopyFrom(header_mutation(ops))
+    if body is not None:
+        if body:
+            common.body_mutation.body = body
+        else:
+            common.body_mutation.clear_body = True
+        if replace:
+            common.status = CONTINUE_AND_REPLACE
+    if clear_route_cache:
+        common.clear_route_cache = True
+    return common
+
+
+def to_response(reply: Reply) -> pb.ProcessingResponse:
+    out = pb.ProcessingResponse()
+    if isinstance(reply, HeadersReply):
+        target = out.request_headers if reply.phase is Phase.REQUEST else out.response_headers
+        if reply.headers or reply.replace_body is not None or reply.clear_route_cache:
+            target.response.CopyFrom(
+                _common(reply.headers, reply.replace_body, reply.clear_route_cache, True)
+            )
+        else:
+            target.SetInParent()
+        if reply.mode_override is not None:
+            out.mode_override.CopyFrom(_mode(reply.mode_override))
+    elif isinstance(reply, BodyReply):
+        target = out.request_body if reply.phase is Phase.REQUEST else out.response_body
+        if reply.headers or reply.body is not None or reply.clear_route_cache:
+            target.response.CopyFrom(_common(reply.headers, reply.body, reply.clear_route_cache))
+        else:
+            target.SetInParent()
+    elif isinstance(reply, StreamedBodyReply):
+        target = out.request_body if reply.phase is Phase.REQUEST else out.response_body
+        streamed = target.response.body_mutation.streamed_response
+        streamed.body = reply.body
+        streamed.end_of_stream = reply.end_of_stream
+    elif isinstance(reply, TrailersReply):
+        target = out.request_trailers if reply.phase is Phase.REQUEST else out.response_trailers
+        if reply.headers:
+            target.header_mutation.CopyFrom(header_mutation(reply.headers))
+        else:
+            target.SetInParent()
+    else:
+        assert isinstance(reply, ImmediateReply)
+        ir = out.immediate_response
+        ir.status.code = reply.status  # type: ignore[assignment]  (open enum)
+        if reply.headers:
+            ops = HeaderOps()
+            for k, v in reply.headers:
+                ops.append(k, v) if k in ops.ops else ops.set(k, v)
+            ir.headers.CopyFrom(header_mutation(ops))
+        ir.body = reply.body
+        ir.details = reply.details
+    if reply.dynamic_metadata:
+        out.dynamic_metadata.CopyFrom(_struct(reply.dynamic_metadata))
+    return out
+
+
+class ResponseCache:
+    """Reuses the ProcessingResponse of replies that repeat exactly (bounded).
+
+    A chain whose headers processor has constant values produces the same
+    headers reply for every request; building its protobuf once saves most of
+    the per-message encoding work. Replies that carry a body or metadata are
+    never cached.
+    """
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._cache: dict[tuple[Any, ...], pb.ProcessingResponse] = {}
+
+    @staticmethod
+    def key(reply: Reply) -> tuple[Any, ...] | None:
+        if reply.dynamic_metadata:
+            return None
+        if isinstance(reply, HeadersReply):
+            if reply.replace_body is not None:
+                return None
+            extra: tuple[Any, ...] = (reply.clear_route_cache, reply.mode_override)
+        elif isinstance(reply, TrailersReply):
+            extra = ()
+        elif isinstance(reply, BodyReply):
+            if reply.body is not None:
+                return None
+            extra = (reply.clear_route_cache,)
+        else:
+            return None
+        ops = reply.headers
+        signature = tuple((n, k, tuple(v)) for n, (k, v) in ops.ops.items()) if ops else ()
+        return (type(reply), reply.phase, signature, *extra)
+
+    def encode(self, reply: Reply) -> pb.ProcessingResponse:
+        key = self.key(reply)
+        if key is None:
+            return to_response(reply)
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) >= self.size:
+                self._cache.clear()
+            cached = self._cache[key] = to_response(reply)
+        return cached
+
+
+# -- the servicer -------------------------------------------------------------------------------
+def chain_name(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == CHAIN_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return DEFAULT_CHAIN
+
+
+class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(
+        self, chains: Callable[[], Mapping[str, Chain]], metrics: StreamMetrics | None = None
+    ) -> None:
+        self._chains = chains
+        self._metrics = metrics or StreamMetrics()
+        self._responses = ResponseCache()
+
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        name = chain_name(context)
+        chain = self._chains().get(name)
+        metrics = self._metrics
+        if chain is None:
+            log.error("unknown chain %r requested (x-outrider-chain); closing the stream", name)
+            metrics.protocol_violation("unknown_chain")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown extproc chain {name!r}")
+            return
+        metrics.stream_started(name)
+        core: StreamCore | None = None
+        read = context.read
+        write = context.write
+        encode = self._responses.encode
+        try:
+            while True:
+                msg = await read()
+                if msg is grpc.aio.EOF:
+                    return
+                try:
+                    kind, event = to_event(msg)
+                except ProtocolViolation as exc:
+                    metrics.message("invalid")
+                    raise exc
+                metrics.message(kind)
+                if core is None:
+                    core = StreamCore(
+                        chain,
+                        stream_options(msg),
+                        observability=msg.observability_mode,
+                        observer=metrics,
+                    )
+                if msg.attributes:
+                    core.add_attributes(
+                        {k: v for s in msg.attributes.values() for k, v in struct_dict(s).items()}
+                    )
+                if kind.endswith("headers") and msg.metadata_context.filter_metadata:
+                    core.set_metadata(
+                        {
+                            ns: struct_dict(s)
+                            for ns, s in msg.metadata_context.filter_metadata.items()
+                        }
+                    )
+                for reply in await core.handle(event):
+                    await write(encode(reply))
+        except ProtocolViolation as exc:
+            metrics.protocol_violation(str(exc))
+            log.warning("chain %s: protocol violation: %s", name, exc)
+            await context.abort(grpc.StatusCode[exc.code], f"ext_proc protocol violation: {exc}")
+        except asyncio.CancelledError:
+            # Envoy resets the stream when the HTTP request ends early or is done: normal.
+            log.debug("chain %s: stream cancelled by the client", name)
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            metrics.stream_error(name)
+            log.exception("chain %s: stream failed", name)
+            await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
+        finally:
+            metrics.stream_ended(name)

@@ -1,0 +1,187 @@
+"""The extproc :class:`~services.common.service.Service`: config, metrics, servicer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.service import Readiness
+
+from . import config as extproc_config
+from .config import ExtprocConfig
+from .core import Chain
+from .grpc import ExternalProcessorServicer, StreamMetrics
+from .processors import JsonMetrics
+
+log = logging.getLogger("outrider.extproc")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ExtprocMetrics(StreamMetrics, JsonMetrics):
+    """Prometheus metrics; labelled children are cached so the hot path does no lookups."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._streams = Counter(
+            "outrider_extproc_streams", "ext_proc streams by chain.", ["chain"], registry=registry
+        )
+        self._active = Gauge(
+            "outrider_extproc_active_streams", "ext_proc streams open now.", registry=registry
+        )
+        self._messages = Counter(
+            "outrider_extproc_messages",
+            "Messages received from Envoy by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self._seconds = Histogram(
+            "outrider_extproc_processor_seconds",
+            "Time spent in a processor hook.",
+            ["chain", "processor", "hook"],
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1),
+            registry=registry,
+        )
+        self._immediate = Counter(
+            "outrider_extproc_immediate_responses",
+            "Immediate responses sent, by chain and HTTP status.",
+            ["chain", "status"],
+            registry=registry,
+        )
+        self._errors = Counter(
+            "outrider_extproc_processor_errors",
+            "Exceptions raised by processors.",
+            ["chain", "processor", "hook"],
+            registry=registry,
+        )
+        self._stream_errors = Counter(
+            "outrider_extproc_stream_errors",
+            "Streams closed with an internal error.",
+            ["chain"],
+            registry=registry,
+        )
+        self._violations = Counter(
+            "outrider_extproc_protocol_violations",
+            "Streams closed because the message sequence broke the ext_proc protocol.",
+            registry=registry,
+        )
+        self._passthrough = Counter(
+            "outrider_extproc_body_passthrough",
+            "Bodies passed through unchanged because they exceeded a buffer cap or were "
+            "incomplete.",
+            ["chain", "processor"],
+            registry=registry,
+        )
+        self._json_fields = Counter(
+            "outrider_extproc_json_fields_changed",
+            "JSON fields redacted or dropped.",
+            registry=registry,
+        )
+        self._json_not_json = Counter(
+            "outrider_extproc_json_unparsable_bodies",
+            "Bodies labelled JSON that did not parse (passed through).",
+            registry=registry,
+        )
+        self._json_passthrough = Counter(
+            "outrider_extproc_json_partial_bodies",
+            "Partial bodies (BUFFERED_PARTIAL over the limit) the json processor passed through.",
+            registry=registry,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # StreamMetrics / Observer
+    def stream_started(self, chain: str) -> None:
+        self._child(self._streams, chain).inc()
+        self._active.inc()
+
+    def stream_ended(self, chain: str) -> None:
+        self._active.dec()
+
+    def message(self, kind: str) -> None:
+        self._child(self._messages, kind).inc()
+
+    def protocol_violation(self, reason: str) -> None:
+        self._violations.inc()
+
+    def stream_error(self, chain: str) -> None:
+        self._child(self._stream_errors, chain).inc()
+
+    def processor_time(self, chain: str, processor: str, hook: str, seconds: float) -> None:
+        self._child(self._seconds, chain, processor, hook).observe(seconds)
+
+    def processor_error(self, chain: str, processor: str, hook: str) -> None:
+        self._child(self._errors, chain, processor, hook).inc()
+
+    def immediate_response(self, chain: str, status: int) -> None:
+        self._child(self._immediate, chain, str(status)).inc()
+
+    def body_passthrough(self, chain: str, processor: str) -> None:
+        self._child(self._passthrough, chain, processor).inc()
+
+    # JsonMetrics
+    def redacted(self, fields: int) -> None:
+        self._json_fields.inc(fields)
+
+    def not_json(self) -> None:
+        self._json_not_json.inc()
+
+    def passthrough(self) -> None:
+        self._json_passthrough.inc()
+
+
+class ExtprocService:
+    name = "extproc"
+    grpc_service_names = (SERVICE_NAME,)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.metrics = ExtprocMetrics(registry)
+        self._config: ExtprocConfig | None = None
+
+    def load_config(self, path: Path) -> ExtprocConfig:
+        return extproc_config.load(path, self.metrics)
+
+    def config_files(self, path: Path) -> list[Path]:
+        from services.common.configfile import config_files
+
+        return config_files(path)
+
+    async def start(self, config: ExtprocConfig) -> None:
+        self.apply_config(config)
+
+    def apply_config(self, config: ExtprocConfig) -> None:
+        self._config = config
+        if "default" not in config.chains:
+            log.warning(
+                "no chain named 'default': routes without x-outrider-chain metadata will fail"
+            )
+
+    def chains(self) -> Mapping[str, Chain]:
+        return self._config.chains if self._config is not None else {}
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorServicer(self.chains, self.metrics), server
+        )
+
+    async def readiness(self) -> Readiness:
+        if self._config is None:
+            return Readiness(False, "no config loaded")
+        return Readiness(True)
+
+    def describe_config(self) -> Any:
+        return dict(self._config.described) if self._config is not None else None
+
+    async def stop(self) -> None:
+        pass

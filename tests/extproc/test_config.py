@@ -1,0 +1,196 @@
+"""extproc config parsing and the built-in processors' pure parts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from services.common.configfile import ConfigError, parse_yaml
+from services.extproc.api import Context
+from services.extproc.config import load, parse_documents
+from services.extproc.processors import JsonPath, Template
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse(text: str):
+    return parse_documents(parse_yaml(text, "chains.yaml"))
+
+
+def test_both_chain_forms_and_precomputed_phases() -> None:
+    config = parse(
+        """
+chains:
+  default:
+    - headers: {request: {set: {x-a: "1"}}}
+  strict:
+    failOpen: true
+    processors:
+      - limit: {maxBodyBytes: 10}
+      - json: {redact: ["$.a"], in: response}
+      - timing: {}
+"""
+    )
+    default, strict = config.chains["default"], config.chains["strict"]
+    assert not default.fail_open
+    assert [p.name for p in default.processors] == ["headers"]
+    assert default.request_header_procs == default.processors
+    assert not default.needs_response_headers
+    assert strict.fail_open
+    assert [p.name for p in strict.processors] == ["limit", "json", "timing"]
+    assert strict.needs_response_headers
+    assert [p.name for p in strict.request_body_procs] == ["limit", "json"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("chains: {default: []}", "chains.default: expected at least one processor"),
+        ("chains: {default: [{nope: {}}]}", "chains.default[0].nope: unknown field 'nope'"),
+        (
+            "chains: {default: [{json: {redact: ['card']}}]}",
+            "chains.default[0].json.redact[0]: 'card': a path starts with $",
+        ),
+        (
+            "chains: {default: [{headers: {request: {set: {x-a: '${nope}'}}}}]}",
+            "chains.default[0].headers.request.set.x-a: unknown template variable ${nope}",
+        ),
+        (
+            "chains: {default: [{python: {object: 'no_such_module_x:C'}}]}",
+            "chains.default[0].python.object: cannot import 'no_such_module_x'",
+        ),
+        (
+            "chains: {default: [{python: {object: 'json:loads'}}]}",
+            "is not a subclass of services.extproc.api.Processor",
+        ),
+        (
+            "chains: {default: {failOpen: yes}}",
+            "chains.default.processors: required field is missing",
+        ),
+        (
+            "chains: {default: [{limit: {maxBodyBytes: -1}}]}",
+            "chains.default[0].limit.maxBodyBytes: expected an integer >= 0; got -1",
+        ),
+        ("chains: {default: [{headers: {}}]}", "chains.default[0].headers: expected at least"),
+    ],
+)
+def test_errors_name_file_path_and_expectation(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    assert str(info.value).startswith("chains.yaml: ")
+    assert message in str(info.value)
+
+
+def test_plugin_options_error_and_duplicate_chain(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="rejected its options: ValueError: mode must be"):
+        parse(
+            f"""
+chains:
+  default:
+    - python:
+        path: {REPO / "examples" / "plugins"}
+        object: "pii_guard:PiiGuard"
+        options: {{mode: shout}}
+"""
+        )
+    (tmp_path / "a.yaml").write_text("chains: {x: [{timing: {}}]}")
+    (tmp_path / "b.yaml").write_text("chains: {x: [{timing: {}}]}")
+    with pytest.raises(ConfigError, match=r"b.yaml: chains.x: chain 'x' is already defined"):
+        load(tmp_path)
+
+
+def test_json_paths() -> None:
+    doc = {"card": {"number": "4111"}, "items": [{"secret": 1, "k": 2}, {"secret": 3}], "x": [1, 2]}
+    assert (
+        JsonPath.parse("$.items[*].secret").apply(doc, lambda c, k: c.__setitem__(k, 0) or True)
+        == 2
+    )
+    assert doc["items"] == [{"secret": 0, "k": 2}, {"secret": 0}]
+    assert JsonPath.parse("$['card'].number").apply(doc, lambda c, k: c.pop(k) or True) == 1
+    assert doc["card"] == {}
+    assert JsonPath.parse("$.x[1]").apply(doc, lambda c, k: c.pop(k) is not None) == 1
+    assert doc["x"] == [1]
+    assert JsonPath.parse("$.nothing.here").apply(doc, lambda c, k: True) == 0
+    with pytest.raises(ValueError, match="cannot parse"):
+        JsonPath.parse("$.a[")
+
+
+def test_templates() -> None:
+    ctx = Context(
+        chain="c",
+        attributes={"source.address": "10.1.2.3:5555"},
+        metadata={"envoy.filters.http.jwt_authn": {"jwt_payload": {"sub": "alice", "n": 3.0}}},
+        request_headers={"x-request-id": "rid", ":path": "/p", "x-forwarded-for": "1.1.1.1"},
+    )
+    t = Template.compile("${request.id} ${client.address} ${jwt.sub} ${jwt.n} $$ ${request.path}")
+    assert t.render(ctx, {}) == "rid 10.1.2.3 alice 3 $ /p"
+    meta = Template.compile("${metadata.envoy.filters.http.jwt_authn/jwt_payload.sub}")
+    assert meta.render(ctx, {}) == "alice"
+    assert Template.compile("plain").constant == "plain"
+    assert float(Template.compile("${time.elapsed_ms}").render(ctx, {})) >= 0
+
+
+def test_example_plugin_config_loads() -> None:
+    config = parse(
+        json.dumps(
+            {
+                "chains": {
+                    "default": [
+                        {
+                            "python": {
+                                "path": str(REPO / "examples" / "plugins"),
+                                "object": "pii_guard:PiiGuard",
+                                "options": {"mode": "mask"},
+                            }
+                        }
+                    ]
+                }
+            }
+        )
+    )
+    (p,) = config.chains["default"].processors
+    assert p.name == "python:pii_guard:PiiGuard"
+    assert config.chains["default"].needs_response_headers
+
+
+def test_described_config_redacts_secret_looking_options() -> None:
+    config = parse(
+        f"""
+chains:
+  default:
+    - python:
+        path: {REPO / "examples" / "plugins"}
+        object: "pii_guard:PiiGuard"
+        options: {{mode: mask, apiKey: hunter2, nested: {{client_secret: s3, ok: 1}}}}
+"""
+    )
+    opts = config.described["chains"]["default"][0]["python"]["options"]
+    assert opts == {
+        "mode": "mask",
+        "apiKey": "<redacted>",
+        "nested": {"client_secret": "<redacted>", "ok": 1},
+    }
+
+
+def test_header_ops_fold_like_envoy_applies_them() -> None:
+    from services.extproc.core import HeaderOps
+
+    ops = HeaderOps()
+    ops.set("a", "1")
+    ops.remove("a")  # a later remove wins over the set
+    ops.remove("b")
+    ops.append("b", "2")  # an append after a remove becomes a set
+    ops.append("c", "3")
+    ops.append("c", "4")
+    ops.set("d", "5")
+    ops.append("d", "6")
+    assert ops.removals() == ["a"]
+    assert ops.settings() == [
+        ("b", "2", False),
+        ("c", "3", True),
+        ("c", "4", True),
+        ("d", "5", False),
+        ("d", "6", True),
+    ]
