@@ -26,6 +26,17 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# The real OpenID provider the OIDC tests run (panva's oidc-provider, Node.js 20+):
+# `npm ci` from the committed package-lock.json (node_modules is not committed).
+OIDC_PROVIDER := tests/extauth_oidc/provider
+install: $(OIDC_PROVIDER)/node_modules/.installed
+$(OIDC_PROVIDER)/node_modules/.installed: $(OIDC_PROVIDER)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  (cd $(OIDC_PROVIDER) && npm ci --no-audit --no-fund --silent) && touch $@; \
+	else \
+	  echo "npm not found: the OIDC end-to-end tests will be skipped (install Node.js 20+)"; \
+	fi
+
 up: install
 	$(VENV)/bin/outrider up
 

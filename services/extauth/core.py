@@ -1,0 +1,302 @@
+"""The extauth core: request and decision types, the evaluator pipeline, policy selection.
+
+Like Authorino, a policy is a short pipeline of small evaluators:
+
+1. **identity** — one :class:`Authenticator` per configured method, in the order
+   ``jwt``, ``oidc``, ``basicAuth``, ``apiKeyAuth``. Each looks for its own kind of
+   credential and answers :class:`Authenticated`, :class:`Missing` (no credential of
+   its kind; carries the challenge to send when the method is required) or
+   :class:`Rejected` (a credential was presented and is bad; always final).
+   Every configured method is required (Envoy Gateway runs one filter per method),
+   except ``jwt`` with ``optional: true`` and ``jwt`` next to ``oidc``, where the
+   OIDC login is the alternative for requests without a bearer token.
+2. **authorization** — Envoy Gateway's ordered rules (``authz.py``).
+3. **response** — upstream identity headers (client-supplied copies removed),
+   response headers, dynamic metadata; or the denial.
+
+No sockets here: transports (``grpc.py``, ``http.py``) convert to and from these
+types, and verifiers reach I/O only through the objects they are built with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .authz import Authorizer
+from .config import ExtauthConfig, Policy
+
+log = logging.getLogger("outrider.extauth")
+
+#: Namespace Envoy files ext_authz dynamic metadata under (for the ratelimit metadata action).
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """One ext_authz check, transport-independent."""
+
+    method: str
+    path: str  # raw :path, undecoded, with the query
+    host: str
+    scheme: str
+    headers: Mapping[str, str]  # lower-case names
+    source_address: str = ""  # client IP as Envoy reports it; "" when unknown
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+
+    @property
+    def policy_name(self) -> str | None:
+        return self.context_extensions.get("policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What Envoy should do. ``reason`` is a short word for metrics and logs."""
+
+    allow: bool
+    reason: str
+    status: int = 200  # HTTP status of a denial
+    #: allow: headers set on the upstream request (overwriting client copies)
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    #: allow: headers removed from the upstream request
+    headers_to_remove: tuple[str, ...] = ()
+    query_params_to_remove: tuple[str, ...] = ()
+    #: allow: added to the response to the client; deny: headers of the denial
+    response_headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
+    dynamic_metadata: Mapping[str, Any] = field(default_factory=dict)
+    detail: str = ""  # for logs; never holds a credential
+
+    @staticmethod
+    def deny(
+        status: int,
+        reason: str,
+        message: str,
+        headers: Sequence[tuple[str, str]] = (),
+        detail: str = "",
+    ) -> Decision:
+        body = json.dumps({"error": _STATUS_TEXT.get(status, "Denied"), "message": message})
+        return Decision(
+            allow=False,
+            reason=reason,
+            status=status,
+            response_headers=(("content-type", "application/json"), *headers),
+            body=body,
+            detail=detail or message,
+        )
+
+
+_STATUS_TEXT = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who the request is, according to one authentication method.
+
+    Read-only once returned: the JWT evaluator hands out the same object for every
+    request carrying the same (cached) token, so later evaluators build their own
+    Identity instead of changing one they were given.
+    """
+
+    method: str  # "jwt", "oidc", "basicAuth", "apiKeyAuth"
+    principal: str  # JWT sub, user name, API client id
+    provider: str = ""  # JWT provider that verified the token
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    headers_to_remove: list[str] = field(default_factory=list)
+    query_params_to_remove: list[str] = field(default_factory=list)
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """No credential of this method's kind; ``decision`` is the challenge if required."""
+
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    decision: Decision
+
+
+AuthResult = Authenticated | Missing | Rejected
+
+
+@dataclass(slots=True)
+class AuthContext:
+    """What the pipeline knows so far about one request."""
+
+    policy: str
+    now: float
+    identities: dict[str, Identity] = field(default_factory=dict)
+
+
+class Authenticator(Protocol):
+    """One authentication method of one policy (jwt, oidc, basicAuth, apiKeyAuth).
+
+    ``identity_headers`` are the upstream header names this method may set: they are
+    removed from every allowed request unless the method sets them, so a client can
+    never forge them.
+    """
+
+    method: str
+    identity_headers: frozenset[str]
+
+    async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    authenticator: Authenticator
+    required: bool
+
+
+class CompiledPolicy:
+    """A policy's evaluators, built once per config load."""
+
+    def __init__(
+        self, policy: Policy, steps: Sequence[Step], authorizer: Authorizer | None
+    ) -> None:
+        self.name = policy.name
+        self.steps = tuple(steps)
+        self.authorizer = authorizer
+        headers: set[str] = set()
+        for step in self.steps:
+            headers |= step.authenticator.identity_headers
+        self.identity_headers = frozenset(headers)
+
+    async def evaluate(self, req: CheckRequest, now: float) -> Decision:
+        ctx = AuthContext(self.name, now)
+        for step in self.steps:
+            result = await step.authenticator.authenticate(req, ctx)
+            if isinstance(result, Authenticated):
+                ctx.identities[result.identity.method] = result.identity
+            elif isinstance(result, Rejected) or step.required:
+                return result.decision
+        if self.authorizer is not None:
+            verdict = self.authorizer.evaluate(req, ctx.identities, self._upstream_view(req, ctx))
+            if not verdict.allow:
+                return Decision.deny(
+                    403,
+                    verdict.reason,
+                    "access denied by policy",
+                    detail=f"authorization {verdict.reason} (rule {verdict.rule or '-'})",
+                )
+        return self._allow(ctx)
+
+    def _upstream_view(self, req: CheckRequest, ctx: AuthContext) -> dict[str, str]:
+        """The headers as the upstream will see them, which header rules match against.
+
+        As in Envoy Gateway, where the rbac filter runs after the authentication
+        filters: identity headers are the ones authentication set (never a client's
+        copy, so ``x-user: admin`` from a client cannot satisfy a rule), and removed
+        credentials are gone.
+        """
+        view = {k: v for k, v in req.headers.items() if k not in self.identity_headers}
+        for identity in ctx.identities.values():
+            for name in identity.headers_to_remove:
+                view.pop(name, None)
+            view.update(identity.upstream_headers)
+        return view
+
+    def _allow(self, ctx: AuthContext) -> Decision:
+        upstream: dict[str, str] = {}
+        remove: list[str] = []
+        params: list[str] = []
+        response: list[tuple[str, str]] = []
+        metadata: dict[str, Any] = {"policy": self.name}
+        for identity in ctx.identities.values():
+            for name, value in identity.upstream_headers:
+                upstream[name] = value
+            remove += identity.headers_to_remove
+            params += identity.query_params_to_remove
+            response += identity.response_headers
+            metadata.setdefault("principal", identity.principal)
+            metadata.setdefault("method", identity.method)
+            for key, value in identity.metadata.items():
+                metadata.setdefault(key, value)
+        # Forged copies of identity headers go; the ones set above overwrite in place
+        # (Envoy applies removals after sets, so a set header must not be listed here).
+        for name in sorted(self.identity_headers):
+            if name not in upstream and name not in remove:
+                remove.append(name)
+        remove = [h for h in dict.fromkeys(remove) if h not in upstream]
+        return Decision(
+            allow=True,
+            reason="allowed",
+            upstream_headers=tuple(upstream.items()),
+            headers_to_remove=tuple(remove),
+            query_params_to_remove=tuple(dict.fromkeys(params)),
+            response_headers=tuple(response),
+            dynamic_metadata=metadata,
+        )
+
+    async def close(self) -> None:
+        for step in self.steps:
+            try:
+                await step.authenticator.close()
+            except Exception:
+                log.exception(
+                    "closing %s of policy %s failed", step.authenticator.method, self.name
+                )
+
+
+class Engine:
+    """All compiled policies of one config; ``check`` is the whole decision."""
+
+    def __init__(self, config: ExtauthConfig, policies: Mapping[str, CompiledPolicy]) -> None:
+        self.config = config
+        self.policies = dict(policies)
+
+    async def check(self, req: CheckRequest) -> tuple[str, Decision]:
+        """(policy label for metrics, decision). Never raises for a bad request."""
+        name = req.policy_name
+        if not name:
+            return "none", Decision.deny(
+                403, "no_policy", "access denied", detail="no policy in context_extensions"
+            )
+        policy = self.policies.get(name)
+        if policy is None:
+            return "unknown", Decision.deny(
+                403, "unknown_policy", "access denied", detail=f"unknown policy {name!r}"
+            )
+        try:
+            return name, await policy.evaluate(req, time.time())
+        except Exception:
+            # A bug must never open access: deny and make it visible.
+            log.exception("policy %s failed while checking a request", name)
+            return name, Decision.deny(500, "internal_error", "authorization failed")
+
+    async def readiness(self) -> str | None:
+        """Why some evaluator cannot work right now (e.g. its session store is down)."""
+        for policy in self.policies.values():
+            for step in policy.steps:
+                probe = getattr(step.authenticator, "readiness", None)
+                if probe is not None and (reason := await probe()):
+                    return f"policy {policy.name}: {reason}"
+        return None
+
+    async def close(self) -> None:
+        for policy in self.policies.values():
+            await policy.close()

@@ -1,0 +1,98 @@
+"""gRPC transport: ``envoy.service.auth.v3.Authorization/Check`` ↔ core types. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from .core import CheckRequest, Decision
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+
+Decide = Callable[[CheckRequest, str], Awaitable[Decision]]
+
+
+def request_from_proto(request: external_auth_pb2.CheckRequest) -> CheckRequest:
+    attrs = request.attributes
+    http = attrs.request.http
+    if http.headers:
+        headers = {k.lower(): v for k, v in http.headers.items()}
+    else:
+        # encode_raw_headers: values arrive in raw_value; repeated names are joined like
+        # Envoy joins them in the ``headers`` map.
+        headers = {}
+        for h in http.header_map.headers:
+            name = h.key.lower()
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return CheckRequest(
+        method=http.method or headers.get(":method", ""),
+        path=http.path or headers.get(":path", ""),
+        host=http.host or headers.get(":authority", ""),
+        scheme=http.scheme or headers.get(":scheme", ""),
+        headers=headers,
+        source_address=attrs.source.address.socket_address.address,
+        context_extensions=dict(attrs.context_extensions),
+        request_id=http.id,
+    )
+
+
+def _header(name: str, value: str, action: int) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=action
+    )
+
+
+def _repeatable(name: str) -> int:
+    return APPEND if name.lower() == "set-cookie" else OVERWRITE
+
+
+def response_to_proto(decision: Decision) -> external_auth_pb2.CheckResponse:
+    response = external_auth_pb2.CheckResponse()
+    if decision.dynamic_metadata:
+        metadata = struct_pb2.Struct()
+        metadata.update(dict(decision.dynamic_metadata))
+        response.dynamic_metadata.CopyFrom(metadata)
+    if decision.allow:
+        response.status.CopyFrom(status_pb2.Status(code=code_pb2.OK))
+        ok = response.ok_response
+        ok.headers.extend(_header(n, v, OVERWRITE) for n, v in decision.upstream_headers)
+        ok.headers_to_remove.extend(decision.headers_to_remove)
+        ok.query_parameters_to_remove.extend(decision.query_params_to_remove)
+        ok.response_headers_to_add.extend(
+            _header(n, v, _repeatable(n)) for n, v in decision.response_headers
+        )
+        return response
+    code = code_pb2.UNAUTHENTICATED if decision.status == 401 else code_pb2.PERMISSION_DENIED
+    response.status.CopyFrom(status_pb2.Status(code=code, message=decision.reason))
+    denied = response.denied_response
+    denied.status.CopyFrom(http_status_pb2.HttpStatus(code=decision.status))  # type: ignore[arg-type]
+    denied.headers.extend(_header(n, v, _repeatable(n)) for n, v in decision.response_headers)
+    denied.body = decision.body
+    return response
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, decide: Decide) -> None:
+        self._decide = decide
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        decision = await self._decide(request_from_proto(request), "grpc")
+        return response_to_proto(decision)
+
+
+def register(server: grpc.aio.Server, decide: Decide) -> None:
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(decide), server
+    )

@@ -1,0 +1,141 @@
+"""Server-side OIDC sessions in Redis (``sessionStore: redis``).
+
+The cookie holds only a sealed ticket (a random session id), so it stays small and a
+session can be revoked by deleting its key. The record in Redis is sealed with the
+same cookie keys (bound to its key name), so a Redis dump does not reveal tokens.
+Keys (``H`` = SHA-256 hex of the session id or state, never the raw value):
+
+- ``outrider:oidc:session:H``   the sealed session, expiring with it
+- ``outrider:oidc:state:H``     a used login state (replay protection), for the login TTL
+- ``outrider:oidc:refresh:H``   the refresh lock (one replica refreshes, others wait)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.extauth.session import (
+    SESSION_PURPOSE,
+    CookieSealer,
+    Session,
+    digest,
+)
+
+_PREFIX = "outrider:oidc:"
+#: How long one replica may hold the refresh lock (a token request is bounded well under).
+REFRESH_LOCK_MS = 15_000
+#: How long a replica that lost the lock waits for the winner's new session.
+REFRESH_WAIT_SECONDS = 10.0
+_RELEASE_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisSessionStore:
+    kind = "redis"
+
+    def __init__(self, sealer: CookieSealer, cookie_name: str, url: str) -> None:
+        self._sealer = sealer
+        self._name = cookie_name
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
+        )
+
+    def __repr__(self) -> str:
+        return "RedisSessionStore(<redacted url>)"
+
+    def _ticket(self, cookie_value: str) -> str | None:
+        data = self._sealer.open(self._name, "ticket", cookie_value)
+        sid = None if data is None else data.get("sid")
+        return sid if isinstance(sid, str) and sid else None
+
+    @staticmethod
+    def _key(sid: str) -> str:
+        return f"{_PREFIX}session:{digest(sid)}"
+
+    async def load(self, cookie_value: str) -> Session | None:
+        sid = self._ticket(cookie_value)
+        if sid is None:
+            return None
+        key = self._key(sid)
+        raw = await self._redis.get(key)
+        if raw is None:
+            return None  # expired or revoked
+        data = self._sealer.open(key, SESSION_PURPOSE, raw.decode("ascii"))
+        return None if data is None else Session.from_json(data)
+
+    async def save(self, session: Session, previous_cookie: str | None) -> str:
+        """Store ``session`` (under the previous ticket when refreshing) and return the ticket."""
+        sid = None if previous_cookie is None else self._ticket(previous_cookie)
+        if sid is None:
+            sid = secrets.token_urlsafe(32)
+        key = self._key(sid)
+        ttl = max(1, int(session.expires_at - time.time()))
+        sealed = self._sealer.seal(key, SESSION_PURPOSE, session.to_json())
+        await self._redis.set(key, sealed, ex=ttl)
+        return self._sealer.seal(self._name, "ticket", {"sid": sid})
+
+    async def delete(self, cookie_value: str) -> None:
+        sid = self._ticket(cookie_value)
+        if sid is not None:
+            await self._redis.delete(self._key(sid))
+
+    async def revoke(self, cookie_value: str) -> bool:
+        """Revoke a session by its cookie (admin use): True when one existed."""
+        sid = self._ticket(cookie_value)
+        return sid is not None and bool(await self._redis.delete(self._key(sid)))
+
+    async def claim_state(self, state: str, ttl: float) -> bool:
+        key = f"{_PREFIX}state:{digest(state)}"
+        return bool(await self._redis.set(key, b"1", nx=True, ex=max(1, int(ttl))))
+
+    async def coordinate_refresh(
+        self,
+        cookie_value: str,
+        session: Session,
+        refresh: Callable[[], Awaitable[Session]],
+    ) -> Session:
+        """One replica refreshes (Redis lock); the others wait for the session it stores."""
+        sid = self._ticket(cookie_value)
+        if sid is None:
+            raise RedisError("session ticket unreadable")
+        lock = f"{_PREFIX}refresh:{digest(sid)}"
+        token = secrets.token_hex(16)
+        if await self._redis.set(lock, token, nx=True, px=REFRESH_LOCK_MS):
+            try:
+                current = await self.load(cookie_value)
+                if current is not None and current.access_token != session.access_token:
+                    return current  # another replica finished just before we locked
+                fresh = await refresh()
+                await self.save(fresh, cookie_value)
+                return fresh
+            finally:
+                await self._redis.eval(_RELEASE_SCRIPT, 1, lock, token)
+        deadline = time.monotonic() + REFRESH_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            current = await self.load(cookie_value)
+            if current is None:
+                break
+            if current.access_token != session.access_token:
+                return current
+            if not await self._redis.exists(lock):
+                break
+        raise RedisError("another replica's refresh did not complete")
+
+    async def ping(self) -> str | None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            return f"oidc session redis unreachable: {type(exc).__name__}"
+        return None
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,187 @@
+"""Basic auth (htpasswd made by Apache's real htpasswd) and API keys, against the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.configfile import ConfigError
+from tests.extauth.helpers import (
+    EngineHarness,
+    apache_htpasswd,
+    basic_header,
+    config_from,
+    request,
+)
+
+USERS = {
+    "bcrypt-user": ("-B", "b-pass"),
+    "apr1-user": ("-m", "m-pass"),
+    "sha1-user": ("-s", "s-pass"),
+    "sha256-user": ("sha256", "5-pass"),
+    "sha512-user": ("sha512", "6-pass"),
+}
+
+
+@pytest.fixture
+def htpasswd_file(tmp_path: Path) -> Path:
+    path = tmp_path / "users.htpasswd"
+    apache_htpasswd(path, USERS)
+    return path
+
+
+def basic_policy(path: Path) -> dict:
+    return {"p": {"basicAuth": {"htpasswdFile": path.name, "forwardUsernameHeader": "x-user"}}}
+
+
+@pytest.mark.parametrize("user", sorted(USERS))
+async def test_every_hash_format(tmp_path: Path, htpasswd_file: Path, user: str) -> None:
+    config = config_from(tmp_path, basic_policy(htpasswd_file))
+    password = USERS[user][1]
+    async with EngineHarness(config) as h:
+        ok = await h.check(
+            request(headers={"authorization": basic_header(user, password), "x-user": "root"})
+        )
+        wrong = await h.check(
+            request(headers={"authorization": basic_header(user, password + "x")})
+        )
+    assert ok.allow
+    assert dict(ok.upstream_headers) == {"x-user": user}
+    assert ok.dynamic_metadata["principal"] == user
+    assert (wrong.allow, wrong.status, wrong.reason) == (False, 401, "basic_invalid")
+    assert dict(wrong.response_headers)["www-authenticate"].startswith('Basic realm="p"')
+
+
+async def test_unknown_user_missing_and_malformed(tmp_path: Path, htpasswd_file: Path) -> None:
+    config = config_from(tmp_path, basic_policy(htpasswd_file))
+    async with EngineHarness(config) as h:
+        unknown = await h.check(
+            request(headers={"authorization": basic_header("mallory", "b-pass")})
+        )
+        missing = await h.check(request())
+        malformed = await h.check(request(headers={"authorization": "Basic !!!"}))
+        bearer = await h.check(request(headers={"authorization": "Bearer x"}))
+    assert (unknown.status, unknown.reason) == (401, "basic_invalid")
+    assert (missing.status, missing.reason) == (401, "basic_missing")
+    assert (malformed.status, malformed.reason) == (401, "basic_malformed")
+    assert (bearer.status, bearer.reason) == (401, "basic_missing")
+
+
+async def test_unknown_user_costs_like_a_known_one(tmp_path: Path) -> None:
+    path = tmp_path / "slow.htpasswd"
+    apache_htpasswd(path, {"u": ("-B", "pw")}, bcrypt_cost=9)  # ~30 ms a check
+    config = config_from(tmp_path, basic_policy(path))
+
+    async def timed(user: str) -> float:
+        started = time.perf_counter()
+        await h.check(request(headers={"authorization": basic_header(user, "nope")}))
+        return time.perf_counter() - started
+
+    async with EngineHarness(config) as h:
+        known, unknown = [], []
+        for _ in range(5):  # alternated, so machine noise hits both alike
+            known.append(await timed("u"))
+            unknown.append(await timed("nobody"))
+    # Without the decoy check an unknown user would answer in microseconds.
+    assert sorted(unknown)[2] > 0.5 * sorted(known)[2], (known, unknown)
+
+
+async def test_success_cache_and_no_loop_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "b.htpasswd"
+    apache_htpasswd(path, {"u": ("-B", "pw")}, bcrypt_cost=10)  # ~50-100 ms a check
+    config = config_from(tmp_path, basic_policy(path))
+    header = {"authorization": basic_header("u", "pw")}
+    async with EngineHarness(config) as h:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        started = time.perf_counter()
+        assert (await h.check(request(headers=header))).allow
+        first = time.perf_counter() - started
+        task.cancel()
+        started = time.perf_counter()
+        for _ in range(200):
+            assert (await h.check(request(headers=header))).allow
+        cached_each = (time.perf_counter() - started) / 200
+        assert (
+            h.metric("outrider_extauth_credential_cache_total", kind="basic", result="hit") == 200
+        )
+    assert ticks >= 5  # the loop kept running while bcrypt ran in a thread
+    assert cached_each < first / 10, (first, cached_each)
+
+
+def test_plaintext_and_unknown_hashes_refused(tmp_path: Path) -> None:
+    for line, words in [
+        ("bob:secret", "not hashed"),
+        ("bob:$1$abc$def", "MD5-crypt"),
+        ("bob:$9$zzz", "unsupported"),
+        ("nocolon", "expected user:hash"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            config_from(tmp_path, {"p": {"basicAuth": {"htpasswd": line + "\n"}}})
+        assert words in str(exc.value)
+        assert "basicAuth.htpasswd" in str(exc.value)
+        assert "secret" not in str(exc.value).replace("not hashed", "")
+
+
+# -- API keys ------------------------------------------------------------------------
+def apikey_policy(**over: object) -> dict:
+    spec = {
+        "credentials": {"client-a": "key-aaaaaaaa", "client-b": "key-bbbbbbbb"},
+        "extractFrom": [
+            {"headers": ["x-api-key"]},
+            {"params": ["api_key"]},
+            {"cookies": ["apikey"]},
+        ],
+        "forwardClientIDHeader": "x-client-id",
+        "sanitize": True,
+    }
+    spec.update(over)
+    return {"p": {"apiKeyAuth": spec}}
+
+
+async def test_api_key_locations_and_sanitize(tmp_path: Path) -> None:
+    config = config_from(tmp_path, apikey_policy())
+    async with EngineHarness(config) as h:
+        by_header = await h.check(
+            request(headers={"x-api-key": "key-aaaaaaaa", "x-client-id": "forged"})
+        )
+        by_param = await h.check(request(path="/x?a=1&api_key=key-bbbbbbbb"))
+        by_cookie = await h.check(request(headers={"cookie": "theme=dark; apikey=key-aaaaaaaa"}))
+        only_cookie = await h.check(request(headers={"cookie": "apikey=key-aaaaaaaa"}))
+        wrong = await h.check(request(headers={"x-api-key": "key-cccccccc"}))
+        missing = await h.check(request())
+    assert by_header.allow
+    assert dict(by_header.upstream_headers) == {"x-client-id": "client-a"}
+    assert "x-api-key" in by_header.headers_to_remove
+    assert by_header.dynamic_metadata["client_id"] == "client-a"
+    assert by_param.allow
+    assert by_param.query_params_to_remove == ("api_key",)
+    assert by_param.dynamic_metadata["principal"] == "client-b"
+    assert by_cookie.allow
+    assert dict(by_cookie.upstream_headers)["cookie"] == "theme=dark"
+    assert only_cookie.allow
+    assert "cookie" in only_cookie.headers_to_remove
+    assert (wrong.status, wrong.reason) == (401, "apikey_invalid")
+    assert (missing.status, missing.reason) == (401, "apikey_missing")
+
+
+async def test_api_key_credentials_file_and_list_form(tmp_path: Path) -> None:
+    (tmp_path / "keys.yaml").write_text("client-x: key-xxxxxxxx\n")
+    config = config_from(tmp_path, apikey_policy(credentials=None, credentialsFile="keys.yaml"))
+    assert config.referenced_files() == [tmp_path / "keys.yaml"]
+    async with EngineHarness(config) as h:
+        assert (await h.check(request(headers={"x-api-key": "key-xxxxxxxx"}))).allow
+    listed = config_from(
+        tmp_path, apikey_policy(credentials=[{"c1": "k-1"}, {"c1": "k-2", "c2": "k-3"}])
+    )
+    assert [c for c, _ in listed.policies["p"].api_key_auth.credentials] == ["c1", "c2"]

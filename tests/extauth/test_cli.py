@@ -1,0 +1,99 @@
+"""`outrider extauth` as users run it: reload of referenced files, /config redaction, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from tests.extauth.helpers import apache_htpasswd, basic_header, write_config
+from tests.harness.outrider import REPO
+
+
+def check(socket_path: Path, headers: dict[str, str], policy: str = "basic") -> int:
+    req = external_auth_pb2.CheckRequest()
+    req.attributes.request.http.method = "GET"
+    req.attributes.request.http.path = "/"
+    req.attributes.request.http.headers.update(headers)
+    req.attributes.context_extensions["policy"] = policy
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        resp = external_auth_pb2_grpc.AuthorizationStub(channel).Check(req, timeout=5)
+    return 200 if resp.HasField("ok_response") else resp.denied_response.status.code
+
+
+def test_htpasswd_change_reloads_and_bad_file_keeps_old(
+    tmp_path: Path, sockdir: Path, outrider: Callable[..., Any]
+) -> None:
+    users = tmp_path / "users"
+    apache_htpasswd(users, {"ann": ("-s", "pw-ann")})
+    config = write_config(
+        tmp_path,
+        {
+            "basic": {"basicAuth": {"htpasswdFile": "users"}},
+            "keys": {
+                "apiKeyAuth": {
+                    "credentials": {"c": "secret-key-1"},
+                    "extractFrom": [{"headers": ["x-k"]}],
+                }
+            },
+        },
+    )
+    sock = sockdir / "a.sock"
+    proc = outrider(
+        "extauth", "--config", str(config), "--listen", f"unix:{sock}", "--reload-interval", "0.2"
+    )
+    assert check(sock, {"authorization": basic_header("ann", "pw-ann")}) == 200
+    assert check(sock, {"authorization": basic_header("ben", "pw-ben")}) == 401
+
+    apache_htpasswd(users, {"ben": ("-s", "pw-ben")})
+    deadline = time.monotonic() + 10
+    while check(sock, {"authorization": basic_header("ben", "pw-ben")}) != 200:
+        assert time.monotonic() < deadline, proc.output()
+        time.sleep(0.1)
+
+    users.write_text(users.read_text() + "eve:hunter2secret\n")  # refused: the old users stay
+    deadline = time.monotonic() + 10
+    while "not hashed" not in proc.get("/config")[1]:
+        assert time.monotonic() < deadline, proc.output()
+        time.sleep(0.1)
+    assert check(sock, {"authorization": basic_header("ben", "pw-ben")}) == 200
+
+    status, body = proc.get("/config")
+    assert status == 200
+    assert "secret-key-1" not in body
+    assert "pw-" not in body
+    for line in users.read_text().splitlines():
+        assert line.partition(":")[2] not in body
+    described = json.loads(body)["config"]["policies"]
+    assert described["keys"]["apiKeyAuth"]["clientIDs"] == ["c"]
+    assert described["basic"]["basicAuth"]["users"] == ["ann", "ben"]
+
+
+def test_bad_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"p": {"basicAuth": {"htpasswd": "bob:hunter2\n"}}})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.common.cli",
+            "extauth",
+            "--config",
+            str(config),
+            "--listen",
+            f"unix:{tmp_path}/x.sock",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert f"{config}: policies.p.basicAuth.htpasswd: htpasswd line 1" in result.stderr
+    assert "hunter2" not in result.stderr

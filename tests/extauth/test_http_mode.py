@@ -1,0 +1,212 @@
+"""Envoy's HTTP ext_authz mode (`--http-listen`) through a real Envoy, sharing the core.
+
+The policy travels in the per-route `check_settings.http_service.path_prefix`
+(`/policy/NAME`), the client address in `x-outrider-client-address` added by
+`authorization_request.headers_to_add`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.extauth.http import split_policy_path
+from tests.extauth.helpers import (
+    SigningKey,
+    apache_htpasswd,
+    basic_header,
+    claims,
+    jwks,
+    write_config,
+)
+from tests.extauth.test_e2e import http_call
+from tests.harness.envoy import bootstrap, http_cluster
+from tests.harness.procs import free_port
+
+FILTER = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+PER_ROUTE = FILTER + "PerRoute"
+
+
+def http_service(port: int, policy: str | None) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "server_uri": {
+            "uri": f"http://127.0.0.1:{port}",
+            "cluster": "extauth_http",
+            "timeout": "2s",
+        },
+        "authorization_request": {
+            # every client header, as in gRPC mode (API keys, cookies, header rules)
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+            "headers_to_add": [
+                {
+                    "key": "x-outrider-client-address",
+                    "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                }
+            ],
+        },
+        "authorization_response": {
+            "allowed_upstream_headers": {
+                "patterns": [{"exact": "x-user"}, {"exact": "x-client-id"}]
+            },
+            "allowed_client_headers": {
+                "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
+            },
+        },
+    }
+    if policy is not None:
+        service["path_prefix"] = f"/policy/{policy}"
+    return service
+
+
+def envoy_http_mode(
+    authz_port: int, upstream_port: int, listener: int, admin: int
+) -> dict[str, Any]:
+    ext_authz = {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": FILTER,
+            "http_service": http_service(authz_port, None),
+            "failure_mode_allow": False,
+        },
+    }
+    routes = []
+    for name in ("jwt", "basic", "apikey", "cidr-allow", "cidr-deny"):
+        routes.append(
+            {
+                "match": {"prefix": f"/{name}/"},
+                "route": {"cluster": "upstream"},
+                "typed_per_filter_config": {
+                    "envoy.filters.http.ext_authz": {
+                        "@type": PER_ROUTE,
+                        "check_settings": {"http_service": http_service(authz_port, name)},
+                    }
+                },
+            }
+        )
+    routes.append({"match": {"prefix": "/"}, "route": {"cluster": "upstream"}})
+    return bootstrap(
+        listener,
+        admin,
+        routes=routes,
+        http_filters=[ext_authz],
+        clusters=[
+            http_cluster("extauth_http", "127.0.0.1", authz_port),
+            http_cluster("upstream", "127.0.0.1", upstream_port),
+        ],
+    )
+
+
+@pytest.fixture
+def http_mode(
+    tmp_path: Path,
+    sockdir: Path,
+    outrider: Callable[..., Any],
+    envoy: Callable[..., Any],
+    echo_upstream: Any,
+    rsa1: SigningKey,
+):
+    htpasswd = tmp_path / "users"
+    apache_htpasswd(htpasswd, {"bc": ("-B", "pw-bc")})
+    provider = {
+        "name": "idp",
+        "localJWKS": {"inline": json.dumps(jwks(rsa1))},
+        "claimToHeaders": [{"claim": "sub", "header": "x-user"}],
+    }
+    config = write_config(
+        tmp_path,
+        {
+            "jwt": {"jwt": {"providers": [provider]}},
+            "basic": {
+                "basicAuth": {"htpasswdFile": str(htpasswd), "forwardUsernameHeader": "x-user"}
+            },
+            "apikey": {
+                "apiKeyAuth": {
+                    "credentials": {"client-a": "key-a"},
+                    "extractFrom": [{"headers": ["x-api-key"]}],
+                    "forwardClientIDHeader": "x-client-id",
+                    "sanitize": True,
+                }
+            },
+            "cidr-allow": {
+                "authorization": {
+                    "rules": [{"action": "Allow", "principal": {"clientCIDRs": ["127.0.0.1/32"]}}]
+                }
+            },
+            "cidr-deny": {
+                "authorization": {
+                    "rules": [{"action": "Allow", "principal": {"clientCIDRs": ["10.0.0.0/8"]}}]
+                }
+            },
+        },
+    )
+    authz_port = free_port()
+    outrider(
+        "extauth",
+        "--config",
+        str(config),
+        "--listen",
+        f"unix:{sockdir}/g.sock",
+        "--http-listen",
+        f"127.0.0.1:{authz_port}",
+    )
+    port = free_port()
+    envoy(envoy_http_mode(authz_port, echo_upstream.port, port, free_port()))
+    return f"http://127.0.0.1:{port}"
+
+
+def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
+    token = rsa1.sign(claims(aud=None))
+    status, _, body = http_call(
+        f"{http_mode}/jwt/a?b=1", {"authorization": f"Bearer {token}", "x-user": "root"}
+    )
+    assert status == 200, body
+    echoed = json.loads(body)
+    assert echoed["headers"]["x-user"] == "alice"
+    assert echoed["path"].startswith("/jwt/a")
+
+    status, headers, body = http_call(f"{http_mode}/jwt/a", {"authorization": "Bearer a.b.c"})
+    assert status == 401
+    assert headers["www-authenticate"].startswith('Bearer realm="jwt"')
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == "Unauthorized"
+
+    status, _, body = http_call(
+        f"{http_mode}/basic/", {"authorization": basic_header("bc", "pw-bc")}
+    )
+    assert status == 200
+    assert json.loads(body)["headers"]["x-user"] == "bc"
+    assert http_call(f"{http_mode}/basic/", {"authorization": basic_header("bc", "bad")})[0] == 401
+
+    status, _, body = http_call(
+        f"{http_mode}/apikey/", {"x-api-key": "key-a", "x-client-id": "evil"}
+    )
+    assert status == 200
+    upstream = json.loads(body)["headers"]
+    assert upstream["x-client-id"] == "client-a"
+    assert "x-api-key" not in upstream
+
+    assert http_call(f"{http_mode}/cidr-allow/", {})[0] == 200
+    assert http_call(f"{http_mode}/cidr-deny/", {})[0] == 403
+    # a client cannot pick its own address
+    assert http_call(f"{http_mode}/cidr-deny/", {"x-outrider-client-address": "10.1.1.1"})[0] == 403
+    # no per-route policy: deny
+    assert http_call(f"{http_mode}/other", {})[0] == 403
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/policy/p/a/b?c=1", ("p", "/a/b?c=1")),
+        ("/policy/p?c=1", ("p", "/?c=1")),
+        ("/policy/p", ("p", "/")),
+        ("/policy/demo%2Fadmin/x", ("demo/admin", "/x")),
+        ("/policy/", (None, "/")),
+        ("/other/x", (None, "/other/x")),
+    ],
+)
+def test_split_policy_path(raw: str, expected: tuple) -> None:
+    assert split_policy_path(raw) == expected

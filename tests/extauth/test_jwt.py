@@ -1,0 +1,359 @@
+"""JWT verification: the attack table against the real engine, local and remote JWKS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import jwt as pyjwt
+import pytest
+
+from tests.extauth.helpers import (
+    AUDIENCE,
+    ISSUER,
+    EngineHarness,
+    JWKSServer,
+    SigningKey,
+    claims,
+    config_from,
+    hs256_with_public_key,
+    jwks,
+    request,
+    tamper,
+    unsigned_token,
+)
+
+
+def jwt_policy(jwks_doc: dict | None = None, uri: str | None = None, **provider: object) -> dict:
+    source = (
+        {"remoteJWKS": {"uri": uri, "cacheDuration": "300s"}}
+        if uri
+        else {"localJWKS": {"inline": json.dumps(jwks_doc)}}
+    )
+    return {
+        "p": {
+            "jwt": {
+                "providers": [
+                    {
+                        "name": "idp",
+                        "issuer": ISSUER,
+                        "audiences": [AUDIENCE, "other"],
+                        **source,
+                        "claimToHeaders": [
+                            {"claim": "sub", "header": "x-user"},
+                            {"claim": "org.team", "header": "x-team"},
+                        ],
+                        **provider,
+                    }
+                ]
+            }
+        }
+    }
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def attack_table(key: SigningKey, other: SigningKey) -> list[tuple[str, str, int, str]]:
+    now = int(time.time())
+    good = key.sign(claims())
+    return [
+        ("valid", good, 200, "allowed"),
+        ("alg none", unsigned_token(claims(), kid=key.kid), 401, "jwt_bad_alg"),
+        (
+            "HS256 keyed with the RSA public key",
+            hs256_with_public_key(key, claims()),
+            401,
+            "jwt_bad_alg",
+        ),
+        ("expired", key.sign(claims(exp=now - 120)), 401, "jwt_expired"),
+        ("expired within the skew", key.sign(claims(exp=now - 30)), 200, "allowed"),
+        ("nbf in the future", key.sign(claims(nbf=now + 600)), 401, "jwt_not_yet_valid"),
+        ("iat in the future", key.sign(claims(iat=now + 600)), 401, "jwt_not_yet_valid"),
+        ("wrong issuer", key.sign(claims(iss="https://evil.test")), 401, "jwt_issuer"),
+        ("wrong audience", key.sign(claims(aud="api://else")), 401, "jwt_audience"),
+        ("second audience accepted", key.sign(claims(aud=["x", "other"])), 200, "allowed"),
+        ("missing exp", key.sign(claims(exp=None)), 401, "jwt_missing_claim"),
+        ("tampered payload", tamper(good, sub="root"), 401, "jwt_signature"),
+        (
+            "signed by an unknown key with a known kid",
+            SigningKey(key.kid, other.private, other.alg).sign(claims()),
+            401,
+            "jwt_signature",
+        ),
+        ("garbage", "not.a.jwt", 401, "jwt_malformed"),
+        ("jku is ignored", key.sign(claims(), {"jku": "https://evil.test/jwks"}), 200, "allowed"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+async def test_attack_table_local_jwks(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, case: int
+) -> None:
+    name, token, status, reason = attack_table(rsa1, rsa2)[case]
+    config = config_from(tmp_path, jwt_policy(jwks(rsa1)))
+    async with EngineHarness(config) as h:
+        decision = await h.check(request(headers=bearer(token)))
+    assert (decision.status if not decision.allow else 200, decision.reason) == (status, reason), (
+        name
+    )
+    if not decision.allow:
+        headers = dict(decision.response_headers)
+        assert headers["www-authenticate"].startswith('Bearer realm="p"')
+        assert json.loads(decision.body)["error"] == "Unauthorized"
+
+
+async def test_identity_headers_metadata_and_cache(tmp_path: Path, ec1: SigningKey) -> None:
+    config = config_from(tmp_path, jwt_policy(jwks(ec1)))
+    token = ec1.sign(claims(org={"team": "blue"}, scope="read write"))
+    async with EngineHarness(config) as h:
+        first = await h.check(request(headers={**bearer(token), "x-user": "forged"}))
+        second = await h.check(request(headers=bearer(token)))
+        assert h.metric("outrider_extauth_credential_cache_total", kind="jwt", result="hit") == 1
+    assert first.allow
+    assert second.allow
+    assert dict(first.upstream_headers) == {"x-user": "alice", "x-team": "blue"}
+    assert first.headers_to_remove == ()  # both identity headers are overwritten instead
+    assert first.dynamic_metadata["principal"] == "alice"
+    assert first.dynamic_metadata["claims"]["scope"] == "read write"
+
+
+async def test_forward_payload_header(tmp_path: Path, ec1: SigningKey) -> None:
+    config = config_from(tmp_path, jwt_policy(jwks(ec1), forwardPayloadHeader="x-jwt-payload"))
+    token = ec1.sign(claims())
+    async with EngineHarness(config) as h:
+        decision = await h.check(request(headers=bearer(token)))
+        anonymous = await h.check(request(headers={"x-jwt-payload": "forged"}))
+    assert dict(decision.upstream_headers)["x-jwt-payload"] == token.split(".")[1]
+    assert not anonymous.allow
+
+
+async def test_missing_claim_header_is_removed_not_forgeable(
+    tmp_path: Path, ec1: SigningKey
+) -> None:
+    config = config_from(tmp_path, jwt_policy(jwks(ec1)))
+    async with EngineHarness(config) as h:
+        decision = await h.check(request(headers={**bearer(ec1.sign(claims())), "x-team": "red"}))
+    assert decision.allow
+    assert "x-team" in decision.headers_to_remove
+
+
+async def test_token_locations_and_missing(tmp_path: Path, rsa1: SigningKey) -> None:
+    policy = jwt_policy(
+        jwks(rsa1),
+        extractFrom={
+            "headers": [{"name": "x-token", "valuePrefix": "Token "}],
+            "cookies": ["session"],
+            "params": ["jwt"],
+        },
+    )
+    config = config_from(tmp_path, policy)
+    token = rsa1.sign(claims())
+    async with EngineHarness(config) as h:
+        assert (await h.check(request(headers={"x-token": f"Token {token}"}))).allow
+        assert (await h.check(request(headers={"cookie": f"a=b; session={token}"}))).allow
+        assert (await h.check(request(path=f"/x?jwt={token}"))).allow
+        missing = await h.check(request(headers=bearer(token)))  # not a configured location
+    assert (missing.status, missing.reason) == (401, "jwt_missing")
+
+
+async def test_optional_lets_anonymous_through_but_not_bad_tokens(
+    tmp_path: Path, rsa1: SigningKey
+) -> None:
+    policy = jwt_policy(jwks(rsa1))
+    policy["p"]["jwt"]["optional"] = True
+    config = config_from(tmp_path, policy)
+    async with EngineHarness(config) as h:
+        anonymous = await h.check(request(headers={"x-user": "forged"}))
+        bad = await h.check(request(headers=bearer("a.b.c")))
+    assert anonymous.allow
+    assert "x-user" in anonymous.headers_to_remove
+    assert not bad.allow
+
+
+async def test_remote_rotation_idp_down_and_cooldown(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.document = jwks(rsa1)
+    config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
+    async with EngineHarness(config, jwks_refetch_cooldown=30.0, jwks_check_wait=2.0) as h:
+        assert (await h.check(request(headers=bearer(rsa1.sign(claims()))))).allow
+        fetched = jwks_server.fetches
+        # Unknown kid: one refetch; the IdP has rotated, so the new key is accepted.
+        jwks_server.document = jwks(rsa1, rsa2)
+        assert (await h.check(request(headers=bearer(rsa2.sign(claims(sub="bob")))))).allow
+        assert jwks_server.fetches == fetched + 1
+        # Made-up kids within the cooldown cause no further fetch.
+        for i in range(5):
+            forged = pyjwt.encode(
+                claims(), rsa1.private, algorithm="RS256", headers={"kid": f"x{i}"}
+            )
+            d = await h.check(request(headers=bearer(forged)))
+            assert (d.status, d.reason) == (401, "jwt_unknown_kid")
+        assert jwks_server.fetches == fetched + 1
+        # IdP down: the cached keys keep working.
+        jwks_server.mode = "down"
+        src = next(iter(h.service.jwks.sources.values()))
+        assert not await src.refresh()
+        assert (await h.check(request(headers=bearer(rsa1.sign(claims(sub="carol")))))).allow
+        assert (
+            h.metric("outrider_extauth_jwks_fetches_total", uri=jwks_server.uri, result="failure")
+            >= 1
+        )
+
+
+async def test_hanging_jwks_never_blocks_a_check(
+    tmp_path: Path, rsa1: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.mode = "hang"
+    config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
+    async with EngineHarness(config, jwks_check_wait=0.1) as h:
+        started = time.monotonic()
+        decision = await asyncio.wait_for(h.check(request(headers=bearer(rsa1.sign(claims())))), 2)
+        elapsed = time.monotonic() - started
+    assert (decision.status, decision.reason) == (401, "jwks_unavailable")
+    assert elapsed < 1.0  # check_wait is 0.1 s; the endpoint itself never answers
+
+
+async def test_hanging_jwks_with_cached_keys_still_allows(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.document = jwks(rsa1)
+    config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
+    async with EngineHarness(config, jwks_check_wait=0.1, jwks_refetch_cooldown=0.0) as h:
+        assert (await h.check(request(headers=bearer(rsa1.sign(claims()))))).allow
+        jwks_server.mode = "hang"
+        started = time.monotonic()
+        unknown = await h.check(request(headers=bearer(rsa2.sign(claims()))))
+        known = await h.check(request(headers=bearer(rsa1.sign(claims(sub="zed")))))
+        assert time.monotonic() - started < 1.5
+    assert (unknown.status, unknown.reason) == (401, "jwt_unknown_kid")
+    assert known.allow
+
+
+async def test_iss_selects_provider(tmp_path: Path, rsa1: SigningKey, ec1: SigningKey) -> None:
+    policies = {
+        "p": {
+            "jwt": {
+                "providers": [
+                    {
+                        "name": "a",
+                        "issuer": "https://a.test",
+                        "localJWKS": {"inline": json.dumps(jwks(rsa1))},
+                    },
+                    {
+                        "name": "b",
+                        "issuer": "https://b.test",
+                        "localJWKS": {"inline": json.dumps(jwks(ec1))},
+                    },
+                ]
+            }
+        }
+    }
+    config = config_from(tmp_path, policies)
+    async with EngineHarness(config) as h:
+        a = await h.check(
+            request(headers=bearer(rsa1.sign(claims(iss="https://a.test", aud=None))))
+        )
+        b = await h.check(request(headers=bearer(ec1.sign(claims(iss="https://b.test", aud=None)))))
+        # a token of issuer b signed with a's key: b's keys do not know the kid
+        cross = await h.check(
+            request(headers=bearer(rsa1.sign(claims(iss="https://b.test", aud=None))))
+        )
+    assert a.allow
+    assert a.dynamic_metadata["jwt_provider"] == "a"
+    assert b.allow
+    assert b.dynamic_metadata["jwt_provider"] == "b"
+    assert not cross.allow
+
+
+async def test_hmac_local_key(tmp_path: Path) -> None:
+    secret = b"0123456789abcdef0123456789abcdef"
+    doc = {
+        "keys": [{"kty": "oct", "kid": "h1", "k": pyjwt.utils.base64url_encode(secret).decode()}]
+    }
+    config = config_from(tmp_path, jwt_policy(doc))
+    good = pyjwt.encode(claims(), secret, algorithm="HS256", headers={"kid": "h1"})
+    async with EngineHarness(config) as h:
+        assert (await h.check(request(headers=bearer(good)))).allow
+
+
+async def test_concurrent_unknown_kid_checks_share_one_fetch(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.document = jwks(rsa1)
+    config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
+    async with EngineHarness(config, jwks_check_wait=2.0, jwks_refetch_cooldown=30.0) as h:
+        assert (await h.check(request(headers=bearer(rsa1.sign(claims()))))).allow
+        before = jwks_server.fetches
+        jwks_server.document = jwks(rsa1, rsa2)
+        tokens = [rsa2.sign(claims(sub=f"u{i}")) for i in range(20)]
+        decisions = await asyncio.gather(*(h.check(request(headers=bearer(t))) for t in tokens))
+    assert all(d.allow for d in decisions)
+    assert jwks_server.fetches == before + 1
+
+
+async def test_background_refresh_rotates_keys_and_drops_cached_tokens(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.document = jwks(rsa1)
+    policy = jwt_policy(uri=jwks_server.uri)
+    policy["p"]["jwt"]["providers"][0]["remoteJWKS"]["cacheDuration"] = "1s"
+    config = config_from(tmp_path, policy)
+    old_token = rsa1.sign(claims())
+    # a long cooldown: only the background refresh can pick up the rotation
+    async with EngineHarness(config, jwks_refetch_cooldown=3600.0) as h:
+        assert (await h.check(request(headers=bearer(old_token)))).allow
+        assert (await h.check(request(headers=bearer(old_token)))).allow  # cached
+        kid_refetches = jwks_server.fetches
+        unknown = await h.check(request(headers=bearer(rsa2.sign(claims()))))
+        assert (unknown.allow, unknown.reason) == (False, "jwt_unknown_kid")
+        assert jwks_server.fetches == kid_refetches + 1  # the one allowed kid refetch
+        jwks_server.document = jwks(rsa2)  # rsa1 retired
+        deadline = time.monotonic() + 5
+        while not (await h.check(request(headers=bearer(rsa2.sign(claims()))))).allow:
+            assert time.monotonic() < deadline, "background refresh did not happen"
+            await asyncio.sleep(0.1)
+        revoked = await h.check(request(headers=bearer(old_token)))
+    assert (revoked.allow, revoked.reason) == (False, "jwt_unknown_kid")
+
+
+async def test_idp_down_without_keys_does_not_fetch_per_check(
+    tmp_path: Path, rsa1: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.mode = "down"
+    config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
+    async with EngineHarness(config) as h:
+        await asyncio.sleep(0.2)
+        for _ in range(50):
+            d = await h.check(request(headers=bearer(rsa1.sign(claims()))))
+            assert (d.status, d.reason) == (401, "jwks_unavailable")
+        assert jwks_server.fetches <= 3
+        jwks_server.document, jwks_server.mode = jwks(rsa1), "ok"
+        deadline = time.monotonic() + 5
+        while not (await h.check(request(headers=bearer(rsa1.sign(claims()))))).allow:
+            assert time.monotonic() < deadline, "never recovered"
+            await asyncio.sleep(0.2)
+
+
+async def test_reload_keeps_remote_keys_and_drops_unused_sources(
+    tmp_path: Path, rsa1: SigningKey, jwks_server: JWKSServer
+) -> None:
+    jwks_server.document = jwks(rsa1)
+    first = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
+    async with EngineHarness(first, jwks_check_wait=2.0) as h:
+        assert (await h.check(request(headers=bearer(rsa1.sign(claims()))))).allow
+        fetches = jwks_server.fetches
+        renamed = jwt_policy(uri=jwks_server.uri)
+        renamed["q"] = renamed.pop("p")
+        h.service.apply_config(config_from(tmp_path, renamed))
+        jwks_server.mode = "down"  # the reloaded policy must not need the IdP
+        assert (await h.check(request("q", headers=bearer(rsa1.sign(claims(sub="b")))))).allow
+        assert not (await h.check(request("p", headers=bearer(rsa1.sign(claims()))))).allow
+        assert jwks_server.fetches == fetches
+        h.service.apply_config(config_from(tmp_path, {"q": {"authorization": {}}}))
+        await asyncio.sleep(0.05)
+        assert h.service.jwks.sources == {}

@@ -1,0 +1,153 @@
+"""Session cookie crypto, chunking and PKCE: the pure pieces of the OIDC evaluator."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+
+import pytest
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.extauth.oidc_config import CookieSettings
+from services.extauth.session import (
+    CHUNK_CHARS,
+    CookieSealer,
+    CookieSessionStore,
+    LoginState,
+    Session,
+    join_chunks,
+    mint_cookie_session,
+    parse_cookie_header,
+    set_chunked,
+    split_chunks,
+)
+
+SECRET_A = b"a" * 16 + b"-first-secret-0123456789"
+SECRET_B = b"b" * 16 + b"-second-secret-012345678"
+SETTINGS = CookieSettings("__Host-s", "__Host-l", None, "Lax", True)
+
+
+def test_seal_round_trip_and_binding() -> None:
+    sealer = CookieSealer((SECRET_A,))
+    value = sealer.seal("__Host-s", "session", {"sub": "alice"})
+    assert sealer.open("__Host-s", "session", value) == {"sub": "alice"}
+    assert b"alice" not in base64.urlsafe_b64decode(value + "==")  # encrypted, not just signed
+    # The cookie name and purpose are bound into the associated data.
+    assert sealer.open("__Host-other", "session", value) is None
+    assert sealer.open("__Host-s", "login", value) is None
+
+
+def test_every_tampered_byte_is_rejected() -> None:
+    sealer = CookieSealer((SECRET_A,))
+    raw = bytearray(base64.urlsafe_b64decode(sealer.seal("n", "session", {"x": 1}) + "=="))
+    for index in range(len(raw)):
+        tampered = bytearray(raw)
+        tampered[index] ^= 0x01
+        text = base64.urlsafe_b64encode(bytes(tampered)).rstrip(b"=").decode()
+        assert sealer.open("n", "session", text) is None, index
+
+
+def test_other_secret_cannot_open() -> None:
+    value = CookieSealer((SECRET_A,)).seal("n", "session", {"x": 1})
+    assert CookieSealer((SECRET_B,)).open("n", "session", value) is None
+
+
+def test_rotation_newest_seals_all_open() -> None:
+    old = CookieSealer((SECRET_A,)).seal("n", "session", {"v": "old"})
+    rotated = CookieSealer((SECRET_B, SECRET_A))
+    assert rotated.open("n", "session", old) == {"v": "old"}
+    new = rotated.seal("n", "session", {"v": "new"})
+    assert CookieSealer((SECRET_B,)).open("n", "session", new) == {"v": "new"}
+    assert CookieSealer((SECRET_A,)).open("n", "session", new) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_open_never_raises_on_garbage(value: str) -> None:
+    assert CookieSealer((SECRET_A,)).open("n", "session", value) is None
+
+
+def test_large_session_is_chunked_under_4kb() -> None:
+    sealer = CookieSealer((SECRET_A,))
+    # Incompressible claims, large enough to need several cookies.
+    claims = {f"c{i}": hashlib.sha256(str(i).encode()).hexdigest() for i in range(150)}
+    value = sealer.seal("__Host-s", "session", claims)
+    headers = set_chunked(SETTINGS, "__Host-s", value, max_age=60, request_cookies={})
+    assert len(headers) > 1
+    assert all(len(h.encode()) < 4000 for h in headers)
+    assert all("Secure" in h and "HttpOnly" in h and "SameSite=Lax" in h for h in headers)
+    assert all("Path=/" in h and "Domain" not in h for h in headers)
+    jar = dict(h.split(";", 1)[0].split("=", 1) for h in headers)
+    joined = join_chunks("__Host-s", jar)
+    assert joined == value
+    assert sealer.open("__Host-s", "session", joined) == claims
+    # A missing chunk makes the whole value unusable.
+    del jar["__Host-s-1"]
+    assert join_chunks("__Host-s", jar) is None
+
+
+def test_shrinking_session_clears_stale_chunks() -> None:
+    headers = set_chunked(
+        SETTINGS,
+        "__Host-s",
+        "x" * 10,
+        max_age=60,
+        request_cookies={"__Host-s-1": "y", "__Host-s-2": "z"},
+    )
+    assert headers[0].startswith("__Host-s=1.")
+    assert any(h.startswith("__Host-s-1=;") and "Max-Age=0" in h for h in headers)
+    assert any(h.startswith("__Host-s-2=;") and "Max-Age=0" in h for h in headers)
+
+
+def test_split_chunks_bounds() -> None:
+    assert split_chunks("abc") == ["1.abc"]
+    assert len(split_chunks("a" * (CHUNK_CHARS * 2 + 1))) == 3
+    with pytest.raises(ValueError, match="too large"):
+        split_chunks("a" * (CHUNK_CHARS * 9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_cookie_header_parser_never_raises(header: str) -> None:
+    parsed = parse_cookie_header(header)
+    join_chunks("__Host-s", parsed)
+
+
+def test_login_state_expiry() -> None:
+    fresh = LoginState("s", "n", "v", "/", time.time() + 60)
+    assert LoginState.from_json(fresh.to_json()) == fresh
+    expired = LoginState("s", "n", "v", "/", time.time() - 1)
+    assert LoginState.from_json(expired.to_json()) is None
+    assert LoginState.from_json({"s": "x"}) is None
+
+
+def test_session_refresh_margin() -> None:
+    now = time.time()
+    session = Session("alice", {}, "id", "at", now, now + 100, "rt", None, now, now + 3600)
+    assert not session.needs_refresh(now + 79)
+    assert session.needs_refresh(now + 81)  # a fifth of the lifetime before expiry
+    assert Session.from_json(session.to_json()) == session
+
+
+async def test_cookie_store_state_is_single_use() -> None:
+    store = CookieSessionStore(CookieSealer((SECRET_A,)), "__Host-s")
+    assert await store.claim_state("state-1", 600)
+    assert not await store.claim_state("state-1", 600)
+    assert await store.claim_state("state-2", 600)
+
+
+def test_pkce_s256_matches_rfc7636_appendix_b() -> None:
+    verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+    assert create_s256_code_challenge(verifier) == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+
+
+async def test_minted_session_opens_like_a_real_one() -> None:
+    now = time.time()
+    session = Session("bob", {"sub": "bob"}, "id", "at", now, now + 60, None, None, now, now + 600)
+    jar = mint_cookie_session(SETTINGS, (SECRET_A,), session)
+    store = CookieSessionStore(CookieSealer((SECRET_A,)), "__Host-s")
+    loaded = await store.load(join_chunks("__Host-s", jar) or "")
+    assert loaded == session
