@@ -296,3 +296,20 @@ def test_unknown_subcommand_exits_2() -> None:
     )
     assert result.returncode == 2
     assert "invalid choice: 'nope'" in result.stderr
+
+
+def test_usage_error_from_a_service_exits_2_when_run_as_module(tmp_path: Path) -> None:
+    """Services raise UsageError for flag combinations; `python -m services.common.cli` must
+    map it to exit 2 like the installed `outrider` script does."""
+    config = tmp_path / "chains.yaml"
+    config.write_text("chains:\n  default: []\n")
+    cmd = [sys.executable, "-m", "services.common.cli", "extproc", "--config", str(config)]
+    result = subprocess.run(
+        [*cmd, "--workers", "2", "--listen", "127.0.0.1:0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--workers needs unix: --listen addresses" in result.stderr

@@ -25,7 +25,9 @@ from .configfile import ConfigError
 from .listeners import Address, ListenError, parse_address
 from .logs import setup_logging
 from .runtime import Runtime, RuntimeOptions
-from .service import ServiceFactory
+from .service import ServiceFactory, UsageError
+
+__all__ = ["Command", "ServiceCommand", "UsageError", "main", "run_command"]
 
 ENV_PREFIX = "OUTRIDER_"
 
@@ -47,10 +49,6 @@ class Command(Protocol):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
     def run(self, args: argparse.Namespace) -> int: ...
-
-
-class UsageError(Exception):
-    """A flag value that parses but makes no sense; exit 2."""
 
 
 def env_name(option: str) -> str:

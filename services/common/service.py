@@ -17,6 +17,14 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 
+class UsageError(Exception):
+    """A flag value that parses but makes no sense (exit 2).
+
+    Defined here, not in cli.py: under ``python -m services.common.cli`` that module is
+    ``__main__``, and a class defined there would not be the one services raise.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
