@@ -1,0 +1,1 @@
+"""Counter stores: in-memory (one replica) and Redis (single, Cluster, Sentinel)."""

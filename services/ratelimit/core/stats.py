@@ -1,0 +1,57 @@
+"""Per-limit counters, named like envoyproxy/ratelimit's stats.
+
+Kept as plain integers on the hot path (a list per stats key); the service exposes
+them to Prometheus through a collector that reads them at scrape time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TOTAL_HITS = 0
+OVER_LIMIT = 1
+NEAR_LIMIT = 2
+WITHIN_LIMIT = 3
+SHADOW_MODE = 4
+OVER_LIMIT_WITH_LOCAL_CACHE = 5
+NAMES = (
+    "total_hits",
+    "over_limit",
+    "near_limit",
+    "within_limit",
+    "shadow_mode",
+    "over_limit_with_local_cache",
+)
+
+#: Detailed-metric keys are created from request values; cap how many we keep.
+MAX_KEYS = 10_000
+OVERFLOW_KEY = "_overflow_"
+
+
+@dataclass(slots=True)
+class ServiceCounters:
+    """Counters not tied to one limit (names after envoyproxy/ratelimit's service stats)."""
+
+    calls: int = 0
+    over_limit_responses: int = 0
+    unknown_domain: int = 0
+    global_shadow_mode: int = 0
+    store_errors: int = 0
+    fail_open: int = 0
+
+
+@dataclass(slots=True)
+class StatsTable:
+    by_key: dict[str, list[int]] = field(default_factory=dict)
+    service: ServiceCounters = field(default_factory=ServiceCounters)
+
+    def row(self, key: str) -> list[int]:
+        row = self.by_key.get(key)
+        if row is None:
+            if len(self.by_key) >= MAX_KEYS:
+                key = OVERFLOW_KEY
+                row = self.by_key.get(key)
+                if row is not None:
+                    return row
+            row = self.by_key[key] = [0, 0, 0, 0, 0, 0]
+        return row

@@ -1,0 +1,307 @@
+"""The ratelimit Service as the shared runtime drives it: flags, store, metrics, readiness."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from services.common.cli import positive_float
+from services.common.configfile import config_files
+from services.common.service import Readiness
+
+from . import grpc as transport
+from .backends.memory import MemoryStore
+from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
+from .config import RateLimitConfig, load_config
+from .core import stats as st
+from .core.limiter import Limiter, LimiterOptions
+
+log = logging.getLogger("outrider.ratelimit")
+
+
+def redis_url(text: str) -> str:
+    """Checked while parsing flags (and OUTRIDER_REDIS_URL), so a bad URL exits 2."""
+    try:
+        check_url(text)
+    except RedisURLError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+class LimitStatsCollector(Collector):
+    """Exposes the limiter's plain-integer counters at scrape time."""
+
+    def __init__(self, service: RateLimitService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        limiter = self.service.limiter
+        families = [
+            CounterMetricFamily(
+                f"outrider_ratelimit_{name}",
+                f"Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).",
+                labels=["domain", "descriptor"],
+            )
+            for name in st.NAMES
+        ]
+        service = CounterMetricFamily(
+            "outrider_ratelimit_events",
+            "Service-level events: calls, over_limit_responses, unknown_domain, "
+            "global_shadow_mode, store_errors, fail_open.",
+            labels=["event"],
+        )
+        if limiter is not None:
+            for key, row in list(limiter.stats.by_key.items()):
+                domain, _, descriptor = key.partition(".")
+                for family, value in zip(families, row, strict=True):
+                    family.add_metric([domain, descriptor], value)
+            counters = limiter.stats.service
+            for event in (
+                "calls",
+                "over_limit_responses",
+                "unknown_domain",
+                "global_shadow_mode",
+                "store_errors",
+                "fail_open",
+            ):
+                service.add_metric([event], getattr(counters, event))
+        yield from families
+        yield service
+        healthy = GaugeMetricFamily(
+            "outrider_ratelimit_store_up", "1 when the counter store answers.", labels=["store"]
+        )
+        store = self.service.store
+        if store is not None:
+            up = store.healthy if isinstance(store, RedisStore) else True
+            healthy.add_metric([store.name], 1 if up else 0)
+        yield healthy
+
+
+class RateLimitService:
+    name = "ratelimit"
+    grpc_service_names = (transport.SERVICE_NAME,)
+
+    def __init__(self, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
+        self.args = args
+        self.options = LimiterOptions(
+            prefix=args.prefix,
+            near_limit_ratio=args.near_limit_ratio,
+            shadow_mode=args.shadow_mode,
+            fail_open=args.fail_open,
+            local_cache_size=args.local_cache_size,
+            expiration_jitter_max_seconds=args.expiration_jitter_max_seconds,
+            stop_counting_over_limit=args.stop_counting_over_limit,
+        )
+        self.limiter: Limiter | None = None
+        self.store: RedisStore | MemoryStore | None = None
+        self.config: RateLimitConfig | None = None
+        self.redis_latency = Histogram(
+            "outrider_ratelimit_redis_pipeline_seconds",
+            "Time of one Redis pipeline (all calls batched in one event-loop turn).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05),
+            registry=metrics,
+        )
+        metrics.register(LimitStatsCollector(self))
+        self.servicer = transport.RateLimitServicer(
+            self._current_limiter, response_headers=args.response_headers
+        )
+
+    def _current_limiter(self) -> Limiter:
+        assert self.limiter is not None
+        return self.limiter
+
+    # -- Service protocol -------------------------------------------------------------
+    def load_config(self, path: Path) -> RateLimitConfig:
+        return load_config(path, merge_domains=self.args.merge_domain_config)
+
+    def config_files(self, path: Path) -> list[Path]:
+        return config_files(path)
+
+    async def start(self, config: RateLimitConfig) -> None:
+        self.config = config
+        if self.args.redis_url:
+            store: RedisStore | MemoryStore = open_store(
+                self.args.redis_url,
+                timeout=self.args.redis_timeout,
+                max_inflight=self.args.redis_connections,
+                observe=self.redis_latency.observe,
+            )
+            await store.start()
+            log.info(
+                "counters in %s Redis %s (timeout %.0f ms%s)",
+                store.kind,
+                describe_url(self.args.redis_url),
+                self.args.redis_timeout * 1000,
+                ", fail-open" if self.args.fail_open else "",
+            )
+        else:
+            store = MemoryStore()
+            log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
+        self.store = store
+        jitter_rng = random.Random()
+        self.limiter = Limiter(
+            config,
+            store,
+            self.options,
+            jitter=lambda most: jitter_rng.randint(0, most),
+        )
+
+    def apply_config(self, config: RateLimitConfig) -> None:
+        self.config = config
+        if self.limiter is not None:
+            self.limiter.set_config(config)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        transport.register(server, self.servicer)
+
+    async def readiness(self) -> Readiness:
+        if self.limiter is None or self.store is None:
+            return Readiness(False, "starting")
+        if isinstance(self.store, RedisStore) and not self.store.healthy:
+            if self.args.fail_open:
+                # answering OK without Redis is the point of --fail-open: stay in service
+                return Readiness(True, f"fail-open: {self.store.last_error}")
+            return Readiness(False, self.store.last_error or "Redis unreachable")
+        return Readiness(True)
+
+    def describe_config(self) -> Any:
+        store: dict[str, Any] = {"kind": "memory (one replica only)"}
+        if self.args.redis_url:
+            store = {
+                "kind": f"redis ({getattr(self.store, 'kind', '?')})",
+                "url": describe_url(self.args.redis_url),
+                "timeout_seconds": self.args.redis_timeout,
+                "fail_open": self.args.fail_open,
+            }
+        return {
+            "store": store,
+            "options": {
+                "prefix": self.options.prefix,
+                "near_limit_ratio": self.options.near_limit_ratio,
+                "shadow_mode": self.options.shadow_mode,
+                "local_cache_size": self.options.local_cache_size,
+                "expiration_jitter_max_seconds": self.options.expiration_jitter_max_seconds,
+                "stop_counting_over_limit": self.options.stop_counting_over_limit,
+                "response_headers": self.args.response_headers,
+            },
+            **(self.config.describe() if self.config is not None else {}),
+        }
+
+    async def stop(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+
+class Factory:
+    name = "ratelimit"
+    help = "global rate limit service (envoyproxy/ratelimit compatible)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("ratelimit")
+        group.add_argument(
+            "--redis-url",
+            type=redis_url,
+            default=None,
+            metavar="URL",
+            help="redis://, rediss://, unix://, redis+cluster://h1:p1,h2:p2 or "
+            "redis+sentinel://h:p[,h:p]/MASTER; absent: in-memory (one replica only)",
+        )
+        group.add_argument(
+            "--redis-timeout",
+            type=positive_float,
+            default=0.015,
+            metavar="SECONDS",
+            help="answer UNAVAILABLE when Redis has not answered within this (default 0.015)",
+        )
+        group.add_argument(
+            "--redis-connections",
+            type=positive_int,
+            default=1,
+            metavar="N",
+            help="connections to Redis, each auto-pipelining every call in flight (default 1)",
+        )
+        group.add_argument(
+            "--fail-open",
+            action="store_true",
+            help="answer OK (counted) instead of UNAVAILABLE when Redis fails",
+        )
+        group.add_argument(
+            "--shadow-mode",
+            action="store_true",
+            help="global shadow mode: always answer OK overall (statuses stay truthful)",
+        )
+        group.add_argument("--prefix", default="", help="prefix of every counter key")
+        group.add_argument(
+            "--expiration-jitter-max-seconds",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="add 0..N random seconds to each counter's expiry",
+        )
+        group.add_argument(
+            "--near-limit-ratio",
+            type=ratio,
+            default=0.8,
+            help="hits above this share of a limit count as near_limit (default 0.8)",
+        )
+        group.add_argument(
+            "--local-cache-size",
+            type=non_negative_int,
+            default=100_000,
+            metavar="N",
+            help="keys remembered as over limit until their window ends; 0 disables",
+        )
+        group.add_argument(
+            "--stop-counting-over-limit",
+            action="store_true",
+            help="fixed window: do not add hits that would pass the limit to the counter",
+        )
+        group.add_argument(
+            "--response-headers",
+            action="store_true",
+            help="add RateLimit-Limit/-Remaining/-Reset via response_headers_to_add",
+        )
+        group.add_argument(
+            "--merge-domain-config",
+            action="store_true",
+            help="merge files of the same domain instead of rejecting them",
+        )
+
+    def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
+        return RateLimitService(args, metrics)

@@ -1,0 +1,390 @@
+"""End to end: real Envoy (envoy.filters.http.ratelimit) → outrider ratelimit (UDS) → real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from tests.harness.envoy import bootstrap, grpc_uds_cluster, http_cluster, route
+from tests.harness.procs import free_port, http_get, wait_until
+
+CONFIG = """domain: e2e
+descriptors:
+  - key: generic_key
+    value: limited
+    rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: user
+    rate_limit: {unit: hour, requests_per_unit: 1000000}
+"""
+
+
+def ratelimit_filter(domain: str = "e2e", *, deny: bool = True) -> dict[str, Any]:
+    """The filter config docs/ratelimit.md recommends (tested here)."""
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            "domain": domain,
+            "failure_mode_deny": deny,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "rate_limited_as_resource_exhausted": False,
+            "timeout": "0.1s",
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}},
+            },
+        },
+    }
+
+
+RATE_LIMITS = {
+    "rate_limits": [
+        {"actions": [{"generic_key": {"descriptor_value": "limited"}}]},
+    ]
+}
+USER_LIMITS = {
+    "rate_limits": [
+        {"actions": [{"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]}
+    ]
+}
+
+
+class Stack:
+    def __init__(self, envoy_port: int, service: Any, socket: Path, config_dir: Path) -> None:
+        self.envoy_port = envoy_port
+        self.service = service
+        self.socket = socket
+        self.config_dir = config_dir
+
+    def get(self, path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.envoy_port, timeout=5)
+        try:
+            conn.request("GET", path, headers=headers or {})
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status, resp.headers
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def stack(
+    sockdir: Path,
+    tmp_path: Path,
+    redis_server: Any,
+    echo_upstream: Any,
+    envoy: Callable[..., Any],
+    outrider: Callable[..., Any],
+) -> Callable[..., Stack]:
+    def start(*extra: str, routes: list[dict[str, Any]] | None = None) -> Stack:
+        config_dir = tmp_path / "rl"
+        config_dir.mkdir()
+        (config_dir / "e2e.yaml").write_text(CONFIG)
+        socket = sockdir / "rl.sock"
+        service = outrider(
+            "ratelimit",
+            "--config", str(config_dir),
+            "--listen", f"unix:{socket}",
+            "--redis-url", redis_server.url,
+            "--redis-timeout", "0.05",
+            "--reload-interval", "0.2",
+            *extra,
+        )  # fmt: skip
+        port = free_port()
+        envoy(
+            bootstrap(
+                port,
+                free_port(),
+                routes=routes
+                or [
+                    route("/limited", "upstream", rate_limits=RATE_LIMITS["rate_limits"]),
+                    route("/user", "upstream", rate_limits=USER_LIMITS["rate_limits"]),
+                ],
+                http_filters=[ratelimit_filter()],
+                clusters=[
+                    http_cluster("upstream", "127.0.0.1", echo_upstream.port),
+                    grpc_uds_cluster("ratelimit", str(socket)),
+                ],
+            )
+        )
+        return Stack(port, service, socket, config_dir)
+
+    return start
+
+
+def test_429_after_limit_with_x_ratelimit_headers(stack: Callable[..., Stack]) -> None:
+    s = stack()
+    seen = []
+    for _ in range(3):
+        status, headers = s.get("/limited")
+        assert status == 200
+        seen.append(headers["x-ratelimit-remaining"])
+        assert headers["x-ratelimit-limit"].startswith("3, 3;w=60")
+        assert 0 < int(headers["x-ratelimit-reset"]) <= 60
+    assert seen == ["2", "1", "0"]
+    status, headers = s.get("/limited")
+    assert status == 429
+    assert headers["x-envoy-ratelimited"] == "true"
+    assert headers["x-ratelimit-remaining"] == "0"
+    # another descriptor is not affected
+    assert s.get("/user", {"x-user": "alice"})[0] == 200
+
+
+def test_ratelimit_response_headers_flag(stack: Callable[..., Stack]) -> None:
+    s = stack("--response-headers")
+    status, headers = s.get("/limited")
+    assert status == 200
+    assert headers["ratelimit-limit"] == "3"
+    assert headers["ratelimit-remaining"] == "2"
+
+
+def _grpc_code(socket: Path) -> tuple[grpc.StatusCode, float]:
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        request = rls_pb2.RateLimitRequest(
+            domain="e2e",
+            descriptors=[
+                ratelimit_pb2.RateLimitDescriptor(
+                    entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="user", value="g")]
+                )
+            ],
+        )
+        started = time.monotonic()
+        try:
+            stub.ShouldRateLimit(request, timeout=5)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            code = exc.code()
+        return code, time.monotonic() - started
+
+
+def test_redis_killed_and_restarted_mid_traffic(
+    stack: Callable[..., Stack], redis_server: Any
+) -> None:
+    s = stack()
+    assert s.get("/user", {"x-user": "a"})[0] == 200
+    seen: list[tuple[float, int, float]] = []  # (when, status, seconds taken)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        deadline = time.monotonic() + 40
+        while not stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            status = s.get("/user", {"x-user": "a"})[0]
+            seen.append((started, status, time.monotonic() - started))
+            time.sleep(0.01)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        redis_server.stop()
+        # Envoy (failure_mode_deny) answers 500 fast: the service says UNAVAILABLE
+        wait_until(lambda: any(st == 500 for _, st, _ in seen), 10, "500 while Redis is down")
+        code, elapsed = _grpc_code(s.socket)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert elapsed < 1.0
+        wait_until(lambda: s.service.get("/readyz")[0] == 503, 10, "readiness 503 without Redis")
+        time.sleep(0.5)
+        restarted_at = time.monotonic()
+        redis_server.start()
+        wait_until(lambda: s.service.get("/readyz")[0] == 200, 15, "readiness back with Redis")
+        wait_until(lambda: any(t > restarted_at and st == 200 for t, st, _ in seen), 10, "recovery")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert seen, "no traffic was sent"
+    assert max(took for _, _, took in seen) < 2.0  # never a hang
+    assert {st for _, st, _ in seen} <= {200, 500}
+    before = [st for t, st, _ in seen if t < stopped_at]
+    assert set(before) == {200}
+    down = [st for t, st, _ in seen if stopped_at + 0.2 < t < restarted_at]
+    assert down
+    assert set(down) == {500}
+    last = [st for t, st, _ in seen][-5:]
+    assert set(last) == {200}
+    _, metrics = s.service.get("/metrics")
+    assert 'outrider_ratelimit_events_total{event="store_errors"}' in metrics
+
+
+def test_hung_redis_gives_unavailable_within_timeout(
+    stack: Callable[..., Stack], redis_server: Any
+) -> None:
+    s = stack()
+    assert _grpc_code(s.socket)[0] == grpc.StatusCode.OK
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        code, elapsed = _grpc_code(s.socket)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert elapsed < 0.5  # --redis-timeout 0.05 s
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    wait_until(lambda: _grpc_code(s.socket)[0] == grpc.StatusCode.OK, 10, "recovery")
+
+
+def test_fail_open(stack: Callable[..., Stack], redis_server: Any) -> None:
+    s = stack("--fail-open")
+    redis_server.stop()
+    assert _grpc_code(s.socket)[0] == grpc.StatusCode.OK
+    assert s.get("/limited")[0] == 200
+    _, metrics = s.service.get("/metrics")
+    assert 'outrider_ratelimit_events_total{event="fail_open"}' in metrics
+
+
+def test_config_reload_mid_traffic_without_failed_calls(stack: Callable[..., Stack]) -> None:
+    s = stack()
+    failures: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        deadline = time.monotonic() + 15
+        while not stop.is_set() and time.monotonic() < deadline:
+            status = s.get("/user", {"x-user": "reload"})[0]
+            if status not in (200, 429):
+                failures.append(status)
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        (s.config_dir / "e2e.yaml").write_text(
+            CONFIG.replace("requests_per_unit: 3}", "requests_per_unit: 1}")
+        )
+        wait_until(
+            lambda: '"requests_per_unit": 1,' in s.service.get("/config")[1], 10, "reload applied"
+        )
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        worker.join(20)
+    assert failures == []
+    statuses = [s.get("/limited")[0] for _ in range(2)]
+    assert statuses == [200, 429]
+
+
+def test_without_redis_url_uses_memory_and_warns(
+    outrider: Callable[..., Any], tmp_path: Path, sockdir: Path
+) -> None:
+    (tmp_path / "e2e.yaml").write_text(CONFIG)
+    service = outrider(
+        "ratelimit", "--config", str(tmp_path), "--listen", f"unix:{sockdir / 'm.sock'}"
+    )
+    assert "ONE replica only" in service.output()
+    assert _grpc_code(sockdir / "m.sock")[0] == grpc.StatusCode.OK
+    status, body = service.get("/config")
+    assert status == 200
+    assert "memory" in body
+
+
+def test_redis_url_from_environment(
+    outrider: Callable[..., Any], tmp_path: Path, sockdir: Path, redis_server: Any
+) -> None:
+    (tmp_path / "e2e.yaml").write_text(CONFIG)
+    service = outrider(
+        "ratelimit",
+        "--config", str(tmp_path),
+        "--listen", f"unix:{sockdir / 'e.sock'}",
+        env={"OUTRIDER_REDIS_URL": redis_server.url, "OUTRIDER_PREFIX": "envp_"},
+    )  # fmt: skip
+    assert _grpc_code(sockdir / "e.sock")[0] == grpc.StatusCode.OK
+    with redis_server.client() as client:
+        assert any(k.startswith(b"envp_e2e_user_g_") for k in client.keys("*"))
+    assert "redis://127.0.0.1" in service.get("/config")[1]
+
+
+def test_bad_config_exits_2_naming_file_and_field(
+    outrider: Callable[..., Any], tmp_path: Path, sockdir: Path
+) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "domain: x\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight}\n"
+    )
+    service = outrider(
+        "ratelimit",
+        "--config", str(tmp_path),
+        "--listen", f"unix:{sockdir / 'b.sock'}",
+        admin=False,
+    )  # fmt: skip
+    assert service.wait(20) == 2
+    output = service.output()
+    assert "bad.yaml" in output
+    assert "descriptors[0].rate_limit.unit" in output
+
+
+def test_health_and_metrics_names(stack: Callable[..., Stack]) -> None:
+    s = stack()
+    s.get("/limited")
+    status, metrics = http_get(s.service.admin_url + "/metrics")
+    assert status == 200
+    for name in ("total_hits", "over_limit", "near_limit", "within_limit", "shadow_mode"):
+        assert f"outrider_ratelimit_{name}_total" in metrics
+    assert 'descriptor="generic_key_limited"' in metrics
+    assert "outrider_ratelimit_redis_pipeline_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "token_bucket"])
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_parallel_callers_never_exceed_the_limit(
+    outrider: Callable[..., Any],
+    tmp_path: Path,
+    sockdir: Path,
+    redis_server: Any,
+    algorithm: str,
+    store: str,
+) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "domain: conc\ndescriptors:\n  - key: k\n"
+        f"    rate_limit: {{unit: minute, requests_per_unit: 7, algorithm: {algorithm}}}\n"
+    )
+    socket = sockdir / "c.sock"
+    args = ["--config", str(tmp_path), "--listen", f"unix:{socket}", "--redis-timeout", "0.5"]
+    if store == "redis":
+        args += ["--redis-url", redis_server.url]
+    outrider("ratelimit", *args)
+    request = rls_pb2.RateLimitRequest(
+        domain="conc",
+        descriptors=[
+            ratelimit_pb2.RateLimitDescriptor(
+                entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="k", value="one")]
+            )
+        ],
+    )
+    async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        responses = await asyncio.gather(
+            *(stub.ShouldRateLimit(request, timeout=10) for _ in range(150))
+        )
+    ok = sum(1 for r in responses if r.overall_code == rls_pb2.RateLimitResponse.OK)
+    assert ok == 7
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:6379", "redis+sentinel://127.0.0.1:26379", "redis://h:notaport"]
+)
+def test_bad_redis_url_exits_2(
+    outrider: Callable[..., Any], tmp_path: Path, sockdir: Path, url: str
+) -> None:
+    (tmp_path / "e2e.yaml").write_text(CONFIG)
+    service = outrider(
+        "ratelimit",
+        "--config", str(tmp_path),
+        "--listen", f"unix:{sockdir / 'u.sock'}",
+        "--redis-url", url,
+        admin=False,
+    )  # fmt: skip
+    assert service.wait(20) == 2
+    assert "--redis-url" in service.output()
