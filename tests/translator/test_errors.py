@@ -1,0 +1,223 @@
+"""Invalid or unsupported input: an error naming the file, the YAML path and the resource."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from translator.resources import TranslateError
+from translator.translate import Options, translate
+
+GATEWAY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules: [{backendRefs: [{name: s, port: 80}]}]
+---
+"""
+
+
+SELECTOR = "        - {{clientSelectors: [{}], limit: {{requests: 1, unit: Second}}}}"
+
+
+def btp(
+    rule: str, target: str = "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}"
+) -> str:
+    return f"""\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {{name: p, namespace: default}}
+spec:
+  targetRefs: [{target}]
+  rateLimit:
+    type: Global
+    global:
+      rules:
+{rule}
+"""
+
+
+def fail(tmp_path: Path, text: str) -> TranslateError:
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY + text)
+    with pytest.raises(TranslateError) as info:
+        translate([f], Options(secrets_dir=tmp_path / "s"))
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "words"),
+    [
+        (
+            btp("        - {limit: {requests: 1, unit: Fortnight}}"),
+            "spec.rateLimit.global.rules[0].limit.unit",
+            ["BackendTrafficPolicy default/p", "Fortnight", "Second"],
+        ),
+        (
+            btp(SELECTOR.format("{sourceCIDR: {value: 10.0.0.300/8}}")),
+            "spec.rateLimit.global.rules[0].clientSelectors[0].sourceCIDR.value",
+            ["CIDR", "10.0.0.300/8"],
+        ),
+        (
+            btp(SELECTOR.format("{headers: [{name: x, type: RegularExpression, value: 'a(b'}]}")),
+            "spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].value",
+            ["invalid regular expression"],
+        ),
+        (
+            btp(
+                "        - {limit: {requests: 1, unit: Second}}",
+                "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: missing}",
+            ),
+            "spec.targetRefs[0].name",
+            ["HTTPRoute default/missing is not in the input"],
+        ),
+        (
+            btp(SELECTOR.format("{headers: [{name: x, type: Distinct, invert: true}]}")),
+            "spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].invert",
+            ["not applicable"],
+        ),
+        (
+            """\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: p, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]
+  retry: {numRetries: 3}
+""",
+            "spec.retry",
+            ["BackendTrafficPolicy default/p", "retry is not supported"],
+        ),
+        (
+            """\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: sp, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]
+  basicAuth: {users: {name: nope}}
+""",
+            "spec.basicAuth.users.name",
+            ["SecurityPolicy default/sp", "no Secret default/nope"],
+        ),
+        (
+            """\
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: g, namespace: default}
+spec: {}
+""",
+            "kind",
+            ["TCPRoute default/g", "not supported"],
+        ),
+    ],
+)
+def test_error_names_file_path_and_resource(
+    tmp_path: Path, text: str, path: str, words: list[str]
+) -> None:
+    err = fail(tmp_path, text)
+    assert err.file == str(tmp_path / "in.yaml")
+    assert err.path == path, str(err)
+    for w in words:
+        assert w in str(err)
+
+
+def test_cli_exits_2_with_the_message(tmp_path: Path) -> None:
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY + btp("        - {limit: {requests: 1, unit: Fortnight}}"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.common.cli",
+            "translate",
+            "-f",
+            str(f),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"{f}: spec.rateLimit.global.rules[0].limit.unit: BackendTrafficPolicy default/p"
+        in proc.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_outputs(tmp_path: Path) -> None:
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY + btp("        - {limit: {requests: 1, unit: Second}}"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.common.cli",
+            "translate",
+            "-f",
+            str(f),
+            "-o",
+            str(tmp_path / "out"),
+            "--backend",
+            "s=127.0.0.1:9000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "envoy.yaml").exists()
+    assert (tmp_path / "out" / "ratelimit" / "default_eg_http.yaml").exists()
+
+
+def test_translating_again_removes_stale_files_and_keeps_the_cookie_key(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY + btp("        - {limit: {requests: 1, unit: Second}}"))
+    oidc = tmp_path / "oidc.yaml"
+    oidc.write_text(
+        """\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: login, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]
+  oidc:
+    provider: {issuer: "https://idp.example"}
+    clientID: app
+    clientSecret: {name: oidc}
+    redirectURL: "https://app.example/oauth2/callback"
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: oidc, namespace: default}
+stringData: {client-secret: s3cret}
+"""
+    )
+    options = Options(secrets_dir=out / "secrets")
+    translate([f, oidc], options).write(out)
+    assert (out / "ratelimit" / "default_eg_http.yaml").exists()
+    cookie = (out / "secrets" / "default_login_cookie-secret").read_text()
+    (out / "ratelimit" / "default_old_domain.yaml").write_text("domain: old\n")
+    f.write_text(GATEWAY)  # the rate limit policy is gone
+    translate([f, oidc], options).write(out)
+    assert not (out / "ratelimit" / "default_eg_http.yaml").exists()
+    assert not (out / "ratelimit" / "default_old_domain.yaml").exists()
+    assert (out / "secrets" / "default_login_cookie-secret").read_text() == cookie
+    assert (out / "secrets" / "default_login_cookie-secret").stat().st_mode & 0o077 == 0

@@ -1,0 +1,583 @@
+"""The Envoy bootstrap, built from envoy-data-plane's typed objects.
+
+Filters sit on each listener and are switched per route, as Envoy Gateway does: auth and
+ext_proc filters are ``disabled`` on the listener and enabled by a route's
+``typed_per_filter_config``; rate limit filters act only where a route lists rate limits.
+Filter order (Envoy Gateway's): cors, ext_authz (Outrider, then a user's own), the native
+auth filters (``--auth native``), local_ratelimit, ratelimit, ext_proc, router.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import betterproto2
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    Http2ProtocolOptions,
+    HttpUri,
+    Pipe,
+    SocketAddress,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.ratelimit.v3 import RateLimitServiceConfig
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    FilterConfig,
+    HeaderMatcher,
+    QueryParameterMatcher,
+    RedirectAction,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+    WeightedClusterClusterWeight,
+)
+from envoy_data_plane.envoy.config.route.v3 import Route as EnvoyRoute
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    BufferSettings,
+    CheckSettings,
+    ExtAuthz,
+    ExtAuthzPerRoute,
+    HttpService,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
+from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import (
+    RateLimit as RateLimitFilter,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import (
+    RateLimitPerRoute,
+    RateLimitXRateLimitHeadersRfcVersion,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerPathWithEscapedSlashesAction,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    RegexMatchAndSubstitute,
+    RegexMatcher,
+    StringMatcher,
+)
+from envoy_data_plane.google.protobuf import Any as PAny
+
+from . import native
+from .gatewayapi import sort_key
+from .model import Backend, ExtProc, Route, StringMatch
+from .model import Listener as ListenerIR
+from .ratelimit import DomainConfigs, local_rate_limit, string_matcher
+
+RATELIMIT_CLUSTER = "outrider_ratelimit"
+EXTAUTH_CLUSTER = "outrider_extauth"
+EXTPROC_CLUSTER = "outrider_extproc"
+CHAIN_METADATA = "x-outrider-chain"
+
+F_CORS = "envoy.filters.http.cors"
+F_EXTAUTHZ = "envoy.filters.http.ext_authz"
+F_LOCAL_RL = "envoy.filters.http.local_ratelimit"
+F_RATELIMIT = "envoy.filters.http.ratelimit"
+F_ROUTER = "envoy.filters.http.router"
+
+BODY_MODE = {
+    None: ProcessingModeBodySendMode.NONE,
+    "Streamed": ProcessingModeBodySendMode.STREAMED,
+    "Buffered": ProcessingModeBodySendMode.BUFFERED,
+    "BufferedPartial": ProcessingModeBodySendMode.BUFFERED_PARTIAL,
+    "FullDuplexStreamed": ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED,
+}
+UNIT_SECONDS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "month": 2592000,
+    "year": 31536000,
+}
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    sockets: dict[str, str]  # ratelimit/extauth/extproc → unix socket path
+    listen_address: str = "0.0.0.0"
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    port_map: dict[int, int] = field(default_factory=dict)
+    auth: str = "sidecar"  # or "native"
+
+
+def _dur(ms: int) -> datetime.timedelta:
+    return datetime.timedelta(milliseconds=ms)
+
+
+def _any(msg: betterproto2.Message) -> PAny:
+    return PAny.pack(msg)
+
+
+def _http2_options() -> dict[str, PAny]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions()
+                )
+            )
+        )
+    }
+
+
+def cluster(backend: Backend) -> Cluster:
+    if backend.kind == "unix":
+        addresses = [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
+    else:
+        addresses = [
+            Address(socket_address=SocketAddress(address=h, port_value=p))
+            for h, p in backend.endpoints
+        ]
+    kwargs: dict[str, Any] = {}
+    if backend.http2:
+        kwargs["typed_extension_protocol_options"] = _http2_options()
+    return Cluster(
+        name=backend.cluster,
+        type=ClusterDiscoveryType.STRICT_DNS
+        if backend.kind == "dns"
+        else ClusterDiscoveryType.STATIC,
+        connect_timeout=datetime.timedelta(seconds=1),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=backend.cluster,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in addresses]
+                )
+            ],
+        ),
+        **kwargs,
+    )
+
+
+def _grpc(cluster_name: str, timeout_ms: int | None = None) -> GrpcService:
+    if timeout_ms is None:
+        return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=cluster_name))
+    return GrpcService(
+        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=cluster_name), timeout=_dur(timeout_ms)
+    )
+
+
+def _header_matcher(m: StringMatch) -> HeaderMatcher:
+    return HeaderMatcher(name=m.name, string_match=string_matcher(m), invert_match=m.invert)
+
+
+def _match(route: Route) -> RouteMatch:
+    kw: dict[str, Any] = {}
+    p = route.path
+    if p is None or p.prefix == "/":
+        kw["prefix"] = "/"
+    elif p.exact is not None:
+        kw["path"] = p.exact
+    elif p.safe_regex is not None:
+        kw["safe_regex"] = RegexMatcher(regex=p.safe_regex)
+    else:
+        kw["path_separated_prefix"] = p.prefix
+    headers = [_header_matcher(h) for h in route.headers]
+    if route.method:
+        headers.append(
+            HeaderMatcher(name=":method", string_match=StringMatcher(exact=route.method))
+        )
+    if headers:
+        kw["headers"] = headers
+    if route.query:
+        kw["query_parameters"] = [
+            QueryParameterMatcher(name=q.name, string_match=string_matcher(q)) for q in route.query
+        ]
+    return RouteMatch(**kw)
+
+
+def _header_options(adds: tuple[tuple[str, str, bool], ...]) -> list[HeaderValueOption]:
+    return [
+        HeaderValueOption(
+            header=HeaderValue(key=name, value=value),
+            append_action=HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD
+            if append
+            else HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for name, value, append in adds
+    ]
+
+
+def _route_action(route: Route) -> RouteAction:
+    kw: dict[str, Any] = {}
+    live = [b for b in route.backends if b.weight > 0]
+    if len(live) == 1:
+        kw["cluster"] = live[0].backend.cluster
+    else:
+        kw["weighted_clusters"] = WeightedCluster(
+            clusters=[
+                WeightedClusterClusterWeight(name=b.backend.cluster, weight=b.weight) for b in live
+            ]
+        )
+    if route.timeout_ms is not None:
+        kw["timeout"] = _dur(route.timeout_ms)
+    if (rw := route.rewrite) is not None:
+        if rw.get("hostname"):
+            kw["host_rewrite_literal"] = rw["hostname"]
+        path = rw.get("path") or {}
+        if path.get("type") == "ReplaceFullPath":
+            kw["regex_rewrite"] = RegexMatchAndSubstitute(
+                pattern=RegexMatcher(regex="^/.*$"), substitution=path["replaceFullPath"]
+            )
+        elif path.get("type") == "ReplacePrefixMatch":
+            kw["prefix_rewrite"] = path["replacePrefixMatch"]
+    return RouteAction(**kw)
+
+
+def _redirect(spec: dict[str, Any]) -> RedirectAction:
+    kw: dict[str, Any] = {}
+    if spec.get("scheme"):
+        kw["scheme_redirect"] = spec["scheme"]
+    if spec.get("hostname"):
+        kw["host_redirect"] = spec["hostname"]
+    if spec.get("port"):
+        kw["port_redirect"] = int(spec["port"])
+    path = spec.get("path") or {}
+    if path.get("type") == "ReplaceFullPath":
+        kw["path_redirect"] = path["replaceFullPath"]
+    elif path.get("type") == "ReplacePrefixMatch":
+        kw["prefix_rewrite"] = path["replacePrefixMatch"]
+    codes = {301: 0, 302: 1, 303: 2, 307: 3, 308: 4}
+    kw["response_code"] = codes.get(int(spec.get("statusCode", 302)), 1)
+    return RedirectAction(**kw)
+
+
+def _enable(config: betterproto2.Message) -> PAny:
+    """Per-route config that also switches on a filter disabled on the listener."""
+    return _any(FilterConfig(config=_any(config)))
+
+
+def _cors_policy(route: Route) -> CorsPolicy | None:
+    sec = route.security
+    if sec is None or sec.cors is None:
+        return None
+    c = sec.cors
+    origins = []
+    for o in c.allow_origins:
+        if o == "*":
+            origins.append(StringMatcher(safe_regex=RegexMatcher(regex=".*")))
+        elif "*" in o:
+            origins.append(
+                StringMatcher(safe_regex=RegexMatcher(regex=re.escape(o).replace("\\*", "[^.]*")))
+            )
+        else:
+            origins.append(StringMatcher(exact=o))
+    kw: dict[str, Any] = {"allow_origin_string_match": origins}
+    if c.allow_methods:
+        kw["allow_methods"] = ", ".join(c.allow_methods)
+    if c.allow_headers:
+        kw["allow_headers"] = ", ".join(c.allow_headers)
+    if c.expose_headers:
+        kw["expose_headers"] = ", ".join(c.expose_headers)
+    if c.max_age_s is not None:
+        kw["max_age"] = str(c.max_age_s)
+    if c.allow_credentials is not None:
+        kw["allow_credentials"] = c.allow_credentials
+    return CorsPolicy(**kw)
+
+
+def _ext_proc_filter(ep: ExtProc) -> ExternalProcessor:
+    def send(flag: bool) -> ProcessingModeHeaderSendMode:
+        return ProcessingModeHeaderSendMode.SEND if flag else ProcessingModeHeaderSendMode.SKIP
+
+    full_duplex = "FullDuplexStreamed" in (ep.request_body, ep.response_body)
+    mode = ProcessingMode(
+        request_header_mode=send(ep.request_headers),
+        response_header_mode=send(ep.response_headers),
+        request_body_mode=BODY_MODE[ep.request_body],
+        response_body_mode=BODY_MODE[ep.response_body],
+        request_trailer_mode=send(full_duplex and ep.request_body == "FullDuplexStreamed"),
+        response_trailer_mode=send(full_duplex and ep.response_body == "FullDuplexStreamed"),
+    )
+    kw: dict[str, Any] = {}
+    if ep.request_attributes:
+        kw["request_attributes"] = list(ep.request_attributes)
+    if ep.response_attributes:
+        kw["response_attributes"] = list(ep.response_attributes)
+    if ep.message_timeout_ms is not None:
+        kw["message_timeout"] = _dur(ep.message_timeout_ms)
+    if ep.accessible_namespaces or ep.writable_namespaces:
+        kw["metadata_options"] = MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=list(ep.accessible_namespaces)
+            ),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=list(ep.writable_namespaces)
+            ),
+        )
+    grpc_cluster = EXTPROC_CLUSTER if ep.backend is None else ep.backend.cluster
+    return ExternalProcessor(
+        grpc_service=_grpc(grpc_cluster),
+        processing_mode=mode,
+        failure_mode_allow=ep.fail_open,
+        allow_mode_override=ep.allow_mode_override,
+        **kw,
+    )
+
+
+@dataclass
+class EnvoyConfig:
+    bootstrap: Bootstrap
+    ratelimit: DomainConfigs
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.bootstrap.to_dict(casing=betterproto2.Casing.SNAKE)
+
+
+def build(
+    listeners: list[ListenerIR], backends: dict[str, Backend], options: EnvoyOptions
+) -> EnvoyConfig:
+    domains = DomainConfigs()
+    clusters: dict[str, Cluster] = {}
+    sidecars_used: set[str] = set()
+    envoy_listeners: list[Listener] = []
+    by_port: dict[int, list[ListenerIR]] = {}
+    for lst in listeners:
+        by_port.setdefault(lst.port, []).append(lst)
+    native_state = native.NativeState()
+    for port, group in sorted(by_port.items()):
+        filters: dict[str, HttpFilter] = {}
+        order: list[tuple[int, str]] = []
+
+        def add_filter(
+            rank: int,
+            name: str,
+            msg: betterproto2.Message,
+            disabled: bool = False,
+            filters: dict[str, HttpFilter] = filters,
+            order: list[tuple[int, str]] = order,
+        ) -> None:
+            if name in filters:
+                return
+            filters[name] = HttpFilter(name=name, typed_config=_any(msg), disabled=disabled)
+            order.append((rank, name))
+
+        vhosts: dict[str, list[tuple[tuple[object, ...], EnvoyRoute]]] = {}
+        for lst in group:
+            for route in lst.routes:
+                per_filter: dict[str, PAny] = {}
+                if (cors := _cors_policy(route)) is not None:
+                    add_filter(10, F_CORS, Cors())
+                    per_filter[F_CORS] = _any(cors)
+                sec = route.security
+                if sec is not None and sec.sidecar is not None:
+                    if options.auth == "native":
+                        for rank, name, msg, per_route in native.filters_for(
+                            sec, native_state, clusters
+                        ):
+                            add_filter(rank, name, msg, disabled=True)
+                            per_filter[name] = _enable(per_route)
+                    else:
+                        sidecars_used.add("extauth")
+                        add_filter(
+                            20,
+                            F_EXTAUTHZ,
+                            ExtAuthz(
+                                grpc_service=_grpc(EXTAUTH_CLUSTER),
+                                transport_api_version=2,
+                                failure_mode_allow=False,
+                            ),
+                            disabled=True,
+                        )
+                        per_filter[F_EXTAUTHZ] = _enable(
+                            ExtAuthzPerRoute(
+                                check_settings=CheckSettings(
+                                    context_extensions={"policy": sec.policy}
+                                )
+                            )
+                        )
+                if sec is not None and (ext := sec.external) is not None:
+                    clusters.setdefault(ext.backend.cluster, cluster(ext.backend))
+                    kw: dict[str, Any] = {
+                        "failure_mode_allow": ext.fail_open,
+                        "transport_api_version": 2,
+                    }
+                    if ext.grpc:
+                        kw["grpc_service"] = _grpc(ext.backend.cluster, ext.timeout_ms)
+                    else:
+                        kw["http_service"] = HttpService(
+                            server_uri=HttpUri(
+                                uri=f"http://{ext.backend.cluster}{ext.path_prefix}",
+                                cluster=ext.backend.cluster,
+                                timeout=_dur(ext.timeout_ms or 10000),
+                            ),
+                            path_prefix=ext.path_prefix,
+                        )
+                    if ext.body_max_bytes is not None:
+                        kw["with_request_body"] = BufferSettings(
+                            max_request_bytes=ext.body_max_bytes
+                        )
+                    add_filter(25, ext.filter_name, ExtAuthz(**kw), disabled=True)
+                    per_filter[ext.filter_name] = _enable(
+                        ExtAuthzPerRoute(check_settings=CheckSettings())
+                    )
+                if route.local_rate_limit is not None:
+                    add_filter(
+                        40,
+                        F_LOCAL_RL,
+                        LocalRateLimit(
+                            stat_prefix="http_local_rate_limiter", max_dynamic_descriptors=10000
+                        ),
+                    )
+                    per_filter[F_LOCAL_RL] = _any(local_rate_limit(route.local_rate_limit))
+                if route.global_rate_limit:
+                    sidecars_used.add("ratelimit")
+                    limits = domains.add_route(lst.name, route.name, route.global_rate_limit)
+                    for domain, rate_limits in limits.by_domain.items():
+                        shared = domain != lst.name
+                        fname = f"{F_RATELIMIT}/{domain}" if shared else F_RATELIMIT
+                        add_filter(
+                            50 if not shared else 51,
+                            fname,
+                            RateLimitFilter(
+                                domain=domain,
+                                rate_limit_service=RateLimitServiceConfig(
+                                    grpc_service=_grpc(RATELIMIT_CLUSTER), transport_api_version=2
+                                ),
+                                enable_x_ratelimit_headers=RateLimitXRateLimitHeadersRfcVersion.DRAFT_VERSION_03,
+                                disable_x_envoy_ratelimited_header=True,
+                            ),
+                        )
+                        per_filter[fname] = _any(
+                            RateLimitPerRoute(domain=domain, rate_limits=rate_limits)
+                        )
+                for ep in route.ext_procs:
+                    if ep.backend is None:
+                        sidecars_used.add("extproc")
+                    else:
+                        clusters.setdefault(ep.backend.cluster, cluster(ep.backend))
+                    add_filter(60, ep.filter_name, _ext_proc_filter(ep), disabled=True)
+                    overrides: dict[str, Any] = {}
+                    if ep.chain is not None:
+                        overrides["grpc_initial_metadata"] = [
+                            HeaderValue(key=CHAIN_METADATA, value=ep.chain)
+                        ]
+                    per_filter[ep.filter_name] = _enable(
+                        ExtProcPerRoute(overrides=ExtProcOverrides(**overrides))
+                    )
+                kw = {"name": route.name, "match": _match(route)}
+                if route.redirect is not None:
+                    kw["redirect"] = _redirect(route.redirect)
+                elif route.direct_status is not None:
+                    kw["direct_response"] = DirectResponseAction(status=route.direct_status)
+                else:
+                    kw["route"] = _route_action(route)
+                    for b in route.backends:
+                        clusters.setdefault(b.backend.cluster, cluster(b.backend))
+                if route.request_headers_add:
+                    kw["request_headers_to_add"] = _header_options(route.request_headers_add)
+                if route.request_headers_remove:
+                    kw["request_headers_to_remove"] = list(route.request_headers_remove)
+                if route.response_headers_add:
+                    kw["response_headers_to_add"] = _header_options(route.response_headers_add)
+                if route.response_headers_remove:
+                    kw["response_headers_to_remove"] = list(route.response_headers_remove)
+                if per_filter:
+                    kw["typed_per_filter_config"] = per_filter
+                vhosts.setdefault(route.hostname, []).append((sort_key(route), EnvoyRoute(**kw)))
+        first = group[0].name
+        virtual_hosts = [
+            VirtualHost(
+                name=f"{first}/{host}",
+                domains=[host],
+                routes=[r for _, r in sorted(routes, key=lambda x: x[0])],
+            )
+            for host, routes in sorted(vhosts.items(), key=lambda kv: (kv[0] == "*", kv[0]))
+        ]
+        http_filters = [filters[name] for _, name in sorted(order, key=lambda x: x[0])]
+        http_filters.append(HttpFilter(name=F_ROUTER, typed_config=_any(Router())))
+        hcm = HttpConnectionManager(
+            stat_prefix=f"http-{port}",
+            route_config=RouteConfiguration(
+                name=first, virtual_hosts=virtual_hosts, ignore_port_in_host_matching=True
+            ),
+            http_filters=http_filters,
+            use_remote_address=True,
+            normalize_path=True,
+            merge_slashes=True,
+            path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
+        )
+        envoy_listeners.append(
+            Listener(
+                name=first,
+                address=Address(
+                    socket_address=SocketAddress(
+                        address=options.listen_address, port_value=options.port_map.get(port, port)
+                    )
+                ),
+                filter_chains=[
+                    FilterChain(
+                        filters=[
+                            Filter(
+                                name="envoy.filters.network.http_connection_manager",
+                                typed_config=_any(hcm),
+                            )
+                        ]
+                    )
+                ],
+            )
+        )
+    for name, cname in (
+        ("ratelimit", RATELIMIT_CLUSTER),
+        ("extauth", EXTAUTH_CLUSTER),
+        ("extproc", EXTPROC_CLUSTER),
+    ):
+        if name in sidecars_used:
+            clusters[cname] = cluster(
+                Backend(cname, "unix", ((options.sockets[name], 0),), http2=True)
+            )
+    for c in native_state.clusters:
+        clusters.setdefault(c.name, c)
+    bootstrap = Bootstrap(
+        admin=Admin(
+            address=Address(
+                socket_address=SocketAddress(
+                    address=options.admin_address, port_value=options.admin_port
+                )
+            )
+        ),
+        static_resources=BootstrapStaticResources(
+            listeners=envoy_listeners,
+            clusters=[clusters[k] for k in sorted(clusters)],
+            secrets=native_state.secrets,
+        ),
+    )
+    return EnvoyConfig(bootstrap, domains)

@@ -1,0 +1,596 @@
+"""Gateways and HTTPRoutes → listeners and routes (Gateway API semantics, Envoy Gateway names)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from services.common.configfile import Node
+
+from .model import Backend, Listener, Route, StringMatch, WeightedBackend
+from .resources import Resource, ResourceSet, error_at, unsupported
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+EG_GROUP = "gateway.envoyproxy.io"
+
+GATEWAY_SPEC = ("gatewayClassName", "listeners")
+GATEWAY_SPEC_UNSUPPORTED = {
+    "addresses": "Envoy listens on the listener ports of the machine it runs on",
+    "infrastructure": "there is no infrastructure to provision",
+    "backendTLS": "upstream TLS is not translated",
+    "allowedListeners": "ListenerSets are not translated",
+}
+LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
+ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
+RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts")
+GRPC_RULE_FIELDS = ("name", "matches", "filters", "backendRefs")
+RULE_UNSUPPORTED = {
+    "sessionPersistence": "session persistence is not translated",
+    "retry": "retries are not translated",
+}
+
+
+def check_fields(
+    node: Node,
+    res: Resource,
+    supported: tuple[str, ...],
+    unsupported_fields: dict[str, str] | None = None,
+) -> Node:
+    """A mapping whose every key is supported; a known but unsupported key is said to be so."""
+    node.mapping()
+    for key, child in node.items():
+        if key in supported:
+            continue
+        if unsupported_fields and key in unsupported_fields:
+            raise unsupported(child, res, unsupported_fields[key])
+        raise error_at(
+            child, res, f"unknown or unsupported field {key!r}; supported: {', '.join(supported)}"
+        )
+    return node
+
+
+def regex_checked(node: Node, res: Resource) -> str:
+    value = node.str(nonempty=True)
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise error_at(node, res, f"invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+def hostname_key(hostname: str) -> str:
+    return hostname.replace(".", "_") if hostname != "*" else "*"
+
+
+@dataclass
+class BackendResolver:
+    """Turns backendRefs into clusters: ``--backend`` overrides, Backend and Service resources."""
+
+    resources: ResourceSet
+    overrides: dict[str, tuple[str, int]]
+    clusters: dict[str, Backend] = field(default_factory=dict)
+
+    def _granted(
+        self, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
+    ) -> bool:
+        for grant in self.resources.of("ReferenceGrant"):
+            if grant.namespace != to_ns:
+                continue
+            spec = grant.spec
+            froms = [
+                f
+                for f in (spec.get("from") or Node([], spec.file)).list()
+                if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
+            ]
+            tos = [
+                t
+                for t in (spec.get("to") or Node([], spec.file)).list()
+                if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
+            ]
+            if froms and tos:
+                return True
+        return False
+
+    def resolve(self, ref: Node, res: Resource, *, http2: bool = False) -> Backend:
+        """The cluster for ``ref``; ``http2``: the caller speaks HTTP/2 to it (gRPC), which
+        gets its own cluster when the backend is also reached over HTTP/1."""
+        backend = self._resolve(ref, res)
+        if http2 and not backend.http2:
+            return self._store(
+                Backend(f"{backend.cluster}/h2", backend.kind, backend.endpoints, True, backend.tls)
+            )
+        return backend
+
+    def _resolve(self, ref: Node, res: Resource) -> Backend:
+        ref.mapping()
+        kind = ref.opt_str("kind", "Service") or "Service"
+        group = ref.opt_str("group", "") or ""
+        name = ref.req("name").str(nonempty=True)
+        namespace = ref.opt_str("namespace", res.namespace) or res.namespace
+        port_node = ref.get("port")
+        port = port_node.int(minimum=1, maximum=65535) if port_node is not None else None
+        if namespace != res.namespace and not self._granted(
+            res.kind, res.namespace, kind, namespace, name
+        ):
+            raise error_at(
+                ref,
+                res,
+                f"{kind} {namespace}/{name} is in another namespace "
+                "and no ReferenceGrant allows it",
+            )
+        if kind == "Backend" and group == EG_GROUP:
+            return self._backend(ref, res, namespace, name, port)
+        if kind != "Service" or group not in ("", "core"):
+            raise unsupported(
+                ref.get("kind") or ref,
+                res,
+                f"backendRef kind {group}/{kind}; use Service or Backend",
+            )
+        if port is None:
+            raise error_at(ref, res, "a Service backendRef needs a port")
+        for key in (f"{namespace}/{name}:{port}", f"{namespace}/{name}", f"{name}:{port}", name):
+            if key in self.overrides:
+                host, oport = self.overrides[key]
+                return self._cluster(f"service/{namespace}/{name}/{port}", [(host, oport)])
+        svc = self.resources.get("Service", namespace, name)
+        if svc is not None:
+            ports = svc.spec.get("ports")
+            port_name = None
+            if ports is not None:
+                matching = [p for p in ports.list() if p.opt_int("port") == port]
+                if not matching:
+                    raise error_at(
+                        port_node or ref, res, f"Service {namespace}/{name} has no port {port}"
+                    )
+                port_name = matching[0].opt_str("name")
+            endpoints = self._slice_endpoints(namespace, name, port, port_name)
+            if endpoints:
+                return self._cluster(f"service/{namespace}/{name}/{port}", endpoints)
+            ip = svc.spec.opt_str("clusterIP")
+            if ip and ip != "None":
+                return self._cluster(f"service/{namespace}/{name}/{port}", [(ip, port)])
+        # In a cluster, plain Envoy reaches a Service by its DNS name.
+        return self._cluster(
+            f"service/{namespace}/{name}/{port}", [(f"{name}.{namespace}.svc.cluster.local", port)]
+        )
+
+    def _slice_endpoints(
+        self, namespace: str, service: str, port: int, port_name: str | None
+    ) -> list[tuple[str, int]]:
+        """Ready endpoint addresses of a Service from its EndpointSlices, as Envoy Gateway."""
+        out: list[tuple[str, int]] = []
+        for es in self.resources.of("EndpointSlice"):
+            labels = (es.node.value.get("metadata") or {}).get("labels") or {}
+            if es.namespace != namespace or labels.get("kubernetes.io/service-name") != service:
+                continue
+            doc = es.node.value
+            target = None
+            for p in doc.get("ports") or ():
+                if (port_name is not None and p.get("name") == port_name) or port_name is None:
+                    target = p.get("port")
+                    break
+            if target is None:
+                continue
+            for ep in doc.get("endpoints") or ():
+                if (ep.get("conditions") or {}).get("ready", True) is False:
+                    continue
+                for addr in ep.get("addresses") or ():
+                    if (int(target),) and (str(addr), int(target)) not in out:
+                        out.append((str(addr), int(target)))
+        return out
+
+    def _backend(
+        self, ref: Node, res: Resource, namespace: str, name: str, port: int | None
+    ) -> Backend:
+        backend = self.resources.get("Backend", namespace, name)
+        if backend is None:
+            raise error_at(ref.req("name"), res, f"no Backend {namespace}/{name} in the input")
+        spec = check_fields(
+            backend.spec,
+            backend,
+            ("endpoints", "appProtocols", "type"),
+            {"tls": "upstream TLS is not translated", "fallback": "fallback is not translated"},
+        )
+        http2 = (
+            "gateway.envoyproxy.io/h2c"
+            in (spec.get("appProtocols") or Node([], spec.file)).str_list()
+        )
+        endpoints: list[tuple[str, int]] = []
+        unix: list[str] = []
+        for ep in spec.req("endpoints").list():
+            check_fields(ep, backend, ("fqdn", "ip", "unix", "zone", "hostname"))
+            if (fq := ep.get("fqdn")) is not None:
+                endpoints.append(
+                    (
+                        fq.req("hostname").str(nonempty=True),
+                        fq.req("port").int(minimum=1, maximum=65535),
+                    )
+                )
+            elif (ipn := ep.get("ip")) is not None:
+                addr = ipn.req("address")
+                try:
+                    ipaddress.ip_address(addr.str())
+                except ValueError:
+                    raise error_at(addr, backend, "expected an IP address") from None
+                endpoints.append((addr.str(), ipn.req("port").int(minimum=1, maximum=65535)))
+            elif (ux := ep.get("unix")) is not None:
+                unix.append(ux.req("path").str(nonempty=True))
+            else:
+                raise error_at(ep, backend, "expected one of fqdn, ip or unix")
+        if unix and endpoints:
+            raise error_at(spec.req("endpoints"), backend, "mixes unix and network endpoints")
+        cluster = f"backend/{namespace}/{name}"
+        if unix:
+            return self._store(Backend(cluster, "unix", tuple((p, 0) for p in unix), http2))
+        return self._cluster(cluster, endpoints, http2)
+
+    def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
+        static = all(_is_ip(h) for h, _ in endpoints)
+        return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
+
+    def _store(self, backend: Backend) -> Backend:
+        self.clusters.setdefault(backend.cluster, backend)
+        return self.clusters[backend.cluster]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def build_listeners(resources: ResourceSet) -> list[Listener]:
+    listeners: list[Listener] = []
+    for gw in resources.of("Gateway"):
+        spec = check_fields(gw.spec, gw, GATEWAY_SPEC, GATEWAY_SPEC_UNSUPPORTED)
+        seen: set[str] = set()
+        for item in spec.req("listeners").list():
+            check_fields(item, gw, LISTENER_FIELDS, {"tls": "TLS termination is not translated"})
+            name = item.req("name").str(nonempty=True)
+            if name in seen:
+                raise error_at(item.req("name"), gw, f"duplicate listener name {name!r}")
+            seen.add(name)
+            proto = item.req("protocol")
+            if proto.str() != "HTTP":
+                raise unsupported(
+                    proto, gw, f"protocol {proto.str()}: only HTTP listeners are translated"
+                )
+            hostname = item.opt_str("hostname")
+            listeners.append(
+                Listener(
+                    name=f"{gw.namespace}/{gw.name}/{name}",
+                    gateway_ns=gw.namespace,
+                    gateway_name=gw.name,
+                    section=name,
+                    port=item.req("port").int(minimum=1, maximum=65535),
+                    hostname=hostname,
+                )
+            )
+            allowed = item.get("allowedRoutes")
+            if allowed is not None:
+                check_fields(allowed, gw, ("namespaces", "kinds"))
+                if (ns := allowed.get("namespaces")) is not None:
+                    check_fields(ns, gw, ("from",), {"selector": "namespace labels are not known"})
+                    ns.req("from").str(choices=("All", "Same"))
+    return listeners
+
+
+def _allows(listener: Listener, gw: Resource, route: Resource) -> bool:
+    route_ns = route.namespace
+    spec = gw.spec
+    for item in spec.req("listeners").list():
+        if item.req("name").str() != listener.section:
+            continue
+        allowed = item.get("allowedRoutes")
+        ns = allowed.get("namespaces") if allowed is not None else None
+        frm = ns.opt_str("from", "Same") if ns is not None else "Same"
+        kinds = allowed.get("kinds") if allowed is not None else None
+        if kinds is not None and not any(k.opt_str("kind") == route.kind for k in kinds.list()):
+            return False
+        return frm == "All" or route_ns == listener.gateway_ns
+    return False
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and host != pattern[2:]
+    return pattern == host
+
+
+def route_hostnames(listener_host: str | None, route_hosts: list[str]) -> list[str]:
+    """Gateway API hostname intersection of a listener and a route."""
+    if not route_hosts:
+        return [listener_host or "*"]
+    if listener_host is None:
+        return route_hosts
+    out = []
+    for h in route_hosts:
+        if _host_matches(listener_host, h) or h == listener_host:
+            out.append(h)
+        elif _host_matches(h, listener_host):
+            out.append(listener_host)
+    return out
+
+
+def _string_match(node: Node, res: Resource, types: dict[str, str], default: str) -> StringMatch:
+    t = node.opt_str("type", default, choices=tuple(types)) or default
+    value_node = node.req("value")
+    value = regex_checked(value_node, res) if types[t] == "safe_regex" else value_node.str()
+    return StringMatch(name=node.opt_str("name", "") or "", **{types[t]: value})
+
+
+HEADER_TYPES = {"Exact": "exact", "RegularExpression": "safe_regex"}
+
+
+def _path(node: Node, res: Resource) -> StringMatch:
+    check_fields(node, res, ("type", "value"))
+    t = node.opt_str("type", "PathPrefix", choices=("Exact", "PathPrefix", "RegularExpression"))
+    value_node = node.get("value")
+    value = value_node.str() if value_node is not None else "/"
+    if t == "Exact":
+        return StringMatch(exact=value)
+    if t == "RegularExpression":
+        assert value_node is not None
+        return StringMatch(safe_regex=regex_checked(value_node, res))
+    if not value.startswith("/"):
+        raise error_at(value_node or node, res, "a path prefix must start with '/'")
+    return StringMatch(prefix=value.rstrip("/") or "/")
+
+
+def _duration_ms(node: Node, res: Resource) -> int:
+    text = node.str()
+    parts = re.fullmatch(r"((?:\d+(?:\.\d+)?(?:h|ms|m|s))+)", text)
+    if not parts:
+        raise error_at(node, res, f"expected a duration such as 1s, 500ms or 1h30m; got {text!r}")
+    total = 0.0
+    for num, unit in re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", text):
+        total += float(num) * {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}[unit]
+    return int(total)
+
+
+def duration_ms(node: Node, res: Resource) -> int:
+    return _duration_ms(node, res)
+
+
+def _filters(rule: Node, res: Resource, route: dict[str, object]) -> None:
+    for f in (rule.get("filters") or Node([], rule.file)).list():
+        t = f.req("type").str()
+        if t in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+            body = check_fields(f.req(_lower(t)), res, ("set", "add", "remove"))
+            prefix = "request" if t.startswith("Request") else "response"
+            adds: list[tuple[str, str, bool]] = list(route[f"{prefix}_headers_add"])  # type: ignore[call-overload]
+            for key, append in (("set", False), ("add", True)):
+                for h in (body.get(key) or Node([], body.file)).list():
+                    adds.append((h.req("name").str(nonempty=True), h.req("value").str(), append))
+            route[f"{prefix}_headers_add"] = tuple(adds)
+            route[f"{prefix}_headers_remove"] = tuple(
+                [
+                    *route[f"{prefix}_headers_remove"],
+                    *(body.get("remove") or Node([], body.file)).str_list(),
+                ]  # type: ignore[misc]
+            )
+        elif t == "RequestRedirect":
+            body = check_fields(
+                f.req("requestRedirect"), res, ("scheme", "hostname", "path", "port", "statusCode")
+            )
+            route["redirect"] = dict(body.value)
+        elif t == "URLRewrite":
+            body = check_fields(f.req("urlRewrite"), res, ("hostname", "path"))
+            if (path := body.get("path")) is not None:
+                check_fields(path, res, ("type", "replaceFullPath", "replacePrefixMatch"))
+                kind = path.req("type").str(choices=("ReplaceFullPath", "ReplacePrefixMatch"))
+                path.req("replaceFullPath" if kind == "ReplaceFullPath" else "replacePrefixMatch")
+            route["rewrite"] = dict(body.value)
+        else:
+            raise unsupported(f.req("type"), res, f"HTTPRoute filter type {t}")
+
+
+def _grpc_method(node: Node, res: Resource) -> StringMatch:
+    """A GRPCRoute method match as a ``:path`` match, the way Envoy Gateway builds it."""
+    check_fields(node, res, ("type", "service", "method"))
+    t = node.opt_str("type", "Exact", choices=("Exact", "RegularExpression"))
+    service, method = node.opt_str("service"), node.opt_str("method")
+    if service is None and method is None:
+        raise error_at(node, res, "expected service, method or both")
+    if t == "Exact":
+        if service is not None and method is not None:
+            return StringMatch(exact=f"/{service}/{method}")
+        if service is not None:
+            return StringMatch(prefix=f"/{service}")
+        return StringMatch(safe_regex=f"/[^/]+/{re.escape(str(method))}")
+    for part in ("service", "method"):
+        if (p := node.get(part)) is not None:
+            regex_checked(p, res)
+    return StringMatch(safe_regex=f"/{service or '[^/]+'}/{method or '[^/]+'}")
+
+
+def _lower(t: str) -> str:
+    return t[0].lower() + t[1:]
+
+
+def build_routes(
+    resources: ResourceSet, listeners: list[Listener], resolver: BackendResolver
+) -> None:
+    """Attach every HTTPRoute and GRPCRoute rule/match/hostname to the listeners it selects."""
+    gateways = {g.key: g for g in resources.of("Gateway")}
+    for hr in [*resources.of("HTTPRoute"), *resources.of("GRPCRoute")]:
+        grpc = hr.kind == "GRPCRoute"
+        spec = check_fields(hr.spec, hr, ROUTE_SPEC)
+        hosts = (spec.get("hostnames") or Node([], spec.file)).str_list(nonempty_items=True)
+        attached: list[Listener] = []
+        parents = spec.req("parentRefs").list()
+        for p in parents:
+            check_fields(p, hr, ("group", "kind", "namespace", "name", "sectionName", "port"))
+            if p.opt_str("kind", "Gateway") != "Gateway":
+                raise unsupported(p.req("kind"), hr, "parentRefs other than Gateway")
+            ns = p.opt_str("namespace", hr.namespace) or hr.namespace
+            gw_name = p.req("name").str(nonempty=True)
+            gw = gateways.get(f"{ns}/{gw_name}")
+            if gw is None:
+                raise error_at(p.req("name"), hr, f"no Gateway {ns}/{gw_name} in the input")
+            section = p.opt_str("sectionName")
+            port = p.opt_int("port")
+            matched = [
+                lst
+                for lst in listeners
+                if lst.gateway_ns == ns
+                and lst.gateway_name == gw_name
+                and (section is None or lst.section == section)
+                and (port is None or lst.port == port)
+                and _allows(lst, gw, hr)
+            ]
+            if section is not None and not matched:
+                raise error_at(
+                    p.req("sectionName"),
+                    hr,
+                    f"Gateway {ns}/{gw_name} has no listener {section!r} that allows this route",
+                )
+            attached += [m for m in matched if m not in attached]
+        rules = spec.get("rules") or Node([{}], spec.file, f"{spec.path}.rules")
+        for r_idx, rule in enumerate(rules.list()):
+            check_fields(rule, hr, GRPC_RULE_FIELDS if grpc else RULE_FIELDS, RULE_UNSUPPORTED)
+            backends: list[WeightedBackend] = []
+            for ref in (rule.get("backendRefs") or Node([], rule.file)).list():
+                check_fields(
+                    ref,
+                    hr,
+                    ("group", "kind", "name", "namespace", "port", "weight"),
+                    {"filters": "per-backend filters are not translated"},
+                )
+                weight = ref.opt_int("weight", 1, minimum=0) or 0
+                backends.append(WeightedBackend(resolver.resolve(ref, hr, http2=grpc), weight))
+            extra: dict[str, object] = {
+                "request_headers_add": (),
+                "request_headers_remove": (),
+                "response_headers_add": (),
+                "response_headers_remove": (),
+                "redirect": None,
+                "rewrite": None,
+            }
+            _filters(rule, hr, extra)
+            timeout_ms = None
+            if (t := rule.get("timeouts")) is not None:
+                check_fields(
+                    t,
+                    hr,
+                    ("request",),
+                    {"backendRequest": "backend request timeouts are not translated"},
+                )
+                if (req := t.get("request")) is not None:
+                    timeout_ms = _duration_ms(req, hr)
+            matches = (rule.get("matches") or Node([], rule.file)).list()
+            match_list: list[Node | None] = list(matches) if matches else [None]
+            for m_idx, match in enumerate(match_list):
+                path: StringMatch | None = StringMatch(prefix="/")
+                headers: tuple[StringMatch, ...] = ()
+                query: tuple[StringMatch, ...] = ()
+                method = None
+                if match is not None and grpc:
+                    check_fields(match, hr, ("method", "headers"))
+                    if (mn := match.get("method")) is not None:
+                        path = _grpc_method(mn, hr)
+                    headers = tuple(
+                        _string_match(
+                            check_fields(h, hr, ("type", "name", "value")),
+                            hr,
+                            HEADER_TYPES,
+                            "Exact",
+                        )
+                        for h in (match.get("headers") or Node([], match.file)).list()
+                    )
+                elif match is not None:
+                    check_fields(match, hr, ("path", "headers", "queryParams", "method"))
+                    if (pn := match.get("path")) is not None:
+                        path = _path(pn, hr)
+                    headers = tuple(
+                        _string_match(
+                            check_fields(h, hr, ("type", "name", "value")),
+                            hr,
+                            HEADER_TYPES,
+                            "Exact",
+                        )
+                        for h in (match.get("headers") or Node([], match.file)).list()
+                    )
+                    query = tuple(
+                        _string_match(
+                            check_fields(q, hr, ("type", "name", "value")),
+                            hr,
+                            HEADER_TYPES,
+                            "Exact",
+                        )
+                        for q in (match.get("queryParams") or Node([], match.file)).list()
+                    )
+                    method = match.opt_str("method")
+                for key in ("rewrite", "redirect"):
+                    spec_ = extra[key]
+                    replace = ((spec_ or {}).get("path") or {}).get("type")  # type: ignore[attr-defined]
+                    if replace == "ReplacePrefixMatch" and (path is None or path.prefix is None):
+                        raise error_at(
+                            rule.req("filters"), hr, "ReplacePrefixMatch needs a PathPrefix match"
+                        )
+                for lst in attached:
+                    for host in route_hostnames(lst.hostname, hosts):
+                        m_name = m_idx if matches else -1
+                        lst.routes.append(
+                            Route(
+                                name=f"{hr.kind.lower()}/{hr.namespace}/{hr.name}/rule/{r_idx}"
+                                f"/match/{m_name}/{hostname_key(host)}",
+                                route_kind=hr.kind,
+                                hostname=host,
+                                route_ns=hr.namespace,
+                                route_name=hr.name,
+                                rule_index=r_idx,
+                                created=hr.created,
+                                path=path,
+                                headers=headers,
+                                query=query,
+                                method=method,
+                                backends=tuple(backends),
+                                timeout_ms=timeout_ms,
+                                direct_status=None
+                                if extra["redirect"] or any(b.weight > 0 for b in backends)
+                                else 500,
+                                **extra,  # type: ignore[arg-type]
+                            )
+                        )
+
+
+def rule_name(resources: ResourceSet, route: Route) -> str | None:
+    hr = resources.get(route.route_kind, route.route_ns, route.route_name)
+    if hr is None:
+        return None
+    rules = hr.spec.get("rules")
+    if rules is None:
+        return None
+    items = rules.list()
+    if route.rule_index < len(items):
+        return items[route.rule_index].opt_str("name")
+    return None
+
+
+def sort_key(route: Route) -> tuple[object, ...]:
+    """Gateway API precedence: exact > regex > longest prefix, method, headers, query, age."""
+    p = route.path
+    kind = 0
+    length = 0
+    if p is not None:
+        if p.exact is not None:
+            kind, length = 3, len(p.exact)
+        elif p.safe_regex is not None:
+            kind, length = 2, len(p.safe_regex)
+        elif p.prefix is not None:
+            kind, length = 1, len(p.prefix)
+    return (
+        -kind,
+        -length,
+        0 if route.method else 1,
+        -len(route.headers),
+        -len(route.query),
+        route.created or "~",
+        route.route_ns,
+        route.route_name,
+        route.rule_index,
+    )

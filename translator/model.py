@@ -1,0 +1,196 @@
+"""The translator's intermediate representation: what each route needs, independent of Envoy.
+
+It mirrors Envoy Gateway's IR (``internal/ir``) where the two overlap, so the rate limit
+descriptors can be checked against Envoy Gateway's own test data rule for rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """A header, query parameter, method or path condition (Envoy Gateway's ``ir.StringMatch``)."""
+
+    name: str = ""
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    safe_regex: str | None = None
+    distinct: bool = False
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class CIDRMatch:
+    cidr: str  # normalised network, e.g. 192.168.0.0/16
+    ip: str
+    mask_len: int
+    is_ipv6: bool
+    distinct: bool = False
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class RateLimitCost:
+    number: int | None = None
+    format: str | None = None  # an Envoy substitution format, e.g. %DYNAMIC_METADATA(ns:key)%
+
+
+@dataclass(frozen=True)
+class RateLimitRule:
+    name: str  # <policy-ns>/<policy-name>/rule/<index>, as Envoy Gateway names it
+    requests: int
+    unit: str  # second, minute, hour, day, month, year (lower case)
+    header_matches: tuple[StringMatch, ...] = ()
+    query_matches: tuple[StringMatch, ...] = ()
+    method_matches: tuple[StringMatch, ...] = ()
+    path_match: StringMatch | None = None
+    cidr_match: CIDRMatch | None = None
+    request_cost: RateLimitCost | None = None
+    response_cost: RateLimitCost | None = None
+    shadow_mode: bool = False
+    shared: bool = False
+    x_ratelimit_headers: str | None = None  # Envoy Gateway xRateLimitHeaders: Off, DraftVersion03
+
+    @property
+    def policy(self) -> str:
+        """``namespace/name`` of the BackendTrafficPolicy the rule came from."""
+        return self.name.rsplit("/rule/", 1)[0]
+
+    def is_match_set(self) -> bool:
+        return bool(
+            self.header_matches
+            or self.query_matches
+            or self.method_matches
+            or self.path_match is not None
+            or self.cidr_match is not None
+        )
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    requests: int  # the default (route-wide) bucket
+    unit: str
+    rules: tuple[RateLimitRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One upstream destination: a cluster Envoy can reach."""
+
+    cluster: str
+    kind: str  # "static" (IPs), "dns" (host names) or "unix"
+    endpoints: tuple[tuple[str, int], ...] = ()  # (host, port); port 0 for unix paths
+    http2: bool = False
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class WeightedBackend:
+    backend: Backend
+    weight: int
+
+
+@dataclass(frozen=True)
+class ExternalAuth:
+    """SecurityPolicy ``extAuth``: a user's own authorization service, kept as it is."""
+
+    filter_name: str
+    backend: Backend
+    grpc: bool
+    timeout_ms: int | None
+    fail_open: bool
+    headers_to_backend: tuple[str, ...]
+    path_prefix: str = ""
+    body_max_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Cors:
+    allow_origins: tuple[str, ...]  # Envoy Gateway origin patterns (``*`` wildcards)
+    allow_methods: tuple[str, ...]
+    allow_headers: tuple[str, ...]
+    expose_headers: tuple[str, ...]
+    max_age_s: int | None
+    allow_credentials: bool | None
+
+
+@dataclass(frozen=True)
+class Security:
+    """The SecurityPolicy that applies to a route."""
+
+    policy: str  # namespace/name: the extauth policy name
+    sidecar: dict[str, Any] | None  # the extauth.yaml policy (jwt/basicAuth/...), when any
+    external: ExternalAuth | None
+    cors: Cors | None
+    native: dict[str, Any] = field(default_factory=dict)  # inputs for --auth native
+    file: str = ""  # where the SecurityPolicy's spec is, for --auth native errors
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class ExtProc:
+    """One EnvoyExtensionPolicy ``extProc`` entry."""
+
+    filter_name: str
+    backend: Backend | None  # None: the Outrider extproc sidecar
+    chain: str | None  # Outrider chain name (x-outrider-chain), for the sidecar
+    request_headers: bool
+    response_headers: bool
+    request_body: (
+        str | None
+    )  # Envoy Gateway body mode: Streamed, Buffered, BufferedPartial, FullDuplexStreamed
+    response_body: str | None
+    request_trailers: bool
+    response_trailers: bool
+    request_attributes: tuple[str, ...]
+    response_attributes: tuple[str, ...]
+    message_timeout_ms: int | None
+    fail_open: bool
+    allow_mode_override: bool
+    accessible_namespaces: tuple[str, ...]
+    writable_namespaces: tuple[str, ...]
+
+
+@dataclass
+class Route:
+    name: str  # httproute/<ns>/<name>/rule/<r>/match/<m>/<hostname>, as Envoy Gateway
+    hostname: str
+    route_ns: str
+    route_name: str
+    rule_index: int
+    created: str
+    path: StringMatch | None  # exact / prefix / safe_regex
+    headers: tuple[StringMatch, ...]
+    query: tuple[StringMatch, ...]
+    method: str | None
+    backends: tuple[WeightedBackend, ...]
+    route_kind: str = "HTTPRoute"  # or GRPCRoute
+    request_headers_add: tuple[tuple[str, str, bool], ...] = ()  # (name, value, append)
+    request_headers_remove: tuple[str, ...] = ()
+    response_headers_add: tuple[tuple[str, str, bool], ...] = ()
+    response_headers_remove: tuple[str, ...] = ()
+    redirect: dict[str, Any] | None = None
+    rewrite: dict[str, Any] | None = None
+    timeout_ms: int | None = None
+    direct_status: int | None = None  # when no backend resolves: Gateway API says 500
+    global_rate_limit: tuple[RateLimitRule, ...] = ()
+    local_rate_limit: LocalRateLimit | None = None
+    security: Security | None = None
+    ext_procs: tuple[ExtProc, ...] = ()
+
+
+@dataclass
+class Listener:
+    """A Gateway listener. Listeners on one port share one Envoy listener."""
+
+    name: str  # <ns>/<gateway>/<listener>, as Envoy Gateway
+    gateway_ns: str
+    gateway_name: str
+    section: str
+    port: int
+    hostname: str | None
+    routes: list[Route] = field(default_factory=list)

@@ -1,0 +1,833 @@
+"""Envoy Gateway policies → what each route needs.
+
+Attachment and precedence are Envoy Gateway's: a policy names its targets with
+``targetRefs`` (or the deprecated ``targetRef``) in its own namespace: a Gateway (all its
+listeners, or one with ``sectionName``) or an HTTPRoute (all its rules, or one named rule
+with ``sectionName``). For each route the most specific policy of a kind wins (route rule
+> route > listener > gateway); among policies of the same specificity the oldest
+(``creationTimestamp``) wins, then the first by ``namespace/name``. Policies do not merge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.configfile import Node
+
+from .gatewayapi import (
+    GATEWAY_GROUP,
+    BackendResolver,
+    check_fields,
+    duration_ms,
+    regex_checked,
+    rule_name,
+)
+from .model import (
+    CIDRMatch,
+    Cors,
+    ExternalAuth,
+    ExtProc,
+    Listener,
+    LocalRateLimit,
+    RateLimitCost,
+    RateLimitRule,
+    Route,
+    Security,
+    StringMatch,
+)
+from .resources import Resource, ResourceSet, error_at, unsupported
+
+UNITS = {
+    "Second": "second",
+    "Minute": "minute",
+    "Hour": "hour",
+    "Day": "day",
+    "Month": "month",
+    "Year": "year",
+}
+UNIT_SECONDS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "month": 2592000,
+    "year": 31536000,
+}
+
+#: Outrider's extproc sidecar as a backendRef target (a Backend of this name).
+OUTRIDER_EXTPROC_BACKEND = "outrider-extproc"
+CHAIN_ANNOTATION = "outrider.dev/chain"
+
+BTP_FIELDS = ("targetRef", "targetRefs", "rateLimit")
+BTP_UNSUPPORTED = {
+    k: "only rateLimit is translated from a BackendTrafficPolicy"
+    for k in (
+        "targetSelectors",
+        "mergeType",
+        "loadBalancer",
+        "retry",
+        "proxyProtocol",
+        "tcpKeepalive",
+        "healthCheck",
+        "circuitBreaker",
+        "timeout",
+        "connection",
+        "dns",
+        "http2",
+        "faultInjection",
+        "useClientProtocol",
+        "compression",
+        "compressor",
+        "responseOverride",
+        "httpUpgrade",
+        "requestBuffer",
+        "telemetry",
+        "routingType",
+    )
+}
+SP_FIELDS = (
+    "targetRef",
+    "targetRefs",
+    "jwt",
+    "basicAuth",
+    "apiKeyAuth",
+    "oidc",
+    "authorization",
+    "extAuth",
+    "cors",
+)
+SP_UNSUPPORTED = {
+    "targetSelectors": "target selectors need cluster labels",
+    "mergeType": "policy merging is not translated",
+}
+EEP_FIELDS = ("targetRef", "targetRefs", "extProc")
+EEP_UNSUPPORTED = {
+    "targetSelectors": "target selectors need cluster labels",
+    "wasm": "Wasm extensions are not translated",
+    "lua": "Lua extensions are not translated",
+    "dynamicModule": "dynamic modules are not translated",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # Gateway or HTTPRoute
+    name: str
+    section: str | None
+    node: Node
+
+
+def targets(policy: Resource) -> list[Target]:
+    spec = policy.spec
+    refs: list[Node] = []
+    if (one := spec.get("targetRef")) is not None:
+        refs.append(one)
+    refs += (spec.get("targetRefs") or Node([], spec.file)).list()
+    if not refs:
+        raise error_at(spec, policy, "expected targetRefs (a Gateway or an HTTPRoute)")
+    out = []
+    for ref in refs:
+        check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))
+        kind = ref.req("kind").str()
+        if kind not in ("Gateway", "HTTPRoute", "GRPCRoute"):
+            raise unsupported(
+                ref.req("kind"), policy, f"target kind {kind}; Gateway, HTTPRoute, GRPCRoute are"
+            )
+        group = ref.opt_str("group", GATEWAY_GROUP)
+        if group != GATEWAY_GROUP:
+            raise error_at(ref.req("group"), policy, f"expected group {GATEWAY_GROUP}")
+        if (ns := ref.get("namespace")) is not None and ns.str() != policy.namespace:
+            raise error_at(ns, policy, "a policy can only target resources in its own namespace")
+        out.append(
+            Target(kind, ref.req("name").str(nonempty=True), ref.opt_str("sectionName"), ref)
+        )
+    return out
+
+
+def check_targets_exist(
+    resources: ResourceSet, policy: Resource, listeners: list[Listener]
+) -> None:
+    for t in targets(policy):
+        target = resources.get(t.kind, policy.namespace, t.name)
+        if target is None:
+            raise error_at(
+                t.node.req("name"),
+                policy,
+                f"target {t.kind} {policy.namespace}/{t.name} is not in the input",
+            )
+        if t.section is None:
+            continue
+        if t.kind == "Gateway":
+            ok = any(
+                lst.gateway_ns == policy.namespace
+                and lst.gateway_name == t.name
+                and lst.section == t.section
+                for lst in listeners
+            )
+        else:
+            rules = target.spec.get("rules")
+            ok = rules is not None and any(r.opt_str("name") == t.section for r in rules.list())
+        if not ok:
+            raise error_at(
+                t.node.req("sectionName"),
+                policy,
+                f"{t.kind} {policy.namespace}/{t.name} has no section {t.section!r}",
+            )
+
+
+def specificity(policy: Resource, listener: Listener, route: Route, rule: str | None) -> int | None:
+    """How specifically ``policy`` targets ``route`` on ``listener`` (higher wins), or None."""
+    best: int | None = None
+    for t in targets(policy):
+        level = None
+        if (
+            t.kind == route.route_kind
+            and policy.namespace == route.route_ns
+            and t.name == route.route_name
+        ):
+            if t.section is None:
+                level = 3
+            elif t.section == rule:
+                level = 4
+        elif (
+            t.kind == "Gateway"
+            and policy.namespace == listener.gateway_ns
+            and t.name == listener.gateway_name
+        ):
+            if t.section is None:
+                level = 1
+            elif t.section == listener.section:
+                level = 2
+        if level is not None and (best is None or level > best):
+            best = level
+    return best
+
+
+def winner(
+    policies: list[Resource], listener: Listener, route: Route, rule: str | None
+) -> Resource | None:
+    scored = []
+    for p in policies:
+        level = specificity(p, listener, route, rule)
+        if level is not None:
+            scored.append((-level, p.created or "~", p.namespace, p.name, p))
+    if not scored:
+        return None
+    scored.sort(key=lambda s: s[:4])
+    return scored[0][4]
+
+
+# -- BackendTrafficPolicy -----------------------------------------------------------------
+def _unit(node: Node, res: Resource) -> str:
+    value = node.str()
+    if value not in UNITS:
+        raise error_at(node, res, f"expected a unit, one of {', '.join(UNITS)}; got {value!r}")
+    return UNITS[value]
+
+
+def _cidr(node: Node, res: Resource) -> CIDRMatch:
+    text = node.str()
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise error_at(node, res, f"expected a CIDR such as 192.168.0.0/16; got {text!r}") from None
+    if "/" not in text:
+        raise error_at(node, res, f"expected a CIDR with a prefix length; got {text!r}")
+    return CIDRMatch(
+        cidr=str(net), ip=str(net.network_address), mask_len=net.prefixlen, is_ipv6=net.version == 6
+    )
+
+
+def _prefix_regex(prefix: str) -> str:
+    # Envoy Gateway's path-prefix semantics as a regex: the prefix, then a segment boundary.
+    return "^" + re.escape(prefix).replace("\\/", "/") + r"(/.*|\?.*|#.*|;.*|$)"
+
+
+def _selector_matches(sel: Node, res: Resource, fields: dict[str, Any]) -> None:
+    check_fields(sel, res, ("headers", "methods", "path", "sourceCIDR", "queryParams"))
+    if not any(
+        sel.get(k) is not None for k in ("headers", "methods", "path", "sourceCIDR", "queryParams")
+    ):
+        raise error_at(
+            sel,
+            res,
+            "a client selector needs at least one of headers, methods, path, sourceCIDR "
+            "or queryParams",
+        )
+    for key, target in (("headers", "header_matches"), ("queryParams", "query_matches")):
+        for h in (sel.get(key) or Node([], sel.file)).list():
+            check_fields(h, res, ("name", "type", "value", "invert"))
+            name = h.req("name").str(nonempty=True)
+            t = h.opt_str("type", "Exact", choices=("Exact", "RegularExpression", "Distinct"))
+            invert = h.opt_bool("invert", False)
+            if t == "Distinct":
+                if h.get("value") is not None:
+                    raise error_at(h.req("value"), res, "a Distinct match takes no value")
+                if invert:
+                    raise error_at(
+                        h.req("invert"), res, "invert is not applicable to a Distinct match"
+                    )
+                fields[target].append(StringMatch(name=name, distinct=True))
+            elif t == "RegularExpression":
+                fields[target].append(
+                    StringMatch(
+                        name=name, safe_regex=regex_checked(h.req("value"), res), invert=invert
+                    )
+                )
+            else:
+                fields[target].append(
+                    StringMatch(name=name, exact=h.req("value").str(), invert=invert)
+                )
+    for m in (sel.get("methods") or Node([], sel.file)).list():
+        check_fields(m, res, ("value", "invert"))
+        fields["method_matches"].append(
+            StringMatch(exact=m.req("value").str(nonempty=True), invert=m.opt_bool("invert", False))
+        )
+    if (p := sel.get("path")) is not None:
+        check_fields(p, res, ("type", "value", "invert"))
+        t = p.opt_str("type", "PathPrefix", choices=("Exact", "PathPrefix", "RegularExpression"))
+        value = p.req("value").str(nonempty=True)
+        invert = p.opt_bool("invert", False)
+        if t == "Exact":
+            fields["path_match"] = StringMatch(exact=value, invert=invert)
+        elif t == "RegularExpression":
+            fields["path_match"] = StringMatch(
+                safe_regex=regex_checked(p.req("value"), res), invert=invert
+            )
+        elif value == "/":
+            fields["path_match"] = StringMatch(prefix="/", invert=invert)
+        else:
+            fields["path_match"] = StringMatch(
+                safe_regex=_prefix_regex(value.rstrip("/")), invert=invert
+            )
+    if (c := sel.get("sourceCIDR")) is not None:
+        check_fields(c, res, ("type", "value"))
+        cidr = _cidr(c.req("value"), res)
+        t = c.opt_str("type", "Exact", choices=("Exact", "Distinct"))
+        fields["cidr_match"] = CIDRMatch(**{**cidr.__dict__, "distinct": t == "Distinct"})
+
+
+def _cost(node: Node | None, res: Resource) -> RateLimitCost | None:
+    if node is None:
+        return None
+    check_fields(node, res, ("from", "number", "metadata"))
+    frm = node.req("from").str(choices=("Number", "Metadata"))
+    if frm == "Number":
+        return RateLimitCost(number=node.req("number").int(minimum=0))
+    md = check_fields(node.req("metadata"), res, ("namespace", "key"))
+    return RateLimitCost(
+        format=f"%DYNAMIC_METADATA({md.req('namespace').str()}:{md.req('key').str()})%"
+    )
+
+
+def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = False) -> RateLimitRule:
+    allowed = ("clientSelectors", "limit", "cost", "shadowMode", "shared", "xRateLimitHeaders")
+    check_fields(rule, res, allowed)
+    limit = check_fields(
+        rule.req("limit"),
+        res,
+        ("requests", "unit"),
+        {"fromMetadata": "limits from metadata are not translated"},
+    )
+    fields: dict[str, Any] = {
+        "header_matches": [],
+        "query_matches": [],
+        "method_matches": [],
+        "path_match": None,
+        "cidr_match": None,
+    }
+    for sel in (rule.get("clientSelectors") or Node([], rule.file)).list():
+        _selector_matches(sel, res, fields)
+    cost = rule.get("cost")
+    if cost is not None:
+        if local:
+            raise unsupported(cost, res, "cost applies to global rate limits")
+        check_fields(cost, res, ("request", "response"))
+    if local:
+        for key in ("shared",):
+            if rule.get(key) is not None:
+                raise unsupported(rule.req(key), res, f"{key} applies to global rate limits")
+    return RateLimitRule(
+        name=f"{res.namespace}/{res.name}/rule/{index}",
+        requests=limit.req("requests").int(minimum=0, maximum=2**32 - 1),
+        unit=_unit(limit.req("unit"), res),
+        header_matches=tuple(fields["header_matches"]),
+        query_matches=tuple(fields["query_matches"]),
+        method_matches=tuple(fields["method_matches"]),
+        path_match=fields["path_match"],
+        cidr_match=fields["cidr_match"],
+        request_cost=_cost(cost.get("request"), res) if cost is not None else None,
+        response_cost=_cost(cost.get("response"), res) if cost is not None else None,
+        shadow_mode=rule.opt_bool("shadowMode", False),
+        shared=rule.opt_bool("shared", False),
+        x_ratelimit_headers=rule.opt_str("xRateLimitHeaders", choices=("Off", "DraftVersion03")),
+    )
+
+
+@dataclass(frozen=True)
+class TrafficIR:
+    global_rules: tuple[RateLimitRule, ...]
+    local: LocalRateLimit | None
+
+
+def build_traffic(btp: Resource) -> TrafficIR:
+    spec = check_fields(btp.spec, btp, BTP_FIELDS, BTP_UNSUPPORTED)
+    rl = spec.get("rateLimit")
+    if rl is None:
+        return TrafficIR((), None)
+    check_fields(rl, btp, ("type", "global", "local"))
+    rtype = rl.opt_str("type", choices=("Global", "Local"))
+    glob, loc = rl.get("global"), rl.get("local")
+    if rtype == "Global" and glob is None:
+        raise error_at(rl, btp, "type Global needs global")
+    if rtype == "Local" and loc is None:
+        raise error_at(rl, btp, "type Local needs local")
+    if glob is None and loc is None:
+        raise error_at(rl, btp, "expected global or local")
+    global_rules: tuple[RateLimitRule, ...] = ()
+    if glob is not None:
+        check_fields(glob, btp, ("rules",))
+        global_rules = tuple(
+            rate_limit_rule(r, btp, i) for i, r in enumerate(glob.req("rules").list())
+        )
+    local = None
+    if loc is not None:
+        check_fields(loc, btp, ("rules",))
+        default: tuple[int, str] | None = None
+        rules = []
+        for i, r in enumerate(loc.req("rules").list()):
+            rule = rate_limit_rule(r, btp, i, local=True)
+            if not rule.is_match_set():
+                if default is not None:
+                    raise error_at(
+                        r,
+                        btp,
+                        "local rateLimit can not have more than one rule without clientSelectors",
+                    )
+                default = (rule.requests, rule.unit)
+                continue
+            rules.append(rule)
+        requests, unit = default or (2**32 - 1, "second")
+        for r_node, rule in zip(loc.req("rules").list(), rules, strict=False):
+            if UNIT_SECONDS[rule.unit] % UNIT_SECONDS[unit]:
+                raise error_at(
+                    r_node,
+                    btp,
+                    "local rateLimit rule limit unit must be a multiple of the default limit unit",
+                )
+        local = LocalRateLimit(requests, unit, tuple(rules))
+    return TrafficIR(global_rules, local)
+
+
+# -- SecurityPolicy -----------------------------------------------------------------------
+@dataclass
+class SecretFiles:
+    """Secrets the sidecars read from files, written under OUTDIR/secrets/."""
+
+    directory: Path
+    files: dict[str, str]
+
+    def add(self, name: str, content: str) -> str:
+        self.files[name] = content
+        return str(self.directory / name)
+
+    def add_generated(self, name: str, make: Callable[[], str]) -> str:
+        """A secret the translator invents (a cookie key): kept from an earlier run when its
+        file exists, so translating again does not log every user out."""
+        try:
+            existing = (self.directory / name).read_text(encoding="utf-8")
+        except OSError:
+            existing = ""
+        return self.add(name, existing if existing.strip() else make())
+
+
+def _secret_value(resources: ResourceSet, res: Resource, ref: Node, keys: tuple[str, ...]) -> str:
+    check_fields(ref, res, ("group", "kind", "name", "namespace"))
+    name = ref.req("name").str(nonempty=True)
+    ns = ref.opt_str("namespace", res.namespace) or res.namespace
+    if ns != res.namespace:
+        raise unsupported(ref.req("namespace"), res, "Secrets in another namespace")
+    secret = resources.get("Secret", ns, name)
+    if secret is None:
+        raise error_at(ref.req("name"), res, f"no Secret {ns}/{name} in the input")
+    data = resources.secret_data(secret)
+    for key in keys:
+        if key in data:
+            return data[key]
+    raise error_at(
+        ref.req("name"), res, f"Secret {ns}/{name} has none of the keys {', '.join(keys)}"
+    )
+
+
+def _plain(node: Node) -> Any:
+    return node.value
+
+
+def build_security(
+    sp: Resource, resources: ResourceSet, resolver: BackendResolver, secret_files: SecretFiles
+) -> Security:
+    spec = check_fields(sp.spec, sp, SP_FIELDS, SP_UNSUPPORTED)
+    policy: dict[str, Any] = {}
+    native: dict[str, Any] = {}
+    if (j := spec.get("jwt")) is not None:
+        check_fields(j, sp, ("providers", "optional"))
+        providers = []
+        for p in j.req("providers").list():
+            check_fields(
+                p,
+                sp,
+                (
+                    "name",
+                    "issuer",
+                    "audiences",
+                    "remoteJWKS",
+                    "localJWKS",
+                    "claimToHeaders",
+                    "extractFrom",
+                    "recomputeRoute",
+                ),
+            )
+            if (r := p.get("remoteJWKS")) is not None:
+                check_fields(
+                    r,
+                    sp,
+                    ("uri", "cacheDuration"),
+                    {
+                        k: "the sidecar fetches the JWKS uri itself"
+                        for k in ("backendRef", "backendRefs", "backendSettings")
+                    },
+                )
+            provider = dict(p.value)
+            if (lj := p.get("localJWKS")) is not None:
+                check_fields(lj, sp, ("type", "inline", "valueRef"))
+                if (vr := lj.get("valueRef")) is not None:
+                    check_fields(vr, sp, ("group", "kind", "name"))
+                    cm = resources.get("ConfigMap", sp.namespace, vr.req("name").str())
+                    if cm is None:
+                        raise error_at(
+                            vr.req("name"),
+                            sp,
+                            f"no ConfigMap {sp.namespace}/{vr.req('name').str()} in the input",
+                        )
+                    data = cm.node.value.get("data") or {}
+                    if "jwks" not in data:
+                        raise error_at(vr.req("name"), sp, f"ConfigMap {cm.key} has no key 'jwks'")
+                    provider["localJWKS"] = {"type": "Inline", "inline": data["jwks"]}
+            providers.append(provider)
+        policy["jwt"] = {
+            "providers": providers,
+            **({"optional": j.req("optional").bool()} if j.get("optional") is not None else {}),
+        }
+        native["jwt"] = policy["jwt"]
+    if (b := spec.get("basicAuth")) is not None:
+        check_fields(b, sp, ("users", "forwardUsernameHeader"))
+        htpasswd = _secret_value(resources, sp, b.req("users"), (".htpasswd",))
+        policy["basicAuth"] = {"htpasswd": htpasswd}
+        if (f := b.get("forwardUsernameHeader")) is not None:
+            policy["basicAuth"]["forwardUsernameHeader"] = f.str()
+        native["basicAuth"] = policy["basicAuth"]
+    if (a := spec.get("apiKeyAuth")) is not None:
+        check_fields(a, sp, ("credentialRefs", "extractFrom", "forwardClientIDHeader", "sanitize"))
+        creds = []
+        for ref in a.req("credentialRefs").list():
+            check_fields(ref, sp, ("group", "kind", "name", "namespace"))
+            name = ref.req("name").str(nonempty=True)
+            secret = resources.get("Secret", sp.namespace, name)
+            if secret is None:
+                raise error_at(ref.req("name"), sp, f"no Secret {sp.namespace}/{name} in the input")
+            creds.append(resources.secret_data(secret))
+        policy["apiKeyAuth"] = {"credentials": creds, "extractFrom": a.req("extractFrom").value}
+        for k in ("forwardClientIDHeader", "sanitize"):
+            if (v := a.get(k)) is not None:
+                policy["apiKeyAuth"][k] = v.value
+        native["apiKeyAuth"] = policy["apiKeyAuth"]
+    if (o := spec.get("oidc")) is not None:
+        oidc = dict(o.value)
+        check_fields(
+            o.req("provider"),
+            sp,
+            ("issuer", "authorizationEndpoint", "tokenEndpoint", "endSessionEndpoint"),
+            {
+                k: "the sidecar reaches the provider itself"
+                for k in ("backendRef", "backendRefs", "backendSettings")
+            },
+        )
+        if (ref := o.get("clientIDRef")) is not None:
+            oidc["clientID"] = _secret_value(resources, sp, ref, ("client-id",)).strip()
+            del oidc["clientIDRef"]
+        secret = _secret_value(resources, sp, o.req("clientSecret"), ("client-secret",))
+        del oidc["clientSecret"]
+        oidc["clientSecretFile"] = secret_files.add(
+            f"{sp.namespace}_{sp.name}_client-secret", secret
+        )
+        cookie_file = f"{sp.namespace}_{sp.name}_cookie-secret"
+        oidc["cookieSecretFile"] = secret_files.add_generated(
+            cookie_file, lambda: secrets.token_hex(32) + "\n"
+        )
+        policy["oidc"] = oidc
+        native["oidc"] = {
+            **oidc,
+            "clientSecret": secret,
+            "hmacSecret": secret_files.files[cookie_file].splitlines()[0].strip(),
+        }
+    if (z := spec.get("authorization")) is not None:
+        check_fields(z, sp, ("defaultAction", "rules"))
+        for r in (z.get("rules") or Node([], z.file)).list():
+            check_fields(r, sp, ("name", "action", "principal", "operation"))
+            pr = check_fields(
+                r.req("principal"),
+                sp,
+                ("clientCIDRs", "jwt", "headers"),
+                {"sourceCIDRs": "sourceCIDRs are not translated; use clientCIDRs"},
+            )
+            for c in (pr.get("clientCIDRs") or Node([], pr.file)).list():
+                _cidr(c, sp)
+        policy["authorization"] = dict(z.value)
+        native["authorization"] = policy["authorization"]
+    external = None
+    if (e := spec.get("extAuth")) is not None:
+        external = _ext_auth(e, sp, resolver)
+    cors = None
+    if (c := spec.get("cors")) is not None:
+        cors = _cors(c, sp)
+    return Security(
+        policy=sp.key,
+        sidecar=policy or None,
+        external=external,
+        cors=cors,
+        native=native,
+        file=spec.file,
+        path=spec.path,
+    )
+
+
+def _ext_auth(e: Node, sp: Resource, resolver: BackendResolver) -> ExternalAuth:
+    check_fields(
+        e,
+        sp,
+        (
+            "grpc",
+            "http",
+            "headersToExtAuth",
+            "failOpen",
+            "timeout",
+            "bodyToExtAuth",
+            "recomputeRoute",
+        ),
+        {"contextExtensions": "context extensions are not translated"},
+    )
+    grpc, http = e.get("grpc"), e.get("http")
+    if (grpc is None) == (http is None):
+        raise error_at(e, sp, "expected exactly one of grpc or http")
+    svc = grpc if grpc is not None else http
+    assert svc is not None
+    check_fields(
+        svc,
+        sp,
+        ("backendRef", "backendRefs", "path", "headersToBackend"),
+        {"backendSettings": "backend settings are not translated"},
+    )
+    refs = ([svc.req("backendRef")] if svc.get("backendRef") is not None else []) + (
+        svc.get("backendRefs") or Node([], svc.file)
+    ).list()
+    if len(refs) != 1:
+        raise unsupported(svc, sp, "exactly one backendRef is translated")
+    ref = refs[0]
+    backend = resolver.resolve(ref, sp, http2=grpc is not None)
+    body = e.get("bodyToExtAuth")
+    return ExternalAuth(
+        filter_name=f"envoy.filters.http.ext_authz/securitypolicy/{sp.namespace}/{sp.name}",
+        backend=backend,
+        grpc=grpc is not None,
+        timeout_ms=duration_ms(e.req("timeout"), sp) if e.get("timeout") is not None else None,
+        fail_open=e.opt_bool("failOpen", False),
+        headers_to_backend=tuple((svc.get("headersToBackend") or Node([], svc.file)).str_list()),
+        path_prefix=svc.opt_str("path", "") or "",
+        body_max_bytes=body.req("maxRequestBytes").int(minimum=1) if body is not None else None,
+    )
+
+
+def _cors(c: Node, sp: Resource) -> Cors:
+    check_fields(
+        c,
+        sp,
+        (
+            "allowOrigins",
+            "allowMethods",
+            "allowHeaders",
+            "exposeHeaders",
+            "maxAge",
+            "allowCredentials",
+        ),
+    )
+    max_age = None
+    if (m := c.get("maxAge")) is not None:
+        max_age = duration_ms(m, sp) // 1000
+    return Cors(
+        allow_origins=tuple(
+            (c.get("allowOrigins") or Node([], c.file)).str_list(nonempty_items=True)
+        ),
+        allow_methods=tuple((c.get("allowMethods") or Node([], c.file)).str_list()),
+        allow_headers=tuple((c.get("allowHeaders") or Node([], c.file)).str_list()),
+        expose_headers=tuple((c.get("exposeHeaders") or Node([], c.file)).str_list()),
+        max_age_s=max_age,
+        allow_credentials=c.req("allowCredentials").bool()
+        if c.get("allowCredentials") is not None
+        else None,
+    )
+
+
+# -- EnvoyExtensionPolicy -----------------------------------------------------------------
+BODY_MODES = ("Streamed", "Buffered", "BufferedPartial", "FullDuplexStreamed")
+
+
+def build_ext_procs(
+    eep: Resource, resources: ResourceSet, resolver: BackendResolver, chains: dict[str, Any]
+) -> tuple[ExtProc, ...]:
+    spec = check_fields(eep.spec, eep, EEP_FIELDS, EEP_UNSUPPORTED)
+    out = []
+    for i, ep in enumerate((spec.get("extProc") or Node([], spec.file)).list()):
+        check_fields(
+            ep,
+            eep,
+            (
+                "backendRef",
+                "backendRefs",
+                "processingMode",
+                "messageTimeout",
+                "failOpen",
+                "metadata",
+            ),
+            {"backendSettings": "backend settings are not translated"},
+        )
+        refs = ([ep.req("backendRef")] if ep.get("backendRef") is not None else []) + (
+            ep.get("backendRefs") or Node([], ep.file)
+        ).list()
+        if len(refs) != 1:
+            raise unsupported(ep, eep, "exactly one backendRef per extProc is translated")
+        ref = refs[0]
+        backend = None
+        chain = None
+        if ref.opt_str("kind") == "Backend" and ref.req("name").str() == OUTRIDER_EXTPROC_BACKEND:
+            chain = eep.annotations.get(CHAIN_ANNOTATION, eep.key)
+            if "/" not in chain:
+                chain = f"{eep.namespace}/{chain}"
+            if chain not in chains:
+                raise error_at(
+                    ref,
+                    eep,
+                    f"no ProcessingChain {chain} in the input (set annotation "
+                    f"{CHAIN_ANNOTATION} or add a ProcessingChain named like the policy)",
+                )
+        else:
+            backend = resolver.resolve(ref, eep, http2=True)
+        pm = ep.get("processingMode")
+        req = resp = None
+        allow_override = False
+        if pm is not None:
+            check_fields(pm, eep, ("request", "response", "allowModeOverride"))
+            req, resp = pm.get("request"), pm.get("response")
+            allow_override = pm.opt_bool("allowModeOverride", False)
+            for side in (req, resp):
+                if side is not None:
+                    check_fields(side, eep, ("body", "attributes"))
+        md = ep.get("metadata")
+        if md is not None:
+            check_fields(md, eep, ("accessibleNamespaces", "writableNamespaces"))
+        out.append(
+            ExtProc(
+                filter_name=f"envoy.filters.http.ext_proc/envoyextensionpolicy/{eep.namespace}/{eep.name}/extproc/{i}",
+                backend=backend,
+                chain=chain,
+                request_headers=req is not None,
+                response_headers=resp is not None,
+                request_body=req.opt_str("body", choices=BODY_MODES) if req is not None else None,
+                response_body=resp.opt_str("body", choices=BODY_MODES)
+                if resp is not None
+                else None,
+                request_trailers=False,
+                response_trailers=False,
+                request_attributes=tuple((req.get("attributes") or Node([], req.file)).str_list())
+                if req is not None
+                else (),
+                response_attributes=tuple(
+                    (resp.get("attributes") or Node([], resp.file)).str_list()
+                )
+                if resp is not None
+                else (),
+                message_timeout_ms=duration_ms(ep.req("messageTimeout"), eep)
+                if ep.get("messageTimeout") is not None
+                else None,
+                fail_open=ep.opt_bool("failOpen", False),
+                allow_mode_override=allow_override,
+                accessible_namespaces=tuple(
+                    (md.get("accessibleNamespaces") or Node([], md.file)).str_list()
+                )
+                if md is not None
+                else (),
+                writable_namespaces=tuple(
+                    (md.get("writableNamespaces") or Node([], md.file)).str_list()
+                )
+                if md is not None
+                else (),
+            )
+        )
+    return tuple(out)
+
+
+def processing_chains(resources: ResourceSet) -> dict[str, Any]:
+    """Outrider's ``ProcessingChain`` resources → extproc.yaml ``chains`` (named ns/name)."""
+    chains: dict[str, Any] = {}
+    for ch in resources.of("ProcessingChain"):
+        spec = check_fields(ch.spec, ch, ("processors", "failOpen"))
+        processors = spec.req("processors").list()
+        if not processors:
+            raise error_at(spec.req("processors"), ch, "expected at least one processor")
+        value: Any = [p.value for p in processors]
+        if spec.get("failOpen") is not None:
+            value = {"failOpen": spec.req("failOpen").bool(), "processors": value}
+        chains[ch.key] = value
+    return chains
+
+
+def attach(
+    resources: ResourceSet,
+    listeners: list[Listener],
+    resolver: BackendResolver,
+    secret_files: SecretFiles,
+) -> dict[str, Any]:
+    """Set every route's policies. Returns the extproc chains."""
+    chains = processing_chains(resources)
+    btps = resources.of("BackendTrafficPolicy")
+    sps = resources.of("SecurityPolicy")
+    eeps = resources.of("EnvoyExtensionPolicy")
+    traffic = {}
+    for p in btps:
+        check_targets_exist(resources, p, listeners)
+        traffic[p.key] = build_traffic(p)
+    security = {}
+    for p in sps:
+        check_targets_exist(resources, p, listeners)
+        security[p.key] = build_security(p, resources, resolver, secret_files)
+    procs = {}
+    for p in eeps:
+        check_targets_exist(resources, p, listeners)
+        procs[p.key] = build_ext_procs(p, resources, resolver, chains)
+    for lst in listeners:
+        for route in lst.routes:
+            rule = rule_name(resources, route)
+            if (w := winner(btps, lst, route, rule)) is not None:
+                t = traffic[w.key]
+                route.global_rate_limit = t.global_rules
+                route.local_rate_limit = t.local
+            if (w := winner(sps, lst, route, rule)) is not None:
+                route.security = security[w.key]
+            if (w := winner(eeps, lst, route, rule)) is not None:
+                route.ext_procs = procs[w.key]
+    return chains

@@ -1,0 +1,233 @@
+"""Reading the translator's input: Kubernetes resources as an Envoy Gateway user writes them.
+
+Two shapes are accepted:
+
+- multi-document YAML of resources (``apiVersion``/``kind``/``metadata``/``spec``), as a
+  user applies them to a cluster (``kind: List`` with ``items`` too);
+- Envoy Gateway's own test-data shape: one mapping of lists keyed by kind
+  (``gateways:``, ``httpRoutes:``, ``backendTrafficPolicies:``, ...).
+
+Every resource keeps the :class:`Node` it came from, so later errors name the file and
+the YAML path. Kinds the translator does not handle are an error naming the resource and
+saying so; kinds that have no meaning outside a cluster (``GatewayClass``, ``Namespace``)
+are accepted and have no effect.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.configfile import ConfigError, Node, parse_yaml
+
+#: kinds the translator reads
+SUPPORTED_KINDS = (
+    "Gateway",
+    "HTTPRoute",
+    "GRPCRoute",
+    "Backend",
+    "Service",
+    "Secret",
+    "ReferenceGrant",
+    "BackendTrafficPolicy",
+    "SecurityPolicy",
+    "EnvoyExtensionPolicy",
+    "EndpointSlice",
+    "ConfigMap",
+    "ProcessingChain",
+)
+#: kinds accepted but without effect: they configure how a cluster deploys Envoy, not
+#: what Envoy does with a request (see docs/translator.md, "not applicable")
+IGNORED_KINDS = ("GatewayClass", "Namespace", "EnvoyGateway", "EnvoyProxy")
+
+#: Envoy Gateway test-data list keys → kind
+LIST_KEYS = {
+    "gateways": "Gateway",
+    "gatewayClasses": "GatewayClass",
+    "gatewayClass": "GatewayClass",
+    "httpRoutes": "HTTPRoute",
+    "grpcRoutes": "GRPCRoute",
+    "tcpRoutes": "TCPRoute",
+    "tlsRoutes": "TLSRoute",
+    "udpRoutes": "UDPRoute",
+    "backends": "Backend",
+    "services": "Service",
+    "serviceImports": "ServiceImport",
+    "endpointSlices": "EndpointSlice",
+    "secrets": "Secret",
+    "configMaps": "ConfigMap",
+    "referenceGrants": "ReferenceGrant",
+    "namespaces": "Namespace",
+    "backendTrafficPolicies": "BackendTrafficPolicy",
+    "clientTrafficPolicies": "ClientTrafficPolicy",
+    "securityPolicies": "SecurityPolicy",
+    "envoyExtensionPolicies": "EnvoyExtensionPolicy",
+    "envoyPatchPolicies": "EnvoyPatchPolicy",
+    "backendTLSPolicies": "BackendTLSPolicy",
+    "envoyProxyForGatewayClass": "EnvoyProxy",
+    "envoyProxiesForGateways": "EnvoyProxy",
+    "extensionRefFilters": "ExtensionRefFilter",
+    "httpFilters": "HTTPRouteFilter",
+    "listenerSets": "XListenerSet",
+    "processingChains": "ProcessingChain",
+}
+
+
+class TranslateError(ConfigError):
+    """Input the translator cannot turn into a config: invalid, or not supported."""
+
+
+def error_at(node: Node, resource: Resource | None, message: str) -> TranslateError:
+    prefix = f"{resource.ref}: " if resource is not None else ""
+    return TranslateError(node.file, node.path, prefix + message)
+
+
+def unsupported(node: Node, resource: Resource | None, reason: str = "") -> TranslateError:
+    field_name = node.path.rsplit(".", 1)[-1] if node.path else "this field"
+    why = f" ({reason})" if reason else ""
+    return error_at(node, resource, f"{field_name} is not supported by Outrider's translator{why}")
+
+
+@dataclass(frozen=True)
+class Resource:
+    kind: str
+    namespace: str
+    name: str
+    created: str  # metadata.creationTimestamp (RFC 3339 sorts as text); "" when absent
+    node: Node  # the whole document
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def spec(self) -> Node:
+        return (
+            self.node.get("spec") or Node({}, self.node.file, _child(self.node, "spec"))
+        ).mapping()
+
+
+def _child(node: Node, key: str) -> str:
+    return f"{node.path}.{key}" if node.path else key
+
+
+@dataclass
+class ResourceSet:
+    """Every input resource, by kind, in input order."""
+
+    by_kind: dict[str, list[Resource]] = field(default_factory=dict)
+
+    def add(self, res: Resource) -> None:
+        same = self.by_kind.setdefault(res.kind, [])
+        for other in same:
+            if other.key == res.key:
+                raise error_at(
+                    res.node.get("metadata") or res.node,
+                    res,
+                    f"defined twice (first in {other.node.file})",
+                )
+        same.append(res)
+
+    def of(self, kind: str) -> list[Resource]:
+        return list(self.by_kind.get(kind, []))
+
+    def get(self, kind: str, namespace: str, name: str) -> Resource | None:
+        for res in self.by_kind.get(kind, []):
+            if res.namespace == namespace and res.name == name:
+                return res
+        return None
+
+    def secret_data(self, secret: Resource) -> dict[str, str]:
+        """A Secret's ``data`` (base64-decoded) merged with ``stringData`` (which wins)."""
+        out: dict[str, str] = {}
+        spec = secret.node
+        if (data := spec.get("data")) is not None:
+            for key, value in data.items():
+                try:
+                    out[key] = base64.b64decode(value.str(), validate=True).decode("utf-8")
+                except (binascii.Error, UnicodeDecodeError):
+                    raise error_at(value, secret, "expected base64 of UTF-8 text") from None
+        if (sdata := spec.get("stringData")) is not None:
+            for key, value in sdata.items():
+                out[key] = value.str()
+        return out
+
+
+def _resource(doc: Node, kind_hint: str | None = None) -> Resource:
+    doc.mapping()
+    kind = doc.get("kind").str(nonempty=True) if doc.get("kind") is not None else kind_hint
+    if kind is None:
+        raise doc.error("expected a Kubernetes resource with apiVersion, kind and metadata")
+    meta = doc.req("metadata").mapping()
+    name = meta.req("name").str(nonempty=True)
+    namespace = meta.opt_str("namespace", "default") or "default"
+    created = meta.get("creationTimestamp")
+    annotations = meta.get("annotations")
+    return Resource(
+        kind=kind,
+        namespace=namespace,
+        name=name,
+        created=str(created.value) if created is not None else "",
+        node=doc,
+        annotations=annotations.str_map() if annotations is not None else {},
+    )
+
+
+def _documents(doc: Node) -> Iterable[tuple[Node, str | None]]:
+    if not isinstance(doc.value, dict):
+        raise doc.expected("a mapping (a Kubernetes resource)")
+    if doc.get("kind") is not None:
+        if doc.value.get("kind") == "List":
+            for item in doc.req("items").list():
+                yield item, None
+            return
+        yield doc, None
+        return
+    # Envoy Gateway's test-data shape: lists keyed by kind.
+    for key, value in doc.items():
+        kind = LIST_KEYS.get(key)
+        if kind is None:
+            raise value.error(
+                f"unknown key {key!r}: expected a Kubernetes resource (kind, metadata, spec) "
+                f"or lists keyed by kind ({', '.join(sorted(LIST_KEYS))})"
+            )
+        items = value.list() if isinstance(value.value, list) else [value]
+        for item in items:
+            yield item, kind
+
+
+def load_resources(paths: Iterable[Path]) -> ResourceSet:
+    resources = ResourceSet()
+    for path in paths:
+        files = (
+            sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+            if path.is_dir()
+            else [path]
+        )
+        for file in files:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TranslateError(str(file), "", f"cannot read: {exc}") from None
+            for doc in parse_yaml(text, str(file)):
+                for item, hint in _documents(doc):
+                    res = _resource(item, hint)
+                    if res.kind in IGNORED_KINDS:
+                        continue
+                    if res.kind not in SUPPORTED_KINDS:
+                        raise error_at(
+                            item.get("kind") or item,
+                            res,
+                            f"kind {res.kind} is not supported by Outrider's translator "
+                            f"(supported: {', '.join(SUPPORTED_KINDS)})",
+                        )
+                    resources.add(res)
+    return resources

