@@ -187,6 +187,11 @@ def cluster(backend: Backend) -> Cluster:
     )
 
 
+# Envoy's 200 ms ext_authz default is too short for an OIDC callback (a token exchange
+# with the provider) or a first bcrypt check under load; Envoy Gateway's extAuth default.
+EXTAUTH_TIMEOUT_MS = 10_000
+
+
 def _grpc(cluster_name: str, timeout_ms: int | None = None) -> GrpcService:
     if timeout_ms is None:
         return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=cluster_name))
@@ -411,7 +416,7 @@ def build(
                             20,
                             F_EXTAUTHZ,
                             ExtAuthz(
-                                grpc_service=_grpc(EXTAUTH_CLUSTER),
+                                grpc_service=_grpc(EXTAUTH_CLUSTER, EXTAUTH_TIMEOUT_MS),
                                 transport_api_version=2,
                                 failure_mode_allow=False,
                             ),
