@@ -227,6 +227,20 @@ def _dump_all(docs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False, width=100)
 
 
+def _refuse_name_clashes(resources: ResourceSet, generated: list[dict[str, Any]]) -> None:
+    """An input resource named like one we generate would be applied twice; say which."""
+    ours = {(d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]) for d in generated}
+    for kind in PASS_THROUGH:
+        for res in resources.of(kind):
+            if (kind, res.namespace, res.name) in ours:
+                raise error_at(
+                    res.node,
+                    res,
+                    f"--target gateway generates {kind} {res.namespace}/{res.name} for the "
+                    "Outrider sidecars; rename or remove this one",
+                )
+
+
 def gateway_manifests(
     resources: ResourceSet,
     listeners: list[Listener],
@@ -382,6 +396,7 @@ def gateway_manifests(
             "stringData": secret_data,
         },
     ]
+    _refuse_name_clashes(resources, [*infra, *configs])
     files = {
         "outrider.yaml": _dump_all(infra),
         "configs.yaml": _dump_all(configs),

@@ -221,3 +221,22 @@ stringData: {client-secret: s3cret}
     assert not (out / "ratelimit" / "default_old_domain.yaml").exists()
     assert (out / "secrets" / "default_login_cookie-secret").read_text() == cookie
     assert (out / "secrets" / "default_login_cookie-secret").stat().st_mode & 0o077 == 0
+
+
+def test_gateway_target_refuses_a_resource_it_would_generate(tmp_path: Path) -> None:
+    f = tmp_path / "in.yaml"
+    f.write_text(
+        GATEWAY
+        + """\
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: outrider-extauth, namespace: default}
+spec: {endpoints: [{unix: {path: /run/outrider/extauth.sock}}]}
+"""
+    )
+    with pytest.raises(TranslateError) as info:
+        translate([f], Options(target="gateway", secrets_dir=tmp_path / "s"))
+    message = str(info.value)
+    assert info.value.file == str(f)
+    assert "Backend default/outrider-extauth" in message
+    assert "rename or remove this one" in message
