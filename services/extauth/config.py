@@ -45,8 +45,9 @@ RESERVED_HEADERS = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "keep-alive"}
 )
 
-_DURATION_PART_RE = re.compile(r"(\d+)(ms|h|m|s)")
-_DURATION_RE = re.compile(r"^(?:\d+(?:ms|h|m|s))+$")
+# Gateway API's Duration (GEP-2257), which Envoy Gateway's duration fields use.
+_DURATION_RE = re.compile(r"^(?:[0-9]{1,5}(?:h|ms|m|s)){1,4}$")
+_DURATION_PART_RE = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
@@ -221,7 +222,7 @@ def parse_duration(node: Node) -> float:
     """Envoy Gateway's duration format (``300s``, ``5m``, ``1h30m``, ``500ms``) in seconds."""
     text = node.str()
     if not _DURATION_RE.match(text):
-        raise node.expected("a duration like 300s, 5m or 1h30m")
+        raise node.expected("a duration like 30s, 10m, 1h30m or 500ms")
     return sum(int(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(text))
 
 
@@ -235,21 +236,33 @@ def header_name(node: Node) -> str:
     return lowered
 
 
-def _resolve(node: Node) -> Path:
+def resolve_path(node: Node) -> Path:
+    """The file ``node`` names; a relative path is relative to the config file naming it.
+
+    Every file a policy names (``htpasswdFile``, ``credentialsFile``, ``localJWKS.file``,
+    the OIDC secret files) is resolved here, so they all follow one rule.
+    """
     path = Path(node.str(nonempty=True))
     if not path.is_absolute():
         path = Path(node.file).resolve().parent / path
     return path
 
 
-def _read(node: Node) -> tuple[Path, str]:
-    path = _resolve(node)
+def read_file(node: Node, *, what: str = "") -> tuple[Path, str]:
+    """Resolve (see :func:`resolve_path`) and read the UTF-8 file ``node`` names.
+
+    ``what`` describes the file in the error (``"secret file "``). The error names the
+    path and the reason only: these files hold secrets, and a decode error's text would
+    quote the offending bytes.
+    """
+    path = resolve_path(node)
     try:
         return path, path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise node.error(
-            f"cannot read {str(path)!r}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
+    except UnicodeDecodeError:
+        raise node.error(f"cannot read {what}{str(path)!r}: not UTF-8 text") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise node.error(f"cannot read {what}{str(path)!r}: {reason}") from None
 
 
 def _token_sources(node: Node, *, allow_prefix: bool) -> TokenSources:
@@ -325,7 +338,7 @@ def _jwt_provider(node: Node) -> JWTProvider:
             local = LocalJWKS(text)
         else:
             assert file_node is not None
-            path, text = _read(file_node)
+            path, text = read_file(file_node)
             _check_jwks(file_node, text)
             local = LocalJWKS(text, path)
     if (remote is None) == (local is None):
@@ -401,7 +414,7 @@ def _basic(node: Node) -> BasicAuthConfig:
         entries = _htpasswd_entries(inline, inline.str(), "htpasswd")
     else:
         assert file_node is not None
-        path, text = _read(file_node)
+        path, text = read_file(file_node)
         entries = _htpasswd_entries(file_node, text, str(path))
     fwd = node.get("forwardUsernameHeader")
     return BasicAuthConfig(entries, path, header_name(fwd) if fwd is not None else None)
@@ -447,7 +460,7 @@ def _api_key(node: Node) -> APIKeyAuthConfig:
         where = inline
     else:
         assert file_node is not None
-        path = _resolve(file_node)
+        path = resolve_path(file_node)
         try:
             docs = read_yaml_files(path)
         except ConfigError as exc:
@@ -560,7 +573,7 @@ def parse_policy(name: str, node: Node) -> Policy:
     jwt_cfg = _jwt(j) if (j := node.get("jwt")) is not None else None
     oidc_cfg = None
     if (o := node.get("oidc")) is not None:
-        from .oidc_config import parse_oidc  # owned by the OIDC engineer
+        from .oidc_config import parse_oidc  # imported here: oidc_config imports this module
 
         oidc_cfg = parse_oidc(o)
     basic = _basic(b) if (b := node.get("basicAuth")) is not None else None

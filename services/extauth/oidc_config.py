@@ -14,6 +14,8 @@ files rather than Kubernetes objects:
   ``sessionStore``/``redis``, ``sessionMaxAge``, ``cookieSecure``, ``discoveryRefresh``.
 
 Reading the two secret files is the only I/O; their contents never appear in ``repr``.
+A relative path is resolved against the directory of the config file naming it, as for
+every file a policy names (``config.read_file``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from services.common.configfile import Node
+
+from .config import ClaimToHeader, parse_duration, read_file
 
 OIDC_FIELDS = (
     "provider",
@@ -70,9 +74,6 @@ PROVIDER_FIELDS = (
     "backendSettings",
 )
 
-_DURATION_RE = re.compile(r"^(?:[0-9]{1,5}(?:h|ms|m|s)){1,4}$")
-_DURATION_PART_RE = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
-_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 _COOKIE_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 _HOST_RE = re.compile(
@@ -85,14 +86,6 @@ DEFAULT_REDIRECT_PATH = "/oauth2/callback"
 #: The shortest accepted cookie secret, in characters. Keys are derived from it with
 #: HKDF, so it needs entropy, not a particular format (``openssl rand -base64 32``).
 MIN_COOKIE_SECRET_CHARS = 32
-
-
-def parse_duration(node: Node) -> float:
-    """Envoy Gateway's duration format (``1h30m``, ``90s``, ``500ms``) in seconds."""
-    text = node.str()
-    if not _DURATION_RE.match(text):
-        raise node.expected("a duration like 30s, 10m, 1h30m or 500ms")
-    return sum(int(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +123,6 @@ class HeaderMatch:
             return actual.endswith(self.value)
         assert self.regex is not None
         return self.regex.fullmatch(actual) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimToHeader:
-    claim: str
-    header: str  # lower-cased
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,24 +247,8 @@ def _path(node: Node) -> str:
     return text
 
 
-def _secret_path(node: Node) -> Path:
-    """The file ``node`` names; relative paths are relative to the config file naming them."""
-    path = Path(node.str(nonempty=True))
-    return path if path.is_absolute() else Path(node.file).resolve().parent / path
-
-
-def _read_secret_file(node: Node) -> str:
-    path = _secret_path(node)
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        # The message names the path and the OS error only, never the contents.
-        reason = getattr(exc, "strerror", None) or type(exc).__name__
-        raise node.error(f"cannot read secret file {str(path)!r}: {reason}") from None
-
-
-def _cookie_secrets(node: Node) -> tuple[bytes, ...]:
-    lines = [ln.strip() for ln in _read_secret_file(node).splitlines()]
+def _cookie_secrets(text: str, node: Node) -> tuple[bytes, ...]:
+    lines = [ln.strip() for ln in text.splitlines()]
     secrets = [ln for ln in lines if ln and not ln.startswith("#")]
     if not secrets:
         raise node.error("the cookie secret file holds no secret (expected one per line)")
@@ -380,7 +351,8 @@ def parse_oidc(node: Node) -> OidcConfig:
     client_id = node.req("clientID").str(nonempty=True)
 
     secret_node = node.req("clientSecretFile")
-    client_secret = _read_secret_file(secret_node).strip()
+    client_secret_path, client_secret_text = read_file(secret_node, what="secret file ")
+    client_secret = client_secret_text.strip()
     if not client_secret:
         raise secret_node.error("the client secret file is empty")
 
@@ -421,7 +393,8 @@ def parse_oidc(node: Node) -> OidcConfig:
     )
 
     cookie_secret_node = node.req("cookieSecretFile")
-    cookie_secrets = _cookie_secrets(cookie_secret_node)
+    cookie_secret_path, cookie_secret_text = read_file(cookie_secret_node, what="secret file ")
+    cookie_secrets = _cookie_secrets(cookie_secret_text, cookie_secret_node)
 
     secure_node = node.get("cookieSecure")
     secure = True if secure_node is None else secure_node.bool()
@@ -543,7 +516,7 @@ def parse_oidc(node: Node) -> OidcConfig:
     return OidcConfig(
         provider=provider,
         client_id=client_id,
-        client_secret_file=str(_secret_path(secret_node)),
+        client_secret_file=str(client_secret_path),
         client_secret=client_secret,
         token_endpoint_auth_method=auth_method,  # type: ignore[arg-type]
         redirect_url=redirect_url,
@@ -552,7 +525,7 @@ def parse_oidc(node: Node) -> OidcConfig:
         post_logout_redirect_url=post_logout,
         scopes=tuple(scopes),
         resources=resources,
-        cookie_secret_file=str(_secret_path(cookie_secret_node)),
+        cookie_secret_file=str(cookie_secret_path),
         cookie_secrets=cookie_secrets,
         cookies=cookies,
         csrf_token_ttl=csrf_ttl,

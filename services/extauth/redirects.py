@@ -43,17 +43,26 @@ def _decoded_forms(text: str) -> list[str]:
     return forms
 
 
-def is_safe_relative(target: str) -> bool:
-    """A same-origin absolute path (with optional query), free of known browser tricks."""
+def _clean_forms(target: str) -> list[str] | None:
+    """``target`` and its decoded forms, or None when it is empty, too long, not decodable
+    or any form holds an unsafe character: the checks both kinds of target start with."""
     if not target or len(target) > MAX_TARGET_LENGTH:
-        return False
+        return None
     try:
         forms = _decoded_forms(target)
     except UnicodeDecodeError:
+        return None
+    if any(_has_unsafe_char(form, decoded=index > 0) for index, form in enumerate(forms)):
+        return None
+    return forms
+
+
+def is_safe_relative(target: str) -> bool:
+    """A same-origin absolute path (with optional query), free of known browser tricks."""
+    forms = _clean_forms(target)
+    if forms is None:
         return False
-    for index, form in enumerate(forms):
-        if _has_unsafe_char(form, decoded=index > 0):
-            return False
+    for form in forms:
         if not form.startswith("/") or form.startswith(("//", "/\\")):
             return False
     path = target.split("?", 1)[0].split("#", 1)[0]
@@ -83,13 +92,7 @@ def host_allowed(host: str, port: int | None, allowed: tuple[str, ...]) -> bool:
 
 def is_safe_absolute(target: str, allowed_hosts: tuple[str, ...]) -> bool:
     """An ``http(s)`` URL to an allowed host, free of known browser tricks."""
-    if not target or len(target) > MAX_TARGET_LENGTH:
-        return False
-    try:
-        forms = _decoded_forms(target)
-    except UnicodeDecodeError:
-        return False
-    if any(_has_unsafe_char(form, decoded=i > 0) for i, form in enumerate(forms)):
+    if _clean_forms(target) is None:
         return False
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not target.lower().startswith(parts.scheme + "://"):

@@ -304,6 +304,16 @@ class _Direction:
     passthrough: bool = False
 
 
+@dataclass(slots=True)
+class _HeaderHooks:
+    """What a run of header (or trailer) hooks decided, for one reply."""
+
+    ops: HeaderOps = field(default_factory=HeaderOps)
+    metadata: dict[str, dict[str, Any]] | None = None
+    replace_body: bytes | None = None
+    immediate: ImmediateResponse | None = None
+
+
 class StreamCore:
     """One ext_proc stream: feed it events, get back the replies to send."""
 
@@ -475,6 +485,32 @@ class StreamCore:
             merged.setdefault(namespace, {}).update(values)
         return merged
 
+    async def _run_header_hooks(
+        self,
+        procs: tuple[Processor, ...],
+        hook: str,
+        headers: Mapping[str, str],
+        *args: Any,
+    ) -> _HeaderHooks:
+        """Run ``hook`` of each processor in order over a copy of ``headers`` (each sees the
+        previous ones' mutations), collecting them; the first immediate response ends the run."""
+        run = _HeaderHooks()
+        if not procs:
+            return run
+        view = dict(headers)
+        for p in procs:
+            result = await self._call(p, hook, view, *args)
+            if result is None:
+                continue
+            if isinstance(result, ImmediateResponse):
+                run.immediate = result
+                return run
+            self._apply_header_mutation(result, run.ops, view)
+            run.metadata = self._merge_metadata(run.metadata, result)
+            if result.body is not None:
+                run.replace_body = result.body
+        return run
+
     # -- headers ------------------------------------------------------------------------------
     async def _on_headers(self, event: HeadersEvent) -> list[Reply]:
         phase = event.phase
@@ -498,21 +534,10 @@ class StreamCore:
             procs = self.chain.response_header_procs
             hook = "on_response_headers"
 
-        ops = HeaderOps()
-        metadata: dict[str, dict[str, Any]] | None = None
-        replace_body: bytes | None = None
-        if procs:
-            view = dict(received)
-            for p in procs:
-                result = await self._call(p, hook, view, event.end_of_stream)
-                if result is None:
-                    continue
-                if isinstance(result, ImmediateResponse):
-                    return self._immediate(result, metadata)
-                self._apply_header_mutation(result, ops, view)
-                metadata = self._merge_metadata(metadata, result)
-                if result.body is not None:
-                    replace_body = result.body
+        run = await self._run_header_hooks(procs, hook, received, event.end_of_stream)
+        if run.immediate is not None:
+            return self._immediate(run.immediate, run.metadata)
+        ops, metadata, replace_body = run.ops, run.metadata, run.replace_body
         if replace_body is not None:
             ops.set("content-length", str(len(replace_body)))
 
@@ -824,16 +849,9 @@ class StreamCore:
             else self.chain.response_trailer_procs
         )
         hook = "on_request_trailers" if phase is Phase.REQUEST else "on_response_trailers"
-        ops = HeaderOps()
-        metadata = None
-        view = dict(event.trailers)
-        for p in procs:
-            result = await self._call(p, hook, view)
-            if result is None:
-                continue
-            if isinstance(result, ImmediateResponse):
-                return self._immediate(result, metadata)
-            self._apply_header_mutation(result, ops, view)
-            metadata = self._merge_metadata(metadata, result)
-        replies.append(TrailersReply(phase, headers=ops or None, dynamic_metadata=metadata))
+        # A trailer hook cannot replace the body: run.replace_body is ignored here.
+        run = await self._run_header_hooks(procs, hook, event.trailers)
+        if run.immediate is not None:
+            return self._immediate(run.immediate, run.metadata)
+        replies.append(TrailersReply(phase, headers=run.ops or None, dynamic_metadata=run.metadata))
         return replies

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.configfile import ConfigError
-from services.extauth.config import load_config
+from services.common.configfile import ConfigError, Node
+from services.extauth.config import load_config, parse_duration
 from tests.extauth.helpers import (
     ISSUER,
     EngineHarness,
@@ -315,3 +315,18 @@ async def test_header_rules_see_identity_headers_not_forged_ones(tmp_path: Path)
         )
     assert admin.allow
     assert (forged.allow, forged.status, forged.reason) == (False, 403, "default_deny")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("300s", 300.0), ("5m", 300.0), ("1h30m", 5400.0), ("500ms", 0.5), ("99999s", 99999.0)],
+)
+def test_durations_follow_gateway_api(text: str, seconds: float) -> None:
+    """JWT cacheDuration and the OIDC durations share one parser: Gateway API's Duration."""
+    assert parse_duration(Node(text, "policies.yaml", "d")) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "1.5h", "100000s", "1h1m1s1ms1s", "-5s", "5", ""])
+def test_durations_outside_gateway_api_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"policies\.yaml: d: expected a duration"):
+        parse_duration(Node(text, "policies.yaml", "d"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,7 @@ import pytest
 import yaml
 
 from services.common.configfile import ConfigError, parse_yaml
+from services.extauth.config import load_config
 from services.extauth.oidc_config import parse_oidc
 
 COOKIE_SECRET = "0123456789abcdef0123456789abcdef-newest"
@@ -170,3 +173,55 @@ def test_redirect_url_defaults_like_envoy_gateway(files: dict[str, str]) -> None
     cfg = _parse(section)
     assert cfg.redirect_url is None
     assert cfg.redirect_path == "/oauth2/callback"
+
+
+def test_relative_secret_files_resolve_against_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same rule as every other file a policy names, never the working directory."""
+    confdir, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    for base, secret in ((confdir, "right-secret"), (elsewhere, "working-dir-decoy")):
+        (base / "secrets").mkdir(parents=True)
+        (base / "secrets" / "client").write_text(f"{secret}\n")
+        (base / "secrets" / "cookies").write_text(f"{secret}-{'c' * 32}\n")
+        (base / "secrets" / "htpasswd").write_text(
+            f"alice:{{SHA}}{base64.b64encode(hashlib.sha1(secret.encode()).digest()).decode()}\n"
+        )
+    section = {
+        "provider": {"issuer": "https://idp.example.com"},
+        "clientID": "app",
+        "clientSecretFile": "secrets/client",
+        "cookieSecretFile": "./secrets/cookies",
+    }
+    policies = {
+        "web": {"oidc": section},
+        "api": {"basicAuth": {"htpasswdFile": "secrets/htpasswd"}},
+    }
+    (confdir / "policies.yaml").write_text(yaml.safe_dump({"policies": policies}))
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config(Path("../conf"))
+    oidc = config.policies["web"].oidc
+    assert oidc.client_secret == "right-secret"
+    assert oidc.cookie_secrets == (f"right-secret-{'c' * 32}".encode(),)
+    assert oidc.client_secret_file == str(confdir.resolve() / "secrets" / "client")
+    assert oidc.cookie_secret_file == str(confdir.resolve() / "secrets" / "cookies")
+    htpasswd_file = config.policies["api"].basic_auth.file
+    assert htpasswd_file is not None
+    assert htpasswd_file.parent == confdir.resolve() / "secrets"
+    # A change to any of them reloads the config.
+    assert {p.name for p in config.referenced_files()} == {"client", "cookies", "htpasswd"}
+
+
+def test_unreadable_secret_file_error_quotes_no_bytes(
+    files: dict[str, str], tmp_path: Path
+) -> None:
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xfes3cr3t\xff")
+    with pytest.raises(ConfigError) as info:
+        _parse(_minimal(files, clientSecretFile=str(binary)))
+    text = str(info.value)
+    assert "oidc.clientSecretFile: cannot read secret file" in text
+    assert "not UTF-8 text" in text
+    for leaked in ("s3cr3t", "0xfe", "0xff"):
+        assert leaked not in text
