@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .listeners import Address, prepare_unix_path
+from .httpserver import start_http
+from .listeners import Address
 from .service import Readiness
 
 
@@ -33,17 +34,7 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/config", self._config)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site: web.BaseSite
-        if self._address.unix_path is not None:
-            prepare_unix_path(self._address.unix_path)
-            site = web.UnixSite(self._runner, self._address.unix_path)
-        else:
-            site = web.TCPSite(
-                self._runner, self._address.host, self._address.port, reuse_port=False
-            )
-        await site.start()
+        self._runner = await start_http(app, self._address)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -15,6 +15,7 @@ import signal
 
 from aiohttp import web
 
+from .httpserver import start_http
 from .listeners import Address, parse_address
 
 
@@ -38,13 +39,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def serve(address: Address, stop: asyncio.Event) -> None:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    if address.unix_path is not None:
-        site: web.BaseSite = web.UnixSite(runner, address.unix_path)
-    else:
-        site = web.TCPSite(runner, address.host, address.port)
-    await site.start()
+    runner = await start_http(app, address)
     try:
         await stop.wait()
     finally:

@@ -23,7 +23,8 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from services.common.listeners import Address, prepare_unix_path
+from services.common.httpserver import start_http
+from services.common.listeners import Address
 
 from .core import CheckRequest, Decision
 
@@ -111,15 +112,7 @@ class HTTPAuthzServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site: web.BaseSite
-        if self.address.unix_path is not None:
-            prepare_unix_path(self.address.unix_path)
-            site = web.UnixSite(self._runner, self.address.unix_path)
-        else:
-            site = web.TCPSite(self._runner, self.address.host, self.address.port)
-        await site.start()
+        self._runner = await start_http(app, self.address)
         log.info("extauth HTTP ext_authz listening on %s", self.address)
 
     async def stop(self) -> None:

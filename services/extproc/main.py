@@ -6,20 +6,10 @@ import argparse
 
 from prometheus_client import CollectorRegistry
 
-from services.common.cli import ServiceCommand, UsageError, install_event_loop
+from services.common.cli import ServiceCommand, UsageError, install_event_loop, positive_int
 from services.common.logs import setup_logging
 
 from .service import ExtprocService
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 1")
-    return value
 
 
 class Factory:

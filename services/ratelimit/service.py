@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common.cli import positive_float
+from services.common.cli import non_negative_int, positive_float, positive_int
 from services.common.configfile import config_files
 from services.common.service import Readiness
 
@@ -44,23 +44,6 @@ def ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
     return value
 
 
