@@ -41,8 +41,19 @@ POLICY_NAME_RE = re.compile(
 )
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers a policy may never set or match as identity: hop-by-hop, pseudo and routing ones.
+# Headers an identity may never be written into. Cookie: OIDC rewrites the upstream's
+# Cookie header (it strips its own session cookies), so a claim must not set it.
 RESERVED_HEADERS = frozenset(
-    {"host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "keep-alive"}
+    {
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "keep-alive",
+        "cookie",
+    }
 )
 
 # Gateway API's Duration (GEP-2257), which Envoy Gateway's duration fields use.
@@ -236,6 +247,17 @@ def header_name(node: Node) -> str:
     return lowered
 
 
+def parse_claim_to_headers(node: Node | None) -> tuple[ClaimToHeader, ...]:
+    """``claimToHeaders`` of a JWT provider or an OIDC policy: one rule for both."""
+    return tuple(
+        ClaimToHeader(
+            item.mapping(allowed=("claim", "header")).req("claim").str(nonempty=True),
+            header_name(item.req("header")),
+        )
+        for item in (node.list() if node is not None else ())
+    )
+
+
 def resolve_path(node: Node) -> Path:
     """The file ``node`` names; a relative path is relative to the config file naming it.
 
@@ -343,13 +365,7 @@ def _jwt_provider(node: Node) -> JWTProvider:
             local = LocalJWKS(text, path)
     if (remote is None) == (local is None):
         raise node.error("expected exactly one of remoteJWKS or localJWKS")
-    claim_to_headers = tuple(
-        ClaimToHeader(
-            item.mapping(allowed=("claim", "header")).req("claim").str(nonempty=True),
-            header_name(item.req("header")),
-        )
-        for item in (node.get("claimToHeaders") or Node([], node.file)).list()
-    )
+    claim_to_headers = parse_claim_to_headers(node.get("claimToHeaders"))
     extract = node.get("extractFrom")
     sources = (
         _token_sources(extract, allow_prefix=True) if extract is not None else DEFAULT_JWT_SOURCES

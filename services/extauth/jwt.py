@@ -63,7 +63,16 @@ class _Verified:
 
 
 def header_value(value: Any) -> str | None:
-    """A claim as an upstream header value; None for non-scalars or unsafe characters."""
+    """A claim as an upstream header value (JWT and OIDC ``claimToHeaders`` alike).
+
+    Scalars as text, a list of scalars comma-joined; None (not forwarded) for objects,
+    nested lists and values with control characters, which a header cannot carry safely.
+    """
+    if isinstance(value, list):
+        parts = [header_value(v) for v in value if not isinstance(v, list | dict)]
+        if len(parts) != len(value) or any(p is None for p in parts):
+            return None
+        return ",".join(p for p in parts if p is not None)
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, int | str):

@@ -34,6 +34,7 @@ import jwt as pyjwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from redis.exceptions import RedisError
 
+from services.extauth.authz import claim_at
 from services.extauth.core import (
     AuthContext,
     Authenticated,
@@ -44,6 +45,7 @@ from services.extauth.core import (
     Missing,
     Rejected,
 )
+from services.extauth.jwt import header_value
 from services.extauth.oidc_config import OidcConfig
 from services.extauth.oidc_provider import (
     IdTokenInvalid,
@@ -115,30 +117,6 @@ def _redirect(reason: str, location: str, cookies: list[str]) -> Decision:
         ),
         detail=f"oidc {reason}",
     )
-
-
-def _claim_header_value(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        text = str(value)
-    elif isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
-        text = ",".join(str(v) for v in value)
-    else:
-        text = json.dumps(value, separators=(",", ":"))
-    # A header value never carries control characters (response splitting).
-    return "".join(c for c in text if ord(c) >= 0x20 and ord(c) != 0x7F)
-
-
-def _claim(claims: Mapping[str, Any], path: str) -> Any:
-    value: Any = claims
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return claims.get(path)  # a claim name that itself contains dots
-        value = value[part]
-    return value
 
 
 def _default_port(scheme: str) -> str:
@@ -294,7 +272,7 @@ class OidcAuthenticator:
     ) -> Identity:
         upstream: list[tuple[str, str]] = []
         for mapping in self.cfg.claim_to_headers:
-            value = _claim_header_value(_claim(session.claims, mapping.claim))
+            value = header_value(claim_at(session.claims, mapping.claim))
             if value is not None:
                 upstream.append((mapping.header, value))
         if self.cfg.forward_access_token:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from services.common.configfile import Node
 
-from .config import ClaimToHeader, parse_duration, read_file
+from .config import ClaimToHeader, parse_claim_to_headers, parse_duration, read_file
 
 OIDC_FIELDS = (
     "provider",
@@ -314,16 +314,6 @@ def _parse_header_match(node: Node) -> HeaderMatch:
     return HeaderMatch(name=name.lower(), type=kind, value=value, regex=regex)  # type: ignore[arg-type]
 
 
-def _parse_claim_to_header(node: Node) -> ClaimToHeader:
-    node.mapping(allowed=("claim", "header"))
-    claim = node.req("claim").str(nonempty=True)
-    header_node = node.req("header")
-    header = header_node.str(nonempty=True)
-    if not _HEADER_NAME_RE.match(header) or header.lower() in ("host", "cookie"):
-        raise header_node.expected("an HTTP header name (not Host or Cookie)")
-    return ClaimToHeader(claim=claim, header=header.lower())
-
-
 def _cookie_name(node: Node) -> str:
     name = node.str(nonempty=True)
     if not _COOKIE_NAME_RE.match(name) or len(name) > 64:
@@ -475,10 +465,7 @@ def parse_oidc(node: Node) -> OidcConfig:
         deny_node.mapping(allowed=("headers",))
         deny = tuple(_parse_header_match(h) for h in deny_node.req("headers").list())
 
-    c2h_node = node.get("claimToHeaders")
-    claim_to_headers = (
-        () if c2h_node is None else tuple(_parse_claim_to_header(c) for c in c2h_node.list())
-    )
+    claim_to_headers = parse_claim_to_headers(node.get("claimToHeaders"))
 
     hosts_node = node.get("allowedRedirectHosts")
     hosts: list[str] = []
