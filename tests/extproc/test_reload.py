@@ -16,9 +16,10 @@ async def first_reply_header(sock: str, chain: str) -> tuple[grpc.StatusCode, li
         s = Stream(
             pb_grpc.ExternalProcessorStub(channel).Process(metadata=(("x-outrider-chain", chain),))
         )
-        await s.send(with_config(headers_msg(REQ, {}, eos=True)))
-        await s.call.done_writing()
         try:
+            # An unknown chain may end the stream before our write completes.
+            await s.send(with_config(headers_msg(REQ, {}, eos=True)))
+            await s.call.done_writing()
             reply = await asyncio.wait_for(s.call.read(), 5)
         except grpc.aio.AioRpcError as exc:
             return exc.code(), []

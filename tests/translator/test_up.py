@@ -57,7 +57,7 @@ def test_up_serves_the_guide_and_stops_cleanly() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("Ctrl-C stops everything"):
+            if line.startswith("(configs and logs in"):  # the guide's last line
                 ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
