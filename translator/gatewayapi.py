@@ -488,10 +488,16 @@ def build_routes(
                 headers: tuple[StringMatch, ...] = ()
                 query: tuple[StringMatch, ...] = ()
                 method = None
-                if match is not None and grpc:
-                    check_fields(match, hr, ("method", "headers"))
-                    if (mn := match.get("method")) is not None:
-                        path = _grpc_method(mn, hr)
+                if match is not None:
+                    # unknown fields first, then paths, then the header matches both kinds share
+                    if grpc:
+                        check_fields(match, hr, ("method", "headers"))
+                        if (mn := match.get("method")) is not None:
+                            path = _grpc_method(mn, hr)
+                    else:
+                        check_fields(match, hr, ("path", "headers", "queryParams", "method"))
+                        if (pn := match.get("path")) is not None:
+                            path = _path(pn, hr)
                     headers = tuple(
                         _string_match(
                             check_fields(h, hr, ("type", "name", "value")),
@@ -501,19 +507,7 @@ def build_routes(
                         )
                         for h in (match.get("headers") or Node([], match.file)).list()
                     )
-                elif match is not None:
-                    check_fields(match, hr, ("path", "headers", "queryParams", "method"))
-                    if (pn := match.get("path")) is not None:
-                        path = _path(pn, hr)
-                    headers = tuple(
-                        _string_match(
-                            check_fields(h, hr, ("type", "name", "value")),
-                            hr,
-                            HEADER_TYPES,
-                            "Exact",
-                        )
-                        for h in (match.get("headers") or Node([], match.file)).list()
-                    )
+                if match is not None and not grpc:
                     query = tuple(
                         _string_match(
                             check_fields(q, hr, ("type", "name", "value")),
