@@ -111,6 +111,21 @@ def grpc_uds_cluster(name: str, socket_path: str, *more_paths: str) -> dict[str,
     }
 
 
+def http_uds_cluster(name: str, socket_path: str) -> dict[str, Any]:
+    """A plain HTTP/1.1 cluster over a Unix socket (extauth's HTTP ext_authz mode)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}
+            ],
+        },
+    }
+
+
 def front_bootstrap(
     *,
     listener_port: int,
@@ -296,6 +311,61 @@ def ext_authz_filter() -> dict[str, Any]:
             "transport_api_version": "V3",
             "failure_mode_allow": False,
         },
+    }
+
+
+def _ext_authz_http_service(path_prefix: str = "") -> dict[str, Any]:
+    """Envoy's HTTP ext_authz mode as docs/extauth.md configures it."""
+    service: dict[str, Any] = {
+        "server_uri": {
+            "uri": "http://outrider-extauth",
+            "cluster": "outrider_extauth_http",
+            "timeout": SIDECAR_TIMEOUT,
+        },
+        "authorization_request": {
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+            "headers_to_add": [
+                {
+                    "key": "x-outrider-client-address",
+                    "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                }
+            ],
+        },
+        "authorization_response": {
+            "allowed_upstream_headers": {
+                "patterns": [{"exact": "x-user"}, {"exact": "x-client-id"}]
+            },
+            "allowed_client_headers": {
+                "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
+            },
+        },
+    }
+    if path_prefix:
+        service["path_prefix"] = path_prefix
+    return service
+
+
+def ext_authz_http_filter() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": _ext_authz_http_service(),
+            "failure_mode_allow": False,
+        },
+    }
+
+
+def ext_authz_http_route(policy: str) -> dict[str, Any]:
+    """Per-route switch in HTTP mode: the policy travels in the path prefix."""
+    return {
+        "typed_per_filter_config": {
+            "envoy.filters.http.ext_authz": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3."
+                "ExtAuthzPerRoute",
+                "check_settings": {"http_service": _ext_authz_http_service(f"/policy/{policy}")},
+            }
+        }
     }
 
 

@@ -397,6 +397,8 @@ class Stack:
             cmd += ["--redis-url", self.redis_url]
         if spec.workers > 1:
             cmd += ["--workers", str(spec.workers)]
+        if spec.http:
+            cmd += ["--http-listen", f"unix:{spec.http_socket(sock)}"]
         proc = Process(f"outrider-{setup.name}", cmd, self.run_dir)
         self.processes.append(proc)
         proc.wait_until(

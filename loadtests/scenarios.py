@@ -45,6 +45,7 @@ class Sidecar:
     uses_redis: bool = False
     grpc_call: str = ""  # what the service-capacity gRPC user sends (grpc_service.py)
     workers: int = 1  # --workers N: N processes, sockets NAME-0.sock … NAME-{N-1}.sock
+    http: bool = False  # also --http-listen on ``http_socket(sock)`` (extauth's HTTP mode)
 
     def sockets(self, sock: str) -> list[str]:
         """The sockets Envoy connects to for a sidecar told to ``--listen unix:sock``."""
@@ -52,6 +53,12 @@ class Sidecar:
             return [sock]
         p = Path(sock)
         return [str(p.with_name(f"{p.stem}-{i}{p.suffix}")) for i in range(self.workers)]
+
+    @staticmethod
+    def http_socket(sock: str) -> str:
+        """Where a sidecar with ``http=True`` serves Envoy's HTTP ext_authz mode."""
+        p = Path(sock)
+        return str(p.with_name(f"{p.stem}-http{p.suffix}"))
 
     @property
     def module(self) -> Path:
@@ -205,6 +212,17 @@ def _ext_authz(policy: str) -> Callable[[Material, str, dict[str, Any]], EnvoyPa
     return parts
 
 
+def _ext_authz_http(policy: str) -> Callable[[Material, str, dict[str, Any]], EnvoyParts]:
+    def parts(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
+        return EnvoyParts(
+            http_filters=[ec.ext_authz_http_filter()],
+            route_extra=ec.ext_authz_http_route(policy),
+            clusters=[ec.http_uds_cluster("outrider_extauth_http", Sidecar.http_socket(sock))],
+        )
+
+    return parts
+
+
 def _extauth_scenario(
     name: str, policy: str, native_name: str, native: Callable[[Material], dict], summary: str,
     goal: Goal | None,
@@ -222,9 +240,21 @@ def _extauth_scenario(
                 _ext_authz(policy),
                 Sidecar("extauth", "extauth.yaml", _extauth_files, grpc_call=name),
             ),
+            Setup(
+                "outrider-http",
+                "outrider",
+                _ext_authz_http(policy),
+                Sidecar("extauth", "extauth.yaml", _extauth_files, http=True),
+            ),
         ),
-        comparisons=(Comparison("outrider", native_name, goal),),
-        p99_tax_goals={"outrider": Goal("tax_max_us", 1000)},
+        comparisons=(
+            Comparison("outrider", native_name, goal),
+            Comparison("outrider-http", native_name, goal),
+        ),
+        p99_tax_goals={
+            "outrider": Goal("tax_max_us", 1000),
+            "outrider-http": Goal("tax_max_us", 1000),
+        },
     )
 
 

@@ -185,6 +185,7 @@ class CompiledPolicy:
         for step in self.steps:
             headers |= step.authenticator.identity_headers
         self.identity_headers = frozenset(headers)
+        self._identity_headers_sorted = tuple(sorted(headers))
 
     async def evaluate(self, req: CheckRequest, now: float) -> Decision:
         ctx = AuthContext(self.name, now)
@@ -238,7 +239,7 @@ class CompiledPolicy:
                 metadata.setdefault(key, value)
         # Forged copies of identity headers go; the ones set above overwrite in place
         # (Envoy applies removals after sets, so a set header must not be listed here).
-        for name in sorted(self.identity_headers):
+        for name in self._identity_headers_sorted:
             if name not in upstream and name not in remove:
                 remove.append(name)
         remove = [h for h in dict.fromkeys(remove) if h not in upstream]

@@ -51,4 +51,8 @@ class ExtauthMetrics:
         self._jwks.labels(uri, result).inc()
 
     def cache(self, kind: str, hit: bool) -> None:
-        self._cache.labels(kind, "hit" if hit else "miss").inc()
+        key = ("cache", kind, str(hit))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._cache.labels(kind, "hit" if hit else "miss")
+        child.inc()  # type: ignore[attr-defined]
