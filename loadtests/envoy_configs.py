@@ -185,6 +185,21 @@ def upstream_bootstrap(*, listener_port: int, admin_port: int) -> dict[str, Any]
     }
 
 
+def authz_floor_bootstrap(*, socket_path: str, admin_port: int) -> dict[str, Any]:
+    """A reference HTTP ext_authz server in C++: an Envoy on a Unix socket allowing everything.
+
+    What an out-of-process authorization call costs on this machine when the server
+    itself costs almost nothing (see ``loadtests/floor.py`` for the grpc.aio references).
+    """
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
+    listener = _listener(0, [], route)
+    listener["address"] = {"pipe": {"path": socket_path}}
+    return {
+        "admin": _admin(admin_port),
+        "static_resources": {"listeners": [listener], "clusters": []},
+    }
+
+
 # ---------------------------------------------------------------- rate limiting
 
 RATELIMIT_DOMAIN = "bench"

@@ -179,7 +179,7 @@ def goals_table(results: list[dict[str, Any]]) -> list[str]:
                 f"{_met(c['met'])} | {_met(est_met)} |"
             )
         for t in res["taxes"]:
-            if res["setups"].get(t["setup"]) != "outrider":
+            if res["setups"].get(t["setup"]) not in ("outrider", "reference"):
                 continue
             lines.append(
                 f"| {res['scenario']} | p99 latency tax {t['setup']} (p50 "

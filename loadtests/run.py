@@ -383,6 +383,22 @@ class Stack:
     def _start_sidecar(self, setup: Setup, sock: str) -> Process:
         spec = setup.sidecar
         assert spec is not None
+        if spec.reference == "envoy-authz":
+            proc = start_envoy(
+                f"reference-{setup.name}",
+                ec.authz_floor_bootstrap(
+                    socket_path=spec.http_socket(sock), admin_port=free_port()
+                ),
+                self.run_dir,
+            )
+            self.processes.append(proc)
+            return proc
+        if spec.reference:
+            cmd = [sys.executable, "-m", "loadtests.floor", spec.reference, f"unix:{sock}"]
+            proc = Process(f"reference-{setup.name}", cmd, self.run_dir)
+            self.processes.append(proc)
+            proc.wait_until(lambda: Path(sock).exists(), "socket")
+            return proc
         conf_dir = self.run_dir / f"{setup.name}.conf"
         for rel, content in spec.write_config(self.material, self.context[setup.name]).items():
             target = conf_dir / rel
@@ -504,8 +520,8 @@ def smoke_check(scenario: Scenario, stack: Stack, material: Material) -> None:
         status = http_status(running.url + "/", headers)
         if status != 200:
             raise RuntimeError(f"{scenario.name}/{name}: smoke request got {status}, expected 200")
-        if running.setup.role == "baseline":
-            continue
+        if running.setup.role in ("baseline", "reference"):
+            continue  # references limit nothing and allow everything, by design
         if scenario.name.startswith("extauth") or scenario.login:
             denied = http_status(running.url + "/", {})
             if denied not in (401, 403, 302):
@@ -648,7 +664,9 @@ def profile_scenario(scenario: Scenario, seconds: float, results_dir: Path) -> l
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
-    setups = [s for s in scenario.setups if s.sidecar and s.sidecar.available()]
+    setups = [
+        s for s in scenario.setups if s.sidecar and s.sidecar.available() and s.role == "outrider"
+    ]
     if not setups:
         progress(f"{scenario.name}: no Outrider setup built yet; nothing to profile")
         return []

@@ -46,6 +46,9 @@ class Sidecar:
     grpc_call: str = ""  # what the service-capacity gRPC user sends (grpc_service.py)
     workers: int = 1  # --workers N: N processes, sockets NAME-0.sock … NAME-{N-1}.sock
     http: bool = False  # also --http-listen on ``http_socket(sock)`` (extauth's HTTP mode)
+    #: instead of Outrider, ``python -m loadtests.floor REFERENCE`` (a constant-answer
+    #: grpc.aio server: the ceiling of any grpc.aio service here)
+    reference: str = ""
 
     def sockets(self, sock: str) -> list[str]:
         """The sockets Envoy connects to for a sidecar told to ``--listen unix:sock``."""
@@ -62,6 +65,8 @@ class Sidecar:
 
     @property
     def module(self) -> Path:
+        if self.reference:
+            return REPO / "loadtests" / "floor.py"
         return REPO / "services" / self.service / "main.py"
 
     def available(self) -> bool:
@@ -71,7 +76,7 @@ class Sidecar:
 @dataclass(frozen=True)
 class Setup:
     name: str
-    role: str  # baseline | native | outrider
+    role: str  # baseline | native | outrider | reference (loadtests/floor.py)
     # (material, sidecar socket, context) → parts
     envoy: Callable[[Material, str, dict[str, Any]], EnvoyParts]
     sidecar: Sidecar | None = None
@@ -112,6 +117,19 @@ def _baseline(_m: Material, _sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
 
 
 BASELINE = Setup("baseline", "baseline", _baseline)
+
+
+def _floor(kind: str, grpc_call: str) -> Sidecar:
+    """A constant-answer grpc.aio server (``loadtests/floor.py``) in place of the sidecar."""
+    return Sidecar(kind, "", lambda _m, _c: {}, grpc_call=grpc_call, reference=kind)
+
+
+FLOOR_NOTE = (
+    "`grpc-floor` is a reference, not Outrider: a grpc.aio server on uvloop answering every "
+    "call with a constant reply built once (`loadtests/floor.py`), where the sidecar would be. "
+    "It is the ceiling of any grpc.aio service on this machine; Outrider's own code costs the "
+    "difference between it and the Outrider setup."
+)
 
 # ---------------------------------------------------------------- ratelimit
 
@@ -156,11 +174,14 @@ RATELIMIT = Scenario(
             _global_ratelimit,
             Sidecar("ratelimit", "ratelimit", _ratelimit_files, grpc_call="ratelimit"),
         ),
+        Setup("grpc-floor", "reference", _global_ratelimit, _floor("ratelimit", "ratelimit")),
     ),
     comparisons=(
         Comparison("outrider-redis", "local_ratelimit", Goal("ratio_min", 0.5)),
         Comparison("outrider-memory", "local_ratelimit", None),
+        Comparison("grpc-floor", "local_ratelimit", None),
     ),
+    notes=FLOOR_NOTE + " It limits nothing: the hot keys get 200s from it.",
     p99_tax_goals={
         "outrider-redis": Goal("tax_max_us", 1000),
         "outrider-memory": Goal("tax_max_us", 1000),
@@ -223,10 +244,27 @@ def _ext_authz_http(policy: str) -> Callable[[Material, str, dict[str, Any]], En
     return parts
 
 
+#: C++ reference for the HTTP mode: an Envoy answering 200 on the sidecar's HTTP socket.
+ENVOY_AUTHZ_FLOOR = Sidecar("extauth", "", lambda _m, _c: {}, reference="envoy-authz")
+ENVOY_FLOOR_NOTE = (
+    "`envoy-floor` is a second reference: Envoy's HTTP ext_authz mode calling another Envoy "
+    "that answers 200 at once on a Unix socket, i.e. what the out-of-process hop alone costs "
+    "here with a server in C++."
+)
+
+
 def _extauth_scenario(
     name: str, policy: str, native_name: str, native: Callable[[Material], dict], summary: str,
     goal: Goal | None,
 ) -> Scenario:  # fmt: skip
+    floor = (
+        (
+            Setup("grpc-floor", "reference", _ext_authz(policy), _floor("extauth", name)),
+            Setup("envoy-floor", "reference", _ext_authz_http(policy), ENVOY_AUTHZ_FLOOR),
+        )
+        if goal
+        else ()
+    )
     return Scenario(
         name=name,
         locustfile=LOCUSTFILES / f"{name.replace('-', '_')}.py",
@@ -246,10 +284,17 @@ def _extauth_scenario(
                 _ext_authz_http(policy),
                 Sidecar("extauth", "extauth.yaml", _extauth_files, http=True),
             ),
+            *floor,
         ),
         comparisons=(
             Comparison("outrider", native_name, goal),
             Comparison("outrider-http", native_name, goal),
+            *(Comparison(f.name, native_name, None) for f in floor),
+        ),
+        notes=(
+            "`outrider` is the gRPC mode, `outrider-http` the same sidecar in Envoy's HTTP "
+            "ext_authz mode (`--http-listen`, docs/extauth.md)."
+            + (" " + FLOOR_NOTE + " It allows every request. " + ENVOY_FLOOR_NOTE if floor else "")
         ),
         p99_tax_goals={
             "outrider": Goal("tax_max_us", 1000),
@@ -328,15 +373,23 @@ EXTPROC_HEADERS = Scenario(
             _ext_proc("headers", "NONE", True, workers=2),
             Sidecar("extproc", "extproc.yaml", _extproc_files, workers=2),
         ),
+        Setup(
+            "grpc-floor",
+            "reference",
+            _ext_proc("headers", "NONE", True),
+            _floor("extproc", "extproc-headers"),
+        ),
     ),
     comparisons=(
         Comparison("outrider", "header_mutation", Goal("ratio_min", 0.4)),
         Comparison("outrider-workers2", "header_mutation", None),
+        Comparison("grpc-floor", "header_mutation", None),
     ),
     p99_tax_goals={"outrider": Goal("tax_max_us", 1500)},
     notes="`outrider-workers2` runs `outrider extproc --workers 2` (two processes, one socket "
     "each, Envoy balancing over both): on this 2-core machine they compete with Envoy and the "
-    "load generator, so it shows the cost of the supervisor layout more than real scaling.",
+    "load generator, so it shows the cost of the supervisor layout more than real scaling. "
+    + FLOOR_NOTE,
 )
 
 EXTPROC_JSON = Scenario(

@@ -1,0 +1,102 @@
+"""Reference servers for the benchmarks: what grpc.aio itself costs, with no service logic.
+
+Each answers Envoy's calls with a constant reply built once, on the same runtime the
+sidecars use (grpc.aio on uvloop, one process, Unix socket). Run beside the Outrider
+setups, they show the ceiling any grpc.aio service can reach on the machine: the
+difference between a reference and the Outrider setup is what Outrider's own code
+costs; the difference between the reference and the native filter is the price of
+the gRPC hop in Python.
+
+    python -m loadtests.floor ratelimit|extauth|extproc unix:/path.sock
+
+They are benchmark references, not services: the rate limit reference limits nothing,
+the extauth reference allows everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import grpc
+import uvloop
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from loadtests.envoy_configs import BENCH_HEADER
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+class ConstantRateLimit(rls_pb2_grpc.RateLimitServiceServicer):
+    RESPONSE = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+
+    async def ShouldRateLimit(self, request: Any, context: Any) -> rls_pb2.RateLimitResponse:
+        return self.RESPONSE
+
+
+class ConstantAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
+    RESPONSE = external_auth_pb2.CheckResponse()
+    RESPONSE.ok_response.SetInParent()
+
+    async def Check(self, request: Any, context: Any) -> external_auth_pb2.CheckResponse:
+        return self.RESPONSE
+
+
+def _set_bench_header() -> ext_proc_pb2.CommonResponse:
+    common = ext_proc_pb2.CommonResponse()
+    common.header_mutation.set_headers.add(
+        header=base_pb2.HeaderValue(key=BENCH_HEADER, raw_value=b"1"), append_action=OVERWRITE
+    )
+    return common
+
+
+class ConstantProcessor(ext_proc_pb2_grpc.ExternalProcessorServicer):
+    """The extproc-headers chain's replies, constant: what the native header_mutation does."""
+
+    REQUEST = ext_proc_pb2.ProcessingResponse()
+    REQUEST.request_headers.response.CopyFrom(_set_bench_header())
+    REQUEST.request_headers.response.header_mutation.remove_headers.append("x-remove-me")
+    RESPONSE = ext_proc_pb2.ProcessingResponse()
+    RESPONSE.response_headers.response.CopyFrom(_set_bench_header())
+
+    async def Process(self, request_iterator: Any, context: Any) -> None:
+        while (msg := await context.read()) is not grpc.aio.EOF:
+            kind = msg.WhichOneof("request")
+            if kind == "request_headers":
+                await context.write(self.REQUEST)
+            elif kind == "response_headers":
+                await context.write(self.RESPONSE)
+            else:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{kind} not handled")
+
+
+async def serve(kind: str, target: str) -> None:
+    server = grpc.aio.server()
+    if kind == "ratelimit":
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(ConstantRateLimit(), server)
+    elif kind == "extauth":
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ConstantAuthorization(), server)
+    else:
+        ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(ConstantProcessor(), server)
+    server.add_insecure_port(target)
+    await server.start()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=("ratelimit", "extauth", "extproc"))
+    parser.add_argument("target", help="unix:/abs/path.sock")
+    args = parser.parse_args()
+    uvloop.run(serve(args.kind, args.target))
+
+
+if __name__ == "__main__":
+    main()
