@@ -353,6 +353,7 @@ def _ext_authz_http_service(path_prefix: str = "") -> dict[str, Any]:
             "allowed_client_headers": {
                 "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
             },
+            "dynamic_metadata_from_headers": {"patterns": [{"prefix": "x-outrider-"}]},
         },
     }
     if path_prefix:

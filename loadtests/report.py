@@ -35,6 +35,13 @@ INTRO = """\
   `loadtests/envoy_configs.py`, `loadtests/scenarios.py`; each is checked with
   `envoy --mode validate` before it starts. Every front Envoy runs with
   `--concurrency 1`.
+- **References** (role `reference`, not Outrider). `grpc-floor` puts a grpc.aio server
+  on uvloop that answers every call with a constant reply where the sidecar would be
+  (`loadtests/floor.py`): the most any grpc.aio service can do on this machine, so the
+  gap between it and an Outrider setup is what Outrider's own code costs, and the gap
+  between it and the native twin is the price of a gRPC hop into Python. `envoy-floor`
+  (JWT and Basic scenarios) answers Envoy's HTTP ext_authz calls with another Envoy
+  (C++, `direct_response` 200 on a Unix socket): the cost of the out-of-process hop alone.
 - **Upstream.** A second Envoy answering every request with a fixed
   `direct_response` (`{"ok":true}`). It costs every setup the same few microseconds (its
   CPU is in the JSON) and, unlike the Python echo upstream, never becomes the bottleneck;

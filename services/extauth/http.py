@@ -10,8 +10,10 @@ client address, which HTTP mode does not carry, comes from
 
 Allow: 200, upstream headers as response headers (Envoy copies those listed in
 ``authorization_response.allowed_upstream_headers``), headers to remove in
-``x-envoy-auth-headers-to-remove``. Deny: the denial's status, headers and body.
-Dynamic metadata (per-user rate limits) needs the gRPC mode.
+``x-envoy-auth-headers-to-remove``, and the dynamic metadata's top-level scalar values
+as ``x-outrider-<key>`` headers (``client_id`` → ``x-outrider-client-id``), which
+``authorization_response.dynamic_metadata_from_headers`` turns into Envoy dynamic
+metadata (per-user rate limits). Deny: the denial's status, headers and body.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from services.common.httpserver import start_http
 from services.common.listeners import Address
 
 from .core import CheckRequest, Decision
+from .jwt import header_value
 
 log = logging.getLogger("outrider.extauth.http")
 
 POLICY_PREFIX = "/policy/"
 CLIENT_ADDRESS_HEADER = "x-outrider-client-address"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+#: Allowed checks carry the dynamic metadata in headers with this prefix.
+METADATA_HEADER_PREFIX = "x-outrider-"
 #: Headers Envoy adds to the check request itself; never treated as client headers.
 _ENVOY_ADDED = frozenset({CLIENT_ADDRESS_HEADER, "x-envoy-expected-rq-timeout-ms"})
 
@@ -77,6 +82,11 @@ def request_from_http(request: web.Request) -> CheckRequest:
     )
 
 
+def metadata_header(key: str) -> str:
+    """The HTTP-mode header of a dynamic metadata key: ``client_id`` → ``x-outrider-client-id``."""
+    return METADATA_HEADER_PREFIX + key.replace("_", "-").lower()
+
+
 def response_from_decision(decision: Decision) -> web.Response:
     if not decision.allow:
         return web.Response(
@@ -94,6 +104,11 @@ def response_from_decision(decision: Decision) -> web.Response:
         response.headers[name] = value
     if decision.headers_to_remove:
         response.headers[REMOVE_HEADER] = ",".join(decision.headers_to_remove)
+    for key, value in decision.dynamic_metadata.items():
+        # scalars only: nested values (JWT claims) need the gRPC mode's structured metadata
+        text = header_value(value) if not isinstance(value, list) else None
+        if text is not None:
+            response.headers[metadata_header(key)] = text
     for name, value in decision.response_headers:
         response.headers.add(name, value)
     return response

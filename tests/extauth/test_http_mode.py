@@ -55,6 +55,8 @@ def http_service(port: int, policy: str | None) -> dict[str, Any]:
             "allowed_client_headers": {
                 "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
             },
+            # the check's dynamic metadata travels as x-outrider-* headers
+            "dynamic_metadata_from_headers": {"patterns": [{"prefix": "x-outrider-"}]},
         },
     }
     if policy is not None:
@@ -74,11 +76,22 @@ def envoy_http_mode(
         },
     }
     routes = []
+    # what later filters see of the check's dynamic metadata, shown to the upstream
+    seen = [
+        {
+            "header": {
+                "key": f"x-seen-{key}",
+                "value": f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:x-outrider-{key})%",
+            }
+        }
+        for key in ("policy", "principal", "client-id")
+    ]
     for name in ("jwt", "basic", "apikey", "cidr-allow", "cidr-deny"):
         routes.append(
             {
                 "match": {"prefix": f"/{name}/"},
                 "route": {"cluster": "upstream"},
+                "request_headers_to_add": seen,
                 "typed_per_filter_config": {
                     "envoy.filters.http.ext_authz": {
                         "@type": PER_ROUTE,
@@ -167,9 +180,14 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     echoed = json.loads(body)
     assert echoed["headers"]["x-user"] == "alice"
     assert echoed["path"].startswith("/jwt/a")
+    # dynamic metadata (what a rate limit `metadata` action reads), not upstream headers
+    assert echoed["headers"]["x-seen-principal"] == "alice"
+    assert echoed["headers"]["x-seen-policy"] == "jwt"
+    assert not any(h.startswith("x-outrider-") for h in echoed["headers"])
 
     status, headers, body = http_call(f"{http_mode}/jwt/a", {"authorization": "Bearer a.b.c"})
     assert status == 401
+    assert not any(h.startswith("x-outrider-") for h in headers)
     assert headers["www-authenticate"].startswith('Bearer realm="jwt"')
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"] == "Unauthorized"
@@ -188,6 +206,7 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     upstream = json.loads(body)["headers"]
     assert upstream["x-client-id"] == "client-a"
     assert "x-api-key" not in upstream
+    assert upstream["x-seen-client-id"] == "client-a"
 
     assert http_call(f"{http_mode}/cidr-allow/", {})[0] == 200
     assert http_call(f"{http_mode}/cidr-deny/", {})[0] == 403
