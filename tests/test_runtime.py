@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.harness.outrider import REPO
-from tests.harness.procs import ManagedProcess, free_port, http_get, wait_until
+from tests.harness.procs import ManagedProcess, free_port, http_get, replace_text, wait_until
 
 SAMPLE = [sys.executable, "-m", "tests.harness.sample_service"]
 METHOD = "/outrider.test.Sample/Sleep"
@@ -77,7 +77,7 @@ def test_health_follows_readiness(config: Path, sockdir: Path) -> None:
         assert "config says ready: false" in http_get(admin + "/readyz")[1]
         assert health(target) == NOT_SERVING
         assert health(target, "outrider.test.Sample") == NOT_SERVING
-        config.write_text("greeting: hello\nready: true\n")
+        replace_text(config, "greeting: hello\nready: true\n")
         wait_until(lambda: health(target) == SERVING, 10, "health SERVING")
         assert health(target, "outrider.test.Sample") == SERVING
         assert http_get(admin + "/readyz")[0] == 200
@@ -90,9 +90,9 @@ def test_reload_good_then_bad_keeps_old_config(config: Path, sockdir: Path) -> N
     target = f"unix:{sockdir / 's.sock'}"
     proc, admin = start_sample(config, "--listen", target, "--reload-interval", "0.2")
     try:
-        config.write_text("greeting: second\n")
+        replace_text(config, "greeting: second\n")
         wait_until(lambda: call(target) == "second", 10, "the good config to be applied")
-        config.write_text("greeting: [unclosed\n")
+        replace_text(config, "greeting: [unclosed\n")
         wait_until(
             lambda: (
                 'outrider_config_reloads_total{result="failure",service="sample"} 1.0'
@@ -107,7 +107,7 @@ def test_reload_good_then_bad_keeps_old_config(config: Path, sockdir: Path) -> N
         assert "invalid YAML" in body
         assert str(config) in body
         assert "config reload (file changed) rejected" in proc.output()
-        config.write_text("greeting: 3\n")  # valid YAML, wrong type: named field in the error
+        replace_text(config, "greeting: 3\n")  # valid YAML, wrong type: named field in the error
         wait_until(lambda: "greeting: expected a string; got 3" in proc.output(), 10, "error")
         assert call(target) == "second"
     finally:
@@ -118,7 +118,7 @@ def test_sighup_reloads(config: Path, sockdir: Path) -> None:
     target = f"unix:{sockdir / 's.sock'}"
     proc, _ = start_sample(config, "--listen", target, "--reload-interval", "3600")
     try:
-        config.write_text("greeting: after-hup\n")
+        replace_text(config, "greeting: after-hup\n")
         time.sleep(0.1)
         assert call(target) == "hello"
         proc.signal(signal.SIGHUP)

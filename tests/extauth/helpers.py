@@ -20,7 +20,7 @@ from passlib.hash import sha256_crypt, sha512_crypt
 
 from services.extauth.config import load_config
 from services.extauth.core import CheckRequest
-from tests.harness.procs import free_port
+from tests.harness.procs import free_port, replace_text
 
 ISSUER = "https://idp.test"
 AUDIENCE = "api://outrider"
@@ -149,7 +149,7 @@ def write_config(directory: Path, policies: dict[str, Any]) -> Path:
     import yaml
 
     path = directory / "extauth.yaml"
-    path.write_text(yaml.safe_dump({"policies": policies}, sort_keys=False))
+    replace_text(path, yaml.safe_dump({"policies": policies}, sort_keys=False))
     return path
 
 

@@ -15,6 +15,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests.extauth.helpers import apache_htpasswd, basic_header, write_config
 from tests.harness.outrider import REPO
+from tests.harness.procs import replace_text
 
 
 def check(socket_path: Path, headers: dict[str, str], policy: str = "basic") -> int:
@@ -58,7 +59,7 @@ def test_htpasswd_change_reloads_and_bad_file_keeps_old(
         assert time.monotonic() < deadline, proc.output()
         time.sleep(0.1)
 
-    users.write_text(users.read_text() + "eve:hunter2secret\n")  # refused: the old users stay
+    replace_text(users, users.read_text() + "eve:hunter2secret\n")  # refused: the old users stay
     deadline = time.monotonic() + 10
     while "not hashed" not in proc.get("/config")[1]:
         assert time.monotonic() < deadline, proc.output()

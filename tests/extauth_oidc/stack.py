@@ -28,6 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from tests.harness.envoy import bootstrap, grpc_uds_cluster, http_cluster
+from tests.harness.procs import replace_text
 
 ACCOUNTS = {
     "alice": {
@@ -171,7 +172,7 @@ def provider_client(
 
 def write_policies(directory: Path, policies: dict[str, Any]) -> Path:
     path = directory / "extauth.yaml"
-    path.write_text(yaml.safe_dump({"policies": policies}, sort_keys=False))
+    replace_text(path, yaml.safe_dump({"policies": policies}, sort_keys=False))
     return path
 
 

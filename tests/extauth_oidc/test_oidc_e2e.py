@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import pytest
 
 from tests.extauth_oidc.conftest import OidcEnv
-from tests.harness.procs import http_get, wait_until
+from tests.harness.procs import http_get, replace_text, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -345,14 +345,14 @@ async def test_cookie_secret_rotation(oidc_env: Callable[..., OidcEnv]) -> None:
         wait_until(loaded, 15, f"extauth to reload with {count} cookie secrets")
 
     # Prepend a new secret: old sessions still open, new ones are sealed with it.
-    await asyncio.to_thread(secrets_file.write_text, f"{new_secret}\n{old_secret}\n")
+    await asyncio.to_thread(replace_text, secrets_file, f"{new_secret}\n{old_secret}\n")
     wait_for_secrets(2)
     assert (await before.fetch(f"{env.app}/still", headers=API)).status == 200
     after = env.browser()
     assert (await after.navigate(f"{env.app}/")).status == 200
 
     # Drop the old secret after the grace period: only the new sessions remain valid.
-    await asyncio.to_thread(secrets_file.write_text, f"{new_secret}\n")
+    await asyncio.to_thread(replace_text, secrets_file, f"{new_secret}\n")
     wait_for_secrets(1)
     assert (await before.fetch(f"{env.app}/old", headers=API)).status == 401
     assert (await after.fetch(f"{env.app}/new", headers=API)).status == 200

@@ -23,6 +23,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Rewrite a watched file in one step, the way a Kubernetes ConfigMap update does.
+
+    ``Path.write_text`` truncates first, so a service polling the file can read
+    it empty or half written and (rightly) reject that; tests that assert on
+    the next reload's outcome must not race with their own writes.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def short_tmpdir(prefix: str = "or-") -> Path:
     """A fresh directory under /tmp: AF_UNIX paths must stay under 108 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -18,7 +18,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from tests.harness.envoy import bootstrap, grpc_uds_cluster, http_cluster, route
-from tests.harness.procs import free_port, http_get, wait_until
+from tests.harness.procs import free_port, http_get, replace_text, wait_until
 
 CONFIG = """domain: e2e
 descriptors:
@@ -262,8 +262,9 @@ def test_config_reload_mid_traffic_without_failed_calls(stack: Callable[..., Sta
     worker.start()
     try:
         time.sleep(0.5)
-        (s.config_dir / "e2e.yaml").write_text(
-            CONFIG.replace("requests_per_unit: 3}", "requests_per_unit: 1}")
+        replace_text(
+            s.config_dir / "e2e.yaml",
+            CONFIG.replace("requests_per_unit: 3}", "requests_per_unit: 1}"),
         )
         wait_until(
             lambda: '"requests_per_unit": 1,' in s.service.get("/config")[1], 10, "reload applied"
