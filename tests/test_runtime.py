@@ -312,4 +312,4 @@ def test_usage_error_from_a_service_exits_2_when_run_as_module(tmp_path: Path) -
         timeout=30,
     )
     assert result.returncode == 2, result.stderr
-    assert "--workers needs unix: --listen addresses" in result.stderr
+    assert "--workers needs unix: addresses for --listen" in result.stderr

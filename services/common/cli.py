@@ -207,6 +207,14 @@ class ServiceCommand:
             "--socket-mode", type=octal_mode, default=None, help="mode of unix sockets, e.g. 0660"
         )
         parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+        parser.add_argument(
+            "--workers",
+            type=positive_int,
+            default=1,
+            metavar="N",
+            help="N worker processes, worker i listening on <listen path>-i.sock "
+            "(unix listeners only; Envoy balances over N pipe endpoints)",
+        )
         add_logging_arguments(parser)
         self.factory.add_arguments(parser)
 
@@ -224,10 +232,25 @@ class ServiceCommand:
     def run(self, args: argparse.Namespace) -> int:
         setup_logging(args.log_level, args.log_format)
         install_event_loop(args.event_loop)
+        if args.workers > 1:
+            return self.run_workers(args)
         registry = CollectorRegistry()
         service = self.factory.create(args, registry)
         runtime = Runtime(service, self.options(args), registry)
         return asyncio.run(runtime.run())
+
+    def run_workers(self, args: argparse.Namespace) -> int:
+        from .workers import Supervisor
+
+        options = self.options(args)
+        extra = self.factory.worker_addresses(args)
+        if any(not a.is_unix for a in (*options.listen, *extra.values())):
+            flags = ", ".join(("--listen", *extra))
+            raise UsageError(f"--workers needs unix: addresses for {flags} (one socket per worker)")
+        # Validate the config once up front: a bad config exits 2 before any worker starts.
+        self.factory.create(args, CollectorRegistry()).load_config(args.config)
+        paths = {flag: str(a.unix_path) for flag, a in extra.items()}
+        return Supervisor(self.name, args.argv, options, args.workers, paths).run()
 
 
 def load_command(name: str) -> Command:
@@ -260,6 +283,7 @@ def run_command(command: Command, argv: Sequence[str]) -> int:
         command.add_arguments(subparser)
     args = parse_with_environment(subparser, argv)
     args.command = command.name
+    args.argv = list(argv)  # as given: --workers starts each worker with the same flags
     try:
         return command.run(args)
     except ConfigError as exc:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import grpc
 from prometheus_client import CollectorRegistry
 
+from .listeners import Address
+
 
 class UsageError(Exception):
     """A flag value that parses but makes no sense (exit 2).
@@ -78,3 +80,9 @@ class ServiceFactory(Protocol):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> Service: ...
+
+    def worker_addresses(self, args: argparse.Namespace) -> dict[str, Address]:
+        """For ``--workers N``: the address flags besides ``--listen`` each worker needs its
+        own copy of (e.g. ``{"--http-listen": ...}``); raise :class:`UsageError` when these
+        flags cannot be served by several processes."""
+        ...

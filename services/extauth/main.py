@@ -8,6 +8,7 @@ import sys
 from prometheus_client import CollectorRegistry
 
 from services.common.cli import ServiceCommand, address, positive_float, run_command
+from services.common.listeners import Address
 
 from .metrics import ExtauthMetrics
 from .service import ExtauthService
@@ -57,6 +58,11 @@ class ExtauthFactory:
             metavar="SECONDS",
             help="least time between two refetches triggered by unknown key ids",
         )
+
+    def worker_addresses(self, args: argparse.Namespace) -> dict[str, Address]:
+        # Caches (verified tokens, Basic successes, JWKS) are per worker; nothing else is
+        # held in the process (OIDC sessions live in the cookie or in Redis).
+        return {} if args.http_listen is None else {"--http-listen": args.http_listen}
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> ExtauthService:
         return ExtauthService(

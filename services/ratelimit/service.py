@@ -16,7 +16,8 @@ from prometheus_client.registry import Collector
 
 from services.common.cli import non_negative_int, positive_float, positive_int
 from services.common.configfile import config_files
-from services.common.service import Readiness
+from services.common.listeners import Address
+from services.common.service import Readiness, UsageError
 
 from . import grpc as transport
 from .backends.memory import MemoryStore
@@ -288,3 +289,11 @@ class Factory:
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
         return RateLimitService(args, metrics)
+
+    def worker_addresses(self, args: argparse.Namespace) -> dict[str, Address]:
+        if not args.redis_url:
+            raise UsageError(
+                "--workers needs --redis-url: with the in-memory store each worker would "
+                "count on its own and let N times the limit through"
+            )
+        return {}

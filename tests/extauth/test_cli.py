@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -98,3 +100,57 @@ def test_bad_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{config}: policies.p.basicAuth.htpasswd: htpasswd line 1" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def http_check(socket_path: Path, headers: dict[str, str], policy: str = "basic") -> int:
+    """One HTTP ext_authz mode check, as Envoy sends it, over a unix socket."""
+    conn = http.client.HTTPConnection("localhost", timeout=5)
+    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.sock.settimeout(5)
+    conn.sock.connect(str(socket_path))
+    try:
+        conn.request("GET", f"/policy/{policy}/", headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_workers_serve_grpc_and_http_mode_each_on_their_own_sockets(
+    tmp_path: Path, sockdir: Path, outrider: Callable[..., Any]
+) -> None:
+    users = tmp_path / "users"
+    apache_htpasswd(users, {"ann": ("-s", "pw-ann")})
+    config = write_config(tmp_path, {"basic": {"basicAuth": {"htpasswdFile": "users"}}})
+    outrider(
+        "extauth",
+        "--config", str(config),
+        "--listen", f"unix:{sockdir / 'g.sock'}",
+        "--http-listen", f"unix:{sockdir / 'h.sock'}",
+        "--workers", "2",
+    )  # fmt: skip
+    good = {"authorization": basic_header("ann", "pw-ann")}
+    bad = {"authorization": basic_header("ann", "wrong")}
+    for i in (0, 1):
+        assert check(sockdir / f"g-{i}.sock", good) == 200
+        assert check(sockdir / f"g-{i}.sock", bad) == 401
+        assert http_check(sockdir / f"h-{i}.sock", good) == 200
+        assert http_check(sockdir / f"h-{i}.sock", bad) == 401
+    assert not (sockdir / "g.sock").exists()
+    assert not (sockdir / "h.sock").exists()
+
+
+def test_workers_need_unix_http_listen(tmp_path: Path, sockdir: Path) -> None:
+    apache_htpasswd(tmp_path / "users", {"ann": ("-s", "pw-ann")})
+    config = write_config(tmp_path, {"basic": {"basicAuth": {"htpasswdFile": "users"}}})
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "services.common.cli", "extauth",
+            "--config", str(config),
+            "--listen", f"unix:{sockdir / 'g.sock'}",
+            "--http-listen", "127.0.0.1:0",
+            "--workers", "2",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--workers needs unix: addresses for --listen, --http-listen" in result.stderr

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from services.common.cli import ServiceCommand, run_command
 from services.common.configfile import ConfigError, read_yaml_files
-from services.common.service import Readiness
+from services.common.listeners import Address
+from services.common.service import Readiness, UsageError
 
 METHOD = "/outrider.test.Sample/Sleep"
 
@@ -87,6 +88,10 @@ class SampleFactory:
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> SampleService:
         return SampleService()
+
+    def worker_addresses(self, args: argparse.Namespace) -> dict[str, Address]:
+        # Workers are started as `outrider <name>`, and this service is not a subcommand.
+        raise UsageError("the sample service runs as one process")
 
 
 COMMAND = ServiceCommand(SampleFactory(), default_listen="unix:/tmp/outrider-sample.sock")

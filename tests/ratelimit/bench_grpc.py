@@ -3,6 +3,8 @@
     .venv/bin/python -m tests.ratelimit.bench_grpc --target unix:/tmp/rl.sock \
         --seconds 10 --concurrency 64 --processes 1
 
+With ``outrider ratelimit --workers N`` pass each worker's socket as a ``--target``.
+
 Each client process runs ``concurrency`` callers on one grpc.aio channel, each
 sending ShouldRateLimit for its own key of domain ``bench`` (descriptor key ``k``).
 """
@@ -77,7 +79,12 @@ def _cpu_seconds(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--target", required=True)
+    parser.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        help="repeatable (--workers sockets): client process i calls target i mod count",
+    )
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=1)
@@ -85,7 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     cpu_before = _cpu_seconds(args.server_pid)
     jobs = [
-        (args.target, args.seconds, args.concurrency, p * 100_000) for p in range(args.processes)
+        (args.target[p % len(args.target)], args.seconds, args.concurrency, p * 100_000)
+        for p in range(args.processes)
     ]
     with multiprocessing.Pool(args.processes) as pool:
         results = pool.map(_run, jobs)

@@ -389,3 +389,66 @@ def test_bad_redis_url_exits_2(
     )  # fmt: skip
     assert service.wait(20) == 2
     assert "--redis-url" in service.output()
+
+
+async def test_workers_share_one_limit_through_redis(
+    outrider: Callable[..., Any], tmp_path: Path, sockdir: Path, redis_server: Any
+) -> None:
+    """--workers 2: two processes, two sockets, one set of counters in Redis; the
+    environment (here the key prefix) reaches every worker."""
+    (tmp_path / "c.yaml").write_text(
+        "domain: conc\ndescriptors:\n"
+        "  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 7}\n"
+    )
+    service = outrider(
+        "ratelimit",
+        "--config", str(tmp_path),
+        "--listen", f"unix:{sockdir / 'rl.sock'}",
+        "--redis-url", redis_server.url,
+        "--workers", "2",
+        env={"OUTRIDER_PREFIX": "wk_"},
+    )  # fmt: skip
+    request = rls_pb2.RateLimitRequest(
+        domain="conc",
+        descriptors=[
+            ratelimit_pb2.RateLimitDescriptor(
+                entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="k", value="shared")]
+            )
+        ],
+    )
+    sockets = [sockdir / "rl-0.sock", sockdir / "rl-1.sock"]
+    async with (
+        grpc.aio.insecure_channel(f"unix:{sockets[0]}") as first,
+        grpc.aio.insecure_channel(f"unix:{sockets[1]}") as second,
+    ):
+        stubs = [rls_pb2_grpc.RateLimitServiceStub(c) for c in (first, second)]
+        responses = await asyncio.gather(
+            *(stubs[i % 2].ShouldRateLimit(request, timeout=10) for i in range(60))
+        )
+    ok = sum(1 for r in responses if r.overall_code == rls_pb2.RateLimitResponse.OK)
+    assert ok == 7, "the two workers must count in the same Redis key"
+    with redis_server.client() as client:
+        assert [k for k in client.keys("*") if k.startswith(b"wk_conc_k_shared_")]
+    status, metrics = service.get("/metrics")
+    assert status == 200
+    per_worker = {
+        line.split('worker="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("outrider_ratelimit_total_hits_total{")
+    }
+    assert per_worker == {"0", "1"}
+
+
+def test_workers_refuse_the_memory_store(
+    outrider: Callable[..., Any], tmp_path: Path, sockdir: Path
+) -> None:
+    (tmp_path / "e2e.yaml").write_text(CONFIG)
+    service = outrider(
+        "ratelimit",
+        "--config", str(tmp_path),
+        "--listen", f"unix:{sockdir / 'm.sock'}",
+        "--workers", "2",
+        admin=False,
+    )  # fmt: skip
+    assert service.wait(20) == 2
+    assert "--workers needs --redis-url" in service.output()

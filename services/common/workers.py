@@ -1,9 +1,17 @@
-"""``--workers N``: N extproc processes, one Unix socket each, under one supervisor.
+"""``--workers N``: N processes of one service, one Unix socket each, under one supervisor.
 
-Unix sockets are not balanced by SO_REUSEPORT, so each worker listens on its
-own socket derived from every ``--listen`` path: ``/run/outrider/extproc.sock``
-→ ``/run/outrider/extproc-0.sock`` … ``extproc-{N-1}.sock``. Envoy balances
-over them with a cluster of N ``pipe`` endpoints (docs/extproc.md).
+One Python process is bound to one core. Unix sockets are not balanced by
+SO_REUSEPORT, so each worker listens on its own socket derived from every
+unix address it serves (``--listen``, and extauth's ``--http-listen``):
+``/run/outrider/extproc.sock`` → ``/run/outrider/extproc-0.sock`` …
+``extproc-{N-1}.sock``. Envoy balances over them with a cluster of N ``pipe``
+endpoints.
+
+Workers run the same command line minus the per-worker flags (``--workers``,
+``--listen``, ``--admin`` and the service's own address flags, which the
+supervisor sets for each worker) and inherit the environment; a flag on the
+command line wins over its ``OUTRIDER_*`` variable, so the per-worker values
+always apply.
 
 Supervision policy:
 
@@ -21,36 +29,50 @@ Supervision policy:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.cli import ENV_PREFIX
-from services.common.listeners import Address, ListenError, prepare_unix_path
-from services.common.runtime import RuntimeOptions
+from .listeners import Address, ListenError, prepare_unix_path
+from .runtime import RuntimeOptions
 
-log = logging.getLogger("outrider.extproc.workers")
+log = logging.getLogger("outrider.workers")
 
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 RESTART_BACKOFF = 0.5
+#: Flags the supervisor sets itself for each worker.
+SUPERVISOR_FLAGS = ("--workers", "--listen", "--admin")
 
 
 def worker_path(path: str, index: int, suffix: str = "") -> str:
     p = Path(path)
     stem = p.name[: -len(p.suffix)] if p.suffix else p.name
     return str(p.with_name(f"{stem}-{index}{suffix or p.suffix or '.sock'}"))
+
+
+def without_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """``argv`` minus every ``--flag VALUE`` / ``--flag=VALUE`` of ``flags``."""
+    out: list[str] = []
+    skip_value = False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+        elif token in flags:
+            skip_value = True
+        elif not any(token.startswith(f"{flag}=") for flag in flags):
+            out.append(token)
+    return out
 
 
 class Worker:
@@ -60,8 +82,8 @@ class Worker:
         self.admin_path = admin_path
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, env: dict[str, str]) -> None:
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=env)
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(*self.argv)
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 
     def signal(self, sig: int) -> None:
@@ -71,38 +93,44 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, args: argparse.Namespace, options: RuntimeOptions) -> None:
-        self.args = args
+    """Runs ``count`` workers of ``command``; ``worker_addresses`` are per-worker unix flags.
+
+    ``argv`` is the supervisor's own command line after the subcommand name;
+    ``worker_addresses`` maps each address flag the service serves besides
+    ``--listen`` (e.g. ``--http-listen``) to its unix path, or is empty.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        argv: Sequence[str],
+        options: RuntimeOptions,
+        count: int,
+        worker_addresses: dict[str, str] | None = None,
+    ) -> None:
+        self.command = command
         self.options = options
-        self.count: int = args.workers
+        self.count = count
+        self._addresses = dict(worker_addresses or {})
+        self._shared_argv = without_flags(argv, (*SUPERVISOR_FLAGS, *self._addresses))
         self._stopping = asyncio.Event()
         self._deaths: deque[float] = deque()
-        self.workers = [self._worker(i) for i in range(self.count)]
+        self.workers = [self._worker(i) for i in range(count)]
         self.failed = False
 
     def _worker(self, i: int) -> Worker:
-        a = self.args
         first = self.options.listen[0].unix_path
         assert first is not None
         admin_path = worker_path(first, i, ".admin.sock")
-        argv = [sys.executable, "-m", "services.common.cli", "extproc", "--workers", "1"]
-        argv += ["--config", str(a.config)]
+        argv = [sys.executable, "-m", "services.common.cli", self.command, *self._shared_argv]
+        argv += ["--workers", "1"]
         for address in self.options.listen:
             assert address.unix_path is not None
             argv += ["--listen", f"unix:{worker_path(address.unix_path, i)}"]
+        for flag, path in self._addresses.items():
+            argv += [flag, f"unix:{worker_path(path, i)}"]
         argv += ["--admin", f"unix:{admin_path}"]
-        argv += ["--drain-timeout", str(a.drain_timeout)]
-        argv += ["--reload-interval", str(a.reload_interval)]
-        if a.socket_mode is not None:
-            argv += ["--socket-mode", f"{a.socket_mode:o}"]
-        argv += ["--event-loop", a.event_loop]
-        argv += ["--log-level", a.log_level, "--log-format", a.log_format]
         return Worker(i, argv, admin_path)
-
-    def _env(self) -> dict[str, str]:
-        # Every flag is passed explicitly; OUTRIDER_* left in the environment would
-        # make a worker, e.g., bind the supervisor's admin address.
-        return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> int:
@@ -116,12 +144,12 @@ class Supervisor:
         admin: web.AppRunner | None = None
         if self.options.admin is not None:
             admin = await self._start_admin(self.options.admin)
-        env = self._env()
         for w in self.workers:
-            await w.start(env)
-        watchers = [asyncio.create_task(self._watch(w, env)) for w in self.workers]
+            await w.start()
+        watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
         log.info(
-            "extproc supervisor: %d workers on %s",
+            "%s supervisor: %d workers on %s",
+            self.command,
             self.count,
             ", ".join(
                 worker_path(a.unix_path, 0).replace("-0.", f"-{{0..{self.count - 1}}}.")
@@ -154,7 +182,7 @@ class Supervisor:
         for w in self.workers:
             w.signal(sig)
 
-    async def _watch(self, w: Worker, env: dict[str, str]) -> None:
+    async def _watch(self, w: Worker) -> None:
         while True:
             assert w.proc is not None
             code = await w.proc.wait()
@@ -179,7 +207,7 @@ class Supervisor:
             await asyncio.sleep(RESTART_BACKOFF)
             if self._stopping.is_set():
                 return
-            await w.start(env)
+            await w.start()
 
     # -- admin ------------------------------------------------------------------------------
     async def _start_admin(self, address: Address) -> web.AppRunner:
