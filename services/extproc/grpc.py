@@ -293,6 +293,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         if chain is None:
             log.error("unknown chain %r requested (x-outrider-chain); closing the stream", name)
             metrics.protocol_violation("unknown_chain")
+            # Take the first message before closing: a client whose write is still in
+            # flight when the stream ends would see its own write fail (grpc.aio reports
+            # INTERNAL) instead of this status. Envoy always sends one message first.
+            await context.read()
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown extproc chain {name!r}")
             return
         metrics.stream_started(name)
