@@ -543,11 +543,7 @@ class RedisStore:
         connect_timeout: float | None = None,
         observe: Callable[[float], None] | None = None,
     ) -> None:
-        self.url = url
-        self.timeout = timeout
-        self.observe = observe
-        self.healthy = False
-        self.last_error = "not connected yet"
+        self._init_state(url, timeout, observe)
         # a connect may take longer than one call may wait (TLS, AUTH on a far Redis): calls
         # time out after ``timeout`` while the connect goes on in the background
         connect_timeout = connect_timeout if connect_timeout is not None else max(timeout, 1.0)
@@ -560,6 +556,16 @@ class RedisStore:
             for _ in range(max_inflight)
         ]
         self._next = 0
+
+    def _init_state(
+        self, url: str, timeout: float, observe: Callable[[float], None] | None
+    ) -> None:
+        """What every store keeps besides its connections: URL, per-call timeout, health."""
+        self.url = url
+        self.timeout = timeout
+        self.observe = observe
+        self.healthy = False
+        self.last_error = "not connected yet"
         self._probe: asyncio.Task[None] | None = None
 
     def _on_result(self, ok: bool, reason: str) -> None:
@@ -682,11 +688,7 @@ class RedisClusterStore(RedisStore):
         connect_timeout: float | None = None,
         observe: Callable[[float], None] | None = None,
     ) -> None:
-        self.url = url
-        self.timeout = timeout
-        self.observe = observe
-        self.healthy = False
-        self.last_error = "not connected yet"
+        self._init_state(url, timeout, observe)
         parts = urlsplit(url)
         user, password, netloc = _split_auth(parts.netloc)
         query = parse_qs(parts.query)
@@ -702,7 +704,6 @@ class RedisClusterStore(RedisStore):
             require_full_coverage=False,
         )
         self.batcher = Batcher(self._pipeline, max_inflight, timeout)
-        self._probe = None
 
     async def _pipeline(self, ops: list[Op]) -> list[Any]:
         assert self.cluster is not None
