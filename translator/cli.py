@@ -54,6 +54,13 @@ class TranslateCommand:
             help="native: Envoy's jwt_authn/basic_auth/api_key_auth/rbac instead of extauth",
         )
         parser.add_argument(
+            "--extauth-mode",
+            choices=["grpc", "http"],
+            default="grpc",
+            help="how Envoy calls extauth: gRPC, or Envoy's HTTP ext_authz mode on the "
+            "sidecar's --http-listen socket (faster; no OIDC, no query-string sanitize)",
+        )
+        parser.add_argument(
             "--backend",
             action="append",
             type=backend_mapping,
@@ -74,9 +81,17 @@ class TranslateCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         outdir: Path = args.output
+        if args.extauth_mode == "http" and (args.target == "gateway" or args.auth == "native"):
+            print(
+                "outrider translate: --extauth-mode http applies to --target envoy with "
+                "--auth sidecar only",
+                file=sys.stderr,
+            )
+            return 2
         options = Options(
             target=args.target,
             auth=args.auth,
+            extauth_mode=args.extauth_mode,
             backends=dict(args.backend or []),
             sockets={**DEFAULT_SOCKETS, **dict(args.socket or [])},
             listen_address=args.listen_address,

@@ -13,6 +13,7 @@ import datetime
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import betterproto2
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
@@ -53,6 +54,8 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.config.route.v3 import Route as EnvoyRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    AuthorizationRequest,
+    AuthorizationResponse,
     BufferSettings,
     CheckSettings,
     ExtAuthz,
@@ -88,20 +91,24 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import (
+    ListStringMatcher,
     RegexMatchAndSubstitute,
     RegexMatcher,
     StringMatcher,
 )
 from envoy_data_plane.google.protobuf import Any as PAny
 
+from services.extauth.http import CLIENT_ADDRESS_HEADER, METADATA_HEADER_PREFIX, POLICY_PREFIX
+
 from . import native
 from .gatewayapi import sort_key
-from .model import Backend, ExtProc, Route, StringMatch
+from .model import Backend, ExtProc, Route, Security, StringMatch
 from .model import Listener as ListenerIR
 from .ratelimit import DomainConfigs, local_rate_limit, string_matcher
 
 RATELIMIT_CLUSTER = "outrider_ratelimit"
 EXTAUTH_CLUSTER = "outrider_extauth"
+EXTAUTH_HTTP_CLUSTER = "outrider_extauth_http"
 EXTPROC_CLUSTER = "outrider_extproc"
 CHAIN_METADATA = "x-outrider-chain"
 
@@ -136,6 +143,7 @@ class EnvoyOptions:
     admin_port: int = 9901
     port_map: dict[int, int] = field(default_factory=dict)
     auth: str = "sidecar"  # or "native"
+    extauth_mode: str = "grpc"  # or "http": Envoy's HTTP ext_authz mode on the sidecar
 
 
 def _dur(ms: int) -> datetime.timedelta:
@@ -190,6 +198,81 @@ def cluster(backend: Backend) -> Cluster:
 # Envoy's 200 ms ext_authz default is too short for an OIDC callback (a token exchange
 # with the provider) or a first bcrypt check under load; Envoy Gateway's extAuth default.
 EXTAUTH_TIMEOUT_MS = 10_000
+
+
+def upstream_headers(policy: dict[str, Any]) -> list[str]:
+    """The headers an allowed check of this extauth policy may set upstream: what Envoy's
+    HTTP mode must list in ``allowed_upstream_headers`` (gRPC mode needs no list). Kept
+    equal to the authenticators' ``identity_headers`` by tests/translator/test_http_mode.py."""
+    names: set[str] = set()
+    for provider in (policy.get("jwt") or {}).get("providers") or []:
+        names.update(c["header"] for c in provider.get("claimToHeaders") or [])
+        if provider.get("forwardPayloadHeader"):
+            names.add(provider["forwardPayloadHeader"])
+    if header := (policy.get("basicAuth") or {}).get("forwardUsernameHeader"):
+        names.add(header)
+    if header := (policy.get("apiKeyAuth") or {}).get("forwardClientIDHeader"):
+        names.add(header)
+    return sorted(n.lower() for n in names)
+
+
+def _exact(names: list[str]) -> ListStringMatcher:
+    return ListStringMatcher(patterns=[StringMatcher(exact=n) for n in names])
+
+
+def extauth_http_service(policy: str | None, upstream: list[str]) -> HttpService:
+    """Envoy's HTTP ext_authz call to the sidecar's ``--http-listen`` for one policy (in the
+    path prefix: a client cannot change it), with the client address,
+    the policy's identity headers copied upstream and the check's metadata kept."""
+    # Without a policy (the listener-level service, which routes override) the prefix must
+    # not be /policy/: the client's own path would then name the policy.
+    prefix = POLICY_PREFIX + quote(policy, safe="") if policy else "/no-policy"
+    response = AuthorizationResponse(
+        # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself
+        allowed_client_headers=_exact(["content-type", "www-authenticate"]),
+        dynamic_metadata_from_headers=ListStringMatcher(
+            patterns=[StringMatcher(prefix=METADATA_HEADER_PREFIX)]
+        ),
+    )
+    if upstream:
+        response.allowed_upstream_headers = _exact(upstream)
+    return HttpService(
+        server_uri=HttpUri(
+            uri="http://outrider-extauth",
+            cluster=EXTAUTH_HTTP_CLUSTER,
+            timeout=_dur(EXTAUTH_TIMEOUT_MS),
+        ),
+        path_prefix=prefix,
+        authorization_request=AuthorizationRequest(
+            # overrides a client's own copy, so clientCIDRs see the real peer
+            headers_to_add=[
+                HeaderValue(
+                    key=CLIENT_ADDRESS_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+                )
+            ],
+        ),
+        authorization_response=response,
+    )
+
+
+def _check_http_mode(sec: Security) -> None:
+    """What HTTP mode cannot carry, refused at translation rather than at the first request."""
+    policy = sec.sidecar or {}
+    if "oidc" in policy:
+        raise native.security_error(
+            sec,
+            "oidc",
+            "--extauth-mode http does not carry OIDC (its login cookies and redirects are "
+            "translated for gRPC mode only); use --extauth-mode grpc",
+        )
+    api_key = policy.get("apiKeyAuth") or {}
+    if api_key.get("sanitize") and any(e.get("params") for e in api_key.get("extractFrom") or []):
+        raise native.security_error(
+            sec,
+            "apiKeyAuth.sanitize",
+            "--extauth-mode http cannot strip an API key from the query string (Envoy's HTTP "
+            "mode has no query mutation); use --extauth-mode grpc",
+        )
 
 
 def _grpc(cluster_name: str, timeout_ms: int | None = None) -> GrpcService:
@@ -410,6 +493,33 @@ def build(
                         ):
                             add_filter(rank, name, msg, disabled=True)
                             per_filter[name] = _enable(per_route)
+                    elif options.extauth_mode == "http":
+                        _check_http_mode(sec)
+                        sidecars_used.add("extauth-http")
+                        add_filter(
+                            20,
+                            F_EXTAUTHZ,
+                            ExtAuthz(
+                                http_service=extauth_http_service(None, []),
+                                # every client header, as in gRPC mode (HTTP mode's default
+                                # is a handful); applies to the routes' own http_service too
+                                allowed_headers=ListStringMatcher(
+                                    patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]
+                                ),
+                                transport_api_version=2,
+                                failure_mode_allow=False,
+                            ),
+                            disabled=True,
+                        )
+                        per_filter[F_EXTAUTHZ] = _enable(
+                            ExtAuthzPerRoute(
+                                check_settings=CheckSettings(
+                                    http_service=extauth_http_service(
+                                        sec.policy, upstream_headers(sec.sidecar)
+                                    )
+                                )
+                            )
+                        )
                     else:
                         sidecars_used.add("extauth")
                         add_filter(
@@ -569,6 +679,11 @@ def build(
             clusters[cname] = cluster(
                 Backend(cname, "unix", ((options.sockets[name], 0),), http2=True)
             )
+    if "extauth-http" in sidecars_used:  # HTTP/1.1 to aiohttp
+        socket = options.sockets["extauth-http"]
+        clusters[EXTAUTH_HTTP_CLUSTER] = cluster(
+            Backend(EXTAUTH_HTTP_CLUSTER, "unix", ((socket, 0),), http2=False)
+        )
     for c in native_state.clusters:
         clusters.setdefault(c.name, c)
     bootstrap = Bootstrap(

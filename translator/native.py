@@ -84,7 +84,7 @@ from .model import Security
 from .resources import TranslateError
 
 
-def _error(sec: Security, field_path: str, message: str) -> TranslateError:
+def security_error(sec: Security, field_path: str, message: str) -> TranslateError:
     return TranslateError(
         sec.file, f"{sec.path}.{field_path}", f"SecurityPolicy {sec.policy}: {message}"
     )
@@ -209,7 +209,7 @@ def _oauth2(sec: Security, state: NativeState) -> OAuth2PerRoute:
     provider = o.get("provider") or {}
     for key in ("authorizationEndpoint", "tokenEndpoint"):
         if not provider.get(key):
-            raise _error(
+            raise security_error(
                 sec,
                 f"oidc.provider.{key}",
                 "--auth native needs the provider's endpoints: Envoy's oauth2 does no discovery",
@@ -269,7 +269,7 @@ def filters_for(
         users = sec.native["basicAuth"]["htpasswd"]
         for line in users.splitlines():
             if line.strip() and ":{SHA}" not in line:
-                raise _error(
+                raise security_error(
                     sec,
                     "basicAuth.users",
                     "Envoy's basic_auth takes only {SHA} htpasswd entries; "
@@ -315,7 +315,7 @@ def filters_for(
         for i, rule in enumerate(z.get("rules") or ()):
             pr = rule["principal"]
             if pr.get("jwt"):
-                raise _error(
+                raise security_error(
                     sec,
                     f"authorization.rules[{i}].principal.jwt",
                     "JWT principals have no --auth native translation",

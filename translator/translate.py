@@ -17,6 +17,7 @@ from .resources import ResourceSet, load_resources
 DEFAULT_SOCKETS = {
     "ratelimit": "/run/outrider/ratelimit.sock",
     "extauth": "/run/outrider/extauth.sock",
+    "extauth-http": "/run/outrider/extauth-http.sock",  # --extauth-mode http
     "extproc": "/run/outrider/extproc.sock",
 }
 
@@ -25,6 +26,7 @@ DEFAULT_SOCKETS = {
 class Options:
     target: str = "envoy"  # envoy | gateway
     auth: str = "sidecar"  # sidecar | native
+    extauth_mode: str = "grpc"  # grpc | http (Envoy's HTTP ext_authz mode on the sidecar)
     backends: dict[str, tuple[str, int]] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOCKETS))
     listen_address: str = "0.0.0.0"
@@ -98,6 +100,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
             admin_port=options.admin_port,
             port_map=options.port_map,
             auth=options.auth,
+            extauth_mode=options.extauth_mode,
         ),
     )
     files: dict[str, str] = {"envoy.yaml": dump(config.to_dict())}

@@ -284,6 +284,12 @@ class UpCommand:
         )
         parser.add_argument("--port", type=int, default=10000, help="Envoy's listener port")
         parser.add_argument("--listen-address", default="127.0.0.1")
+        parser.add_argument(
+            "--extauth-mode",
+            choices=["grpc", "http"],
+            default="grpc",
+            help="how Envoy calls extauth (see `outrider translate --help`)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         stop = threading.Event()
@@ -347,7 +353,7 @@ class UpCommand:
         stack.wait_until(echo, lambda: _http_ok(f"http://127.0.0.1:{echo_port}/"), 15)
 
         # Translate
-        sockets = {name: str(workdir / f"{name}.sock") for name in SIDECARS}
+        sockets = {name: str(workdir / f"{name}.sock") for name in (*SIDECARS, "extauth-http")}
         gateway_ports = sorted(
             {
                 int(item.get("port", 0))
@@ -366,6 +372,7 @@ class UpCommand:
                 admin_port=envoy_admin,
                 port_map=port_map,
                 secrets_dir=workdir / "config" / "secrets",
+                extauth_mode=args.extauth_mode,
             ),
         )
         confdir = workdir / "config"
@@ -391,6 +398,8 @@ class UpCommand:
             ]
             if name == "ratelimit" and redis_url:
                 argv += ["--redis-url", redis_url]
+            if name == "extauth" and args.extauth_mode == "http":
+                argv += ["--http-listen", f"unix:{sockets['extauth-http']}"]
             child = stack.start(name, argv)
             stack.wait_until(child, lambda a=admin: _http_ok(f"http://127.0.0.1:{a}/readyz"), 30)
 

@@ -39,8 +39,6 @@ def http_service(port: int, policy: str | None) -> dict[str, Any]:
             "timeout": "2s",
         },
         "authorization_request": {
-            # every client header, as in gRPC mode (API keys, cookies, header rules)
-            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
             "headers_to_add": [
                 {
                     "key": "x-outrider-client-address",
@@ -59,8 +57,9 @@ def http_service(port: int, policy: str | None) -> dict[str, Any]:
             "dynamic_metadata_from_headers": {"patterns": [{"prefix": "x-outrider-"}]},
         },
     }
-    if policy is not None:
-        service["path_prefix"] = f"/policy/{policy}"
+    # Every service needs a prefix: without one, the client's own path would be read as
+    # /policy/NAME. The listener-level one (routes without a policy) names none.
+    service["path_prefix"] = f"/policy/{policy}" if policy is not None else "/no-policy"
     return service
 
 
@@ -72,6 +71,8 @@ def envoy_http_mode(
         "typed_config": {
             "@type": FILTER,
             "http_service": http_service(authz_port, None),
+            # every client header, as in gRPC mode (API keys, cookies, header rules)
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
             "failure_mode_allow": False,
         },
     }
@@ -212,8 +213,10 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     assert http_call(f"{http_mode}/cidr-deny/", {})[0] == 403
     # a client cannot pick its own address
     assert http_call(f"{http_mode}/cidr-deny/", {"x-outrider-client-address": "10.1.1.1"})[0] == 403
-    # no per-route policy: deny
+    # no per-route policy: deny, also when the client's own path looks like a policy prefix
     assert http_call(f"{http_mode}/other", {})[0] == 403
+    assert http_call(f"{http_mode}/policy/cidr-allow/x", {})[0] == 403
+    assert http_call(f"{http_mode}/policy/apikey/x", {"x-api-key": "key-a"})[0] == 403
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ def request(
 
 @pytest.fixture
 def stack(
+    request: pytest.FixtureRequest,
     sockdir: Path,
     tmp_path: Path,
     echo_upstream: Any,
@@ -56,7 +57,8 @@ def stack(
     key = demo_key()
     assert use_demo_key(resources, key)
     port, admin = free_port(), free_port()
-    sockets = {name: str(sockdir / f"{name}.sock") for name in SIDECARS}
+    extauth_mode = getattr(request, "param", "grpc")  # how Envoy calls extauth
+    sockets = {name: str(sockdir / f"{name}.sock") for name in (*SIDECARS, "extauth-http")}
     out = translate_resources(
         resources,
         Options(
@@ -66,6 +68,7 @@ def stack(
             admin_port=admin,
             port_map={10000: port},
             secrets_dir=tmp_path / "out" / "secrets",
+            extauth_mode=extauth_mode,
         ),
     )
     out.write(tmp_path / "out")
@@ -79,9 +82,13 @@ def stack(
         "--redis-url",
         redis_server.url,
     )
+    http_listen = ["--http-listen", f"unix:{sockets['extauth-http']}"]
     outrider(
-        "extauth", "--config", str(cfg / "extauth.yaml"), "--listen", f"unix:{sockets['extauth']}"
-    )
+        "extauth",
+        "--config", str(cfg / "extauth.yaml"),
+        "--listen", f"unix:{sockets['extauth']}",
+        *(http_listen if extauth_mode == "http" else []),
+    )  # fmt: skip
     outrider(
         "extproc", "--config", str(cfg / "extproc.yaml"), "--listen", f"unix:{sockets['extproc']}"
     )
@@ -89,6 +96,7 @@ def stack(
     return {"base": f"http://127.0.0.1:{port}", "key": key, "envoy": proxy}
 
 
+@pytest.mark.parametrize("stack", ["grpc", "http"], indirect=True)
 def test_examples_behave(stack: dict[str, Any]) -> None:
     base = stack["base"]
     # global rate limit: 3 a minute per x-user-id
@@ -103,6 +111,9 @@ def test_examples_behave(stack: dict[str, Any]) -> None:
     status, _, body = request(f"{base}/jwt", {"authorization": f"Bearer {stack['key'].token}"})
     assert status == 200, body
     assert json.loads(body)["headers"]["x-user-id"] == "demo-user"
+    # a client's own copy of an identity header never reaches the upstream
+    forged = {"authorization": f"Bearer {stack['key'].token}", "x-user-id": "forged"}
+    assert json.loads(request(f"{base}/jwt", forged)[2])["headers"]["x-user-id"] == "demo-user"
     assert request(f"{base}/jwt", {"authorization": "Bearer not-a-token"})[0] == 401
     # authorization on a claim
     assert request(f"{base}/admin", {"authorization": f"Bearer {stack['key'].token}"})[0] == 403
@@ -127,6 +138,8 @@ def test_examples_behave(stack: dict[str, Any]) -> None:
     assert status == 200
     echoed = json.loads(body)["headers"]
     assert echoed["x-client-id"] == "mobile"
+    forged = {"x-api-key": "key-for-mobile", "x-client-id": "admin"}
+    assert json.loads(request(f"{base}/apikey", forged)[2])["headers"]["x-client-id"] == "mobile"
     assert "x-api-key" not in echoed
     # public route: no auth
     assert request(f"{base}/anything")[0] == 200

@@ -40,10 +40,12 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     bool(MISSING), reason=f"sidecar modules not importable yet: {', '.join(MISSING)}"
 )
 @pytest.mark.timeout(150)
-def test_up_serves_the_guide_and_stops_cleanly() -> None:
+@pytest.mark.parametrize("extauth_mode", ["grpc", "http"])
+def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
     port = free_port()
+    cmd = [sys.executable, "-m", "services.common.cli", "up", "--port", str(port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.common.cli", "up", "--port", str(port)],
+        [*cmd, "--extauth-mode", extauth_mode],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
