@@ -329,8 +329,9 @@ def ext_authz_filter() -> dict[str, Any]:
     }
 
 
-def _ext_authz_http_service(path_prefix: str = "") -> dict[str, Any]:
-    """Envoy's HTTP ext_authz mode as docs/extauth.md configures it."""
+def _ext_authz_http_service(path_prefix: str = "/no-policy") -> dict[str, Any]:
+    """Envoy's HTTP ext_authz mode as docs/extauth.md configures it (never without a path
+    prefix: the client's own path could then name the policy)."""
     service: dict[str, Any] = {
         "server_uri": {
             "uri": "http://outrider-extauth",
@@ -338,7 +339,6 @@ def _ext_authz_http_service(path_prefix: str = "") -> dict[str, Any]:
             "timeout": SIDECAR_TIMEOUT,
         },
         "authorization_request": {
-            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
             "headers_to_add": [
                 {
                     "key": "x-outrider-client-address",
@@ -356,8 +356,7 @@ def _ext_authz_http_service(path_prefix: str = "") -> dict[str, Any]:
             "dynamic_metadata_from_headers": {"patterns": [{"prefix": "x-outrider-"}]},
         },
     }
-    if path_prefix:
-        service["path_prefix"] = path_prefix
+    service["path_prefix"] = path_prefix
     return service
 
 
@@ -367,6 +366,7 @@ def ext_authz_http_filter() -> dict[str, Any]:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             "http_service": _ext_authz_http_service(),
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
             "failure_mode_allow": False,
         },
     }
