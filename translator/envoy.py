@@ -213,6 +213,14 @@ def upstream_headers(policy: dict[str, Any]) -> list[str]:
         names.add(header)
     if header := (policy.get("apiKeyAuth") or {}).get("forwardClientIDHeader"):
         names.add(header)
+    if (oidc := policy.get("oidc")) is not None:
+        names.update(c["header"] for c in oidc.get("claimToHeaders") or [])
+        if oidc.get("forwardAccessToken"):
+            names.add("authorization")
+        if header := (oidc.get("forwardIDToken") or {}).get("header"):
+            names.add(header)
+        # not an identity header: the session cookies are cut out of the upstream's Cookie
+        names.add("cookie")
     return sorted(n.lower() for n in names)
 
 
@@ -228,8 +236,10 @@ def extauth_http_service(policy: str | None, upstream: list[str]) -> HttpService
     # not be /policy/: the client's own path would then name the policy.
     prefix = POLICY_PREFIX + quote(policy, safe="") if policy else "/no-policy"
     response = AuthorizationResponse(
-        # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself
-        allowed_client_headers=_exact(["content-type", "www-authenticate"]),
+        # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself;
+        # Set-Cookie carries OIDC's login state, its session, and a refresh's new session
+        allowed_client_headers=_exact(["content-type", "set-cookie", "www-authenticate"]),
+        allowed_client_headers_on_success=_exact(["set-cookie"]),
         dynamic_metadata_from_headers=ListStringMatcher(
             patterns=[StringMatcher(prefix=METADATA_HEADER_PREFIX)]
         ),
@@ -255,16 +265,24 @@ def extauth_http_service(policy: str | None, upstream: list[str]) -> HttpService
     )
 
 
+def extauth_http_filter() -> ExtAuthz:
+    """The listener's ext_authz filter in HTTP mode; routes enable it with their own
+    :func:`extauth_http_service`."""
+    return ExtAuthz(
+        http_service=extauth_http_service(None, []),
+        # every client header, as in gRPC mode (HTTP mode's default is a handful);
+        # applies to the routes' own http_service too
+        allowed_headers=ListStringMatcher(
+            patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]
+        ),
+        transport_api_version=2,
+        failure_mode_allow=False,
+    )
+
+
 def _check_http_mode(sec: Security) -> None:
     """What HTTP mode cannot carry, refused at translation rather than at the first request."""
     policy = sec.sidecar or {}
-    if "oidc" in policy:
-        raise native.security_error(
-            sec,
-            "oidc",
-            "--extauth-mode http does not carry OIDC (its login cookies and redirects are "
-            "translated for gRPC mode only); use --extauth-mode grpc",
-        )
     api_key = policy.get("apiKeyAuth") or {}
     if api_key.get("sanitize") and any(e.get("params") for e in api_key.get("extractFrom") or []):
         raise native.security_error(
@@ -499,16 +517,7 @@ def build(
                         add_filter(
                             20,
                             F_EXTAUTHZ,
-                            ExtAuthz(
-                                http_service=extauth_http_service(None, []),
-                                # every client header, as in gRPC mode (HTTP mode's default
-                                # is a handful); applies to the routes' own http_service too
-                                allowed_headers=ListStringMatcher(
-                                    patterns=[StringMatcher(safe_regex=RegexMatcher(regex=".*"))]
-                                ),
-                                transport_api_version=2,
-                                failure_mode_allow=False,
-                            ),
+                            extauth_http_filter(),
                             disabled=True,
                         )
                         per_filter[F_EXTAUTHZ] = _enable(

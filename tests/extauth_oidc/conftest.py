@@ -107,7 +107,7 @@ async def oidc_env(
     """
     envs: list[OidcEnv] = []
 
-    def start(redis_url: str | None = None) -> OidcEnv:
+    def start(redis_url: str | None = None, mode: str = "grpc") -> OidcEnv:
         workdir = short_tmpdir("or-oidc-")
         cert, key = make_tls_cert(workdir)
         port = free_port()
@@ -215,9 +215,22 @@ async def oidc_env(
         routes.append(("/", "web"))
         config = write_policies(workdir, policies)
         socket_path = str(sockdir / "extauth.sock")
-        extauth = outrider("extauth", "--config", str(config), "--listen", f"unix:{socket_path}")
+        http_socket = str(sockdir / "extauth-http.sock")
+        extra = ["--http-listen", f"unix:{http_socket}"] if mode == "http" else []
+        extauth = outrider(
+            "extauth", "--config", str(config), "--listen", f"unix:{socket_path}", *extra
+        )
         proxy = envoy(
-            envoy_config(port, free_port(), socket_path, echo_upstream.port, cert, key, routes)
+            envoy_config(
+                port,
+                free_port(),
+                socket_path,
+                echo_upstream.port,
+                cert,
+                key,
+                routes,
+                http_mode=(http_socket, policies) if mode == "http" else None,
+            )
         )
         env = OidcEnv(app, provider, cert, workdir, policies, extauth, proxy)
         envs.append(env)

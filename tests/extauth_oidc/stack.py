@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
+import betterproto2
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +30,12 @@ from yarl import URL
 
 from tests.harness.envoy import bootstrap, grpc_uds_cluster, http_cluster
 from tests.harness.procs import replace_text
+from translator.envoy import (
+    EXTAUTH_HTTP_CLUSTER,
+    extauth_http_filter,
+    extauth_http_service,
+    upstream_headers,
+)
 
 ACCOUNTS = {
     "alice": {
@@ -84,6 +91,10 @@ def ext_authz_per_route(policy: str) -> dict[str, Any]:
     }
 
 
+def _snake(message: Any) -> dict[str, Any]:
+    return message.to_dict(casing=betterproto2.Casing.SNAKE)
+
+
 def envoy_config(
     listener_port: int,
     admin_port: int,
@@ -92,12 +103,26 @@ def envoy_config(
     cert: Path,
     key: Path,
     policies_by_prefix: list[tuple[str, str | None]],
+    http_mode: tuple[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """``http_mode``: (the sidecar's ``--http-listen`` socket, the policies) for Envoy's HTTP
+    ext_authz mode, configured exactly as ``outrider translate --extauth-mode http`` does."""
     routes = []
     for prefix, policy in policies_by_prefix:
         per_filter = (
             ext_authz_per_route(policy)
-            if policy is not None
+            if policy is not None and http_mode is None
+            else {
+                "envoy.filters.http.ext_authz": {
+                    "@type": PER_ROUTE_TYPE,
+                    "check_settings": {
+                        "http_service": _snake(
+                            extauth_http_service(policy, upstream_headers(http_mode[1][policy]))
+                        )
+                    },
+                }
+            }
+            if policy is not None and http_mode is not None
             else {
                 "envoy.filters.http.ext_authz": {
                     "@type": PER_ROUTE_TYPE,
@@ -122,15 +147,38 @@ def envoy_config(
             "failure_mode_allow": False,
         },
     }
+    clusters = [
+        grpc_uds_cluster("extauth", extauth_socket, timeout="1s"),
+        http_cluster("upstream", "127.0.0.1", upstream_port),
+    ]
+    if http_mode is not None:
+        ext_authz["typed_config"] = {
+            "@type": ext_authz["typed_config"]["@type"],
+            **_snake(extauth_http_filter()),
+        }
+        clusters.append(
+            {
+                "name": EXTAUTH_HTTP_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": EXTAUTH_HTTP_CLUSTER,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {"endpoint": {"address": {"pipe": {"path": http_mode[0]}}}}
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
     config = bootstrap(
         listener_port,
         admin_port,
         routes=routes,
         http_filters=[ext_authz],
-        clusters=[
-            grpc_uds_cluster("extauth", extauth_socket, timeout="1s"),
-            http_cluster("upstream", "127.0.0.1", upstream_port),
-        ],
+        clusters=clusters,
     )
     config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",

@@ -24,8 +24,9 @@ def _is_callback(env: OidcEnv, prefix: str = "") -> Callable[[str], bool]:
     return lambda url: url.startswith(f"{env.app}{prefix}/oauth2/callback")
 
 
-async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv]) -> None:
-    env = oidc_env()
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv], mode: str) -> None:
+    env = oidc_env(mode=mode)
     browser = env.browser()
     start = f"{env.app}/app/page?x=1&y=two"
 
@@ -94,6 +95,12 @@ async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv]) 
     page = await browser.fetch(location)
     assert page.status == 200, page.body[:300]
 
+    # Every check went through the transport under test.
+    metrics = env.extauth.get("/metrics")[1]
+    other = "grpc" if mode == "http" else "http"
+    assert f'transport="{mode}"' in metrics
+    assert f'transport="{other}"' not in metrics
+
     # Nothing secret reached extauth's logs.
     client_secret = (env.workdir / "outrider-web.secret").read_text().strip()
     logs = env.extauth.output()
@@ -102,10 +109,12 @@ async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv]) 
         assert secret not in logs
 
 
+@pytest.mark.parametrize("mode", ["grpc", "http"])
 async def test_refresh_after_expiry_once_under_concurrency(
     oidc_env: Callable[..., OidcEnv],
+    mode: str,
 ) -> None:
-    env = oidc_env()
+    env = oidc_env(mode=mode)
     browser = env.browser()
     page = await browser.navigate(f"{env.app}/short/home")
     assert page.status == 200, (page.status, page.body[:300], page.hops)
@@ -142,8 +151,11 @@ async def test_refresh_after_expiry_once_under_concurrency(
     assert page.json()["headers"]["authorization"] not in (first_token, new_token)
 
 
-async def test_tampered_or_swapped_cookie_is_rejected(oidc_env: Callable[..., OidcEnv]) -> None:
-    env = oidc_env()
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+async def test_tampered_or_swapped_cookie_is_rejected(
+    oidc_env: Callable[..., OidcEnv], mode: str
+) -> None:
+    env = oidc_env(mode=mode)
     browser = env.browser()
     page = await browser.navigate(f"{env.app}/")
     assert page.status == 200
@@ -275,8 +287,9 @@ async def test_provider_down(oidc_env: Callable[..., OidcEnv]) -> None:
     assert "<html>" in page.body
 
 
-async def test_jwt_bearer_passes_through(oidc_env: Callable[..., OidcEnv]) -> None:
-    env = oidc_env()
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+async def test_jwt_bearer_passes_through(oidc_env: Callable[..., OidcEnv], mode: str) -> None:
+    env = oidc_env(mode=mode)
     browser = env.browser()
     page = await browser.navigate(f"{env.app}/")
     id_token = page.json()["headers"]["x-id-token"]  # a JWT the provider signed for us
