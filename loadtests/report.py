@@ -93,6 +93,8 @@ make bench SCENARIO=extauth-jwt QUICK=1     # one scenario, about a minute
 python -m loadtests.report                  # redraw this page from stored results
 python -m loadtests.run --profile           # py-spy each sidecar under load (pip install py-spy)
 python -m loadtests.run --nice -5 ...       # on a shared machine (root): less noise
+python -m loadtests.run --saturation-users 64 --results-dir /tmp/r --no-docs
+                                            # more concurrency, results kept apart
 ```
 
 Progress is printed per run. Results: `loadtests/results/<scenario>.json` (every run's

@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -847,8 +847,16 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of benchmarking, sample each sidecar with py-spy under saturation load "
         "(writes loadtests/results/profiles/)",
     )
+    parser.add_argument(
+        "--saturation-users",
+        type=int,
+        default=None,
+        help="concurrent Locust users of the saturation runs (default: the plan's)",
+    )
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan.full()
+    if args.saturation_users:
+        plan = replace(plan, saturation_users=args.saturation_users)
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every child
     names = args.scenario or list(SCENARIOS)

@@ -1,4 +1,8 @@
-"""Envoy's HTTP ext_authz mode on aiohttp (``--http-listen ADDR``), sharing the core.
+"""Envoy's HTTP ext_authz mode (``--http-listen ADDR``), sharing the core.
+
+A small HTTP/1.1 server: aiohttp's request parser on an asyncio protocol, answering each
+check with the decision's status, headers and body, in order per connection (keep-alive,
+pipelining, ``Connection: close``; malformed input gets 400 and the connection closes).
 
 Envoy forwards the client's method, path and headers to ``path_prefix + path``.
 The policy travels in the path prefix, ``/policy/NAME`` (a ``/`` in the name as
@@ -18,15 +22,20 @@ metadata (per-user rate limits). Deny: the denial's status, headers and body.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from http import HTTPStatus
+from typing import cast
 from urllib.parse import unquote
 
-from aiohttp import web
-from multidict import CIMultiDict
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 
-from services.common.httpserver import start_http
-from services.common.listeners import Address
+from services.common.listeners import Address, ListenError, prepare_unix_path
 
 from .core import CheckRequest, Decision
 from .jwt import header_value
@@ -61,24 +70,27 @@ def split_policy_path(raw_path: str) -> tuple[str | None, str]:
     return (name or None), original
 
 
-def request_from_http(request: web.Request) -> CheckRequest:
-    headers: dict[str, str] = {}
-    for key, value in request.headers.items():
+def request_from_message(
+    method: str, target: str, headers: Iterable[tuple[str, str]]
+) -> CheckRequest:
+    """The check Envoy sent: its method, ``path_prefix + path`` and the client's headers."""
+    collected: dict[str, str] = {}
+    for key, value in headers:
         name = key.lower()
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
-    source = headers.get(CLIENT_ADDRESS_HEADER, "")
+        collected[name] = f"{collected[name]},{value}" if name in collected else value
+    source = collected.get(CLIENT_ADDRESS_HEADER, "")
     for name in _ENVOY_ADDED:
-        headers.pop(name, None)
-    policy, path = split_policy_path(request.raw_path)
+        collected.pop(name, None)
+    policy, path = split_policy_path(target)
     return CheckRequest(
-        method=request.method,
+        method=method,
         path=path,
-        host=headers.get("host", ""),
-        scheme=headers.get("x-forwarded-proto", ""),
-        headers=headers,
+        host=collected.get("host", ""),
+        scheme=collected.get("x-forwarded-proto", ""),
+        headers=collected,
         source_address=source.strip(),
         context_extensions={"policy": policy} if policy else {},
-        request_id=headers.get("x-request-id", ""),
+        request_id=collected.get("x-request-id", ""),
     )
 
 
@@ -87,50 +99,157 @@ def metadata_header(key: str) -> str:
     return METADATA_HEADER_PREFIX + key.replace("_", "-").lower()
 
 
-def response_from_decision(decision: Decision) -> web.Response:
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+def response_headers(decision: Decision) -> list[tuple[str, str]]:
+    """The check's answer as HTTP response headers (the status and body are the decision's)."""
     if not decision.allow:
-        return web.Response(
-            status=decision.status,
-            body=decision.body.encode("utf-8"),
-            headers=CIMultiDict(decision.response_headers),
-        )
-    if decision.query_params_to_remove:
-        # Envoy's HTTP mode cannot strip query parameters; refuse rather than leak the key.
-        return response_from_decision(
-            Decision.deny(500, "unsupported_in_http_mode", "misconfigured authorization")
-        )
-    response = web.Response(status=200)
-    for name, value in decision.upstream_headers:
-        response.headers[name] = value
+        return list(decision.response_headers)
+    headers = list(decision.upstream_headers)
     if decision.headers_to_remove:
-        response.headers[REMOVE_HEADER] = ",".join(decision.headers_to_remove)
+        headers.append((REMOVE_HEADER, ",".join(decision.headers_to_remove)))
     for key, value in decision.dynamic_metadata.items():
         # scalars only: nested values (JWT claims) need the gRPC mode's structured metadata
         text = header_value(value) if not isinstance(value, list) else None
         if text is not None:
-            response.headers[metadata_header(key)] = text
-    for name, value in decision.response_headers:
-        response.headers.add(name, value)
-    return response
+            headers.append((metadata_header(key), text))
+    headers.extend(decision.response_headers)
+    return headers
+
+
+def encode_response(
+    status: int, headers: Iterable[tuple[str, str]], body: bytes, *, close: bool = False
+) -> bytes:
+    """One HTTP/1.1 response. A header that cannot be written safely (a name that is not
+    a token, CR/LF/NUL in a value) raises ValueError: never a split response."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+    for name, value in headers:
+        if not _TOKEN.match(name) or any(c in value for c in "\r\n\0"):
+            raise ValueError(f"unsafe response header {name!r}")
+        lines.append(f"{name}: {value}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return "".join(lines).encode("utf-8") + body
+
+
+def response_from_decision(decision: Decision) -> bytes:
+    if decision.allow and decision.query_params_to_remove:
+        # Envoy's HTTP mode cannot strip query parameters; refuse rather than leak the key.
+        decision = Decision.deny(500, "unsupported_in_http_mode", "misconfigured authorization")
+    status = 200 if decision.allow else decision.status
+    body = b"" if decision.allow else decision.body.encode("utf-8")
+    try:
+        return encode_response(status, response_headers(decision), body)
+    except ValueError as exc:
+        log.error("check answer not sent as given: %s", exc)
+        return encode_response(500, (), b"")
+
+
+_BAD_REQUEST = encode_response(400, (), b"", close=True)
+
+
+class _CheckProtocol(asyncio.Protocol):
+    """One Envoy connection: HTTP/1.1 requests parsed by aiohttp's parser, answered in order.
+
+    aiohttp's web layer (request objects, router, response machinery) costs more per check
+    than the check itself; this is the part of it a check needs.
+    """
+
+    def __init__(self, server: HTTPAuthzServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._parser: HttpRequestParser | None = None
+        self._queue: deque[RawRequestMessage] = deque()
+        self._busy = False
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        loop = asyncio.get_running_loop()
+        self._parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16)
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._parser is None:
+            return
+        try:
+            messages, _, _ = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            log.warning("malformed HTTP ext_authz request: %s", exc.message or exc)
+            self._reply(_BAD_REQUEST, close=True)
+            return
+        for message, _payload in messages:  # a body (with_request_body) is not used
+            self._queue.append(message)
+        if self._queue and not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._answer())
+
+    async def _answer(self) -> None:
+        try:
+            while self._queue and self._transport is not None:
+                message = self._queue.popleft()
+                request = request_from_message(
+                    message.method, message.path, message.headers.items()
+                )
+                decision = await self._server.decide(request, "http")
+                self._reply(response_from_decision(decision), close=message.should_close)
+        except Exception:
+            log.exception("HTTP ext_authz check failed")
+            self._reply(encode_response(500, (), b"", close=True), close=True)
+        finally:
+            self._busy = False
+
+    def _reply(self, data: bytes, *, close: bool) -> None:
+        if self._transport is None:
+            return
+        self._transport.write(data)
+        if close:
+            self._closing = True
+            self._queue.clear()
+            self._transport.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 class HTTPAuthzServer:
     def __init__(self, address: Address, decide: Decide) -> None:
         self.address = address
-        self._decide = decide
-        self._runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        decision = await self._decide(request_from_http(request), "http")
-        return response_from_decision(decision)
+        self.decide = decide
+        self.connections: set[_CheckProtocol] = set()
+        self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = await start_http(app, self.address)
-        log.info("extauth HTTP ext_authz listening on %s", self.address)
+        loop = asyncio.get_running_loop()
+        address = self.address
+        try:
+            if address.unix_path is not None:
+                prepare_unix_path(address.unix_path)
+                self._server = await loop.create_unix_server(
+                    lambda: _CheckProtocol(self), address.unix_path
+                )
+            else:
+                self._server = await loop.create_server(
+                    lambda: _CheckProtocol(self), address.host, address.port, reuse_port=False
+                )
+        except OSError as exc:
+            raise ListenError(f"--http-listen {address}: cannot listen: {exc}") from None
+        log.info("extauth HTTP ext_authz listening on %s", address)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self.connections):
+            connection.close()
+        await self._server.wait_closed()
+        self._server = None

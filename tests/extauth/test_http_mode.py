@@ -8,6 +8,7 @@ The policy travels in the per-route `check_settings.http_service.path_prefix`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,120 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
 )
 def test_split_policy_path(raw: str, expected: tuple) -> None:
     assert split_policy_path(raw) == expected
+
+
+# -- the HTTP/1.1 server itself, driven over its unix socket -------------------------------
+
+
+@pytest.fixture
+async def http_socket(tmp_path: Path, sockdir: Path) -> Any:
+    """An HTTP-mode server on a unix socket with one Basic policy (user ``u``, ``abc``)."""
+    import base64
+    import hashlib
+
+    from prometheus_client import CollectorRegistry
+
+    from services.common.listeners import parse_address
+    from services.extauth.metrics import ExtauthMetrics
+    from services.extauth.service import ExtauthService
+
+    digest = base64.b64encode(hashlib.sha1(b"abc").digest()).decode()
+    (tmp_path / "users").write_text(f"u:{{SHA}}{digest}\n")
+    config = write_config(
+        tmp_path,
+        {"basic": {"basicAuth": {"htpasswdFile": "users", "forwardUsernameHeader": "x-u"}}},
+    )
+    path = sockdir / "h.sock"
+    service = ExtauthService(
+        ExtauthMetrics(CollectorRegistry()), http_listen=parse_address(f"unix:{path}")
+    )
+    await service.start(service.load_config(config))
+    yield path
+    await service.stop()
+
+
+GOOD = "GET /policy/basic/a HTTP/1.1\r\nHost: h\r\nAuthorization: Basic dTphYmM=\r\n\r\n"
+BAD = "GET /policy/basic/b HTTP/1.1\r\nHost: h\r\nAuthorization: Basic dTp4\r\n\r\n"
+
+
+async def exchange(path: Path, *chunks: str, read_until_close: bool = False) -> bytes:
+    """Send ``chunks`` on one connection; read what comes back until 0.5 s of silence, or
+    (``read_until_close``) until the server closes, which must happen within 5 s."""
+    import asyncio
+
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    for chunk in chunks:
+        writer.write(chunk.encode())
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    data = b""
+    try:
+        while True:
+            part = await asyncio.wait_for(reader.read(65536), 0.5 if not read_until_close else 5)
+            if not part:
+                break
+            data += part
+    except TimeoutError:
+        assert not read_until_close, f"the server did not close the connection: {data!r}"
+    writer.close()
+    return data
+
+
+def statuses(data: bytes) -> list[str]:
+    # a status line may follow the previous response's body directly
+    return re.findall(r"HTTP/1\.1 (\d{3}) ", data.decode())
+
+
+async def test_pipelined_requests_are_answered_in_order(http_socket: Path) -> None:
+    data = await exchange(http_socket, GOOD + BAD + GOOD)
+    assert statuses(data) == ["200", "401", "200"]
+    assert b"x-u: u\r\n" in data
+    assert b'www-authenticate: Basic realm="basic"' in data
+
+
+async def test_a_request_split_across_writes(http_socket: Path) -> None:
+    data = await exchange(http_socket, GOOD[:17], GOOD[17:40], GOOD[40:])
+    assert statuses(data) == ["200"]
+
+
+async def test_a_request_with_a_body(http_socket: Path) -> None:
+    with_body = GOOD.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello")
+    data = await exchange(http_socket, with_body + GOOD)
+    assert statuses(data) == ["200", "200"]
+
+
+async def test_connection_close_is_honoured(http_socket: Path) -> None:
+    closing = GOOD.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n")
+    data = await exchange(http_socket, GOOD, closing, read_until_close=True)
+    assert statuses(data) == ["200", "200"]  # and then the server closed (read got EOF)
+    assert data.endswith(b"Content-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "NOT HTTP AT ALL\r\n\r\n",
+        "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        "GET /\x00 HTTP/1.1\r\n\r\n",
+    ],
+)
+async def test_malformed_request_gets_400_and_the_connection_closes(
+    http_socket: Path, garbage: str
+) -> None:
+    data = await exchange(http_socket, garbage, read_until_close=True)
+    assert statuses(data) == ["400"]
+    assert b"Connection: close" in data
+    # the server still serves new connections
+    assert statuses(await exchange(http_socket, GOOD)) == ["200"]
+
+
+def test_unsafe_header_values_are_never_written() -> None:
+    from services.extauth.core import Decision
+    from services.extauth.http import encode_response, response_from_decision
+
+    with pytest.raises(ValueError, match="unsafe"):
+        encode_response(200, [("x-a", "1\r\nx-injected: yes")], b"")
+    with pytest.raises(ValueError, match="unsafe"):
+        encode_response(200, [("bad name", "1")], b"")
+    denial = Decision.deny(401, "r", "no", (("x-a", "v\nw"),))
+    assert response_from_decision(denial).startswith(b"HTTP/1.1 500 ")
