@@ -20,11 +20,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import betterproto2
+
+from translator.envoy import extauth_http_filter, extauth_http_service, upstream_headers
+
 ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
 }
 SIDECAR_TIMEOUT = "1s"  # far above any sidecar latency here: a timeout must never pass a request
+SIDECAR_TIMEOUT_MS = 1000
 
 
 def _admin(port: int) -> dict[str, Any]:
@@ -329,57 +334,32 @@ def ext_authz_filter() -> dict[str, Any]:
     }
 
 
-def _ext_authz_http_service(path_prefix: str = "/no-policy") -> dict[str, Any]:
-    """Envoy's HTTP ext_authz mode as docs/extauth.md configures it (never without a path
-    prefix: the client's own path could then name the policy)."""
-    service: dict[str, Any] = {
-        "server_uri": {
-            "uri": "http://outrider-extauth",
-            "cluster": "outrider_extauth_http",
-            "timeout": SIDECAR_TIMEOUT,
-        },
-        "authorization_request": {
-            "headers_to_add": [
-                {
-                    "key": "x-outrider-client-address",
-                    "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-                }
-            ],
-        },
-        "authorization_response": {
-            "allowed_upstream_headers": {
-                "patterns": [{"exact": "x-user"}, {"exact": "x-client-id"}]
-            },
-            "allowed_client_headers": {
-                "patterns": [{"exact": "www-authenticate"}, {"exact": "content-type"}]
-            },
-            "dynamic_metadata_from_headers": {"patterns": [{"prefix": "x-outrider-"}]},
-        },
-    }
-    service["path_prefix"] = path_prefix
-    return service
+def _snake(message: Any) -> dict[str, Any]:
+    return message.to_dict(casing=betterproto2.Casing.SNAKE)
 
 
 def ext_authz_http_filter() -> dict[str, Any]:
+    """Envoy's HTTP ext_authz mode exactly as ``outrider translate --extauth-mode http``
+    writes it (the translator's own builders), with the benchmark's sidecar timeout."""
     return {
         "name": "envoy.filters.http.ext_authz",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "http_service": _ext_authz_http_service(),
-            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
-            "failure_mode_allow": False,
+            **_snake(extauth_http_filter(SIDECAR_TIMEOUT_MS)),
         },
     }
 
 
-def ext_authz_http_route(policy: str) -> dict[str, Any]:
-    """Per-route switch in HTTP mode: the policy travels in the path prefix."""
+def ext_authz_http_route(policy: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Per-route switch in HTTP mode: the policy in the path prefix, its identity headers
+    copied upstream (``config``: the policy as in extauth.yaml)."""
+    service = extauth_http_service(policy, upstream_headers(config), SIDECAR_TIMEOUT_MS)
     return {
         "typed_per_filter_config": {
             "envoy.filters.http.ext_authz": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3."
                 "ExtAuthzPerRoute",
-                "check_settings": {"http_service": _ext_authz_http_service(f"/policy/{policy}")},
+                "check_settings": {"http_service": _snake(service)},
             }
         }
     }

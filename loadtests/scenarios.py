@@ -234,10 +234,11 @@ def _ext_authz(policy: str) -> Callable[[Material, str, dict[str, Any]], EnvoyPa
 
 
 def _ext_authz_http(policy: str) -> Callable[[Material, str, dict[str, Any]], EnvoyParts]:
-    def parts(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
+    def parts(m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
+        config = extauth_policies(m)["policies"][policy]
         return EnvoyParts(
             http_filters=[ec.ext_authz_http_filter()],
-            route_extra=ec.ext_authz_http_route(policy),
+            route_extra=ec.ext_authz_http_route(policy, config),
             clusters=[ec.http_uds_cluster("outrider_extauth_http", Sidecar.http_socket(sock))],
         )
 
@@ -417,13 +418,11 @@ EXTPROC_JSON = Scenario(
 # ``client_id``, ``client_secret``, ``workdir``.
 
 
-def _oidc_files(_m: Material, ctx: dict[str, Any]) -> dict[str, str]:
+def _oidc_policy(ctx: dict[str, Any]) -> dict[str, Any]:
     workdir = Path(ctx["workdir"])
     secret_file = workdir / "client-secret"
-    secret_file.write_text(ctx["client_secret"] + "\n")
     cookie_file = workdir / "cookie-secrets"
-    cookie_file.write_text(ctx["cookie_secret"] + "\n")
-    policy = {
+    return {
         "oidc": {
             "provider": {"issuer": ctx["issuer"]},
             "clientID": ctx["client_id"],
@@ -434,7 +433,14 @@ def _oidc_files(_m: Material, ctx: dict[str, Any]) -> dict[str, str]:
             "cookieSecretFile": str(cookie_file),
         }
     }
-    return {"extauth.yaml": yaml.safe_dump({"policies": {"oidc": policy}}, sort_keys=False)}
+
+
+def _oidc_files(_m: Material, ctx: dict[str, Any]) -> dict[str, str]:
+    workdir = Path(ctx["workdir"])
+    (workdir / "client-secret").write_text(ctx["client_secret"] + "\n")
+    (workdir / "cookie-secrets").write_text(ctx["cookie_secret"] + "\n")
+    policies = {"oidc": _oidc_policy(ctx)}
+    return {"extauth.yaml": yaml.safe_dump({"policies": policies}, sort_keys=False)}
 
 
 def _oauth2(_m: Material, _sock: str, ctx: dict[str, Any]) -> EnvoyParts:
@@ -459,6 +465,14 @@ def _oidc_ext_authz(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyParts
     )
 
 
+def _oidc_ext_authz_http(_m: Material, sock: str, ctx: dict[str, Any]) -> EnvoyParts:
+    return EnvoyParts(
+        http_filters=[ec.ext_authz_http_filter()],
+        route_extra=ec.ext_authz_http_route("oidc", _oidc_policy(ctx)),
+        clusters=[ec.http_uds_cluster("outrider_extauth_http", Sidecar.http_socket(sock))],
+    )
+
+
 OIDC_SESSION = Scenario(
     name="oidc-session",
     locustfile=LOCUSTFILES / "oidc_session.py",
@@ -473,11 +487,25 @@ OIDC_SESSION = Scenario(
             _oidc_ext_authz,
             Sidecar("extauth", "extauth.yaml", _oidc_files, grpc_call="extauth-oidc"),
         ),
+        Setup(
+            "outrider-http",
+            "outrider",
+            _oidc_ext_authz_http,
+            Sidecar("extauth", "extauth.yaml", _oidc_files, http=True),
+        ),
     ),
-    comparisons=(Comparison("outrider", "oauth2", None),),
-    p99_tax_goals={"outrider": Goal("tax_max_us", 1000)},
-    notes="All three setups terminate TLS (the session cookies are Secure). Envoy's oauth2 "
-    "checks an HMAC over its cookies; Outrider decrypts its AES-GCM session cookie.",
+    comparisons=(
+        Comparison("outrider", "oauth2", None),
+        Comparison("outrider-http", "oauth2", None),
+    ),
+    p99_tax_goals={
+        "outrider": Goal("tax_max_us", 1000),
+        "outrider-http": Goal("tax_max_us", 1000),
+    },
+    notes="All setups terminate TLS (the session cookies are Secure). Envoy's oauth2 "
+    "checks an HMAC over its cookies; Outrider decrypts its AES-GCM session cookie. "
+    "`outrider` is the gRPC mode, `outrider-http` Envoy's HTTP ext_authz mode, both "
+    "logged in through their own transport.",
     tls=True,
     login=True,
 )

@@ -228,7 +228,9 @@ def _exact(names: list[str]) -> ListStringMatcher:
     return ListStringMatcher(patterns=[StringMatcher(exact=n) for n in names])
 
 
-def extauth_http_service(policy: str | None, upstream: list[str]) -> HttpService:
+def extauth_http_service(
+    policy: str | None, upstream: list[str], timeout_ms: int = EXTAUTH_TIMEOUT_MS
+) -> HttpService:
     """Envoy's HTTP ext_authz call to the sidecar's ``--http-listen`` for one policy (in the
     path prefix: a client cannot change it), with the client address,
     the policy's identity headers copied upstream and the check's metadata kept."""
@@ -250,7 +252,7 @@ def extauth_http_service(policy: str | None, upstream: list[str]) -> HttpService
         server_uri=HttpUri(
             uri="http://outrider-extauth",
             cluster=EXTAUTH_HTTP_CLUSTER,
-            timeout=_dur(EXTAUTH_TIMEOUT_MS),
+            timeout=_dur(timeout_ms),
         ),
         path_prefix=prefix,
         authorization_request=AuthorizationRequest(
@@ -265,11 +267,11 @@ def extauth_http_service(policy: str | None, upstream: list[str]) -> HttpService
     )
 
 
-def extauth_http_filter() -> ExtAuthz:
+def extauth_http_filter(timeout_ms: int = EXTAUTH_TIMEOUT_MS) -> ExtAuthz:
     """The listener's ext_authz filter in HTTP mode; routes enable it with their own
     :func:`extauth_http_service`."""
     return ExtAuthz(
-        http_service=extauth_http_service(None, []),
+        http_service=extauth_http_service(None, [], timeout_ms),
         # every client header, as in gRPC mode (HTTP mode's default is a handful);
         # applies to the routes' own http_service too
         allowed_headers=ListStringMatcher(

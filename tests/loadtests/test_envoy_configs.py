@@ -22,6 +22,7 @@ CONTEXT = {  # what Stack.context holds for the OIDC setups (values only need to
     "provider_port": 9999,
     "authorization_endpoint": "http://127.0.0.1:9999/auth",
     "token_endpoint": "http://127.0.0.1:9999/token",
+    "workdir": "/tmp",
 }
 
 
