@@ -43,7 +43,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from .listeners import Address, ListenError, prepare_unix_path
+from .httpserver import start_http
+from .listeners import Address, ListenError
 from .runtime import RuntimeOptions
 
 log = logging.getLogger("outrider.workers")
@@ -216,19 +217,10 @@ class Supervisor:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/config", self._config)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site: web.BaseSite
-        if address.unix_path is not None:
-            prepare_unix_path(address.unix_path)
-            site = web.UnixSite(runner, address.unix_path)
-        else:
-            site = web.TCPSite(runner, address.host, address.port)
         try:
-            await site.start()
+            return await start_http(app, address)
         except OSError as exc:
             raise ListenError(f"admin {address}: cannot listen: {exc}") from None
-        return runner
 
     async def _get(self, w: Worker, path: str) -> tuple[int, str]:
         try:

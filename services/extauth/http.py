@@ -135,17 +135,20 @@ def encode_response(
     return "".join(lines).encode("utf-8") + body
 
 
-def response_from_decision(decision: Decision) -> bytes:
+def response_from_decision(decision: Decision, *, head: bool = False) -> bytes:
+    """The answer to one check; ``head``: the check was a HEAD request (Envoy keeps the
+    client's method), whose response carries no body."""
     if decision.allow and decision.query_params_to_remove:
         # Envoy's HTTP mode cannot strip query parameters; refuse rather than leak the key.
         decision = Decision.deny(500, "unsupported_in_http_mode", "misconfigured authorization")
     status = 200 if decision.allow else decision.status
     body = b"" if decision.allow else decision.body.encode("utf-8")
     try:
-        return encode_response(status, response_headers(decision), body)
+        response = encode_response(status, response_headers(decision), body)
     except ValueError as exc:
         log.error("check answer not sent as given: %s", exc)
         return encode_response(500, (), b"")
+    return response[: len(response) - len(body)] if head else response
 
 
 _BAD_REQUEST = encode_response(400, (), b"", close=True)
@@ -165,6 +168,7 @@ class _CheckProtocol(asyncio.Protocol):
         self._queue: deque[RawRequestMessage] = deque()
         self._busy = False
         self._closing = False
+        self._task: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -190,7 +194,7 @@ class _CheckProtocol(asyncio.Protocol):
             self._queue.append(message)
         if self._queue and not self._busy:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._answer())
+            self._task = asyncio.get_running_loop().create_task(self._answer())
 
     async def _answer(self) -> None:
         try:
@@ -200,7 +204,8 @@ class _CheckProtocol(asyncio.Protocol):
                     message.method, message.path, message.headers.items()
                 )
                 decision = await self._server.decide(request, "http")
-                self._reply(response_from_decision(decision), close=message.should_close)
+                answer = response_from_decision(decision, head=message.method == "HEAD")
+                self._reply(answer, close=message.should_close)
         except Exception:
             log.exception("HTTP ext_authz check failed")
             self._reply(encode_response(500, (), b"", close=True), close=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,6 +216,17 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     assert http_call(f"{http_mode}/cidr-deny/", {})[0] == 403
     # a client cannot pick its own address
     assert http_call(f"{http_mode}/cidr-deny/", {"x-outrider-client-address": "10.1.1.1"})[0] == 403
+    # HEAD keeps its method in the check; denied and allowed answers keep the connection sane
+    for _ in range(3):
+        head = urllib.request.Request(f"{http_mode}/basic/", method="HEAD")
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(head, timeout=10)
+        assert denied.value.code == 401
+        assert (
+            http_call(f"{http_mode}/basic/", {"authorization": basic_header("bc", "pw-bc")})[0]
+            == 200
+        )
+
     # no per-route policy: deny, also when the client's own path looks like a policy prefix
     assert http_call(f"{http_mode}/other", {})[0] == 403
     assert http_call(f"{http_mode}/policy/cidr-allow/x", {})[0] == 403
@@ -302,6 +315,13 @@ async def test_pipelined_requests_are_answered_in_order(http_socket: Path) -> No
     assert statuses(data) == ["200", "401", "200"]
     assert b"x-u: u\r\n" in data
     assert b'www-authenticate: Basic realm="basic"' in data
+
+
+async def test_a_head_check_gets_no_body(http_socket: Path) -> None:
+    head = BAD.replace("GET ", "HEAD ", 1)
+    data = await exchange(http_socket, head + GOOD)
+    assert statuses(data) == ["401", "200"]
+    assert b"Unauthorized" not in data.split(b"HTTP/1.1 200")[0].split(b"\r\n\r\n", 1)[1]
 
 
 async def test_a_request_split_across_writes(http_socket: Path) -> None:
