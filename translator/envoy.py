@@ -690,7 +690,7 @@ def build(
             clusters[cname] = cluster(
                 Backend(cname, "unix", ((options.sockets[name], 0),), http2=True)
             )
-    if "extauth-http" in sidecars_used:  # HTTP/1.1 to aiohttp
+    if "extauth-http" in sidecars_used:  # HTTP/1.1 to the sidecar's --http-listen
         socket = options.sockets["extauth-http"]
         clusters[EXTAUTH_HTTP_CLUSTER] = cluster(
             Backend(EXTAUTH_HTTP_CLUSTER, "unix", ((socket, 0),), http2=False)

@@ -216,6 +216,17 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     assert http_call(f"{http_mode}/cidr-deny/", {})[0] == 403
     # a client cannot pick its own address
     assert http_call(f"{http_mode}/cidr-deny/", {"x-outrider-client-address": "10.1.1.1"})[0] == 403
+    # a request body stays with the upstream: the check carries none, and does not wait for it
+    post = urllib.request.Request(
+        f"{http_mode}/basic/",
+        data=b"x" * 5000,
+        headers={"authorization": basic_header("bc", "pw-bc")},
+        method="POST",
+    )
+    with urllib.request.urlopen(post, timeout=10) as resp:
+        assert resp.status == 200
+        assert json.loads(resp.read())["method"] == "POST"
+
     # HEAD keeps its method in the check; denied and allowed answers keep the connection sane
     for _ in range(3):
         head = urllib.request.Request(f"{http_mode}/basic/", method="HEAD")
