@@ -28,8 +28,8 @@ ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
 }
-SIDECAR_TIMEOUT = "1s"  # far above any sidecar latency here: a timeout must never pass a request
-SIDECAR_TIMEOUT_MS = 1000
+SIDECAR_TIMEOUT_MS = 1000  # far above any sidecar latency here: a timeout must never pass a request
+SIDECAR_TIMEOUT = f"{SIDECAR_TIMEOUT_MS / 1000:g}s"
 
 
 def _admin(port: int) -> dict[str, Any]:

@@ -436,11 +436,10 @@ def _oidc_policy(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def _oidc_files(_m: Material, ctx: dict[str, Any]) -> dict[str, str]:
-    workdir = Path(ctx["workdir"])
-    (workdir / "client-secret").write_text(ctx["client_secret"] + "\n")
-    (workdir / "cookie-secrets").write_text(ctx["cookie_secret"] + "\n")
-    policies = {"oidc": _oidc_policy(ctx)}
-    return {"extauth.yaml": yaml.safe_dump({"policies": policies}, sort_keys=False)}
+    policy = _oidc_policy(ctx)
+    Path(policy["oidc"]["clientSecretFile"]).write_text(ctx["client_secret"] + "\n")
+    Path(policy["oidc"]["cookieSecretFile"]).write_text(ctx["cookie_secret"] + "\n")
+    return {"extauth.yaml": yaml.safe_dump({"policies": {"oidc": policy}}, sort_keys=False)}
 
 
 def _oauth2(_m: Material, _sock: str, ctx: dict[str, Any]) -> EnvoyParts:
