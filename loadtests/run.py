@@ -44,6 +44,8 @@ from typing import Any
 import psutil
 import yaml
 
+from services.common.listeners import free_port
+
 from . import envoy_configs as ec
 from .material import Material, generate
 from .scenarios import REPO, SCENARIOS, Scenario, Setup
@@ -84,12 +86,6 @@ class Plan:
 def progress(message: str) -> None:
     stamp = dt.datetime.now(dt.UTC).strftime("%H:%M:%S")
     print(f"[bench {stamp}] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def envoy_binary() -> str:

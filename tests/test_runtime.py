@@ -213,6 +213,14 @@ def test_tcp_port_in_use_is_an_error(config: Path) -> None:
         first.stop()
 
 
+def test_free_port_is_outside_the_ephemeral_range() -> None:
+    """Outgoing connections take ports from the ephemeral range; a picked port must not be one."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picks = {free_port() for _ in range(200)}
+    assert all(1024 < port < low for port in picks)
+    assert len(picks) > 150  # spread out, so parallel tests rarely pick the same one
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

