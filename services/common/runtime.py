@@ -242,7 +242,8 @@ class Runtime:
             self._serving = False
             self.metrics.ready.set(0)
             await self._health.enter_graceful_shutdown()
-            await server.stop(grace=self.options.drain_timeout)
+            grace = self.options.drain_timeout
+            await asyncio.gather(server.stop(grace=grace), self.service.drain(grace))
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -39,7 +39,7 @@ class Service(Protocol):
     Order of calls: ``load_config`` (validated, no side effects) →
     ``start`` (open backends) → ``register`` (add servicers) → serve; on reload,
     ``load_config`` then ``apply_config`` (only when the new config is valid);
-    on shutdown ``stop``.
+    on shutdown ``drain`` (beside the gRPC server's drain), then ``stop``.
     """
 
     name: str
@@ -63,6 +63,11 @@ class Service(Protocol):
     def register(self, server: grpc.aio.Server) -> None: ...
 
     async def readiness(self) -> Readiness: ...
+
+    async def drain(self, grace: float) -> None:
+        """Run beside the gRPC server's own drain: stop taking new work on the service's
+        other listeners and give work in flight up to ``grace`` seconds."""
+        ...
 
     def describe_config(self) -> Any:
         """The effective config as JSON-able data, secrets redacted."""

@@ -23,6 +23,7 @@ metadata (per-user rate limits). Deny: the denial's status, headers and body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections import deque
@@ -135,23 +136,27 @@ def encode_response(
     return "".join(lines).encode("utf-8") + body
 
 
-def response_from_decision(decision: Decision, *, head: bool = False) -> bytes:
+def response_from_decision(decision: Decision, *, head: bool = False, close: bool = False) -> bytes:
     """The answer to one check; ``head``: the check was a HEAD request (Envoy keeps the
-    client's method), whose response carries no body."""
+    client's method), whose response carries no body; ``close``: the connection closes
+    after it, which the answer says (``Connection: close``) so Envoy sends no more on it."""
     if decision.allow and decision.query_params_to_remove:
         # Envoy's HTTP mode cannot strip query parameters; refuse rather than leak the key.
         decision = Decision.deny(500, "unsupported_in_http_mode", "misconfigured authorization")
     status = 200 if decision.allow else decision.status
     body = b"" if decision.allow else decision.body.encode("utf-8")
     try:
-        response = encode_response(status, response_headers(decision), body)
+        response = encode_response(status, response_headers(decision), body, close=close)
     except ValueError as exc:
         log.error("check answer not sent as given: %s", exc)
-        return encode_response(500, (), b"")
+        return encode_response(500, (), b"", close=close)
     return response[: len(response) - len(body)] if head else response
 
 
 _BAD_REQUEST = encode_response(400, (), b"", close=True)
+#: Requests parsed but not yet answered on one connection before it stops reading: a
+#: client that pipelines without reading the answers is not buffered without bound.
+MAX_QUEUED = 32
 
 
 class _CheckProtocol(asyncio.Protocol):
@@ -168,6 +173,8 @@ class _CheckProtocol(asyncio.Protocol):
         self._queue: deque[RawRequestMessage] = deque()
         self._busy = False
         self._closing = False
+        self._reading = True
+        self._write_paused = False
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,9 +184,27 @@ class _CheckProtocol(asyncio.Protocol):
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.connections.discard(self)
         self._transport = None
         self._queue.clear()
+        self._server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read while answers are taken away and few requests wait for theirs."""
+        reading = not self._write_paused and len(self._queue) < MAX_QUEUED
+        if reading != self._reading and self._transport is not None and not self._closing:
+            self._reading = reading
+            if reading:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._parser is None:
@@ -192,6 +217,7 @@ class _CheckProtocol(asyncio.Protocol):
             return
         for message, _payload in messages:  # a body (with_request_body) is not used
             self._queue.append(message)
+        self._flow()
         if self._queue and not self._busy:
             self._busy = True
             self._task = asyncio.get_running_loop().create_task(self._answer())
@@ -200,12 +226,17 @@ class _CheckProtocol(asyncio.Protocol):
         try:
             while self._queue and self._transport is not None:
                 message = self._queue.popleft()
+                self._flow()
                 request = request_from_message(
                     message.method, message.path, message.headers.items()
                 )
                 decision = await self._server.decide(request, "http")
-                answer = response_from_decision(decision, head=message.method == "HEAD")
-                self._reply(answer, close=message.should_close)
+                # draining: the last answer received before the drain closes the connection
+                close = message.should_close or (self._server.draining and not self._queue)
+                answer = response_from_decision(
+                    decision, head=message.method == "HEAD", close=close
+                )
+                self._reply(answer, close=close)
         except Exception:
             log.exception("HTTP ext_authz check failed")
             self._reply(encode_response(500, (), b"", close=True), close=True)
@@ -221,6 +252,12 @@ class _CheckProtocol(asyncio.Protocol):
             self._queue.clear()
             self._transport.close()
 
+    def drain(self) -> None:
+        """Close now when idle; otherwise the last answer in hand closes the connection."""
+        if not self._busy and not self._queue and self._transport is not None:
+            self._closing = True
+            self._transport.close()
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -231,7 +268,14 @@ class HTTPAuthzServer:
         self.address = address
         self.decide = decide
         self.connections: set[_CheckProtocol] = set()
+        self.draining = False
+        self._drained = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
+
+    def connection_closed(self, connection: _CheckProtocol) -> None:
+        self.connections.discard(connection)
+        if self.draining and not self.connections:
+            self._drained.set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -249,6 +293,21 @@ class HTTPAuthzServer:
         except OSError as exc:
             raise ListenError(f"--http-listen {address}: cannot listen: {exc}") from None
         log.info("extauth HTTP ext_authz listening on %s", address)
+
+    async def drain(self, grace: float) -> None:
+        """Like the gRPC server's drain: no new connections; each connection's checks
+        already received are answered (the last answer says ``Connection: close``), idle
+        connections close now; up to ``grace`` seconds."""
+        if self._server is None or self.draining:
+            return
+        self.draining = True
+        self._server.close()
+        for connection in list(self.connections):
+            connection.drain()
+        if not self.connections:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), grace)
 
     async def stop(self) -> None:
         if self._server is None:

@@ -163,6 +163,10 @@ class ExtauthService:
             },
         }
 
+    async def drain(self, grace: float) -> None:
+        if self._http is not None:
+            await self._http.drain(grace)
+
     async def stop(self) -> None:
         if self._http is not None:
             await self._http.stop()

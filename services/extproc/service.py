@@ -183,5 +183,8 @@ class ExtprocService:
     def describe_config(self) -> Any:
         return dict(self._config.described) if self._config is not None else None
 
+    async def drain(self, grace: float) -> None:
+        pass  # gRPC only: the runtime drains it
+
     async def stop(self) -> None:
         pass

@@ -207,6 +207,9 @@ class RateLimitService:
             **(self.config.describe() if self.config is not None else {}),
         }
 
+    async def drain(self, grace: float) -> None:
+        pass  # gRPC only: the runtime drains it
+
     async def stop(self) -> None:
         if self.store is not None:
             await self.store.close()

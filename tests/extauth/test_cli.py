@@ -154,3 +154,34 @@ def test_workers_need_unix_http_listen(tmp_path: Path, sockdir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--workers needs unix: addresses for --listen, --http-listen" in result.stderr
+
+
+def test_sigterm_closes_idle_http_mode_connections_and_exits(
+    tmp_path: Path, sockdir: Path, outrider: Callable[..., Any]
+) -> None:
+    """Envoy's pooled keep-alive connections do not hold the drain for --drain-timeout."""
+    import signal
+
+    apache_htpasswd(tmp_path / "users", {"ann": ("-s", "pw-ann")})
+    config = write_config(tmp_path, {"basic": {"basicAuth": {"htpasswdFile": "users"}}})
+    proc = outrider(
+        "extauth",
+        "--config", str(config),
+        "--listen", f"unix:{sockdir / 'g.sock'}",
+        "--http-listen", f"unix:{sockdir / 'h.sock'}",
+        "--drain-timeout", "30",
+    )  # fmt: skip
+    pooled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pooled.settimeout(10)
+    pooled.connect(str(sockdir / "h.sock"))
+    pooled.sendall(
+        b"GET /policy/basic/ HTTP/1.1\r\nHost: h\r\n"
+        + f"Authorization: {basic_header('ann', 'pw-ann')}\r\n\r\n".encode()
+    )
+    assert pooled.recv(65536).startswith(b"HTTP/1.1 200 ")  # kept alive, now idle
+    began = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert pooled.recv(65536) == b""  # closed by the drain, not at its end
+    assert proc.process.wait(timeout=20) == 0
+    assert time.monotonic() - began < 15  # well inside --drain-timeout 30
+    pooled.close()

@@ -381,3 +381,107 @@ def test_unsafe_header_values_are_never_written() -> None:
         encode_response(200, [("bad name", "1")], b"")
     denial = Decision.deny(401, "r", "no", (("x-a", "v\nw"),))
     assert response_from_decision(denial).startswith(b"HTTP/1.1 500 ")
+
+
+# -- drain and flow control, with checks that wait until the test lets them answer --------
+
+
+class GatedServer:
+    """An HTTP-mode server whose checks all wait for ``gate``, then allow."""
+
+    def __init__(self, path: Path) -> None:
+        import asyncio
+
+        from services.common.listeners import parse_address
+        from services.extauth.http import HTTPAuthzServer
+
+        self.path = path
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()  # a check is waiting at the gate
+        self.server = HTTPAuthzServer(parse_address(f"unix:{path}"), self.decide)
+
+    async def decide(self, request: Any, transport: str) -> Any:
+        from services.extauth.core import Decision
+
+        self.entered.set()
+        await self.gate.wait()
+        return Decision(allow=True, reason="ok", upstream_headers=(("x-path", request.path),))
+
+
+@pytest.fixture
+async def gated(sockdir: Path) -> Any:
+    server = GatedServer(sockdir / "g.sock")
+    await server.server.start()
+    yield server
+    await server.server.stop()
+
+
+async def test_drain_answers_checks_in_flight_and_takes_no_new_connections(
+    gated: GatedServer,
+) -> None:
+    import asyncio
+
+    busy_reader, busy_writer = await asyncio.open_unix_connection(str(gated.path))
+    idle_reader, idle_writer = await asyncio.open_unix_connection(str(gated.path))
+    busy_writer.write(GOOD.encode())
+    await busy_writer.drain()
+    await asyncio.wait_for(gated.entered.wait(), 5)
+
+    drain = asyncio.create_task(gated.server.drain(grace=10))
+    # the idle connection closes at once, no new connection is taken
+    assert await asyncio.wait_for(idle_reader.read(), 2) == b""
+    with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+        await asyncio.open_unix_connection(str(gated.path))
+    assert not drain.done()  # still waiting for the check in flight
+
+    gated.gate.set()
+    answer = await asyncio.wait_for(busy_reader.read(), 2)  # then EOF: the server closed
+    assert statuses(answer) == ["200"]
+    assert b"x-path: /a\r\n" in answer
+    assert b"Connection: close\r\n" in answer  # so Envoy sends nothing more on it
+    await asyncio.wait_for(drain, 2)  # returns once the last connection is gone
+    for writer in (busy_writer, idle_writer):
+        writer.close()
+
+
+async def test_drain_is_bounded_by_its_grace(gated: GatedServer) -> None:
+    import asyncio
+    import time
+
+    reader, writer = await asyncio.open_unix_connection(str(gated.path))
+    writer.write(GOOD.encode())
+    await writer.drain()
+    await asyncio.wait_for(gated.entered.wait(), 5)
+    began = time.monotonic()
+    await gated.server.drain(grace=0.3)
+    assert time.monotonic() - began < 3  # the stuck check did not hold the drain
+    await gated.server.stop()
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    writer.close()
+
+
+async def test_a_client_that_never_reads_answers_stops_being_read(gated: GatedServer) -> None:
+    """Pipelined checks beyond MAX_QUEUED wait in the client's socket, not in our memory."""
+    import asyncio
+
+    from services.extauth.http import MAX_QUEUED
+
+    count = 3000  # of 1 kB each: far more than one read takes in
+    padded = GOOD.replace("\r\n\r\n", f"\r\nx-pad: {'p' * 1000}\r\n\r\n")
+    reader, writer = await asyncio.open_unix_connection(str(gated.path))
+    writer.write(padded.encode() * count)
+    await asyncio.sleep(0.3)
+    (connection,) = gated.server.connections
+    # one check waits at the gate; at most one read's worth of requests beyond the bound
+    assert MAX_QUEUED <= len(connection._queue) < MAX_QUEUED + 300
+    assert connection._transport is not None
+    assert not connection._transport.is_reading()
+
+    gated.gate.set()  # every check answered, in order, once the client reads
+    data = b""
+    while data.count(b"HTTP/1.1 200 ") < count:
+        part = await asyncio.wait_for(reader.read(1 << 20), 5)
+        assert part, "the server closed early"
+        data += part
+    assert statuses(data) == ["200"] * count
+    writer.close()

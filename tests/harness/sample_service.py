@@ -75,6 +75,9 @@ class SampleService:
     def describe_config(self) -> object:
         return None if self.config is None else {"greeting": self.config.greeting}
 
+    async def drain(self, grace: float) -> None:
+        pass  # gRPC only: the runtime drains it
+
     async def stop(self) -> None:
         pass
 
