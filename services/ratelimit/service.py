@@ -94,6 +94,9 @@ class LimitStatsCollector(Collector):
         if store is not None:
             up = store.healthy if isinstance(store, RedisStore) else True
             healthy.add_metric([store.name], 1 if up else 0)
+        per_second = self.service.per_second_store
+        if per_second is not None:
+            healthy.add_metric([f"{per_second.name}-per-second"], 1 if per_second.healthy else 0)
         yield healthy
 
 
@@ -114,6 +117,7 @@ class RateLimitService:
         )
         self.limiter: Limiter | None = None
         self.store: RedisStore | MemoryStore | None = None
+        self.per_second_store: RedisStore | None = None
         self.config: RateLimitConfig | None = None
         self.redis_latency = Histogram(
             "outrider_ratelimit_redis_pipeline_seconds",
@@ -137,23 +141,35 @@ class RateLimitService:
     def config_files(self, path: Path) -> list[Path]:
         return config_files(path)
 
+    async def _open_redis(self, url: str, what: str) -> RedisStore:
+        store = open_store(
+            url,
+            timeout=self.args.redis_timeout,
+            max_inflight=self.args.redis_connections,
+            observe=self.redis_latency.observe,
+        )
+        await store.start()
+        log.info(
+            "%s in %s Redis %s (timeout %.0f ms%s)",
+            what,
+            store.kind,
+            describe_url(url),
+            self.args.redis_timeout * 1000,
+            ", fail-open" if self.args.fail_open else "",
+        )
+        return store
+
     async def start(self, config: RateLimitConfig) -> None:
         self.config = config
         if self.args.redis_url:
-            store: RedisStore | MemoryStore = open_store(
+            store: RedisStore | MemoryStore = await self._open_redis(
                 self.args.redis_url,
-                timeout=self.args.redis_timeout,
-                max_inflight=self.args.redis_connections,
-                observe=self.redis_latency.observe,
+                "counters" if not self.args.redis_persecond_url else "counters (not per second)",
             )
-            await store.start()
-            log.info(
-                "counters in %s Redis %s (timeout %.0f ms%s)",
-                store.kind,
-                describe_url(self.args.redis_url),
-                self.args.redis_timeout * 1000,
-                ", fail-open" if self.args.fail_open else "",
-            )
+            if self.args.redis_persecond_url:
+                self.per_second_store = await self._open_redis(
+                    self.args.redis_persecond_url, "per-second counters"
+                )
         else:
             store = MemoryStore()
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
@@ -164,6 +180,7 @@ class RateLimitService:
             store,
             self.options,
             jitter=lambda most: jitter_rng.randint(0, most),
+            per_second_store=self.per_second_store,
         )
 
     def apply_config(self, config: RateLimitConfig) -> None:
@@ -177,11 +194,13 @@ class RateLimitService:
     async def readiness(self) -> Readiness:
         if self.limiter is None or self.store is None:
             return Readiness(False, "starting")
-        if isinstance(self.store, RedisStore) and not self.store.healthy:
-            if self.args.fail_open:
-                # answering OK without Redis is the point of --fail-open: stay in service
-                return Readiness(True, f"fail-open: {self.store.last_error}")
-            return Readiness(False, self.store.last_error or "Redis unreachable")
+        for store, what in ((self.store, "Redis"), (self.per_second_store, "per-second Redis")):
+            if isinstance(store, RedisStore) and not store.healthy:
+                problem = f"{what}: {store.last_error or 'unreachable'}"
+                if self.args.fail_open:
+                    # answering OK without Redis is the point of --fail-open: stay in service
+                    return Readiness(True, f"fail-open: {problem}")
+                return Readiness(False, problem)
         return Readiness(True)
 
     def describe_config(self) -> Any:
@@ -191,6 +210,11 @@ class RateLimitService:
                 "kind": f"redis ({getattr(self.store, 'kind', '?')})",
                 "url": describe_url(self.args.redis_url),
                 "timeout_seconds": self.args.redis_timeout,
+                "per_second_url": (
+                    describe_url(self.args.redis_persecond_url)
+                    if self.args.redis_persecond_url
+                    else None
+                ),
                 "fail_open": self.args.fail_open,
             }
         return {
@@ -213,6 +237,8 @@ class RateLimitService:
     async def stop(self) -> None:
         if self.store is not None:
             await self.store.close()
+        if self.per_second_store is not None:
+            await self.per_second_store.close()
 
 
 class Factory:
@@ -228,6 +254,14 @@ class Factory:
             metavar="URL",
             help="redis://, rediss://, unix://, redis+cluster://h1:p1,h2:p2 or "
             "redis+sentinel://h:p[,h:p]/MASTER; absent: in-memory (one replica only)",
+        )
+        group.add_argument(
+            "--redis-persecond-url",
+            type=redis_url,
+            default=None,
+            metavar="URL",
+            help="counters of limits whose unit is second go to this Redis (same URL forms; "
+            "envoyproxy/ratelimit's REDIS_PERSECOND); needs --redis-url",
         )
         group.add_argument(
             "--redis-timeout",
@@ -291,6 +325,8 @@ class Factory:
         )
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
+        if args.redis_persecond_url and not args.redis_url:
+            raise UsageError("--redis-persecond-url needs --redis-url (the other limits' Redis)")
         return RateLimitService(args, metrics)
 
     def worker_addresses(self, args: argparse.Namespace) -> dict[str, Address]:

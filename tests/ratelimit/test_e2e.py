@@ -27,6 +27,9 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 3}
   - key: user
     rate_limit: {unit: hour, requests_per_unit: 1000000}
+  - key: generic_key
+    value: burst
+    rate_limit: {unit: second, requests_per_unit: 1000000}
 """
 
 
@@ -452,3 +455,38 @@ def test_workers_refuse_the_memory_store(
     )  # fmt: skip
     assert service.wait(20) == 2
     assert "--workers needs --redis-url" in service.output()
+
+
+def test_per_second_limits_in_their_own_redis(
+    stack: Callable[..., Stack], redis_server: Any, redis_factory: Callable[..., Any]
+) -> None:
+    """--redis-persecond-url (envoyproxy/ratelimit's REDIS_PERSECOND), through real Envoy."""
+    per_second = redis_factory()
+    burst = {"actions": [{"generic_key": {"descriptor_value": "burst"}}]}
+    s = stack(
+        "--redis-persecond-url", per_second.url,
+        routes=[
+            route("/limited", "upstream", rate_limits=RATE_LIMITS["rate_limits"]),
+            route("/burst", "upstream", rate_limits=[burst]),
+        ],
+    )  # fmt: skip
+    assert s.get("/limited")[0] == 200
+    assert s.get("/burst")[0] == 200
+    with redis_server.client() as client:
+        (key,) = client.keys("*")
+        assert key.decode().startswith("e2e_generic_key_limited_")
+    with per_second.client() as client:
+        (key,) = client.keys("*")
+        assert key.decode().startswith("e2e_generic_key_burst_")
+        assert 0 < client.ttl(key) <= 1
+    status, config = http_get(s.service.admin_url + "/config")
+    assert status == 200
+    assert f'"per_second_url": "redis://127.0.0.1:{per_second.port}' in config
+    _, metrics = http_get(s.service.admin_url + "/metrics")
+    assert 'outrider_ratelimit_store_up{store="redis-per-second"} 1.0' in metrics
+
+    per_second.stop()
+    assert s.get("/burst")[0] == 500  # failure_mode_deny: the per-second Redis is gone
+    assert s.get("/limited")[0] == 200  # limits elsewhere still answer
+    wait_until(lambda: http_get(s.service.admin_url + "/readyz")[0] == 503, 10, "not ready")
+    assert "per-second Redis" in http_get(s.service.admin_url + "/readyz")[1]

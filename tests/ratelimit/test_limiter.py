@@ -468,3 +468,72 @@ async def test_own_event_loop_lag_is_not_a_redis_timeout(redis_server: Any) -> N
         assert all(decision.code == OK for decision in decisions)
     finally:
         await store.close()
+
+
+# -- per-second limits on a store of their own (envoyproxy/ratelimit's REDIS_PERSECOND) ----
+
+
+async def test_per_second_limits_use_their_own_store() -> None:
+    clock = Clock(T0 + 3)
+    main, per_second = MemoryStore(clock), MemoryStore(clock)
+    limiter = Limiter(parse_texts([("t.yaml", CONFIG)]), main, LimiterOptions(local_cache_size=0),
+                      clock=clock, per_second_store=per_second)  # fmt: skip
+    descriptors = [
+        d("key2", "m"),  # minute
+        d("key1", "value1", "subkey1", "s"),  # second, limit 5
+        d("ten_seconds", "t"),  # unit second, unit_multiplier 10
+        d("other", "o", override=(3, int(Unit.SECOND))),  # Envoy's own per-second limit
+        d("key3", "h"),  # hour
+    ]
+    for _ in range(3):
+        decision = await limiter.should_rate_limit("test-domain", descriptors, 1)
+    # every status still answers its own descriptor
+    assert [s.rule.requests_per_unit if s.rule else None for s in decision.statuses] == [
+        20, 5, 2, 3, 1,
+    ]  # fmt: skip
+    assert [s.code for s in decision.statuses] == [OK, OK, OVER_LIMIT, OK, OVER_LIMIT]
+    assert sorted(main.data) == [
+        f"test-domain_key2_m_{int(T0)}",
+        f"test-domain_key3_h_{int(T0) // 3600 * 3600}",
+    ]
+    assert sorted(per_second.data) == sorted(
+        [
+            f"test-domain_key1_value1_subkey1_s_{int(T0 + 3)}",
+            f"test-domain_ten_seconds_t_{int(T0)}",
+            f"test-domain_other_o_{int(T0 + 3)}",
+        ]
+    )
+    # one store only: a call whose limits are all per second never touches the main one
+    before = dict(main.data)
+    await limiter.should_rate_limit("test-domain", [d("key1", "value1", "subkey1", "z")], 1)
+    assert main.data == before
+
+
+async def test_per_second_redis_down_fails_only_calls_that_need_it(
+    redis_factory: Any,
+) -> None:
+    main_server, second_server = redis_factory(), redis_factory()
+    main = RedisStore(main_server.url, timeout=0.3)
+    per_second = RedisStore(second_server.url, timeout=0.3)
+    await main.start()
+    await per_second.start()
+    try:
+        limiter = Limiter(parse_texts([("t.yaml", CONFIG)]), main, per_second_store=per_second)
+        minute, second = d("key2", "a"), d("key1", "value1", "subkey1", "b")
+        assert (await limiter.should_rate_limit("test-domain", [minute, second], 1)).code == OK
+        with main_server.client() as client:
+            (key,) = client.keys("*")
+            assert key.decode().startswith("test-domain_key2_a_")
+        with second_server.client() as client:
+            (key,) = client.keys("*")
+            assert key.decode().startswith("test-domain_key1_value1_subkey1_b_")
+            assert 0 < client.ttl(key) <= 1
+        second_server.stop()
+        assert (await limiter.should_rate_limit("test-domain", [minute], 1)).code == OK
+        with pytest.raises(StoreUnavailable):
+            await limiter.should_rate_limit("test-domain", [minute, second], 1)
+        with pytest.raises(StoreUnavailable):
+            await limiter.should_rate_limit("test-domain", [second], 1)
+    finally:
+        await main.close()
+        await per_second.close()

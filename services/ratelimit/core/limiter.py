@@ -16,13 +16,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from ..config import UINT32_MAX, UNIT_SECONDS, Algorithm, Domain, RateLimitConfig, RateLimitRule
+from ..config import (
+    UINT32_MAX,
+    UNIT_SECONDS,
+    Algorithm,
+    Domain,
+    RateLimitConfig,
+    RateLimitRule,
+    Unit,
+)
 from . import stats as st
 from .algorithms import (
     FIXED,
@@ -62,6 +71,10 @@ class CounterStore(Protocol):
     """
 
     def apply(self, ops: list[Op]) -> Awaitable[list[Any]]: ...
+
+
+#: A counter operation's context: (descriptor index, rule, stats row, hits, key, reset).
+Pending = tuple[int, RateLimitRule, list[int], int, str, int]
 
 
 class Descriptor(NamedTuple):
@@ -137,9 +150,12 @@ class Limiter:
         *,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[int], int] | None = None,
+        per_second_store: CounterStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        #: counters of limits whose unit is second, when they live apart (else ``store``)
+        self.per_second_store = per_second_store
         self.options = options or LimiterOptions()
         self.clock = clock
         self.jitter = jitter
@@ -213,7 +229,11 @@ class Limiter:
         default_hits = request_hits if request_hits > 0 else 1
         statuses: list[Status] = [NO_LIMIT] * len(descriptors)
         ops: list[Op] = []
-        pending: list[tuple[int, RateLimitRule, list[int], int, str, int]] = []
+        pending: list[Pending] = []
+        # envoyproxy/ratelimit's REDIS_PERSECOND: limits per second on a store of their own
+        per_second_store = self.per_second_store
+        second_ops: list[Op] = []
+        second_pending: list[Pending] = []
         local_cache = self.local_cache
         for i, found in enumerate(matches):
             if found is None:
@@ -225,6 +245,10 @@ class Limiter:
             if rule.unlimited:
                 statuses[i] = UNLIMITED
                 continue
+            if per_second_store is not None and rule.unit == Unit.SECOND:
+                to_ops, to_pending = second_ops, second_pending
+            else:
+                to_ops, to_pending = ops, pending
             hits = descriptors[i].hits
             if hits is None:
                 hits = default_hits
@@ -244,17 +268,17 @@ class Limiter:
                 if options.expiration_jitter_max_seconds > 0 and self.jitter is not None:
                     ttl += self.jitter(options.expiration_jitter_max_seconds)
                 if options.stop_counting_over_limit:
-                    ops.append((FIXED_CAPPED, key, hits, ttl, rule.requests_per_unit))
+                    to_ops.append((FIXED_CAPPED, key, hits, ttl, rule.requests_per_unit))
                 else:
-                    ops.append((FIXED, key, hits, ttl))
-                pending.append((i, rule, row, hits, key, reset))
+                    to_ops.append((FIXED, key, hits, ttl))
+                to_pending.append((i, rule, row, hits, key, reset))
             elif rule.requests_per_unit == 0:
                 row[st.OVER_LIMIT] += hits
                 statuses[i] = self._over(rule, row, hits, window)
             elif algorithm is Algorithm.SLIDING_WINDOW:
                 window_ms = window * 1000
                 current_key, previous_key = sliding_keys(base, now_ms, window_ms)
-                ops.append(
+                to_ops.append(
                     (
                         SLIDING,
                         current_key,
@@ -266,9 +290,9 @@ class Limiter:
                     )
                 )
                 reset = math.ceil((window_ms - now_ms % window_ms) / 1000)
-                pending.append((i, rule, row, hits, "", reset))
+                to_pending.append((i, rule, row, hits, "", reset))
             else:
-                ops.append(
+                to_ops.append(
                     (
                         TOKEN,
                         token_bucket_key(base),
@@ -278,11 +302,17 @@ class Limiter:
                         now_ms,
                     )
                 )
-                pending.append((i, rule, row, hits, "", 0))
+                to_pending.append((i, rule, row, hits, "", 0))
 
-        if ops:
+        if ops or second_ops:
             try:
-                results = await self.store.apply(ops)
+                if not second_ops:
+                    results = await self.store.apply(ops)
+                else:
+                    assert per_second_store is not None
+                    results, pending = await self._apply_both(
+                        ops, pending, per_second_store, second_ops, second_pending
+                    )
             except StoreUnavailable:
                 service.store_errors += 1
                 if not options.fail_open:
@@ -304,6 +334,26 @@ class Limiter:
             else:
                 service.over_limit_responses += 1
         return Decision(code, statuses)
+
+    async def _apply_both(
+        self,
+        ops: list[Op],
+        pending: list[Pending],
+        per_second_store: CounterStore,
+        second_ops: list[Op],
+        second_pending: list[Pending],
+    ) -> tuple[list[Any], list[Pending]]:
+        """Both stores at once; results in the order of the returned pending list."""
+        if not ops:
+            return await per_second_store.apply(second_ops), second_pending
+        main, per_second = await asyncio.gather(
+            self.store.apply(ops), per_second_store.apply(second_ops), return_exceptions=True
+        )
+        if isinstance(main, BaseException):
+            raise main
+        if isinstance(per_second, BaseException):
+            raise per_second
+        return [*main, *per_second], pending + second_pending
 
     def _over(self, rule: RateLimitRule, row: list[int], hits: int, reset: int) -> Status:
         if rule.shadow_mode:
