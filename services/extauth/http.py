@@ -175,6 +175,8 @@ class _CheckProtocol(asyncio.Protocol):
         self._closing = False
         self._reading = True
         self._write_paused = False
+        self._writable = asyncio.Event()  # cleared while the transport's buffer is full
+        self._writable.set()
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -182,18 +184,23 @@ class _CheckProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16)
         self._server.connections.add(self)
+        if self._server.draining:  # accepted just before the listener closed
+            self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._queue.clear()
+        self._writable.set()
         self._server.connection_closed(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._writable.clear()
         self._flow()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._writable.set()
         self._flow()
 
     def _flow(self) -> None:
@@ -225,6 +232,9 @@ class _CheckProtocol(asyncio.Protocol):
     async def _answer(self) -> None:
         try:
             while self._queue and self._transport is not None:
+                if self._write_paused:  # answers are not being read: decide no further
+                    await self._writable.wait()
+                    continue
                 message = self._queue.popleft()
                 self._flow()
                 request = request_from_message(
@@ -258,9 +268,11 @@ class _CheckProtocol(asyncio.Protocol):
             self._closing = True
             self._transport.close()
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Cut the connection off without flushing: a peer that does not read cannot hold
+        the exit (``transport.close`` would wait for the buffer to drain)."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
 
 class HTTPAuthzServer:
@@ -313,7 +325,7 @@ class HTTPAuthzServer:
         if self._server is None:
             return
         self._server.close()
-        for connection in list(self.connections):
-            connection.close()
+        for connection in list(self.connections):  # what the drain left: its grace is over
+            connection.abort()
         await self._server.wait_closed()
         self._server = None

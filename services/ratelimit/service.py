@@ -167,9 +167,13 @@ class RateLimitService:
                 "counters" if not self.args.redis_persecond_url else "counters (not per second)",
             )
             if self.args.redis_persecond_url:
-                self.per_second_store = await self._open_redis(
-                    self.args.redis_persecond_url, "per-second counters"
-                )
+                try:
+                    self.per_second_store = await self._open_redis(
+                        self.args.redis_persecond_url, "per-second counters"
+                    )
+                except BaseException:
+                    await store.close()
+                    raise
         else:
             store = MemoryStore()
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")

@@ -398,6 +398,8 @@ class GatedServer:
         self.path = path
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()  # a check is waiting at the gate
+        self.decided = 0
+        self.padding = ""  # added to every answer
         self.server = HTTPAuthzServer(parse_address(f"unix:{path}"), self.decide)
 
     async def decide(self, request: Any, transport: str) -> Any:
@@ -405,7 +407,9 @@ class GatedServer:
 
         self.entered.set()
         await self.gate.wait()
-        return Decision(allow=True, reason="ok", upstream_headers=(("x-path", request.path),))
+        self.decided += 1
+        headers = (("x-path", request.path), ("x-pad", self.padding))
+        return Decision(allow=True, reason="ok", upstream_headers=headers)
 
 
 @pytest.fixture
@@ -484,4 +488,57 @@ async def test_a_client_that_never_reads_answers_stops_being_read(gated: GatedSe
         assert part, "the server closed early"
         data += part
     assert statuses(data) == ["200"] * count
+    writer.close()
+
+
+async def test_answers_nobody_reads_are_not_piled_up(gated: GatedServer) -> None:
+    """Checks are decided only as fast as the client takes the answers away."""
+    import asyncio
+
+    gated.gate.set()  # every check answers at once, with 4 kB: far more than it asked
+    gated.padding = "p" * 4096
+    count = 5_000
+    reader, writer = await asyncio.open_unix_connection(str(gated.path))
+    writer.write(GOOD.encode() * count)
+    await asyncio.sleep(1.0)
+    (connection,) = gated.server.connections
+    assert connection._transport is not None
+    assert connection._transport.get_write_buffer_size() < 1 << 20
+    assert gated.decided < count // 2  # the rest wait, undecided, in the client's socket
+
+    data = b""  # once read, every check is answered, in order
+    while data.count(b"HTTP/1.1 200 ") < count:
+        part = await asyncio.wait_for(reader.read(1 << 20), 5)
+        assert part, "the server closed early"
+        data += part
+    assert gated.decided == count
+    writer.close()
+
+
+@pytest.mark.parametrize("turns", range(5))
+async def test_a_connection_accepted_as_the_drain_starts_is_drained_too(
+    sockdir: Path, turns: int
+) -> None:
+    """Accepted by the loop but not yet set up when the drain looked: it must not hold it."""
+    import asyncio
+    import socket
+    import time
+
+    server = GatedServer(sockdir / f"late{turns}.sock")
+    await server.server.start()
+    loop = asyncio.get_running_loop()
+    _reader, writer = await asyncio.open_unix_connection(str(server.path))
+    writer.write(GOOD.encode())
+    await asyncio.wait_for(server.entered.wait(), 5)
+    late = socket.socket(socket.AF_UNIX)
+    late.setblocking(False)
+    await loop.sock_connect(late, str(server.path))
+    for _ in range(turns):  # the accept lands somewhere in these loop turns
+        await asyncio.sleep(0)
+    loop.call_later(0.1, server.gate.set)
+    began = time.monotonic()
+    await server.server.drain(grace=10)
+    assert time.monotonic() - began < 5  # ended with the busy check, not at the grace
+    await server.server.stop()
+    late.close()
     writer.close()

@@ -478,20 +478,22 @@ async def test_per_second_limits_use_their_own_store() -> None:
     main, per_second = MemoryStore(clock), MemoryStore(clock)
     limiter = Limiter(parse_texts([("t.yaml", CONFIG)]), main, LimiterOptions(local_cache_size=0),
                       clock=clock, per_second_store=per_second)  # fmt: skip
+    # different hits per descriptor: a result given to the wrong descriptor shows
     descriptors = [
-        d("key2", "m"),  # minute
+        d("key2", "m", hits=4),  # minute, limit 20
         d("key1", "value1", "subkey1", "s"),  # second, limit 5
-        d("ten_seconds", "t"),  # unit second, unit_multiplier 10
-        d("other", "o", override=(3, int(Unit.SECOND))),  # Envoy's own per-second limit
-        d("key3", "h"),  # hour
+        d("ten_seconds", "t"),  # unit second, unit_multiplier 10, limit 2
+        d("other", "o", hits=3, override=(10, int(Unit.SECOND))),  # Envoy's per-second limit
+        d("key3", "h"),  # hour, limit 1
     ]
     for _ in range(3):
         decision = await limiter.should_rate_limit("test-domain", descriptors, 1)
     # every status still answers its own descriptor
     assert [s.rule.requests_per_unit if s.rule else None for s in decision.statuses] == [
-        20, 5, 2, 3, 1,
+        20, 5, 2, 10, 1,
     ]  # fmt: skip
     assert [s.code for s in decision.statuses] == [OK, OK, OVER_LIMIT, OK, OVER_LIMIT]
+    assert [s.remaining for s in decision.statuses] == [20 - 12, 5 - 3, 0, 10 - 9, 0]
     assert sorted(main.data) == [
         f"test-domain_key2_m_{int(T0)}",
         f"test-domain_key3_h_{int(T0) // 3600 * 3600}",
@@ -534,6 +536,18 @@ async def test_per_second_redis_down_fails_only_calls_that_need_it(
             await limiter.should_rate_limit("test-domain", [minute, second], 1)
         with pytest.raises(StoreUnavailable):
             await limiter.should_rate_limit("test-domain", [second], 1)
+
+        # fail-open lifts only the limits of the store that failed
+        lenient = Limiter(parse_texts([("t.yaml", CONFIG)]), main,
+                          LimiterOptions(fail_open=True, local_cache_size=0),
+                          per_second_store=per_second)  # fmt: skip
+        hour = d("key3", "b")  # limit 1 an hour, in the main store
+        assert (await lenient.should_rate_limit("test-domain", [hour], 1)).code == OK
+        decision = await lenient.should_rate_limit("test-domain", [second, hour], 1)
+        assert [s.code for s in decision.statuses] == [OK, OVER_LIMIT]
+        assert decision.statuses[0].rule is None  # no limit: its counter was not reached
+        assert decision.code == OVER_LIMIT
+        assert lenient.stats.service.fail_open == 1
     finally:
         await main.close()
         await per_second.close()

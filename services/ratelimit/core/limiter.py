@@ -304,15 +304,22 @@ class Limiter:
                 )
                 to_pending.append((i, rule, row, hits, "", 0))
 
-        if ops or second_ops:
+        if second_ops and not ops:  # every counter of this call is per second
+            ops, pending, second_ops = second_ops, second_pending, []
+            store = per_second_store
+        else:
+            store = self.store
+        if second_ops:
+            assert per_second_store is not None
+            await self._apply_both(
+                ((self.store, ops, pending), (per_second_store, second_ops, second_pending)),
+                statuses,
+                now,
+            )
+        elif ops:
+            assert store is not None
             try:
-                if not second_ops:
-                    results = await self.store.apply(ops)
-                else:
-                    assert per_second_store is not None
-                    results, pending = await self._apply_both(
-                        ops, pending, per_second_store, second_ops, second_pending
-                    )
+                results = await store.apply(ops)
             except StoreUnavailable:
                 service.store_errors += 1
                 if not options.fail_open:
@@ -337,23 +344,29 @@ class Limiter:
 
     async def _apply_both(
         self,
-        ops: list[Op],
-        pending: list[Pending],
-        per_second_store: CounterStore,
-        second_ops: list[Op],
-        second_pending: list[Pending],
-    ) -> tuple[list[Any], list[Pending]]:
-        """Both stores at once; results in the order of the returned pending list."""
-        if not ops:
-            return await per_second_store.apply(second_ops), second_pending
-        main, per_second = await asyncio.gather(
-            self.store.apply(ops), per_second_store.apply(second_ops), return_exceptions=True
+        batches: tuple[tuple[CounterStore, list[Op], list[Pending]], ...],
+        statuses: list[Status],
+        now: float,
+    ) -> None:
+        """Both stores at once, each result settled into ``statuses``. With fail-open, a
+        failed store's descriptors keep OK without a limit; the other store's are decided."""
+        outcomes = await asyncio.gather(
+            *(store.apply(ops) for store, ops, _ in batches), return_exceptions=True
         )
-        if isinstance(main, BaseException):
-            raise main
-        if isinstance(per_second, BaseException):
-            raise per_second
-        return [*main, *per_second], pending + second_pending
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, StoreUnavailable):
+                raise failure
+        if failures:
+            self.stats.service.store_errors += 1
+            if not self.options.fail_open:
+                raise failures[0]
+            self.stats.service.fail_open += 1
+        for (_, _, pending), outcome in zip(batches, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                continue
+            for (i, rule, row, hits, key, reset), result in zip(pending, outcome, strict=True):
+                statuses[i] = self._settle(rule, row, hits, key, reset, result, now)
 
     def _over(self, rule: RateLimitRule, row: list[int], hits: int, reset: int) -> Status:
         if rule.shadow_mode:
