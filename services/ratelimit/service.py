@@ -122,6 +122,7 @@ class RateLimitService:
         self.redis_latency = Histogram(
             "outrider_ratelimit_redis_pipeline_seconds",
             "Time of one Redis pipeline (all calls batched in one event-loop turn).",
+            labelnames=["store"],
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05),
             registry=metrics,
         )
@@ -141,12 +142,12 @@ class RateLimitService:
     def config_files(self, path: Path) -> list[Path]:
         return config_files(path)
 
-    async def _open_redis(self, url: str, what: str) -> RedisStore:
+    async def _open_redis(self, url: str, what: str, label: str) -> RedisStore:
         store = open_store(
             url,
             timeout=self.args.redis_timeout,
             max_inflight=self.args.redis_connections,
-            observe=self.redis_latency.observe,
+            observe=self.redis_latency.labels(label).observe,
         )
         await store.start()
         log.info(
@@ -165,11 +166,12 @@ class RateLimitService:
             store: RedisStore | MemoryStore = await self._open_redis(
                 self.args.redis_url,
                 "counters" if not self.args.redis_persecond_url else "counters (not per second)",
+                "redis",
             )
             if self.args.redis_persecond_url:
                 try:
                     self.per_second_store = await self._open_redis(
-                        self.args.redis_persecond_url, "per-second counters"
+                        self.args.redis_persecond_url, "per-second counters", "redis-per-second"
                     )
                 except BaseException:
                     await store.close()

@@ -484,6 +484,8 @@ def test_per_second_limits_in_their_own_redis(
     assert f'"per_second_url": "redis://127.0.0.1:{per_second.port}' in config
     _, metrics = http_get(s.service.admin_url + "/metrics")
     assert 'outrider_ratelimit_store_up{store="redis-per-second"} 1.0' in metrics
+    for store in ("redis", "redis-per-second"):
+        assert f'outrider_ratelimit_redis_pipeline_seconds_count{{store="{store}"}} 1.0' in metrics
 
     per_second.stop()
     assert s.get("/burst")[0] == 500  # failure_mode_deny: the per-second Redis is gone
