@@ -6,7 +6,8 @@
 With ``outrider ratelimit --workers N`` pass each worker's socket as a ``--target``.
 
 Each client process runs ``concurrency`` callers on one grpc.aio channel, each
-sending ShouldRateLimit for its own key of domain ``bench`` (descriptor key ``k``).
+sending ShouldRateLimit for its own key of domain ``bench`` (descriptor key ``k``, a
+per-second limit; with ``--mixed`` also key ``m``, a per-minute one).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ CONFIG = """domain: bench
 descriptors:
   - key: k
     rate_limit: {unit: second, requests_per_unit: 1000000000}
+  - key: m
+    rate_limit: {unit: minute, requests_per_unit: 1000000000}
 """
 
 
-async def _client(target: str, seconds: float, concurrency: int, offset: int) -> tuple[int, int]:
+async def _client(
+    target: str, seconds: float, concurrency: int, offset: int, mixed: bool
+) -> tuple[int, int]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         done = errors = 0
@@ -37,16 +42,12 @@ async def _client(target: str, seconds: float, concurrency: int, offset: int) ->
 
         async def caller(i: int) -> None:
             nonlocal done, errors
-            request = rls_pb2.RateLimitRequest(
-                domain="bench",
-                descriptors=[
-                    ratelimit_pb2.RateLimitDescriptor(
-                        entries=[
-                            ratelimit_pb2.RateLimitDescriptor.Entry(key="k", value=f"v{offset + i}")
-                        ]
-                    )
-                ],
-            )
+            Entry = ratelimit_pb2.RateLimitDescriptor.Entry
+            descriptors = [
+                ratelimit_pb2.RateLimitDescriptor(entries=[Entry(key=key, value=f"v{offset + i}")])
+                for key in (("k", "m") if mixed else ("k",))
+            ]
+            request = rls_pb2.RateLimitRequest(domain="bench", descriptors=descriptors)
             while time.perf_counter() < end:
                 try:
                     await stub.ShouldRateLimit(request, timeout=1)
@@ -60,7 +61,7 @@ async def _client(target: str, seconds: float, concurrency: int, offset: int) ->
         return done, errors
 
 
-def _run(args: tuple[str, float, int, int]) -> tuple[int, int]:
+def _run(args: tuple[str, float, int, int, bool]) -> tuple[int, int]:
     try:
         import uvloop
 
@@ -89,10 +90,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--server-pid", type=int, default=0, help="report its CPU per 1,000 calls")
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="each call also carries a per-minute descriptor (key m) beside the per-second k",
+    )
     args = parser.parse_args()
     cpu_before = _cpu_seconds(args.server_pid)
     jobs = [
-        (args.target[p % len(args.target)], args.seconds, args.concurrency, p * 100_000)
+        (args.target[p % len(args.target)], args.seconds, args.concurrency, p * 100_000, args.mixed)
         for p in range(args.processes)
     ]
     with multiprocessing.Pool(args.processes) as pool:

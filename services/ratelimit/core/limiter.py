@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -350,20 +349,22 @@ class Limiter:
     ) -> None:
         """Both stores at once, each result settled into ``statuses``. With fail-open, a
         failed store's descriptors keep OK without a limit; the other store's are decided."""
-        outcomes = await asyncio.gather(
-            *(store.apply(ops) for store, ops, _ in batches), return_exceptions=True
-        )
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, StoreUnavailable):
-                raise failure
+        # both in flight before either is awaited (a Redis store's apply() has already sent)
+        in_flight = [store.apply(ops) for store, ops, _ in batches]
+        outcomes: list[list[Any] | StoreUnavailable] = []
+        for awaitable in in_flight:
+            try:
+                outcomes.append(await awaitable)
+            except StoreUnavailable as exc:
+                outcomes.append(exc)
+        failures = [o for o in outcomes if isinstance(o, StoreUnavailable)]
         if failures:
             self.stats.service.store_errors += 1
             if not self.options.fail_open:
                 raise failures[0]
             self.stats.service.fail_open += 1
         for (_, _, pending), outcome in zip(batches, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, StoreUnavailable):
                 continue
             for (i, rule, row, hits, key, reset), result in zip(pending, outcome, strict=True):
                 statuses[i] = self._settle(rule, row, hits, key, reset, result, now)
