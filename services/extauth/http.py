@@ -153,6 +153,14 @@ def response_from_decision(decision: Decision, *, head: bool = False, close: boo
     return response[: len(response) - len(body)] if head else response
 
 
+def parse_error(exc: HttpProcessingError) -> str:
+    """What was wrong with a request, without the bytes aiohttp quotes after it: the
+    offending line may be a credential, and logs never hold one."""
+    text = _QUOTED.split(str(exc.message or ""), maxsplit=1)[0].strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_QUOTED = re.compile(r"[:\n'\"]")
 _BAD_REQUEST = encode_response(400, (), b"", close=True)
 #: Requests parsed but not yet answered on one connection before it stops reading: a
 #: client that pipelines without reading the answers is not buffered without bound.
@@ -219,7 +227,7 @@ class _CheckProtocol(asyncio.Protocol):
         try:
             messages, _, _ = self._parser.feed_data(data)
         except HttpProcessingError as exc:
-            log.warning("malformed HTTP ext_authz request: %s", exc.message or exc)
+            log.warning("malformed HTTP ext_authz request: %s", parse_error(exc))
             self._reply(_BAD_REQUEST, close=True)
             return
         for message, _payload in messages:  # a body (with_request_body) is not used

@@ -371,6 +371,23 @@ async def test_malformed_request_gets_400_and_the_connection_closes(
     assert statuses(await exchange(http_socket, GOOD)) == ["200"]
 
 
+async def test_a_malformed_request_is_logged_without_its_bytes(
+    http_socket: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parser's error quotes the offending line, which may be a credential."""
+    caplog.set_level("WARNING", logger="outrider.extauth.http")
+    secret = "Basic c2VjcmV0LXBhc3N3b3Jk"
+    for garbage in (
+        f"GET /policy/basic/ HTTP/1.1\r\nAuthorization: {secret}\x01\r\n\r\n",
+        f"GET /policy/basic/?{secret}\x00 HTTP/1.1\r\n\r\n",
+        f"GET /policy/basic/ HTTP/1.1\r\nX-Api-Key {secret}\r\n\r\n",
+    ):
+        assert statuses(await exchange(http_socket, garbage, read_until_close=True)) == ["400"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "malformed HTTP ext_authz request" in logged
+    assert "c2VjcmV0" not in logged
+
+
 def test_unsafe_header_values_are_never_written() -> None:
     from services.extauth.core import Decision
     from services.extauth.http import encode_response, response_from_decision
@@ -542,3 +559,54 @@ async def test_a_connection_accepted_as_the_drain_starts_is_drained_too(
     await server.server.stop()
     late.close()
     writer.close()
+
+
+async def test_mangled_requests_never_break_the_server(
+    http_socket: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Byte flips, cuts, odd header bytes and sizes: each gets an answer or a closed
+    connection within the time limit, never an internal error; the server keeps serving."""
+    import asyncio
+    import random
+
+    rng = random.Random(20261130)
+    pieces = [
+        GOOD,
+        BAD,
+        GOOD.replace("GET ", "HEAD ", 1),
+        GOOD.replace("\r\n\r\n", "\r\nContent-Length: 3\r\n\r\nabc"),
+        GOOD.replace("\r\n\r\n", "\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        "GET /policy/%2F%2e%2e/x?%zz HTTP/1.1\r\nHost: h\r\n\r\n",
+        "GET /policy/basic HTTP/1.0\r\n\r\n",
+    ]
+
+    def mangle() -> bytes:
+        data = bytearray(rng.choice(pieces).encode())
+        for _ in range(rng.randint(1, 4)):
+            if not data:
+                break
+            action = rng.randrange(5)
+            at = rng.randrange(len(data))
+            if action == 0:
+                data[at] = rng.randrange(256)
+            elif action == 1:
+                del data[at:]
+            elif action == 2:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif action == 3:
+                data[at:at] = b"\r\nX-" + b"a" * rng.choice([1, 100, 9000]) + b": v"
+            else:
+                data[at:at] = "é\x00\x7f".encode("utf-8", "surrogatepass")
+        return bytes(data)
+
+    caplog.set_level("WARNING", logger="outrider.extauth.http")
+    for _ in range(300):
+        reader, writer = await asyncio.open_unix_connection(str(http_socket))
+        writer.write(mangle())
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 5)  # answered and/or closed
+        writer.close()
+        for status in statuses(answer):
+            assert status in {"200", "400", "401", "403"}, answer[:200]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert statuses(await exchange(http_socket, GOOD)) == ["200"]
