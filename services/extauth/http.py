@@ -154,13 +154,23 @@ def response_from_decision(decision: Decision, *, head: bool = False, close: boo
 
 
 def parse_error(exc: HttpProcessingError) -> str:
-    """What was wrong with a request, without the bytes aiohttp quotes after it: the
-    offending line may be a credential, and logs never hold one."""
+    """What was wrong with a request, never the request's own bytes (an offending line
+    may be a credential, and logs never hold one). The message text is kept only for
+    errors whose text starts with a fixed phrase (aiohttp quotes the bytes after it); the
+    others (a bad URL is its own message) are named by their class alone."""
+    name = type(exc).__name__
+    if name not in _FIXED_PHRASE_ERRORS:
+        return name
     text = _QUOTED.split(str(exc.message or ""), maxsplit=1)[0].strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
+_FIXED_PHRASE_ERRORS = frozenset(
+    {"BadHttpMessage", "BadHttpMethod", "BadStatusLine", "InvalidHeader", "LineTooLong"}
+)
 _QUOTED = re.compile(r"[:\n'\"]")
+
+
 _BAD_REQUEST = encode_response(400, (), b"", close=True)
 #: Requests parsed but not yet answered on one connection before it stops reading: a
 #: client that pipelines without reading the answers is not buffered without bound.

@@ -121,7 +121,7 @@ class RateLimitService:
         self.config: RateLimitConfig | None = None
         self.redis_latency = Histogram(
             "outrider_ratelimit_redis_pipeline_seconds",
-            "Time of one Redis pipeline (all calls batched in one event-loop turn).",
+            "Redis round trip of one call's commands (Redis Cluster: of one batch of calls).",
             labelnames=["store"],
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05),
             registry=metrics,

@@ -551,3 +551,43 @@ async def test_per_second_redis_down_fails_only_calls_that_need_it(
     finally:
         await main.close()
         await per_second.close()
+
+
+async def test_a_cancelled_two_store_call_leaves_no_store_call_behind() -> None:
+    """grpc.aio cancels the handler when Envoy gives up: the store not yet awaited must
+    not later report an unretrieved failure (logged as an error on every such call)."""
+
+    class PendingStore:
+        def __init__(self) -> None:
+            self.calls: list[asyncio.Future[list[Any]]] = []
+
+        def apply(self, ops: list[Any]) -> asyncio.Future[list[Any]]:
+            self.calls.append(asyncio.get_running_loop().create_future())
+            return self.calls[-1]
+
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context["message"]))
+    try:
+        main, per_second = PendingStore(), PendingStore()
+        limiter = Limiter(parse_texts([("t.yaml", CONFIG)]), main, per_second_store=per_second)
+        call = asyncio.ensure_future(
+            limiter.should_rate_limit(
+                "test-domain", [d("key2", "a"), d("key1", "value1", "subkey1", "b")], 1
+            )
+        )
+        await asyncio.sleep(0)
+        assert len(main.calls) == len(per_second.calls) == 1  # both in flight at once
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert per_second.calls[0].cancelled()
+        del call
+        import gc
+
+        gc.collect()
+        await asyncio.sleep(0)
+        assert errors == []
+    finally:
+        loop.set_exception_handler(previous)

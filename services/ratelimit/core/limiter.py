@@ -16,10 +16,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from ..config import (
@@ -74,6 +75,15 @@ class CounterStore(Protocol):
 
 #: A counter operation's context: (descriptor index, rule, stats row, hits, key, reset).
 Pending = tuple[int, RateLimitRule, list[int], int, str, int]
+
+
+def _abandon(awaitable: Awaitable[Any]) -> None:
+    """Give up a store call nobody will await: a future is cancelled (its later failure
+    is then never reported as unretrieved), a coroutine closed (never run)."""
+    if isinstance(awaitable, asyncio.Future):
+        awaitable.cancel()
+    elif isinstance(awaitable, Coroutine):
+        awaitable.close()
 
 
 class Descriptor(NamedTuple):
@@ -352,11 +362,16 @@ class Limiter:
         # both in flight before either is awaited (a Redis store's apply() has already sent)
         in_flight = [store.apply(ops) for store, ops, _ in batches]
         outcomes: list[list[Any] | StoreUnavailable] = []
-        for awaitable in in_flight:
-            try:
-                outcomes.append(await awaitable)
-            except StoreUnavailable as exc:
-                outcomes.append(exc)
+        try:
+            for awaitable in in_flight:
+                try:
+                    outcomes.append(await awaitable)
+                except StoreUnavailable as exc:
+                    outcomes.append(exc)
+        except BaseException:  # cancelled (Envoy gave up) or a bug: drop what is left
+            for left in in_flight[len(outcomes) + 1 :]:
+                _abandon(left)
+            raise
         failures = [o for o in outcomes if isinstance(o, StoreUnavailable)]
         if failures:
             self.stats.service.store_errors += 1
