@@ -385,6 +385,9 @@ async def test_store_down_is_unavailable_or_fail_open(redis_server: Any) -> None
         strict = Limiter(config, store)
         lenient = Limiter(config, store, LimiterOptions(fail_open=True))
         assert (await strict.should_rate_limit("test-domain", [d("key2", "z")], 1)).code == OK
+        hour = d("key3", "h")  # limit 1 an hour: the second call is over, and remembered
+        codes = [(await lenient.should_rate_limit("test-domain", [hour], 1)).code for _ in "ab"]
+        assert codes == [OK, OVER_LIMIT]
         redis_server.stop()
         with pytest.raises(StoreUnavailable):
             await strict.should_rate_limit("test-domain", [d("key2", "z")], 1)
@@ -392,6 +395,12 @@ async def test_store_down_is_unavailable_or_fail_open(redis_server: Any) -> None
         decision = await lenient.should_rate_limit("test-domain", [d("key2", "z")], 1)
         assert decision.code == OK
         assert lenient.stats.service.fail_open == 1
+        # what needs no store keeps its answer: the local over-limit cache still blocks
+        decision = await lenient.should_rate_limit("test-domain", [d("key2", "z"), hour], 1)
+        assert [s.code for s in decision.statuses] == [OK, OVER_LIMIT]
+        assert decision.statuses[0].rule is None
+        assert decision.code == OVER_LIMIT
+        assert lenient.stats.service.fail_open == 2
         redis_server.start()
         decision = await strict.should_rate_limit("test-domain", [d("key2", "z")], 1)
         assert decision.code == OK

@@ -333,10 +333,12 @@ class Limiter:
                 service.store_errors += 1
                 if not options.fail_open:
                     raise
+                # fail-open: the descriptors waiting for the store answer OK without a
+                # limit; those decided without it (limit 0, local cache) keep their answer
                 service.fail_open += 1
-                return Decision(OK, [NO_LIMIT] * len(descriptors))
-            for (i, rule, row, hits, key, reset), result in zip(pending, results, strict=True):
-                statuses[i] = self._settle(rule, row, hits, key, reset, result, now)
+            else:
+                for (i, rule, row, hits, key, reset), result in zip(pending, results, strict=True):
+                    statuses[i] = self._settle(rule, row, hits, key, reset, result, now)
 
         code = OK
         for status in statuses:
@@ -358,7 +360,8 @@ class Limiter:
         now: float,
     ) -> None:
         """Both stores at once, each result settled into ``statuses``. With fail-open, a
-        failed store's descriptors keep OK without a limit; the other store's are decided."""
+        failed store's descriptors keep OK without a limit (as with one store); the other
+        store's are decided."""
         # both in flight before either is awaited (a Redis store's apply() has already sent)
         in_flight = [store.apply(ops) for store, ops, _ in batches]
         outcomes: list[list[Any] | StoreUnavailable] = []
