@@ -313,32 +313,12 @@ class Limiter:
                 )
                 to_pending.append((i, rule, row, hits, "", 0))
 
-        if second_ops and not ops:  # every counter of this call is per second
-            ops, pending, second_ops = second_ops, second_pending, []
-            store = per_second_store
-        else:
-            store = self.store
-        if second_ops:
-            assert per_second_store is not None
-            await self._apply_both(
-                ((self.store, ops, pending), (per_second_store, second_ops, second_pending)),
-                statuses,
-                now,
-            )
-        elif ops:
-            assert store is not None
-            try:
-                results = await store.apply(ops)
-            except StoreUnavailable:
-                service.store_errors += 1
-                if not options.fail_open:
-                    raise
-                # fail-open: the descriptors waiting for the store answer OK without a
-                # limit; those decided without it (limit 0, local cache) keep their answer
-                service.fail_open += 1
-            else:
-                for (i, rule, row, hits, key, reset), result in zip(pending, results, strict=True):
-                    statuses[i] = self._settle(rule, row, hits, key, reset, result, now)
+        if ops or second_ops:
+            batches = [(self.store, ops, pending)] if ops else []
+            if second_ops:
+                assert per_second_store is not None
+                batches.append((per_second_store, second_ops, second_pending))
+            await self._apply(batches, statuses, now)
 
         code = OK
         for status in statuses:
@@ -353,16 +333,17 @@ class Limiter:
                 service.over_limit_responses += 1
         return Decision(code, statuses)
 
-    async def _apply_both(
+    async def _apply(
         self,
-        batches: tuple[tuple[CounterStore, list[Op], list[Pending]], ...],
+        batches: list[tuple[CounterStore, list[Op], list[Pending]]],
         statuses: list[Status],
         now: float,
     ) -> None:
-        """Both stores at once, each result settled into ``statuses``. With fail-open, a
-        failed store's descriptors keep OK without a limit (as with one store); the other
-        store's are decided."""
-        # both in flight before either is awaited (a Redis store's apply() has already sent)
+        """Each store's operations (one store, or the per-second one too, at once), the
+        results settled into ``statuses``. With fail-open, the descriptors waiting on a
+        failed store keep OK without a limit; everything else (the other store, the local
+        over-limit cache) is decided as usual."""
+        # all in flight before any is awaited (a Redis store's apply() has already sent)
         in_flight = [store.apply(ops) for store, ops, _ in batches]
         outcomes: list[list[Any] | StoreUnavailable] = []
         try:
