@@ -48,6 +48,11 @@ def ratio(text: str) -> float:
     return value
 
 
+def store_label(name: str, *, per_second: bool = False) -> str:
+    """The ``store`` label of the store metrics: ``redis``, ``redis-per-second``, ``memory``."""
+    return f"{name}-per-second" if per_second else name
+
+
 class LimitStatsCollector(Collector):
     """Exposes the limiter's plain-integer counters at scrape time."""
 
@@ -93,10 +98,11 @@ class LimitStatsCollector(Collector):
         store = self.service.store
         if store is not None:
             up = store.healthy if isinstance(store, RedisStore) else True
-            healthy.add_metric([store.name], 1 if up else 0)
+            healthy.add_metric([store_label(store.name)], 1 if up else 0)
         per_second = self.service.per_second_store
         if per_second is not None:
-            healthy.add_metric([f"{per_second.name}-per-second"], 1 if per_second.healthy else 0)
+            label = store_label(per_second.name, per_second=True)
+            healthy.add_metric([label], 1 if per_second.healthy else 0)
         yield healthy
 
 
@@ -142,7 +148,8 @@ class RateLimitService:
     def config_files(self, path: Path) -> list[Path]:
         return config_files(path)
 
-    async def _open_redis(self, url: str, what: str, label: str) -> RedisStore:
+    async def _open_redis(self, url: str, what: str, *, per_second: bool = False) -> RedisStore:
+        label = store_label(RedisStore.name, per_second=per_second)
         store = open_store(
             url,
             timeout=self.args.redis_timeout,
@@ -166,12 +173,11 @@ class RateLimitService:
             store: RedisStore | MemoryStore = await self._open_redis(
                 self.args.redis_url,
                 "counters" if not self.args.redis_persecond_url else "counters (not per second)",
-                "redis",
             )
             if self.args.redis_persecond_url:
                 try:
                     self.per_second_store = await self._open_redis(
-                        self.args.redis_persecond_url, "per-second counters", "redis-per-second"
+                        self.args.redis_persecond_url, "per-second counters", per_second=True
                     )
                 except BaseException:
                     await store.close()
