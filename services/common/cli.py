@@ -184,7 +184,10 @@ class ServiceCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--config", required=True, type=Path, help="config file or directory of *.yaml"
+            "--config",
+            required=True,
+            type=Path,
+            help="config file, or a directory of *.yaml / *.yml files",
         )
         parser.add_argument(
             "--listen",

@@ -38,6 +38,8 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from services.common.logs import error_text
+
 from ..core.algorithms import FIXED, FIXED_CAPPED, SLIDING
 from ..core.limiter import Op, StoreUnavailable
 from .redis_scripts import FIXED_CAPPED_SHA, SCRIPTS, SLIDING_SHA, TOKEN_SHA
@@ -332,8 +334,8 @@ class AutoPipeline:
         try:
             self._conn._writer.write(data)
         except Exception as exc:
-            self._fail(waiters, f"Redis write failed: {exc}")
-            self._drop(f"write failed: {exc}")
+            self._fail(waiters, f"Redis write failed: {error_text(exc)}")
+            self._drop(f"write to Redis failed: {error_text(exc)}")
             return
         self._waiting.extend(waiters)
         if self._watchdog is None:
@@ -376,7 +378,9 @@ class AutoPipeline:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
             waiters, self._outbox_waiters, self._outbox = self._outbox_waiters, [], []
-            reason = f"cannot connect to Redis: {exc or 'timeout'}"
+            reason = f"cannot connect to Redis: {error_text(exc)}"
+            if isinstance(exc, TimeoutError):
+                reason += f" (no connection within {self.connect_timeout * 1000:.0f} ms)"
             self._fail(waiters, reason)
             self._on_result(False, reason)
             self._connecting = None
@@ -423,7 +427,7 @@ class AutoPipeline:
             raise
         except Exception as exc:
             if self._conn is conn:
-                self._drop(f"Redis connection lost: {exc}")
+                self._drop(f"Redis connection lost: {error_text(exc)}")
 
     def _complete(self, waiter: _Waiter) -> None:
         if waiter.future.done():
@@ -640,7 +644,7 @@ class RedisStore:
         try:
             await self.ping()
         except (TimeoutError, RedisError, OSError) as exc:
-            reason = f"Redis unreachable: {str(exc) or type(exc).__name__}"
+            reason = f"Redis unreachable: {error_text(exc)}"
             if self.healthy or self.last_error != reason:
                 log.warning("%s (%s)", reason, describe_url(self.url))
             self.healthy = False
