@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.extauth.session import (
+from services.extauth.oidc.session import (
     SESSION_PURPOSE,
     CookieSealer,
     Session,
