@@ -121,12 +121,15 @@ class RedisSessionStore:
         deadline = time.monotonic() + REFRESH_WAIT_SECONDS
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            # The lock is looked at before the session: the winner stores the new session
+            # before it lets go, so a lock seen gone means the load below sees its result.
+            locked = await self._redis.exists(lock)
             current = await self.load(cookie_value)
             if current is None:
                 break
             if current.access_token != session.access_token:
                 return current
-            if not await self._redis.exists(lock):
+            if not locked:
                 break
         raise RedisError("another replica's refresh did not complete")
 
