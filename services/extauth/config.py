@@ -9,7 +9,7 @@ translator maps one to one (DESIGN.md, "Config formats")::
         jwt:           {providers: [...], optional: false}
         basicAuth:     {htpasswd: "...", htpasswdFile: PATH, forwardUsernameHeader: H}
         apiKeyAuth:    {credentials: {...}, credentialsFile: PATH, extractFrom: [...], ...}
-        oidc:          {...}                       # services/extauth/oidc_config.py
+        oidc:          {...}                       # services/extauth/oidc/config.py
         authorization: {defaultAction: Allow|Deny, rules: [...]}
 
 Files named in a policy (``htpasswdFile``, ``credentialsFile``, ``localJWKS.file``)
@@ -32,7 +32,7 @@ import jwt as pyjwt
 
 from services.common.configfile import ConfigError, Node, read_yaml_files
 
-from .htpasswd import HtpasswdEntry, HtpasswdError, parse_htpasswd_line
+from .authn.htpasswd import HtpasswdEntry, HtpasswdError, parse_htpasswd_line
 
 POLICY_FIELDS = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "authorization")
 #: The translator names policies NAMESPACE/NAME.
@@ -198,7 +198,7 @@ class Policy:
     jwt: JWTConfig | None = None
     basic_auth: BasicAuthConfig | None = None
     api_key_auth: APIKeyAuthConfig | None = None
-    oidc: Any = None  # services.extauth.oidc_config.OidcConfig
+    oidc: Any = None  # services.extauth.oidc.config.OidcConfig
     authorization: AuthorizationConfig | None = None
 
     def referenced_files(self) -> list[Path]:
@@ -589,7 +589,7 @@ def parse_policy(name: str, node: Node) -> Policy:
     jwt_cfg = _jwt(j) if (j := node.get("jwt")) is not None else None
     oidc_cfg = None
     if (o := node.get("oidc")) is not None:
-        from .oidc_config import parse_oidc  # imported here: oidc_config imports this module
+        from .oidc.config import parse_oidc  # imported here: oidc.config imports this module
 
         oidc_cfg = parse_oidc(o)
     basic = _basic(b) if (b := node.get("basicAuth")) is not None else None

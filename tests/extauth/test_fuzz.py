@@ -8,16 +8,16 @@ from urllib.parse import quote
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from services.extauth.basic import parse_basic
-from services.extauth.config import HeaderSource, TokenSources
-from services.extauth.extract import (
+from services.extauth.authn.basic import parse_basic
+from services.extauth.authn.extract import (
     cookie_value,
     find_credential,
     prefixed_value,
     query_value,
     without_cookie,
 )
-from services.extauth.http import split_policy_path
+from services.extauth.config import HeaderSource, TokenSources
+from services.extauth.transport.http import split_policy_path
 
 text = st.text(max_size=200)
 token_chars = st.text(
@@ -102,10 +102,10 @@ def test_random_tokens_are_never_accepted(token: str) -> None:
     import asyncio
     import json
 
+    from services.extauth.authn.jwks import LocalJWKSSource, parse_keyset_text
+    from services.extauth.authn.jwt import JWTAuthenticator, ProviderRuntime
     from services.extauth.config import JWTConfig, JWTProvider, LocalJWKS
     from services.extauth.core import AuthContext, Authenticated
-    from services.extauth.jwks import LocalJWKSSource, parse_keyset_text
-    from services.extauth.jwt import JWTAuthenticator, ProviderRuntime
     from tests.extauth.helpers import jwks, request
 
     global _AUTH

@@ -218,3 +218,43 @@ async def test_tls_url(redis_factory: Callable[..., Any]) -> None:
     )  # fmt: skip
     await _exercise(f"rediss://127.0.0.1:{tls_port}?ssl_cert_reqs=required&ssl_ca_certs={ca}")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_wrong_password_and_db_from_url(redis_server: Any) -> None:
+    """The pipeline's own handshake: AUTH refused → UNAVAILABLE; /N selects database N."""
+    from services.ratelimit.core.limiter import StoreUnavailable
+
+    with redis_server.client() as c:
+        c.config_set("requirepass", "s3cret")
+    config = parse_texts([("t.yaml", CONFIG)])
+    wrong = open_store(f"redis://:nope@127.0.0.1:{redis_server.port}", timeout=1.0)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid"):
+            await Limiter(config, wrong).should_rate_limit("topo", _request("w")[:1], 1)
+    finally:
+        await wrong.close()
+    await _exercise(f"redis://:s3cret@127.0.0.1:{redis_server.port}/3")
+    with redis.Redis(port=redis_server.port, password="s3cret", db=3) as c:
+        assert c.dbsize() > 0
+    with redis.Redis(port=redis_server.port, password="s3cret", db=0) as c:
+        assert c.dbsize() == 0
+
+
+async def test_script_cache_flushed(redis_server: Any) -> None:
+    """After SCRIPT FLUSH (a restart, a failover) the NOSCRIPT calls are sent again as EVAL."""
+    store = open_store(redis_server.url, timeout=1.0)
+    await store.start()
+    try:
+        limiter = Limiter(
+            parse_texts([("t.yaml", CONFIG)]), store, LimiterOptions(local_cache_size=0)
+        )
+        codes = []
+        for i in range(4):
+            if i == 2:
+                with redis_server.client() as c:
+                    c.script_flush()
+            decision = await limiter.should_rate_limit("topo", _request("flush"), 1)
+            codes.append([s.code for s in decision.statuses])
+        assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3]
+    finally:
+        await store.close()

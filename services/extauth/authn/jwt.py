@@ -24,9 +24,9 @@ from typing import Any
 
 import jwt as pyjwt
 
-from .authz import claim_at
-from .config import JWTConfig, JWTProvider
-from .core import (
+from ..authz import claim_at
+from ..config import JWTConfig, JWTProvider
+from ..core import (
     AuthContext,
     Authenticated,
     AuthResult,

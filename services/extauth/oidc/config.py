@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from services.common.configfile import Node
 
-from .config import ClaimToHeader, parse_claim_to_headers, parse_duration, read_file
+from ..config import ClaimToHeader, parse_claim_to_headers, parse_duration, read_file
 
 OIDC_FIELDS = (
     "provider",
