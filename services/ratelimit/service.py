@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common.cli import non_negative_int, positive_float, positive_int
-from services.common.configfile import config_files
+from services.common.configfile import ConfigError, config_files
 from services.common.listeners import Address
 from services.common.service import Readiness, UsageError
+from services.common.xds import XdsConfigSource, XdsOptions, check_options, parse_target
 
 from . import grpc as transport
+from . import rls_conf
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
-from .config import RateLimitConfig, load_config
+from .config import RateLimitConfig, load_config, parse_documents
 from .core import stats as st
 from .core.limiter import Limiter, LimiterOptions
 
@@ -51,6 +53,31 @@ def ratio(text: str) -> float:
 def store_label(name: str, *, per_second: bool = False) -> str:
     """The ``store`` label of the store metrics: ``redis``, ``redis-per-second``, ``memory``."""
     return f"{name}-per-second" if per_second else name
+
+
+def xds_target(text: str) -> str:
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def xds_options(args: argparse.Namespace) -> XdsOptions:
+    target, tls = parse_target(args.config_xds)
+    initial, most = args.xds_backoff
+    return XdsOptions(
+        target=target,
+        node_id=args.xds_node_id,
+        tls=tls,
+        ca=args.xds_ca,
+        cert=args.xds_cert,
+        key=args.xds_key,
+        server_name=args.xds_server_name,
+        backoff_initial=max(initial, 0.01),
+        backoff_max=most,
+        max_message_bytes=args.xds_max_message_bytes,
+    )
 
 
 class LimitStatsCollector(Collector):
@@ -125,6 +152,9 @@ class RateLimitService:
         self.store: RedisStore | MemoryStore | None = None
         self.per_second_store: RedisStore | None = None
         self.config: RateLimitConfig | None = None
+        self.xds: XdsConfigSource | None = None
+        if args.config_xds:
+            self.xds = XdsConfigSource(xds_options(args), rls_conf.TYPE_URL, self.parse_xds)
         self.redis_latency = Histogram(
             "outrider_ratelimit_redis_pipeline_seconds",
             "Redis round trip of one call's commands (Redis Cluster: of one batch of calls).",
@@ -138,8 +168,25 @@ class RateLimitService:
         )
 
     def _current_limiter(self) -> Limiter:
+        if self.config is None:
+            raise transport.NotConfigured("no rate limit configuration loaded yet")
         assert self.limiter is not None
         return self.limiter
+
+    def config_source(self) -> XdsConfigSource | None:
+        return self.xds
+
+    def parse_xds(self, resources: Sequence[Any], version: str) -> RateLimitConfig:
+        """One xDS response's ``RateLimitConfig`` resources (one per domain) → the config,
+        through the same loader and checks as files."""
+        documents = []
+        for i, resource in enumerate(resources):
+            message = rls_conf.RateLimitConfig()
+            where = f"xDS resource [{i}] (version {version!r})"
+            if not resource.Unpack(message):
+                raise ConfigError(where, "", f"expected {rls_conf.TYPE_URL}")
+            documents.append(rls_conf.to_document(message, f"xDS resource {message.name!r}"))
+        return parse_documents(documents, merge_domains=self.args.merge_domain_config)
 
     # -- Service protocol -------------------------------------------------------------
     def load_config(self, path: Path) -> RateLimitConfig:
@@ -167,7 +214,8 @@ class RateLimitService:
         )
         return store
 
-    async def start(self, config: RateLimitConfig) -> None:
+    async def start(self, config: RateLimitConfig | None) -> None:
+        # None: the config comes from xDS; until it does, calls get UNAVAILABLE.
         self.config = config
         if self.args.redis_url:
             store: RedisStore | MemoryStore = await self._open_redis(
@@ -188,7 +236,7 @@ class RateLimitService:
         self.store = store
         jitter_rng = random.Random()
         self.limiter = Limiter(
-            config,
+            config or RateLimitConfig(domains={}),
             store,
             self.options,
             jitter=lambda most: jitter_rng.randint(0, most),
@@ -206,6 +254,13 @@ class RateLimitService:
     async def readiness(self) -> Readiness:
         if self.limiter is None or self.store is None:
             return Readiness(False, "starting")
+        if self.config is None and not self.args.force_start_without_initial_config:
+            assert self.xds is not None
+            sub = self.xds.subscription
+            why = f" ({sub.last_error})" if sub is not None and sub.last_error else ""
+            return Readiness(
+                False, f"waiting for the first config from xDS {self.xds.options.target}{why}"
+            )
         for store, what in ((self.store, "Redis"), (self.per_second_store, "per-second Redis")):
             if isinstance(store, RedisStore) and not store.healthy:
                 problem = f"{what}: {store.last_error or 'unreachable'}"
@@ -231,6 +286,7 @@ class RateLimitService:
             }
         return {
             "store": store,
+            **({"xds": self.xds.describe()} if self.xds is not None else {}),
             "options": {
                 "prefix": self.options.prefix,
                 "near_limit_ratio": self.options.near_limit_ratio,
@@ -335,8 +391,65 @@ class Factory:
             action="store_true",
             help="merge files of the same domain instead of rejecting them",
         )
+        xds = parser.add_argument_group(
+            "config over xDS (instead of --config; Envoy Gateway's rate limit config server)"
+        )
+        xds.add_argument(
+            "--config-xds",
+            type=xds_target,
+            default=None,
+            metavar="URL",
+            help="HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT of an ADS management "
+            "server serving ratelimit.config.ratelimit.v3.RateLimitConfig (one per domain)",
+        )
+        xds.add_argument(
+            "--xds-node-id", default="default", metavar="ID", help="node id (default: default)"
+        )
+        xds.add_argument("--xds-ca", type=Path, metavar="PATH", help="CA of the server (TLS)")
+        xds.add_argument("--xds-cert", type=Path, metavar="PATH", help="client cert (mTLS)")
+        xds.add_argument("--xds-key", type=Path, metavar="PATH", help="client key (mTLS)")
+        xds.add_argument(
+            "--xds-server-name",
+            default="",
+            metavar="NAME",
+            help="name the server's certificate must carry, when not the URL's host",
+        )
+        xds.add_argument(
+            "--xds-backoff",
+            type=positive_float,
+            nargs=2,
+            default=(0.5, 30.0),
+            metavar=("INITIAL", "MAX"),
+            help="seconds before subscribing again after a disconnect: first, most "
+            "(doubling, jittered; default 0.5 30)",
+        )
+        xds.add_argument(
+            "--xds-max-message-bytes",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="largest DiscoveryResponse accepted (default: gRPC's 4 MiB)",
+        )
+        xds.add_argument(
+            "--force-start-without-initial-config",
+            action="store_true",
+            help="ready before the first config arrives (calls get UNAVAILABLE until then)",
+        )
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
+        if (args.config is None) == (args.config_xds is None):
+            raise UsageError(
+                "give either --config (files) or --config-xds (a management server), not both"
+                if args.config is not None
+                else "the following argument is required: --config or --config-xds "
+                "(or OUTRIDER_CONFIG / OUTRIDER_CONFIG_XDS)"
+            )
+        if args.config_xds is None:
+            for flag in ("xds_ca", "xds_cert", "xds_key", "xds_server_name"):
+                if getattr(args, flag):
+                    raise UsageError(f"--{flag.replace('_', '-')} needs --config-xds")
+        else:
+            check_options(xds_options(args))
         if args.redis_persecond_url and not args.redis_url:
             raise UsageError("--redis-persecond-url needs --redis-url (the other limits' Redis)")
         return RateLimitService(args, metrics)
