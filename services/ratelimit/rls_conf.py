@@ -14,6 +14,7 @@ validating loader in :mod:`services.ratelimit.config`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import (
@@ -24,7 +25,10 @@ from google.protobuf import (
     struct_pb2,  # noqa: F401 - registers google/protobuf/struct.proto
 )
 
-from services.common.configfile import Node
+from services.common.configfile import ConfigError, Node
+
+from .config import RateLimitConfig as Config
+from .config import parse_documents
 
 PACKAGE = "ratelimit.config.ratelimit.v3"
 TYPE_URL = f"type.googleapis.com/{PACKAGE}.RateLimitConfig"
@@ -166,6 +170,21 @@ def to_document(config: Any, where: str) -> Node:
         {"domain": config.domain, "descriptors": [_descriptor(d) for d in config.descriptors]},
         where,
     )
+
+
+def parse_resources(
+    resources: Sequence[Any], version: str, *, merge_domains: bool = False
+) -> Config:
+    """One xDS response's resources (``google.protobuf.Any``, one domain each) → the
+    config, through the same loader and checks as files. Errors name the resource."""
+    documents = []
+    for i, resource in enumerate(resources):
+        message = RateLimitConfig()
+        if not resource.Unpack(message):
+            where = f"xDS resource [{i}] (version {version!r})"
+            raise ConfigError(where, "", f"expected {TYPE_URL}, got {resource.type_url}")
+        documents.append(to_document(message, f"xDS resource {message.name!r}"))
+    return parse_documents(documents, merge_domains=merge_domains)
 
 
 def from_document(document: dict[str, Any], name: str = "") -> Any:

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common.cli import non_negative_int, positive_float, positive_int
-from services.common.configfile import ConfigError, config_files
+from services.common.configfile import config_files
 from services.common.listeners import Address
 from services.common.service import Readiness, UsageError
 from services.common.xds import XdsConfigSource, XdsOptions, check_options, parse_target
@@ -24,7 +24,7 @@ from . import grpc as transport
 from . import rls_conf
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
-from .config import RateLimitConfig, load_config, parse_documents
+from .config import RateLimitConfig, load_config
 from .core import stats as st
 from .core.limiter import Limiter, LimiterOptions
 
@@ -65,7 +65,6 @@ def xds_target(text: str) -> str:
 
 def xds_options(args: argparse.Namespace) -> XdsOptions:
     target, tls = parse_target(args.config_xds)
-    initial, most = args.xds_backoff
     return XdsOptions(
         target=target,
         node_id=args.xds_node_id,
@@ -74,8 +73,8 @@ def xds_options(args: argparse.Namespace) -> XdsOptions:
         cert=args.xds_cert,
         key=args.xds_key,
         server_name=args.xds_server_name,
-        backoff_initial=max(initial, 0.01),
-        backoff_max=most,
+        backoff_initial=max(args.xds_backoff_initial, 0.01),
+        backoff_max=args.xds_backoff_max,
         max_message_bytes=args.xds_max_message_bytes,
     )
 
@@ -177,16 +176,9 @@ class RateLimitService:
         return self.xds
 
     def parse_xds(self, resources: Sequence[Any], version: str) -> RateLimitConfig:
-        """One xDS response's ``RateLimitConfig`` resources (one per domain) → the config,
-        through the same loader and checks as files."""
-        documents = []
-        for i, resource in enumerate(resources):
-            message = rls_conf.RateLimitConfig()
-            where = f"xDS resource [{i}] (version {version!r})"
-            if not resource.Unpack(message):
-                raise ConfigError(where, "", f"expected {rls_conf.TYPE_URL}")
-            documents.append(rls_conf.to_document(message, f"xDS resource {message.name!r}"))
-        return parse_documents(documents, merge_domains=self.args.merge_domain_config)
+        return rls_conf.parse_resources(
+            resources, version, merge_domains=self.args.merge_domain_config
+        )
 
     # -- Service protocol -------------------------------------------------------------
     def load_config(self, path: Path) -> RateLimitConfig:
@@ -415,13 +407,19 @@ class Factory:
             help="name the server's certificate must carry, when not the URL's host",
         )
         xds.add_argument(
-            "--xds-backoff",
+            "--xds-backoff-initial",
             type=positive_float,
-            nargs=2,
-            default=(0.5, 30.0),
-            metavar=("INITIAL", "MAX"),
-            help="seconds before subscribing again after a disconnect: first, most "
-            "(doubling, jittered; default 0.5 30)",
+            default=0.5,
+            metavar="SECONDS",
+            help="wait before subscribing again after a disconnect; doubles, jittered, "
+            "up to --xds-backoff-max (default 0.5)",
+        )
+        xds.add_argument(
+            "--xds-backoff-max",
+            type=positive_float,
+            default=30.0,
+            metavar="SECONDS",
+            help="longest wait between subscriptions (default 30)",
         )
         xds.add_argument(
             "--xds-max-message-bytes",
