@@ -113,7 +113,8 @@ def dropin(
     ports = {k: free_port() for k in ("health", "grpc", "metrics", "file", "xds")}
     service = ManagedProcess(
         "ratelimit-envoyproxy-env",
-        [sys.executable, "-m", "services.ratelimit.upstream_env"],
+        # the console script the image links as /bin/ratelimit (Envoy Gateway's command)
+        [str(Path(sys.executable).with_name("outrider-envoyproxy-ratelimit"))],
         env={"PYTHONUNBUFFERED": "1", **envoy_gateway_env(ads, pki, ports, redis_server.port)},
         cwd=REPO,
         log_dir=tmp_path,
