@@ -17,37 +17,11 @@ from services.ratelimit.upstream_env import UpstreamEnvError, go_duration, trans
 from tests.harness.outrider import REPO
 from tests.harness.procs import ManagedProcess, free_port, http_get
 
-#: Every variable Envoy Gateway sets on its rate limit container
-#: (internal/infrastructure/kubernetes/ratelimit/resource.go, expectedRateLimitContainerEnv:
-#: the default set, Redis with TLS and a client certificate, Prometheus).
-ENVOY_GATEWAY = {
-    "RUNTIME_ROOT": "/data",
-    "RUNTIME_SUBDIRECTORY": "ratelimit",
-    "RUNTIME_IGNOREDOTFILES": "true",
-    "RUNTIME_WATCH_ROOT": "false",
-    "LOG_LEVEL": "info",
-    "USE_STATSD": "false",
-    "CONFIG_TYPE": "GRPC_XDS_SOTW",
-    "CONFIG_GRPC_XDS_SERVER_URL": "envoy-gateway:18001",
-    "CONFIG_GRPC_XDS_NODE_ID": "envoy-ratelimit",
-    "GRPC_SERVER_USE_TLS": "true",
-    "GRPC_SERVER_TLS_CERT": "/certs/tls.crt",
-    "GRPC_SERVER_TLS_KEY": "/certs/tls.key",
-    "GRPC_SERVER_TLS_CA_CERT": "/certs/ca.crt",
-    "CONFIG_GRPC_XDS_SERVER_USE_TLS": "true",
-    "CONFIG_GRPC_XDS_CLIENT_TLS_CERT": "/certs/tls.crt",
-    "CONFIG_GRPC_XDS_CLIENT_TLS_KEY": "/certs/tls.key",
-    "CONFIG_GRPC_XDS_SERVER_TLS_CACERT": "/certs/ca.crt",
-    "FORCE_START_WITHOUT_INITIAL_CONFIG": "true",
-    "REDIS_SOCKET_TYPE": "tcp",
-    "REDIS_URL": "redis.redis.svc:6379",
-    "REDIS_TLS": "true",
-    "REDIS_TLS_CLIENT_CERT": "/redis-certs/tls.crt",
-    "REDIS_TLS_CLIENT_KEY": "/redis-certs/tls.key",
-    "USE_PROMETHEUS": "true",
-    "PROMETHEUS_ADDR": ":19001",
-    "PROMETHEUS_MAPPER_YAML": "/etc/statsd-exporter/conf.yaml",
-}
+from . import eg_data
+
+#: Every variable Envoy Gateway sets on its rate limit container: the default set,
+#: Redis with TLS and a client certificate, Prometheus.
+ENVOY_GATEWAY = {**eg_data.DEPLOYMENT_ENV, **eg_data.REDIS_TLS_ENV}
 
 
 def options(env: dict[str, str], given: list[str] | None = None) -> list[str]:
