@@ -168,7 +168,9 @@ class Runtime:
         if path is None:
             log.info("reload (%s) ignored: the config comes from the config source", reason)
             return False
-        error = await self.offer(lambda: self.service.load_config(path), reason, str(path))
+        error = await self.offer(
+            lambda: self.service.load_config(path), f"reload ({reason})", str(path)
+        )
         return error is None
 
     async def offer(self, load: Callable[[], Any], reason: str, source: str) -> str | None:
@@ -179,16 +181,16 @@ class Runtime:
             self.service.apply_config(config)
         except ConfigError as exc:
             error = str(exc)
-            log.error("config (%s) rejected, keeping the previous config: %s", reason, exc)
+            log.error("config %s rejected, keeping the previous config: %s", reason, exc)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            log.exception("config (%s) failed, keeping the previous config", reason)
+            log.exception("config %s failed, keeping the previous config", reason)
         else:
             self._config_error = ""
             self.metrics.reloads(self.service.name, "success").inc()
             self.metrics.reload_ok.set(1)
             self.metrics.loaded_at.set(time.time())
-            log.info("config loaded (%s) from %s", reason, source)
+            log.info("config %s applied from %s", reason, source)
             return None
         self._config_error = error
         self.metrics.reloads(self.service.name, "failure").inc()
