@@ -45,13 +45,23 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         help="RLQS: how often demand is exchanged with the other replicas through Redis "
         "and shares are re-split (default 1)",
     )
+    group.add_argument(
+        "--rlqs-stale-seconds",
+        type=positive_float,
+        default=15.0,
+        metavar="SECONDS",
+        help="RLQS: when Redis has not answered for this long, split each limit equally "
+        "between the replicas last seen (default 15)",
+    )
 
 
 class QuotaRuntime:
     def __init__(self, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
         self.args = args
         self.options = QuotaOptions(
-            idle_seconds=args.rlqs_idle_seconds, shadow_mode=args.shadow_mode
+            idle_seconds=args.rlqs_idle_seconds,
+            stale_seconds=args.rlqs_stale_seconds,
+            shadow_mode=args.shadow_mode,
         )
         self.interval = args.rlqs_sync_interval
         self.core: QuotaCore | None = None

@@ -55,8 +55,9 @@ class QuotaOptions:
     resplit_ratio: float = 0.1
     #: ``max_tokens`` holds about this many seconds of the share (at least 1 token).
     burst_seconds: float = 1.0
-    #: Weight of the newest rate in the demand estimate (1: the last report only).
-    demand_weight: float = 0.7
+    #: Weight of the newest rate in the demand estimate (1: the last report only, which
+    #: already averages over Envoy's report interval).
+    demand_weight: float = 1.0
     #: Other replicas' demand older than this is not trusted: the limit is split
     #: equally between the replicas last seen instead.
     stale_seconds: float = 15.0
