@@ -152,7 +152,8 @@ def test_new_subscriber_gets_a_share_at_once_and_demand_splits_the_limit() -> No
     assert first.kind == TOKEN_BUCKET
     assert rate(first) == pytest.approx(20, rel=0.02)  # alone: the whole limit
     second = only(core.report(s2, "api", [usage(b, 1, 0, 0)], 0.5))
-    assert second.kind == TOKEN_BUCKET and rate(second) > 0
+    assert second.kind == TOKEN_BUCKET
+    assert rate(second) > 0
     # demand 40/s and 20/s: 2:1 (with the equal floor), the sum is the limit
     for t in (5.0, 10.0, 15.0):
         core.report(s1, "api", [usage(b, 100, 100, 5)], t)
@@ -192,7 +193,8 @@ def test_token_bucket_rates_are_exact_enough_and_whole_seconds() -> None:
     rule = resolve(config(), "api", {"user": "alice"}).rule
     for share in (0.3, 1, 6.67, 13.33, 20):
         a = token_bucket(share, rule, QuotaOptions())
-        assert isinstance(a.fill_seconds, int) and a.fill_seconds >= 1
+        assert isinstance(a.fill_seconds, int)
+        assert a.fill_seconds >= 1
         assert a.max_tokens >= 1
         assert rate(a) == pytest.approx(share, abs=0.2)
     minute = resolve(config(), "api", {"user": "team-x"}).rule
@@ -216,7 +218,9 @@ def test_renewal_before_ttl_and_abandon_when_idle() -> None:
     core.report(sid, "api", [usage(b, 0, 0, 5)], 10.0)
     actions = core.report(sid, "api", [usage(b, 0, 0, 5)], 20.0)
     assert only(actions).kind == ABANDON
-    assert core.buckets == 0 and core.groups == {} and core.counters.abandoned == 1
+    assert core.buckets == 0
+    assert core.groups == {}
+    assert core.counters.abandoned == 1
 
 
 def test_state_is_bounded() -> None:
@@ -225,9 +229,12 @@ def test_state_is_bounded() -> None:
     reports = [usage(bucket(user=f"team-{i}"), 1, 0, 0) for i in range(5)]
     actions = core.report(sid, "api", reports, 0.0)
     assert len(actions) == 3
-    assert core.buckets == 3 and core.counters.overflow == 2
+    assert core.buckets == 3
+    assert core.counters.overflow == 2
     core.close_stream(sid)
-    assert core.buckets == 0 and core.groups == {} and core.streams == {}
+    assert core.buckets == 0
+    assert core.groups == {}
+    assert core.streams == {}
 
 
 def test_other_replicas_demand_and_equal_split_when_stale() -> None:
