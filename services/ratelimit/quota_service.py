@@ -103,25 +103,25 @@ class QuotaRuntime:
         core = self._current()
         if getattr(self.exchange, "shared", False):
             try:
-                remote, replicas = await self.exchange.exchange(core.local_demand())
+                remote = await self.exchange.exchange(core.local_demand())
             except Exception as exc:  # any Redis failure degrades the same way
                 self.exchange_errors += 1
                 reason = str(exc) or type(exc).__name__
                 if self.exchange_up:
                     log.warning(
                         "RLQS: Redis unreachable (%s): assigning from the last known demand, "
-                        "then an equal split between %d replica(s)",
+                        "after %.0f s an equal split between the replicas last seen",
                         reason,
-                        core.replicas,
+                        self.options.stale_seconds,
                     )
                 self.exchange_up = False
                 self.last_error = reason
             else:
                 if not self.exchange_up:
-                    log.info("RLQS: Redis reachable again, %d replica(s)", replicas)
+                    log.info("RLQS: Redis reachable again")
                 self.exchange_up = True
                 self.last_error = ""
-                core.set_global(remote, replicas, time.monotonic())
+                core.set_global(remote, time.monotonic())
         self.servicer.push(core.tick(time.monotonic()))
 
     async def _loop(self) -> None:
@@ -135,10 +135,7 @@ class QuotaRuntime:
     def readiness_note(self) -> str:
         core = self.core
         if core is not None and core.degraded(time.monotonic()):
-            return (
-                f"rlqs: equal split between {core.replicas} replica(s), "
-                f"Redis: {self.last_error or 'stale'}"
-            )
+            return f"rlqs: equal split between replicas, Redis: {self.last_error or 'stale'}"
         return ""
 
     def drain(self) -> None:

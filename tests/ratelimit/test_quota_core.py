@@ -246,7 +246,7 @@ def test_other_replicas_demand_and_equal_split_when_stale() -> None:
     core.report(sid, "api", [usage(b, 100, 0, 5)], 5.0)  # 20/s here
     (key,) = core.local_demand()
     assert core.local_demand()[key] == (pytest.approx(20), 1)
-    core.set_global({key: (20.0, 1)}, replicas=2, now=5.0)  # as much elsewhere
+    core.set_global({key: (20.0, 1, 1)}, now=5.0)  # as much elsewhere
     core.tick(5.0)
     assert next(core.shares())[2] == pytest.approx(10, rel=0.01)
     assert not core.degraded(14.0)
@@ -254,7 +254,7 @@ def test_other_replicas_demand_and_equal_split_when_stale() -> None:
     core.tick(16.0)
     assert core.degraded(16.0)
     assert next(core.shares())[2] == pytest.approx(10)
-    core.set_global({key: (60.0, 1)}, replicas=2, now=17.0)
+    core.set_global({key: (60.0, 1, 1)}, now=17.0)
     core.tick(17.0)
     # 20 x (0.1 / 2 consumers + 0.9 x 20 / 80 of the demand)
     assert next(core.shares())[2] == pytest.approx(5.5, rel=0.01)

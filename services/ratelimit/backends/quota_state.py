@@ -2,10 +2,10 @@
 
 Per limit, one Redis hash ``{prefix}rlqs:{limit}``: field = replica id, value =
 ``demand consumers unix_time``; a replica's fields older than ``stale_seconds`` are
-ignored (a replica that died), and the hash expires when nobody writes it. Live
-replicas are counted from the hash ``{prefix}rlqs:replicas`` (for the equal split
-used while Redis is unreachable). One pipeline per exchange, a few times a report
-interval — nothing per request.
+ignored (a replica that died), and the hash expires when nobody writes it. The
+replicas with consumers of a limit are the ones its equal split counts while Redis
+is unreachable. One pipeline per exchange, a few times a report interval, only
+while this replica has consumers of a limit — nothing per request.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 Demand = Mapping[str, tuple[float, int]]
+#: Other replicas' (demand, consumers, replicas) per limit.
+Remote = dict[str, tuple[float, int, int]]
 
 
 class DemandExchange(Protocol):
-    async def exchange(self, local: Demand) -> tuple[dict[str, tuple[float, int]], int]:
+    async def exchange(self, local: Demand) -> Remote:
         """Publish this replica's (demand, consumers) per limit; return the other
-        replicas' sums per limit and the number of live replicas (this one included)."""
+        replicas' sums per limit and how many they are."""
         ...
 
 
@@ -32,8 +34,8 @@ class LocalExchange:
 
     shared = False
 
-    async def exchange(self, local: Demand) -> tuple[dict[str, tuple[float, int]], int]:
-        return {}, 1
+    async def exchange(self, local: Demand) -> Remote:
+        return {}
 
 
 def _parse(value: Any) -> tuple[float, int, float] | None:
@@ -78,14 +80,12 @@ class RedisExchange:
     def key(self, limit: str) -> str:
         return f"{self.prefix}rlqs:{{{limit}}}"
 
-    async def exchange(self, local: Demand) -> tuple[dict[str, tuple[float, int]], int]:
+    async def exchange(self, local: Demand) -> Remote:
+        if not local:
+            return {}
         now = self.clock()
         keys = list(local)
         pipe = self.client.pipeline(transaction=False)
-        replicas_key = f"{self.prefix}rlqs:replicas"
-        pipe.hset(replicas_key, self.replica, f"0 0 {now}")
-        pipe.pexpire(replicas_key, self.expire_ms)
-        pipe.hgetall(replicas_key)
         for limit in keys:
             demand, consumers = local[limit]
             key = self.key(limit)
@@ -94,16 +94,10 @@ class RedisExchange:
             pipe.hgetall(key)
         async with asyncio.timeout(self.timeout):
             replies = await pipe.execute()
-        replicas = 0
-        for value in replies[2].values():
-            parsed = _parse(value)
-            if parsed is not None and now - parsed[2] <= self.stale:
-                replicas += 1
-        out: dict[str, tuple[float, int]] = {}
+        out: Remote = {}
         for i, limit in enumerate(keys):
-            fields = replies[3 + 3 * i + 2]
-            demand_sum, consumers_sum = 0.0, 0
-            for field, value in fields.items():
+            demand_sum, consumers_sum, replicas = 0.0, 0, 0
+            for field, value in replies[3 * i + 2].items():
                 name = field.decode() if isinstance(field, bytes) else field
                 if name == self.replica:
                     continue
@@ -112,5 +106,6 @@ class RedisExchange:
                     continue
                 demand_sum += parsed[0]
                 consumers_sum += parsed[1]
-            out[limit] = (demand_sum, consumers_sum)
-        return out, max(1, replicas)
+                replicas += 1
+            out[limit] = (demand_sum, consumers_sum, replicas)
+        return out

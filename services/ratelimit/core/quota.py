@@ -190,9 +190,10 @@ class Group:
     rule: RateLimitRule
     stats_key: str
     consumers: dict[tuple[int, BucketKey], Consumer] = field(default_factory=dict)
-    #: Other replicas' (demand, consumers) and when it was learnt.
+    #: Other replicas' demand and consumers, and how many replicas they are.
     remote_demand: float = 0.0
     remote_consumers: int = 0
+    remote_replicas: int = 0
 
 
 @dataclass(slots=True)
@@ -219,8 +220,6 @@ class QuotaCore:
         self.buckets = 0
         self.counters = Counters()
         self._next_id = 0
-        #: Replicas sharing the state (last known; 1 with the memory store).
-        self.replicas = 1
         #: When the other replicas' demand was last learnt (None: never needed).
         self.global_at: float | None = None
         self.global_shared = False
@@ -369,8 +368,8 @@ class QuotaCore:
         if self.global_at is not None and now - self.global_at <= self.options.stale_seconds:
             return limit, demand + group.remote_demand, consumers + group.remote_consumers
         # Redis has not answered for a while: an equal split between the replicas last
-        # seen, each splitting its part between its own streams by demand.
-        return limit / max(1, self.replicas), demand, consumers
+        # seen with consumers of this limit, each splitting its part by demand.
+        return limit / (1 + group.remote_replicas), demand, consumers
 
     def _split(self, group: Group, now: float) -> None:
         limit, total, consumers = self._limit(group, now)
@@ -463,13 +462,11 @@ class QuotaCore:
             out[key] = (self._local(group)[0], len(group.consumers))
         return out
 
-    def set_global(
-        self, remote: Mapping[str, tuple[float, int]], replicas: int, now: float
-    ) -> None:
-        """The other replicas' (demand, consumers) per limit, and how many replicas live."""
+    def set_global(self, remote: Mapping[str, tuple[float, int, int]], now: float) -> None:
+        """The other replicas' (demand, consumers, replicas) per limit."""
         for key, group in self.groups.items():
-            group.remote_demand, group.remote_consumers = remote.get(key, (0.0, 0))
-        self.replicas = max(1, replicas)
+            remote_state = remote.get(key, (0.0, 0, 0))
+            group.remote_demand, group.remote_consumers, group.remote_replicas = remote_state
         self.global_at = now
 
     def degraded(self, now: float) -> bool:
