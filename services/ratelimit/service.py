@@ -21,7 +21,7 @@ from services.common.service import Readiness, UsageError
 from services.common.xds import XdsConfigSource, XdsOptions, check_options, parse_target
 
 from . import grpc as transport
-from . import rls_conf
+from . import grpc_quota, quota_service, rls_conf
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
 from .config import RateLimitConfig, load_config
@@ -135,7 +135,7 @@ class LimitStatsCollector(Collector):
 
 class RateLimitService:
     name = "ratelimit"
-    grpc_service_names = (transport.SERVICE_NAME,)
+    grpc_service_names = (transport.SERVICE_NAME, grpc_quota.SERVICE_NAME)
 
     def __init__(self, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
         self.args = args
@@ -166,6 +166,7 @@ class RateLimitService:
         self.servicer = transport.RateLimitServicer(
             self._current_limiter, response_headers=args.response_headers
         )
+        self.quota = quota_service.QuotaRuntime(args, metrics)
 
     def _current_limiter(self) -> Limiter:
         if self.config is None:
@@ -228,21 +229,26 @@ class RateLimitService:
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
         self.store = store
         jitter_rng = random.Random()
+        # before the first xDS config: an empty one (RLS calls get UNAVAILABLE meanwhile)
+        effective = config or RateLimitConfig(domains={})
         self.limiter = Limiter(
-            config or RateLimitConfig(domains={}),
+            effective,
             store,
             self.options,
             jitter=lambda most: jitter_rng.randint(0, most),
             per_second_store=self.per_second_store,
         )
+        await self.quota.start(effective, store if isinstance(store, RedisStore) else None)
 
     def apply_config(self, config: RateLimitConfig) -> None:
         self.config = config
         if self.limiter is not None:
             self.limiter.set_config(config)
+        self.quota.apply_config(config)
 
     def register(self, server: grpc.aio.Server) -> None:
         transport.register(server, self.servicer)
+        self.quota.register(server)
 
     async def readiness(self) -> Readiness:
         if self.limiter is None or self.store is None:
@@ -261,7 +267,8 @@ class RateLimitService:
                     # answering OK without Redis is the point of --fail-open: stay in service
                     return Readiness(True, f"fail-open: {problem}")
                 return Readiness(False, problem)
-        return Readiness(True)
+        note = self.quota.readiness_note()
+        return Readiness(True, note) if note else Readiness(True)
 
     def describe_config(self) -> Any:
         store: dict[str, Any] = {"kind": "memory (one replica only)"}
@@ -293,9 +300,11 @@ class RateLimitService:
         }
 
     async def drain(self, grace: float) -> None:
-        pass  # gRPC only: the runtime drains it
+        # gRPC only: the runtime drains it; RLQS streams never end by themselves
+        self.quota.drain()
 
     async def stop(self) -> None:
+        await self.quota.stop()
         if self.store is not None:
             await self.store.close()
         if self.per_second_store is not None:
@@ -384,6 +393,7 @@ class Factory:
             action="store_true",
             help="merge files of the same domain instead of rejecting them",
         )
+        quota_service.add_arguments(group)
         xds = parser.add_argument_group(
             "config over xDS (instead of --config; Envoy Gateway's rate limit config server)"
         )
