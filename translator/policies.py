@@ -836,7 +836,7 @@ def attach(
         rejections,
         lambda p: build_ext_procs(p, resources, resolver, chains),
     )
-    for kind in ("ClientTrafficPolicy", "EnvoyPatchPolicy", "BackendTLSPolicy"):
+    for kind in ("EnvoyPatchPolicy", "BackendTLSPolicy"):
         for p in resources.of(kind):
             rejections.add(
                 p,

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from . import envoy as envoy_out
+from .client_traffic import apply_client_traffic, attach_client_traffic
 from .gatewayapi import BackendResolver, build_listeners, build_routes
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
@@ -91,6 +92,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     secret_files = SecretFiles(options.secrets_dir, {})
     rejections = Rejections()
     chains = attach(resources, listeners, resolver, secret_files, rejections)
+    client = attach_client_traffic(resources, listeners, rejections)
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
@@ -109,7 +111,9 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
             extauth_mode=options.extauth_mode,
         ),
     )
-    files: dict[str, str] = {"envoy.yaml": dump(config.to_dict())}
+    bootstrap = config.to_dict()
+    apply_client_traffic(bootstrap, client)
+    files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
         files[f"ratelimit/{name}"] = dump(cfg)
     policies = {}
