@@ -98,7 +98,11 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any as PAny
 
-from services.extauth.http import CLIENT_ADDRESS_HEADER, METADATA_HEADER_PREFIX, POLICY_PREFIX
+from services.extauth.transport.http import (
+    CLIENT_ADDRESS_HEADER,
+    METADATA_HEADER_PREFIX,
+    POLICY_PREFIX,
+)
 
 from . import native
 from .gatewayapi import sort_key

@@ -1,7 +1,7 @@
 """Turn a validated :class:`ExtauthConfig` into an :class:`Engine` of evaluators.
 
 This is where each policy section meets its authenticator, and where the OIDC
-authenticator plugs in: ``services.extauth.oidc.build_oidc_authenticator(policy_name,
+authenticator plugs in: ``services.extauth.oidc.flow.build_oidc_authenticator(policy_name,
 oidc_config, deps)`` must return an object satisfying :class:`core.Authenticator`
 (``method = "oidc"``, ``identity_headers``, ``async authenticate(req, ctx)``,
 ``async close()``). It runs after ``jwt`` (so ``ctx.identities.get("jwt")`` tells
@@ -17,13 +17,13 @@ from typing import Any
 
 import aiohttp
 
-from .apikey import APIKeyAuthenticator
+from .authn.apikey import APIKeyAuthenticator
+from .authn.basic import BasicAuthenticator
+from .authn.jwks import JWKSRegistry, KeySource, LocalJWKSSource, parse_keyset_text
+from .authn.jwt import JWTAuthenticator, ProviderRuntime
 from .authz import Authorizer
-from .basic import BasicAuthenticator
 from .config import ExtauthConfig, Policy
 from .core import CompiledPolicy, Engine, Step
-from .jwks import JWKSRegistry, KeySource, LocalJWKSSource, parse_keyset_text
-from .jwt import JWTAuthenticator, ProviderRuntime
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
         required = not policy.jwt.optional and policy.oidc is None
         steps.append(Step(authenticator, required))
     if policy.oidc is not None:
-        from .oidc import build_oidc_authenticator  # the OIDC engineer's module
+        from .oidc.flow import build_oidc_authenticator
 
         steps.append(Step(build_oidc_authenticator(policy.name, policy.oidc, deps), True))
     if policy.basic_auth is not None:

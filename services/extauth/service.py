@@ -16,13 +16,13 @@ from services.common.configfile import config_files
 from services.common.listeners import Address
 from services.common.service import Readiness
 
-from . import grpc as grpc_transport
+from .authn.jwks import JWKSRegistry
 from .build import AuthDeps, build_engine, remote_jwks_in_use
 from .config import ExtauthConfig, Policy, load_config
 from .core import CheckRequest, Decision, Engine
-from .http import HTTPAuthzServer
-from .jwks import JWKSRegistry
 from .metrics import ExtauthMetrics
+from .transport import grpc as grpc_transport
+from .transport.http import HTTPAuthzServer
 
 log = logging.getLogger("outrider.extauth")
 

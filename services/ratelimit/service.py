@@ -72,7 +72,7 @@ class LimitStatsCollector(Collector):
         service = CounterMetricFamily(
             "outrider_ratelimit_events",
             "Service-level events: calls, over_limit_responses, unknown_domain, "
-            "global_shadow_mode, store_errors, fail_open.",
+            "service_errors, global_shadow_mode, store_errors, fail_open.",
             labels=["event"],
         )
         if limiter is not None:
@@ -85,6 +85,7 @@ class LimitStatsCollector(Collector):
                 "calls",
                 "over_limit_responses",
                 "unknown_domain",
+                "service_errors",
                 "global_shadow_mode",
                 "store_errors",
                 "fail_open",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from services.extauth.http import split_policy_path
+from services.extauth.transport.http import split_policy_path
 from tests.extauth.helpers import (
     SigningKey,
     apache_htpasswd,
@@ -380,7 +380,7 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
 ) -> None:
     """aiohttp's errors quote the offending bytes (a bad URL is its whole message), which
     may be a credential; both of its parsers (C, and Python without the extension)."""
-    import services.extauth.http as http_mode
+    import services.extauth.transport.http as http_mode
 
     if parser == "python":
         from aiohttp.http_parser import HttpRequestParserPy
@@ -405,7 +405,7 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
 
 def test_unsafe_header_values_are_never_written() -> None:
     from services.extauth.core import Decision
-    from services.extauth.http import encode_response, response_from_decision
+    from services.extauth.transport.http import encode_response, response_from_decision
 
     with pytest.raises(ValueError, match="unsafe"):
         encode_response(200, [("x-a", "1\r\nx-injected: yes")], b"")
@@ -425,7 +425,7 @@ class GatedServer:
         import asyncio
 
         from services.common.listeners import parse_address
-        from services.extauth.http import HTTPAuthzServer
+        from services.extauth.transport.http import HTTPAuthzServer
 
         self.path = path
         self.gate = asyncio.Event()
@@ -500,7 +500,7 @@ async def test_a_client_that_never_reads_answers_stops_being_read(gated: GatedSe
     """Pipelined checks beyond MAX_QUEUED wait in the client's socket, not in our memory."""
     import asyncio
 
-    from services.extauth.http import MAX_QUEUED
+    from services.extauth.transport.http import MAX_QUEUED
 
     count = 3000  # of 1 kB each: far more than one read takes in
     padded = GOOD.replace("\r\n\r\n", f"\r\nx-pad: {'p' * 1000}\r\n\r\n")

@@ -6,8 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from services.extauth.session import CookieSealer, Session
-from services.extauth.session_redis import RedisSessionStore
+from services.extauth.oidc.session import CookieSealer, Session
+from services.extauth.oidc.session_redis import RedisSessionStore
 
 SECRET = b"redis-store-test-secret-0123456789abcdef"
 

@@ -38,8 +38,8 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 
 from services.common.listeners import Address, ListenError, prepare_unix_path
 
-from .core import CheckRequest, Decision
-from .jwt import header_value
+from ..authn.jwt import header_value
+from ..core import CheckRequest, Decision
 
 log = logging.getLogger("outrider.extauth.http")
 

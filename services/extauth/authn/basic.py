@@ -22,8 +22,8 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from .config import BasicAuthConfig
-from .core import (
+from ..config import BasicAuthConfig
+from ..core import (
     AuthContext,
     Authenticated,
     AuthResult,

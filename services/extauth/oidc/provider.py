@@ -27,7 +27,7 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oidc.core import CodeIDToken
 
-from services.extauth.oidc_config import OidcConfig
+from services.extauth.oidc.config import OidcConfig
 
 log = logging.getLogger("outrider.extauth.oidc")
 

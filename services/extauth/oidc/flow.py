@@ -34,6 +34,7 @@ import jwt as pyjwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from redis.exceptions import RedisError
 
+from services.extauth.authn.jwt import header_value
 from services.extauth.authz import claim_at
 from services.extauth.core import (
     AuthContext,
@@ -45,9 +46,8 @@ from services.extauth.core import (
     Missing,
     Rejected,
 )
-from services.extauth.jwt import header_value
-from services.extauth.oidc_config import OidcConfig
-from services.extauth.oidc_provider import (
+from services.extauth.oidc.config import OidcConfig
+from services.extauth.oidc.provider import (
     IdTokenInvalid,
     OidcProviderClient,
     ProviderRejected,
@@ -55,8 +55,8 @@ from services.extauth.oidc_provider import (
     SingleFlight,
     TokenResponse,
 )
-from services.extauth.redirects import safe_redirect
-from services.extauth.session import (
+from services.extauth.oidc.redirects import safe_redirect
+from services.extauth.oidc.session import (
     LOGIN_PURPOSE,
     CookieSealer,
     CookieSessionStore,
@@ -146,7 +146,7 @@ class OidcAuthenticator:
         self.provider = OidcProviderClient(cfg, http_session)
         self.sealer = CookieSealer(cfg.cookie_secrets)
         if cfg.session_store == "redis":
-            from services.extauth.session_redis import RedisSessionStore
+            from services.extauth.oidc.session_redis import RedisSessionStore
 
             assert cfg.redis_url is not None
             self.store: Any = RedisSessionStore(

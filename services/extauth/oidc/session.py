@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.extauth.oidc_config import CookieSettings
+from services.extauth.oidc.config import CookieSettings
 
 _FORMAT = b"outrider-oidc-cookie/v1"
 _KEY_ID_LEN = 4

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.extauth.session import (
+from services.extauth.oidc.session import (
     SESSION_PURPOSE,
     CookieSealer,
     Session,
@@ -121,12 +121,15 @@ class RedisSessionStore:
         deadline = time.monotonic() + REFRESH_WAIT_SECONDS
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            # The lock is looked at before the session: the winner stores the new session
+            # before it lets go, so a lock seen gone means the load below sees its result.
+            locked = await self._redis.exists(lock)
             current = await self.load(cookie_value)
             if current is None:
                 break
             if current.access_token != session.access_token:
                 return current
-            if not await self._redis.exists(lock):
+            if not locked:
                 break
         raise RedisError("another replica's refresh did not complete")
 
