@@ -61,7 +61,8 @@ def inputs(data: Path = DATA) -> list[Path]:
 
 def eg_verdicts(out_file: Path) -> dict[str, bool]:
     """``Kind ns/name`` → whether Envoy Gateway accepts the policy (any ancestor Accepted)."""
-    doc = yaml.safe_load(out_file.read_text()) or {}
+    doc = yaml.load(out_file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    doc = doc or {}
     verdicts: dict[str, bool] = {}
     for key, items in doc.items():
         kind = POLICY_KEYS.get(key.lower())
