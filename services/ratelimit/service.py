@@ -20,6 +20,7 @@ from services.common.listeners import Address
 from services.common.service import Readiness, UsageError
 
 from . import grpc as transport
+from .backends.memory import MAX_KEYS as MAX_MEMORY_KEYS
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
 from .config import RateLimitConfig, load_config
@@ -99,6 +100,17 @@ class LimitStatsCollector(Collector):
         if store is not None:
             up = store.healthy if isinstance(store, RedisStore) else True
             healthy.add_metric([store_label(store.name)], 1 if up else 0)
+        if isinstance(store, MemoryStore):
+            yield GaugeMetricFamily(
+                "outrider_ratelimit_memory_keys",
+                "Counters held by the in-memory store.",
+                value=len(store),
+            )
+            yield CounterMetricFamily(
+                "outrider_ratelimit_memory_evictions",
+                "Live counters evicted to stay within --memory-max-keys.",
+                value=store.evictions,
+            )
         per_second = self.service.per_second_store
         if per_second is not None:
             label = store_label(per_second.name, per_second=True)
@@ -183,7 +195,7 @@ class RateLimitService:
                     await store.close()
                     raise
         else:
-            store = MemoryStore()
+            store = MemoryStore(max_keys=self.args.memory_max_keys)
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
         self.store = store
         jitter_rng = random.Random()
@@ -238,6 +250,7 @@ class RateLimitService:
                 "local_cache_size": self.options.local_cache_size,
                 "expiration_jitter_max_seconds": self.options.expiration_jitter_max_seconds,
                 "stop_counting_over_limit": self.options.stop_counting_over_limit,
+                "memory_max_keys": None if self.args.redis_url else self.args.memory_max_keys,
                 "response_headers": self.args.response_headers,
             },
             **(self.config.describe() if self.config is not None else {}),
@@ -319,6 +332,14 @@ class Factory:
             default=100_000,
             metavar="N",
             help="keys remembered as over limit until their window ends; 0 disables",
+        )
+        group.add_argument(
+            "--memory-max-keys",
+            type=positive_int,
+            default=MAX_MEMORY_KEYS,
+            metavar="N",
+            help="in-memory store: counters kept at most; past it the one that expires first "
+            f"is evicted (default {MAX_MEMORY_KEYS})",
         )
         group.add_argument(
             "--stop-counting-over-limit",

@@ -445,7 +445,7 @@ async def test_silent_redis_fails_within_timeout() -> None:
         silent.close()
 
 
-def test_memory_store_forgets_expired_counters() -> None:
+def test_memory_store_forgets_expired_counters_a_few_per_call() -> None:
     from services.ratelimit.backends import memory
     from services.ratelimit.core.algorithms import FIXED
 
@@ -454,8 +454,38 @@ def test_memory_store_forgets_expired_counters() -> None:
     store.apply_now([(FIXED, f"k{i}", 1, 60) for i in range(100)])
     assert len(store) == 100
     clock.now += 61
-    store.apply_now([(FIXED, "fresh", 1, 60)] * memory.SWEEP_EVERY)
+    # every call removes a bounded number of expired counters, never the whole store
+    store.apply_now([(FIXED, "fresh", 1, 60)])
+    assert len(store) == 100 + 1 - memory.SWEEP_PER_CALL
+    for _ in range(10):
+        store.apply_now([(FIXED, "fresh", 1, 60)])
     assert len(store) == 1
+
+
+def test_memory_store_is_bounded_evicting_the_earliest_expiry() -> None:
+    from services.ratelimit.core.algorithms import FIXED, SLIDING, TOKEN
+
+    clock = Clock()
+    store = MemoryStore(clock, max_keys=3)
+    store.apply_now([(FIXED, "hour", 1, 3600), (FIXED, "minute", 1, 60)])
+    store.apply_now([(TOKEN, "bucket", 1, 10, 1000, int(clock.now * 1000))])
+    assert len(store) == 3
+    for i in range(50):  # unique keys: the store stays at its bound
+        clock.now += 0.5
+        store.apply_now([(FIXED, f"day{i}", 1, 86400)])
+        assert len(store) == 3
+    # the shortest-lived went first; the newest day counters stay
+    assert set(store.data) == {"day47", "day48", "day49"}
+    assert store.evictions == 50
+    # a token bucket whose expiry moved on is not evicted before one that ends sooner
+    store = MemoryStore(clock, max_keys=2)
+    now_ms = int(clock.now * 1000)
+    store.apply_now([(TOKEN, "bucket", 1, 10, 1000, now_ms), (FIXED, "minute", 1, 60)])
+    clock.now += 100  # the minute counter expired; the bucket's expiry is renewed below
+    store.apply_now([(TOKEN, "bucket", 1, 10, 1000, int(clock.now * 1000))])
+    store.apply_now([(SLIDING, "sw_cur", "sw_prev", 1, 5, 60000, int(clock.now * 1000))])
+    assert set(store.data) == {"bucket", "sw_cur"}
+    assert store.evictions == 0  # an expired counter made room, nothing live was lost
 
 
 async def test_own_event_loop_lag_is_not_a_redis_timeout(redis_server: Any) -> None:
