@@ -329,7 +329,7 @@ class Factory:
         group.add_argument(
             "--local-cache-size",
             type=non_negative_int,
-            default=100_000,
+            default=LimiterOptions._field_defaults["local_cache_size"],
             metavar="N",
             help="keys remembered as over limit until their window ends; 0 disables",
         )

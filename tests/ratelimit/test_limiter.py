@@ -11,6 +11,7 @@ import pytest
 from services.ratelimit.backends.memory import MemoryStore
 from services.ratelimit.backends.redis import RedisStore
 from services.ratelimit.config import UINT32_MAX, Unit, parse_texts
+from services.ratelimit.core import stats as st
 from services.ratelimit.core.limiter import (
     OK,
     OVER_LIMIT,
@@ -630,3 +631,56 @@ async def test_a_cancelled_two_store_call_leaves_no_store_call_behind() -> None:
         assert errors == []
     finally:
         loop.set_exception_handler(previous)
+
+
+# -- the local over-limit cache ---------------------------------------------------------
+
+
+async def test_local_cache_follows_a_raised_limit(make_limiter: Any) -> None:
+    """A reload that raises a limit (or a larger `limit` override) is not held back by
+    keys remembered as over the old one."""
+    limiter = await make_limiter()
+    assert await codes(limiter, d("key3", "raise"), 3) == [OK, OVER_LIMIT, OVER_LIMIT]
+    assert limiter.stats.by_key["test-domain.key3"][st.OVER_LIMIT_WITH_LOCAL_CACHE] == 1
+    limiter.set_config(parse_texts([("t.yaml", CONFIG.replace(
+        "rate_limit: {unit: hour, requests_per_unit: 1}",
+        "rate_limit: {unit: hour, requests_per_unit: 1000}"))]))  # fmt: skip
+    decision = await limiter.should_rate_limit("test-domain", [d("key3", "raise")], 1)
+    assert decision.code == OK
+    # the hit answered from the cache was not counted in the store (as upstream)
+    assert decision.statuses[0].remaining == 1000 - 3
+    # an override from Envoy: over 1/minute, then 50/minute admits
+    small, large = (1, int(Unit.MINUTE)), (50, int(Unit.MINUTE))
+    for override, expected in ((small, [OK, OVER_LIMIT, OVER_LIMIT]), (large, [OK])):
+        descriptor = d("key2", "o", override=override)
+        assert await codes(limiter, descriptor, len(expected)) == expected
+
+
+def test_local_cache_evicts_one_at_a_time_when_full() -> None:
+    from services.ratelimit.core.limiter import OverLimitCache
+
+    cache = OverLimitCache(3)
+    now = T0
+    for i, until in enumerate((T0 + 60, T0 + 3600, T0 + 1, T0 + 86400)):
+        cache.add(f"k{i}", until, 5)
+    # full at 3: the entry whose window ends first (k2) made room, the rest stay
+    assert set(cache.entries) == {"k0", "k1", "k3"}
+    assert all(cache.hit(k, now, 5) for k in ("k0", "k1", "k3"))
+    for i in range(4, 100):
+        cache.add(f"k{i}", T0 + 100_000 + i, 5)
+        assert len(cache) == 3
+    assert set(cache.entries) == {"k97", "k98", "k99"}
+
+
+async def test_local_cache_with_stop_counting_over_limit(make_limiter: Any) -> None:
+    """The counter stops at the limit: a request too large for what is left is refused,
+    a smaller one still fits; only a counter at the limit is remembered as over."""
+    limiter = await make_limiter(stop_counting_over_limit=True)
+    limiter.test_clock.now = T0 + 1
+    big, one = d("key2", "sc", hits=15), d("key2", "sc", hits=1)
+    assert (await limiter.should_rate_limit("test-domain", [big], 1)).code == OK
+    assert (await limiter.should_rate_limit("test-domain", [big], 1)).code == OVER_LIMIT
+    assert await codes(limiter, one, 6) == [OK] * 5 + [OVER_LIMIT]
+    assert limiter.stats.by_key["test-domain.key2"][st.OVER_LIMIT_WITH_LOCAL_CACHE] == 0
+    assert await codes(limiter, one, 1) == [OVER_LIMIT]
+    assert limiter.stats.by_key["test-domain.key2"][st.OVER_LIMIT_WITH_LOCAL_CACHE] == 1
