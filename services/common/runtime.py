@@ -216,7 +216,11 @@ class Runtime:
                 set_socket_mode(address, self.options.socket_mode)
             if self.options.admin is not None:
                 admin = AdminServer(
-                    self.options.admin, self.registry, self.readiness, self.describe
+                    self.options.admin,
+                    self.registry,
+                    self.readiness,
+                    self.describe,
+                    metrics_text=getattr(self.service, "metrics_text", None),
                 )
                 try:
                     await admin.start()

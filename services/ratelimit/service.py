@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import random
 from collections.abc import Iterator
@@ -54,22 +55,62 @@ def store_label(name: str, *, per_second: bool = False) -> str:
     return f"{name}-per-second" if per_second else name
 
 
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class LimitStatsText:
+    """The per-limit counters as Prometheus text, rendered by hand and in chunks.
+
+    Up to ``stats.MAX_KEYS`` rows of 6 families: prometheus_client formats some 100,000
+    samples a second, so these would hold the event loop for a tenth of a second or more
+    per scrape. Here each row's label text is built once, a line is one f-string, and
+    the event loop serves decisions between chunks of ``CHUNK`` rows.
+    """
+
+    CHUNK = 100
+
+    def __init__(self) -> None:
+        #: stats key -> the start of its line in each family (name and labels)
+        self._prefixes: dict[str, list[str]] = {}
+        self._metrics = [f"outrider_ratelimit_{name}_total" for name in st.NAMES]
+
+    def _prefix(self, key: str) -> list[str]:
+        domain, _, descriptor = key.partition(".")
+        labels = f'{{descriptor="{_label(descriptor)}",domain="{_label(domain)}"}} '
+        return [metric + labels for metric in self._metrics]
+
+    async def render(self, stats: st.StatsTable) -> str:
+        rows = list(stats.by_key.items())
+        prefixes = self._prefixes
+        if len(prefixes) > 2 * st.MAX_KEYS:
+            prefixes.clear()
+        lines: list[list[str]] = [
+            [f"# HELP {metric} Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).\n"
+             f"# TYPE {metric} counter\n"]
+            for metric, name in zip(self._metrics, st.NAMES, strict=True)
+        ]  # fmt: skip
+        for start in range(0, len(rows), self.CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for key, row in rows[start : start + self.CHUNK]:
+                prefix = prefixes.get(key)
+                if prefix is None:
+                    prefix = prefixes[key] = self._prefix(key)
+                for out, text, value in zip(lines, prefix, row, strict=True):
+                    out.append(f"{text}{value}\n")
+        return "".join(["".join(out) for out in lines])
+
+
 class LimitStatsCollector(Collector):
-    """Exposes the limiter's plain-integer counters at scrape time."""
+    """The service-level counters and store health, read at scrape time (the per-limit
+    counters are rendered by :class:`LimitStatsText`)."""
 
     def __init__(self, service: RateLimitService) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Any]:
         limiter = self.service.limiter
-        families = [
-            CounterMetricFamily(
-                f"outrider_ratelimit_{name}",
-                f"Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).",
-                labels=["domain", "descriptor"],
-            )
-            for name in st.NAMES
-        ]
         service = CounterMetricFamily(
             "outrider_ratelimit_events",
             "Service-level events: calls, over_limit_responses, unknown_domain, "
@@ -77,10 +118,6 @@ class LimitStatsCollector(Collector):
             labels=["event"],
         )
         if limiter is not None:
-            for key, row in list(limiter.stats.by_key.items()):
-                domain, _, descriptor = key.partition(".")
-                for family, value in zip(families, row, strict=True):
-                    family.add_metric([domain, descriptor], value)
             counters = limiter.stats.service
             for event in (
                 "calls",
@@ -91,7 +128,6 @@ class LimitStatsCollector(Collector):
                 "fail_open",
             ):
                 service.add_metric([event], getattr(counters, event))
-        yield from families
         yield service
         healthy = GaugeMetricFamily(
             "outrider_ratelimit_store_up", "1 when the counter store answers.", labels=["store"]
@@ -145,9 +181,16 @@ class RateLimitService:
             registry=metrics,
         )
         metrics.register(LimitStatsCollector(self))
+        self._stats_text = LimitStatsText()
         self.servicer = transport.RateLimitServicer(
             self._current_limiter, response_headers=args.response_headers
         )
+
+    async def metrics_text(self) -> str:
+        """The per-limit counters for /metrics (see :class:`LimitStatsText`)."""
+        if self.limiter is None:
+            return ""
+        return await self._stats_text.render(self.limiter.stats)
 
     def _current_limiter(self) -> Limiter:
         assert self.limiter is not None

@@ -310,6 +310,17 @@ async def test_limit_override_from_request(make_limiter: Any) -> None:
     assert decision.statuses[0].rule.requests_per_unit == 20
 
 
+async def test_limit_overrides_keep_request_values_out_of_stats(make_limiter: Any) -> None:
+    """Overrides count per value (the counter key has the value), but their stats key has
+    only the descriptor's keys: 500 client addresses make one stats row, not 500."""
+    limiter = await make_limiter()
+    for i in range(500):
+        descriptor = d("remote_address", f"10.0.{i >> 8}.{i & 255}", override=(1, int(Unit.HOUR)))
+        assert await codes(limiter, descriptor, 2) == [OK, OVER_LIMIT]
+    assert list(limiter.stats.by_key) == ["test-domain.limit_override.remote_address"]
+    assert limiter.stats.by_key["test-domain.limit_override.remote_address"][:2] == [1000, 500]
+
+
 async def test_sliding_window_has_no_edge_burst(make_limiter: Any) -> None:
     limiter = await make_limiter()
     clock = limiter.test_clock

@@ -198,11 +198,24 @@ class Limiter:
         self.local_cache = OverLimitCache(self.options.local_cache_size)
         # (domain name) -> {entries: (Match, key base) | None}, dropped on config change
         self._memo: dict[str, dict[Entries, tuple[Match, str] | None]] = {}
+        self._overrides: dict[tuple[Any, ...], RateLimitRule] = {}
 
     def set_config(self, config: RateLimitConfig) -> None:
         # one reference swap each: in-flight calls keep their snapshot
         self._memo = {}
         self.config = config
+
+    def _override(self, domain: str, descriptor: Descriptor) -> RateLimitRule:
+        """The rule of a ``limit`` override, built once per domain, keys and limit."""
+        assert descriptor.override is not None
+        keys = tuple([k for k, _ in descriptor.entries])
+        memo_key = (domain, keys, *descriptor.override)
+        rule = self._overrides.get(memo_key)
+        if rule is None:
+            if len(self._overrides) >= MEMO_SIZE:
+                self._overrides.clear()
+            rule = self._overrides[memo_key] = override_rule(domain, keys, *descriptor.override)
+        return rule
 
     def _lookup(
         self, domain: Domain, entries: Entries, memo: dict[Any, Any]
@@ -242,8 +255,7 @@ class Limiter:
         replacing: set[str] | None = None
         for descriptor in descriptors:
             if descriptor.override is not None and descriptor.override[1] in UNIT_SECONDS:
-                rpu, unit = descriptor.override
-                rule = override_rule(domain_name, descriptor.entries, rpu, unit)
+                rule = self._override(domain_name, descriptor)
                 base = options.prefix + domain_name + "_"
                 base += "".join(k + "_" + v + "_" for k, v in descriptor.entries)
                 found: tuple[Match, str] | None = (
