@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -183,7 +184,10 @@ class ServiceCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--config", required=True, type=Path, help="config file or directory of *.yaml"
+            "--config",
+            required=True,
+            type=Path,
+            help="config file, or a directory of *.yaml / *.yml files",
         )
         parser.add_argument(
             "--listen",
@@ -259,11 +263,20 @@ def load_command(name: str) -> Command:
     return module.COMMAND
 
 
+def version() -> str:
+    """The installed package's version (``outrider --version``)."""
+    try:
+        return importlib.metadata.version("outrider")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
 def build_parser(command: Command | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outrider",
         description="Out-of-band services for Envoy. Every --flag also reads OUTRIDER_<FLAG>.",
     )
+    parser.add_argument("--version", action="version", version=f"outrider {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)

@@ -27,6 +27,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .admin import AdminServer
 from .configfile import ConfigError, fingerprint
@@ -74,6 +76,25 @@ class RuntimeMetrics:
             "outrider_ready", "1 when the service is ready.", ["service"], registry=registry
         ).labels(service)
         self.service = service
+
+
+class AsyncioTasks(Collector):
+    """``outrider_asyncio_tasks``: tasks alive on the serving loop, counted at scrape time.
+
+    A count that only grows under steady load is a leak (the soak runner watches it).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "outrider_asyncio_tasks",
+                "asyncio tasks alive on the serving event loop.",
+                value=len(asyncio.all_tasks(self._loop)),
+            )
+        ]
 
 
 class Runtime:
@@ -186,6 +207,7 @@ class Runtime:
         config = self.service.load_config(self.options.config)  # ConfigError → exit 2
         self.metrics.reload_ok.set(1)
         self.metrics.loaded_at.set(time.time())
+        self.registry.register(AsyncioTasks(asyncio.get_running_loop()))
         await self.service.start(config)
         server = grpc.aio.server(
             options=[

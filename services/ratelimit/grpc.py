@@ -16,7 +16,15 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from .config import RateLimitRule
-from .core.limiter import OVER_LIMIT, Decision, Descriptor, Limiter, Status, StoreUnavailable
+from .core.limiter import (
+    OVER_LIMIT,
+    Decision,
+    Descriptor,
+    InvalidRequest,
+    Limiter,
+    Status,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("outrider.ratelimit.grpc")
 
@@ -122,6 +130,11 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             )
         except StoreUnavailable as exc:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(str(exc))
+            return ResponseProto()
+        except InvalidRequest as exc:
+            # envoyproxy/ratelimit returns these as a plain Go error: gRPC UNKNOWN.
+            context.set_code(grpc.StatusCode.UNKNOWN)
             context.set_details(str(exc))
             return ResponseProto()
         return self.to_response(decision)

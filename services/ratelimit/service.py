@@ -21,6 +21,7 @@ from services.common.listeners import Address
 from services.common.service import Readiness, UsageError
 
 from . import grpc as transport
+from . import grpc_quota, quota_service
 from .backends.memory import MAX_KEYS as MAX_MEMORY_KEYS
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
@@ -114,7 +115,7 @@ class LimitStatsCollector(Collector):
         service = CounterMetricFamily(
             "outrider_ratelimit_events",
             "Service-level events: calls, over_limit_responses, unknown_domain, "
-            "global_shadow_mode, store_errors, fail_open.",
+            "service_errors, global_shadow_mode, store_errors, fail_open.",
             labels=["event"],
         )
         if limiter is not None:
@@ -123,6 +124,7 @@ class LimitStatsCollector(Collector):
                 "calls",
                 "over_limit_responses",
                 "unknown_domain",
+                "service_errors",
                 "global_shadow_mode",
                 "store_errors",
                 "fail_open",
@@ -156,7 +158,7 @@ class LimitStatsCollector(Collector):
 
 class RateLimitService:
     name = "ratelimit"
-    grpc_service_names = (transport.SERVICE_NAME,)
+    grpc_service_names = (transport.SERVICE_NAME, grpc_quota.SERVICE_NAME)
 
     def __init__(self, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
         self.args = args
@@ -185,6 +187,7 @@ class RateLimitService:
         self.servicer = transport.RateLimitServicer(
             self._current_limiter, response_headers=args.response_headers
         )
+        self.quota = quota_service.QuotaRuntime(args, metrics)
 
     async def metrics_text(self) -> str:
         """The per-limit counters for /metrics (see :class:`LimitStatsText`)."""
@@ -249,14 +252,17 @@ class RateLimitService:
             jitter=lambda most: jitter_rng.randint(0, most),
             per_second_store=self.per_second_store,
         )
+        await self.quota.start(config, store if isinstance(store, RedisStore) else None)
 
     def apply_config(self, config: RateLimitConfig) -> None:
         self.config = config
         if self.limiter is not None:
             self.limiter.set_config(config)
+        self.quota.apply_config(config)
 
     def register(self, server: grpc.aio.Server) -> None:
         transport.register(server, self.servicer)
+        self.quota.register(server)
 
     async def readiness(self) -> Readiness:
         if self.limiter is None or self.store is None:
@@ -268,7 +274,8 @@ class RateLimitService:
                     # answering OK without Redis is the point of --fail-open: stay in service
                     return Readiness(True, f"fail-open: {problem}")
                 return Readiness(False, problem)
-        return Readiness(True)
+        note = self.quota.readiness_note()
+        return Readiness(True, note) if note else Readiness(True)
 
     def describe_config(self) -> Any:
         store: dict[str, Any] = {"kind": "memory (one replica only)"}
@@ -300,9 +307,11 @@ class RateLimitService:
         }
 
     async def drain(self, grace: float) -> None:
-        pass  # gRPC only: the runtime drains it
+        # gRPC only: the runtime drains it; RLQS streams never end by themselves
+        self.quota.drain()
 
     async def stop(self) -> None:
+        await self.quota.stop()
         if self.store is not None:
             await self.store.close()
         if self.per_second_store is not None:
@@ -399,6 +408,7 @@ class Factory:
             action="store_true",
             help="merge files of the same domain instead of rejecting them",
         )
+        quota_service.add_arguments(group)
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
         if args.redis_persecond_url and not args.redis_url:

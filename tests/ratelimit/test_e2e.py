@@ -514,3 +514,38 @@ def test_per_second_limits_in_their_own_redis(
     assert s.get("/limited")[0] == 200  # limits elsewhere still answer
     wait_until(lambda: http_get(s.service.admin_url + "/readyz")[0] == 503, 10, "not ready")
     assert "per-second Redis" in http_get(s.service.admin_url + "/readyz")[1]
+
+
+@pytest.mark.parametrize(
+    ("domain", "entries", "message"),
+    [
+        ("", [("k", "v")], "rate limit domain must not be empty"),
+        ("conc", None, "rate limit descriptor list must not be empty"),
+    ],
+)
+async def test_empty_domain_or_descriptor_list_is_an_error(
+    outrider: Callable[..., Any],
+    tmp_path: Path,
+    sockdir: Path,
+    domain: str,
+    entries: list[tuple[str, str]] | None,
+    message: str,
+) -> None:
+    """As envoyproxy/ratelimit's service (src/service/ratelimit.go, shouldRateLimitWorker):
+    an error carrying its message, never OK; counted as service_errors."""
+    (tmp_path / "c.yaml").write_text("domain: conc\ndescriptors:\n  - key: k\n")
+    socket = sockdir / "empty.sock"
+    service = outrider("ratelimit", "--config", str(tmp_path), "--listen", f"unix:{socket}")
+    entry, descriptor = ratelimit_pb2.RateLimitDescriptor.Entry, ratelimit_pb2.RateLimitDescriptor
+    descriptors = (
+        [] if entries is None else [descriptor(entries=[entry(key=k, value=v) for k, v in entries])]
+    )
+    request = rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors)
+    async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ShouldRateLimit(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNKNOWN  # what a Go error becomes upstream
+    assert err.value.details() == message
+    _, metrics = service.get("/metrics")
+    assert 'outrider_ratelimit_events_total{event="service_errors"} 1.0' in metrics

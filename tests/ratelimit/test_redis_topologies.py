@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,21 +55,6 @@ async def _exercise(url: str) -> None:
         await store.close()
 
 
-def _cluster_port() -> int:
-    """A free port <= 55535 whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
 @pytest.fixture
 def redis_cluster(redis_factory: Callable[..., Any]) -> list[Any]:
     if shutil.which("redis-cli") is None:
@@ -78,7 +62,7 @@ def redis_cluster(redis_factory: Callable[..., Any]) -> list[Any]:
     nodes = [
         redis_factory(
             args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-            port=_cluster_port(),
+            port=free_port(also=(10000,)),  # with its cluster bus port
         )
         for _ in range(3)
     ]

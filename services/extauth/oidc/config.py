@@ -28,7 +28,13 @@ from urllib.parse import urlsplit
 
 from services.common.configfile import Node
 
-from ..config import ClaimToHeader, parse_claim_to_headers, parse_duration, read_file
+from ..config import (
+    ClaimToHeader,
+    check_https_url,
+    parse_claim_to_headers,
+    parse_duration,
+    read_file,
+)
 
 OIDC_FIELDS = (
     "provider",
@@ -271,15 +277,12 @@ def _parse_provider(node: Node) -> OidcProvider:
                 "directly by URL (the translator resolves backends)"
             )
     issuer_node = node.req("issuer")
-    # Discovery over plain http is allowed for loopback/test providers only.
-    issuer = _absolute_url(issuer_node, allow_query=False)
-    host = urlsplit(issuer).hostname or ""
-    if urlsplit(issuer).scheme == "http" and host not in ("127.0.0.1", "::1", "localhost"):
-        raise issuer_node.expected("an https URL (http only for a loopback provider)")
+    # The same rule as remoteJWKS: https, plain http only for a loopback provider.
+    issuer = check_https_url(issuer_node, _absolute_url(issuer_node, allow_query=False))
 
     def opt_url(key: str) -> str | None:
         child = node.get(key)
-        return None if child is None else _absolute_url(child)
+        return None if child is None else check_https_url(child, _absolute_url(child))
 
     return OidcProvider(
         # Kept exactly as written: OpenID compares `iss` by simple string comparison.

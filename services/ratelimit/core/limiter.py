@@ -60,6 +60,10 @@ class StoreUnavailable(Exception):
     """The counter store could not answer in time (down, slow, or erroring)."""
 
 
+class InvalidRequest(Exception):
+    """A request envoyproxy/ratelimit refuses (its ``serviceError``): the message is its."""
+
+
 class CounterStore(Protocol):
     """Runs a batch of counter operations (see ``algorithms``) and returns one result each.
 
@@ -244,6 +248,13 @@ class Limiter:
         service = stats.service
         options = self.options
         service.calls += 1
+        if not domain_name or not descriptors:  # as envoyproxy/ratelimit's service checks
+            service.service_errors += 1
+            raise InvalidRequest(
+                "rate limit domain must not be empty"
+                if not domain_name
+                else "rate limit descriptor list must not be empty"
+            )
         domain = self.config.domains.get(domain_name)
         if domain is None:
             service.unknown_domain += 1
