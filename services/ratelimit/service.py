@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ from services.common.cli import non_negative_int, positive_float, positive_int
 from services.common.configfile import config_files
 from services.common.listeners import Address
 from services.common.service import Readiness, UsageError
+from services.common.xds import XdsConfigSource, XdsOptions, check_options, parse_target
 
 from . import grpc as transport
-from . import grpc_quota, quota_service
+from . import grpc_quota, quota_service, rls_conf
 from .backends.memory import MAX_KEYS as MAX_MEMORY_KEYS
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
@@ -103,6 +104,30 @@ class LimitStatsText:
         return "".join(["".join(out) for out in lines])
 
 
+def xds_target(text: str) -> str:
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def xds_options(args: argparse.Namespace) -> XdsOptions:
+    target, tls = parse_target(args.config_xds)
+    return XdsOptions(
+        target=target,
+        node_id=args.xds_node_id,
+        tls=tls,
+        ca=args.xds_ca,
+        cert=args.xds_cert,
+        key=args.xds_key,
+        server_name=args.xds_server_name,
+        backoff_initial=max(args.xds_backoff_initial, 0.01),
+        backoff_max=args.xds_backoff_max,
+        max_message_bytes=args.xds_max_message_bytes,
+    )
+
+
 class LimitStatsCollector(Collector):
     """The service-level counters and store health, read at scrape time (the per-limit
     counters are rendered by :class:`LimitStatsText`)."""
@@ -175,6 +200,9 @@ class RateLimitService:
         self.store: RedisStore | MemoryStore | None = None
         self.per_second_store: RedisStore | None = None
         self.config: RateLimitConfig | None = None
+        self.xds: XdsConfigSource | None = None
+        if args.config_xds:
+            self.xds = XdsConfigSource(xds_options(args), rls_conf.TYPE_URL, self.parse_xds)
         self.redis_latency = Histogram(
             "outrider_ratelimit_redis_pipeline_seconds",
             "Redis round trip of one call's commands (Redis Cluster: of one batch of calls).",
@@ -196,8 +224,18 @@ class RateLimitService:
         return await self._stats_text.render(self.limiter.stats)
 
     def _current_limiter(self) -> Limiter:
+        if self.config is None:
+            raise transport.NotConfigured("no rate limit configuration loaded yet")
         assert self.limiter is not None
         return self.limiter
+
+    def config_source(self) -> XdsConfigSource | None:
+        return self.xds
+
+    def parse_xds(self, resources: Sequence[Any], version: str) -> RateLimitConfig:
+        return rls_conf.parse_resources(
+            resources, version, merge_domains=self.args.merge_domain_config
+        )
 
     # -- Service protocol -------------------------------------------------------------
     def load_config(self, path: Path) -> RateLimitConfig:
@@ -225,7 +263,8 @@ class RateLimitService:
         )
         return store
 
-    async def start(self, config: RateLimitConfig) -> None:
+    async def start(self, config: RateLimitConfig | None) -> None:
+        # None: the config comes from xDS; until it does, calls get UNAVAILABLE.
         self.config = config
         if self.args.redis_url:
             store: RedisStore | MemoryStore = await self._open_redis(
@@ -245,14 +284,16 @@ class RateLimitService:
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
         self.store = store
         jitter_rng = random.Random()
+        # before the first xDS config: an empty one (RLS calls get UNAVAILABLE meanwhile)
+        effective = config or RateLimitConfig(domains={})
         self.limiter = Limiter(
-            config,
+            effective,
             store,
             self.options,
             jitter=lambda most: jitter_rng.randint(0, most),
             per_second_store=self.per_second_store,
         )
-        await self.quota.start(config, store if isinstance(store, RedisStore) else None)
+        await self.quota.start(effective, store if isinstance(store, RedisStore) else None)
 
     def apply_config(self, config: RateLimitConfig) -> None:
         self.config = config
@@ -267,6 +308,13 @@ class RateLimitService:
     async def readiness(self) -> Readiness:
         if self.limiter is None or self.store is None:
             return Readiness(False, "starting")
+        if self.config is None and not self.args.force_start_without_initial_config:
+            assert self.xds is not None
+            sub = self.xds.subscription
+            why = f" ({sub.last_error})" if sub is not None and sub.last_error else ""
+            return Readiness(
+                False, f"waiting for the first config from xDS {self.xds.options.target}{why}"
+            )
         for store, what in ((self.store, "Redis"), (self.per_second_store, "per-second Redis")):
             if isinstance(store, RedisStore) and not store.healthy:
                 problem = f"{what}: {store.last_error or 'unreachable'}"
@@ -293,6 +341,7 @@ class RateLimitService:
             }
         return {
             "store": store,
+            **({"xds": self.xds.describe()} if self.xds is not None else {}),
             "options": {
                 "prefix": self.options.prefix,
                 "near_limit_ratio": self.options.near_limit_ratio,
@@ -409,8 +458,71 @@ class Factory:
             help="merge files of the same domain instead of rejecting them",
         )
         quota_service.add_arguments(group)
+        xds = parser.add_argument_group(
+            "config over xDS (instead of --config; Envoy Gateway's rate limit config server)"
+        )
+        xds.add_argument(
+            "--config-xds",
+            type=xds_target,
+            default=None,
+            metavar="URL",
+            help="HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT of an ADS management "
+            "server serving ratelimit.config.ratelimit.v3.RateLimitConfig (one per domain)",
+        )
+        xds.add_argument(
+            "--xds-node-id", default="default", metavar="ID", help="node id (default: default)"
+        )
+        xds.add_argument("--xds-ca", type=Path, metavar="PATH", help="CA of the server (TLS)")
+        xds.add_argument("--xds-cert", type=Path, metavar="PATH", help="client cert (mTLS)")
+        xds.add_argument("--xds-key", type=Path, metavar="PATH", help="client key (mTLS)")
+        xds.add_argument(
+            "--xds-server-name",
+            default="",
+            metavar="NAME",
+            help="name the server's certificate must carry, when not the URL's host",
+        )
+        xds.add_argument(
+            "--xds-backoff-initial",
+            type=positive_float,
+            default=0.5,
+            metavar="SECONDS",
+            help="wait before subscribing again after a disconnect; doubles, jittered, "
+            "up to --xds-backoff-max (default 0.5)",
+        )
+        xds.add_argument(
+            "--xds-backoff-max",
+            type=positive_float,
+            default=30.0,
+            metavar="SECONDS",
+            help="longest wait between subscriptions (default 30)",
+        )
+        xds.add_argument(
+            "--xds-max-message-bytes",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="largest DiscoveryResponse accepted (default: gRPC's 4 MiB)",
+        )
+        xds.add_argument(
+            "--force-start-without-initial-config",
+            action="store_true",
+            help="ready before the first config arrives (calls get UNAVAILABLE until then)",
+        )
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
+        if (args.config is None) == (args.config_xds is None):
+            raise UsageError(
+                "give either --config (files) or --config-xds (a management server), not both"
+                if args.config is not None
+                else "the following argument is required: --config or --config-xds "
+                "(or OUTRIDER_CONFIG / OUTRIDER_CONFIG_XDS)"
+            )
+        if args.config_xds is None:
+            for flag in ("xds_ca", "xds_cert", "xds_key", "xds_server_name"):
+                if getattr(args, flag):
+                    raise UsageError(f"--{flag.replace('_', '-')} needs --config-xds")
+        else:
+            check_options(xds_options(args))
         if args.redis_persecond_url and not args.redis_url:
             raise UsageError("--redis-persecond-url needs --redis-url (the other limits' Redis)")
         return RateLimitService(args, metrics)
