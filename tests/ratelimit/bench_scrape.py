@@ -116,11 +116,12 @@ async def main(seconds: float, interval: float, scrape_every: float, rounds: int
     factory = Factory()
     parser = argparse.ArgumentParser()
     factory.add_arguments(parser)
+    parser.add_argument("--config")  # a common flag (the runtime adds it)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.yaml"
         path.write_text(CONFIG)
         shipped_registry = CollectorRegistry()
-        service = factory.create(parser.parse_args([]), shipped_registry)
+        service = factory.create(parser.parse_args(["--config", str(path)]), shipped_registry)
         await service.start(service.load_config(path))
         assert service.limiter is not None
         for i in range(st.MAX_KEYS):  # a full stats table: one row per address

@@ -26,8 +26,9 @@ async def _service(tmp_path: Path, registry: CollectorRegistry) -> RateLimitServ
     factory = Factory()
     parser = argparse.ArgumentParser()
     factory.add_arguments(parser)
+    parser.add_argument("--config")  # a common flag (the runtime adds it)
     (tmp_path / "m.yaml").write_text(CONFIG)
-    service = factory.create(parser.parse_args([]), registry)
+    service = factory.create(parser.parse_args(["--config", str(tmp_path)]), registry)
     await service.start(service.load_config(tmp_path / "m.yaml"))
     return service
 
