@@ -309,3 +309,38 @@ def test_healthcheck_endpoint(outrider: Callable[..., Any], tmp_path: Path) -> N
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"domain": "a"}))
     proc = outrider("ratelimit", "--config", str(tmp_path), "--listen", "127.0.0.1:0")
     assert http_get(f"{proc.admin_url}/healthcheck") == (200, "OK")
+
+
+def test_serving_certificate_is_reloaded_when_its_files_change(
+    outrider: Callable[..., Any], pki: Pki, tmp_path: Path
+) -> None:
+    """A rotated certificate (a Kubernetes Secret update) is served to new connections
+    without a restart, as envoyproxy/ratelimit's certificate provider does."""
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"domain": "a"}))
+    live = tmp_path / "certs"
+    live.mkdir()
+    for name, source in (("tls.crt", pki.ratelimit.cert), ("tls.key", pki.ratelimit.key)):
+        (live / name).write_bytes(source.read_bytes())
+    port = free_port()
+    outrider(
+        "ratelimit", "--config", str(tmp_path), "--listen", f"127.0.0.1:{port}",
+        "--tls-cert", str(live / "tls.crt"), "--tls-key", str(live / "tls.key"),
+    )  # fmt: skip
+
+    def answers(ca: Path) -> bool:
+        client = Client(port, ca, None)
+        try:
+            return client.call("a").overall_code == OK
+        except grpc.RpcError:
+            return False
+        finally:
+            client.close()
+
+    other = TestCA(tmp_path / "ca2", "rotated CA").issue("envoy-ratelimit")
+    assert answers(pki.ca.ca_path)
+    assert not answers(other.ca)
+    for name, source in (("tls.key", other.key), ("tls.crt", other.cert)):
+        (live / f".{name}").write_bytes(source.read_bytes())
+        (live / f".{name}").replace(live / name)
+    wait_until(lambda: answers(other.ca), 10, "the rotated certificate")
+    assert not answers(pki.ca.ca_path)
