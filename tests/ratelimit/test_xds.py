@@ -258,6 +258,11 @@ def test_management_server_restart_and_force_start(
         ads.wait_ack("1")
         assert [client.call("api", "carol").overall_code for _ in range(4)] == [OK, OK, OK, OVER]
         assert "subscribing again" in proc.output()
+
+        # every policy deleted: an empty set is a valid config with no domains (all OK)
+        ads.wait_ack(ads.set([]))
+        assert client.call("api", "carol").overall_code == OK
+        assert json.loads(proc.get("/config")[1])["config"]["domains"] == {}
     finally:
         client.close()
 
@@ -297,6 +302,10 @@ def test_flag_errors_exit_2(outrider: Callable[..., Any], pki: Pki, tmp_path: Pa
         (["--config-xds", "127.0.0.1:1", "--xds-ca", str(tmp_path / "no.crt")], "cannot read"),
         (["--config", str(tmp_path), "--xds-ca", str(pki.ratelimit.ca)], "needs --config-xds"),
         (["--config", str(tmp_path), "--tls-cert", str(pki.ratelimit.cert)], "go together"),
+        (
+            ["--config", str(tmp_path), "--tls-cert", str(tmp_path / "x"), "--tls-key", "/k"],
+            "cannot read",
+        ),
     ]
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"domain": "a"}))
     for argv, message in cases:
