@@ -370,6 +370,8 @@ class UpCommand:
                 extauth_mode=args.extauth_mode,
             ),
         )
+        for rejection in output.rejections:  # as `outrider translate`: the rest still runs
+            print(f"outrider up: rejected {rejection.ref}: {rejection}", file=sys.stderr)
         confdir = workdir / "config"
         output.write(confdir)
 
