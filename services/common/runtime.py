@@ -283,7 +283,13 @@ class Runtime:
                 (self.options.admin, *self.options.admin_also) if self.options.admin else ()
             )
             if admin_addresses:
-                admin = AdminServer(admin_addresses, self.registry, self.readiness, self.describe)
+                admin = AdminServer(
+                    admin_addresses,
+                    self.registry,
+                    self.readiness,
+                    self.describe,
+                    metrics_text=getattr(self.service, "metrics_text", None),
+                )
                 try:
                     await admin.start()
                 except OSError as exc:
