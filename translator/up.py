@@ -285,6 +285,13 @@ class UpCommand:
             default="grpc",
             help="how Envoy calls extauth (see `outrider translate --help`)",
         )
+        parser.add_argument(
+            "--ratelimit-mode",
+            choices=["rls", "rlqs"],
+            default="rls",
+            help="global rate limits through RLS or Envoy's rate_limit_quota filter "
+            "(see `outrider translate --help`)",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         stop = threading.Event()
@@ -368,6 +375,7 @@ class UpCommand:
                 port_map=port_map,
                 secrets_dir=workdir / "config" / "secrets",
                 extauth_mode=args.extauth_mode,
+                ratelimit_mode=args.ratelimit_mode,
             ),
         )
         confdir = workdir / "config"

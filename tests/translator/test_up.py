@@ -40,12 +40,14 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     bool(MISSING), reason=f"sidecar modules not importable yet: {', '.join(MISSING)}"
 )
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("extauth_mode", ["grpc", "http"])
-def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
+@pytest.mark.parametrize(
+    ("extauth_mode", "ratelimit_mode"), [("grpc", "rls"), ("http", "rls"), ("grpc", "rlqs")]
+)
+def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str, ratelimit_mode: str) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "services.common.cli", "up", "--port", str(port)]
     proc = subprocess.Popen(
-        [*cmd, "--extauth-mode", extauth_mode],
+        [*cmd, "--extauth-mode", extauth_mode, "--ratelimit-mode", ratelimit_mode],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -76,7 +78,12 @@ def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
         assert workdir.is_dir()
         # the guide's requests
         codes = [get(f"{base}/limited", {"x-user-id": "alice"})[0] for _ in range(4)]
-        assert codes == [200, 200, 200, 429], codes
+        if ratelimit_mode == "rls":
+            assert codes == [200, 200, 200, 429], codes
+        else:
+            # RLQS: 3 a minute as Envoy's token bucket (1 token at a time, one every 20 s)
+            assert codes[0] == 200, codes
+            assert codes[-1] == 429, codes
         token = re.search(r"Authorization: Bearer (\S+)' \S+/jwt", guide).group(1)  # type: ignore[union-attr]
         assert get(f"{base}/jwt")[0] == 401
         assert get(f"{base}/jwt", {"Authorization": f"Bearer {token}"})[0] == 200
