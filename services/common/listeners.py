@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import random
 import socket
@@ -14,6 +15,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+
+log = logging.getLogger("outrider.listeners")
 
 
 class ListenError(Exception):
@@ -63,6 +68,69 @@ def parse_address(text: str) -> Address:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
     return Address(host=host or "0.0.0.0", port=int(port))
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ListenError(f"{what} {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """TLS for the gRPC listeners: a certificate chain and key, and optionally the CA
+    that client certificates must chain to (then a client without one is refused).
+
+    The files are read again when they change (checked as each new connection arrives),
+    so a rotated certificate (a Kubernetes Secret update) is served without a restart,
+    as envoyproxy/ratelimit's certificate provider does.
+    """
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def check(self) -> None:
+        """Read every file once: a missing or unreadable one is an error at start-up."""
+        self._configuration()
+
+    def _files(self) -> tuple[Path, ...]:
+        return (self.cert, self.key, *((self.client_ca,) if self.client_ca else ()))
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        ca = _read(self.client_ca, "client CA") if self.client_ca else None
+        pair = (_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        seen = [tuple(_stamp(p) for p in self._files())]
+        initial = self._configuration()
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            now = tuple(_stamp(p) for p in self._files())
+            if now == seen[0]:
+                return None
+            try:
+                config = self._configuration()
+            except ListenError as exc:
+                log.error("TLS files changed but cannot be used, keeping the old ones: %s", exc)
+                return None
+            seen[0] = now
+            log.info("TLS certificate reloaded from %s", self.cert)
+            return config
+
+        return grpc.dynamic_ssl_server_credentials(
+            initial, fetch, require_client_authentication=self.client_ca is not None
+        )
 
 
 def prepare_unix_path(path: str) -> None:

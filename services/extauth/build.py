@@ -12,13 +12,13 @@ it a valid bearer token was already presented) and before ``basicAuth`` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from .authn.apikey import APIKeyAuthenticator
-from .authn.basic import BasicAuthenticator
+from .authn.basic import BasicAuthenticator, PasswordChecks
 from .authn.jwks import JWKSRegistry, KeySource, LocalJWKSSource, parse_keyset_text
 from .authn.jwt import JWTAuthenticator, ProviderRuntime
 from .authz import Authorizer
@@ -32,6 +32,7 @@ class AuthDeps:
 
     jwks: JWKSRegistry
     http_session: Callable[[], aiohttp.ClientSession]
+    password_checks: PasswordChecks = field(default_factory=PasswordChecks)
     clock_skew: float = 60.0
     credential_cache_ttl: float = 60.0
     observe_cache: Callable[[str, bool], None] = lambda kind, hit: None
@@ -70,6 +71,7 @@ def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
                 BasicAuthenticator(
                     policy.name,
                     policy.basic_auth,
+                    deps.password_checks,
                     cache_ttl=deps.credential_cache_ttl,
                     observe_cache=lambda hit: deps.observe_cache("basic", hit),
                 ),

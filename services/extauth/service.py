@@ -16,6 +16,7 @@ from services.common.configfile import config_files
 from services.common.listeners import Address
 from services.common.service import Readiness
 
+from .authn.basic import PasswordChecks
 from .authn.jwks import JWKSRegistry
 from .build import AuthDeps, build_engine, remote_jwks_in_use
 from .config import ExtauthConfig, Policy, load_config
@@ -44,6 +45,8 @@ class ExtauthService:
         jwks_fetch_timeout: float = 5.0,
         jwks_check_wait: float = 0.1,
         jwks_refetch_cooldown: float = 10.0,
+        password_workers: int = 2,
+        password_max_pending: int = 32,
     ) -> None:
         self.metrics = metrics
         self.http_listen = http_listen
@@ -55,9 +58,14 @@ class ExtauthService:
             refetch_cooldown=jwks_refetch_cooldown,
             observe=metrics.jwks_fetch,
         )
+        # Its own threads: config reloads (asyncio.to_thread) never wait behind hashes.
+        self.password_checks = PasswordChecks(
+            password_workers, password_max_pending, observe=metrics.password_check
+        )
         self.deps = AuthDeps(
             jwks=self.jwks,
             http_session=self._http_session,
+            password_checks=self.password_checks,
             clock_skew=clock_skew,
             credential_cache_ttl=credential_cache_ttl,
             observe_cache=metrics.cache,
@@ -175,6 +183,7 @@ class ExtauthService:
         if self.engine is not None:
             await self.engine.close()
         await self.jwks.close()
+        self.password_checks.close()
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await self._session.close()

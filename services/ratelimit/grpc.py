@@ -51,6 +51,10 @@ def to_descriptors(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
     return out
 
 
+class NotConfigured(Exception):
+    """No config has arrived yet (config over xDS): the call gets UNAVAILABLE."""
+
+
 class LimitProtos:
     """``RateLimit`` messages by (requests_per_unit, unit, name), built once."""
 
@@ -128,7 +132,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             decision = await self._limiter().should_rate_limit(
                 request.domain, to_descriptors(request), request.hits_addend
             )
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, NotConfigured) as exc:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(str(exc))
             return ResponseProto()

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import pytest
 
 from tests.extauth_oidc.conftest import OidcEnv
+from tests.extauth_oidc.stack import CAROL
 from tests.harness.procs import http_get, replace_text, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,6 +310,27 @@ async def test_jwt_bearer_passes_through(oidc_env: Callable[..., OidcEnv], mode:
     page = await env.browser().navigate(f"{env.app}/api/ui")
     assert page.status == 200
     assert page.url == f"{env.app}/api/ui"
+
+
+async def test_a_fully_chunked_session_in_http_mode(oidc_env: Callable[..., OidcEnv]) -> None:
+    """A session too large for one cookie is split over several; the Cookie header that
+    carries them all (about 15 KB here) is within what Envoy forwards (60 KiB), and HTTP
+    mode takes it as gRPC does. (aiohttp's client jar sends at most 8190 bytes of
+    cookies, a browser more: the test writes the Cookie header itself.)"""
+    env = oidc_env(mode="http")
+    browser = env.browser(credentials=CAROL)
+    paused = await browser.navigate(f"{env.app}/api/ui", stop=_is_callback(env, "/api"))
+    page = await browser.fetch(paused.url)
+    assert page.status == 302, page.body[:300]
+    chunks = {
+        m.key: m.value for m in browser.jar if m.key.startswith("__Host-api-session") and m.value
+    }
+    assert len(chunks) >= 4, list(chunks)
+    cookie = "; ".join(f"{k}={v}" for k, v in chunks.items())
+    assert len(cookie) > 12_000
+    page = await browser.fetch(f"{env.app}/api/ui", headers={**API, "cookie": cookie})
+    assert page.status == 200, page.body[:300]
+    assert "__Host-api-session" not in page.json()["headers"].get("cookie", "")
 
 
 async def test_redis_sessions_are_small_and_revocable(

@@ -26,6 +26,7 @@ OVERLAYS = {
     "envoy-gateway": K8S / "overlays" / "envoy-gateway",
     "plain-envoy": K8S / "overlays" / "plain-envoy",
     "redis-cluster": K8S / "overlays" / "redis-cluster",
+    "envoy-gateway-ratelimit": K8S / "overlays" / "envoy-gateway-ratelimit",
     "loadtest": K8S / "loadtest",
 }
 BASES = sorted(p.parent for p in (K8S / "base").glob("*/kustomization.yaml"))
