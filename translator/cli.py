@@ -76,6 +76,12 @@ class TranslateCommand:
             metavar="SIDECAR=PATH",
             help="a sidecar's unix socket (default /run/outrider/NAME.sock)",
         )
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="exit 2 when any policy is rejected (by default a rejected policy is printed, "
+            "its routes answer 500 and the rest is translated, as Envoy Gateway does)",
+        )
         parser.add_argument("--listen-address", default="0.0.0.0")
         parser.add_argument("--admin-port", type=int, default=9901)
 
@@ -102,6 +108,15 @@ class TranslateCommand:
             output = translate(args.file, options)
         except ConfigError as exc:
             print(f"outrider translate: {exc}", file=sys.stderr)
+            return 2
+        for rejection in output.rejections:
+            print(f"outrider translate: rejected {rejection.ref}: {rejection}", file=sys.stderr)
+        if output.rejections and args.strict:
+            print(
+                f"outrider translate: {len(output.rejections)} policies rejected (--strict); "
+                "nothing written",
+                file=sys.stderr,
+            )
             return 2
         output.write(outdir)
         for rel in sorted([*output.files, *output.secret_files]):
