@@ -272,7 +272,7 @@ def test_config_type_file_reads_the_runtime_directory(tmp_path: Path, redis_serv
             {
                 "domain": "api",
                 "descriptors": [
-                    {"key": "k", "rate_limit": {"unit": "minute", "requests_per_unit": 1}}
+                    {"key": "k", "rate_limit": {"unit": "day", "requests_per_unit": 1}}
                 ],
             }
         )
@@ -291,6 +291,7 @@ def test_config_type_file_reads_the_runtime_directory(tmp_path: Path, redis_serv
             "GRPC_PORT": str(grpc_port),
             "REDIS_SOCKET_TYPE": "tcp",
             "REDIS_URL": f"127.0.0.1:{redis_server.port}",
+            "REDIS_TIMEOUT": "2s",  # a busy test machine, not a slow Redis
             "LOG_LEVEL": "debug",
         },
     )

@@ -81,7 +81,7 @@ def config(domain: str, limit: int, key: str = "user") -> Any:
         {
             "domain": domain,
             "descriptors": [
-                {"key": key, "rate_limit": {"unit": "MINUTE", "requests_per_unit": limit}}
+                {"key": key, "rate_limit": {"unit": "DAY", "requests_per_unit": limit}}
             ],
         }
     )
