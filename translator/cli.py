@@ -61,6 +61,14 @@ class TranslateCommand:
             "sidecar's --http-listen socket (faster; no OIDC, no query-string sanitize)",
         )
         parser.add_argument(
+            "--ratelimit-mode",
+            choices=["rls", "rlqs"],
+            default="rls",
+            help="global rate limits through the ratelimit filter (one call per request) or "
+            "Envoy's rate_limit_quota filter (RLQS: enforced inside Envoy, shares assigned "
+            "by the sidecar)",
+        )
+        parser.add_argument(
             "--backend",
             action="append",
             type=backend_mapping,
@@ -98,6 +106,7 @@ class TranslateCommand:
             target=args.target,
             auth=args.auth,
             extauth_mode=args.extauth_mode,
+            ratelimit_mode=args.ratelimit_mode,
             backends=dict(args.backend or []),
             sockets={**DEFAULT_SOCKETS, **dict(args.socket or [])},
             listen_address=args.listen_address,
