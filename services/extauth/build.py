@@ -12,18 +12,18 @@ it a valid bearer token was already presented) and before ``basicAuth`` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from .authn.apikey import APIKeyAuthenticator
-from .authn.basic import BasicAuthenticator
+from .authn.basic import BasicAuthenticator, PasswordChecks
 from .authn.jwks import JWKSRegistry, KeySource, LocalJWKSSource, parse_keyset_text
 from .authn.jwt import JWTAuthenticator, ProviderRuntime
 from .authz import Authorizer
 from .config import ExtauthConfig, Policy
 from .core import CompiledPolicy, Engine, Step
+from .oidc.session_redis import RedisClients
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +32,12 @@ class AuthDeps:
 
     jwks: JWKSRegistry
     http_session: Callable[[], aiohttp.ClientSession]
+    password_checks: PasswordChecks = field(default_factory=PasswordChecks)
     clock_skew: float = 60.0
     credential_cache_ttl: float = 60.0
     observe_cache: Callable[[str, bool], None] = lambda kind, hit: None
-    extra: Any = None  # room for shared clients (e.g. a Redis session store)
+    #: Redis clients of ``sessionStore: redis`` OIDC policies, one per URL.
+    redis_sessions: RedisClients = field(default_factory=RedisClients)
 
 
 def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
@@ -70,6 +72,7 @@ def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
                 BasicAuthenticator(
                     policy.name,
                     policy.basic_auth,
+                    deps.password_checks,
                     cache_ttl=deps.credential_cache_ttl,
                     observe_cache=lambda hit: deps.observe_cache("basic", hit),
                 ),

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import jwt as pyjwt
 
@@ -270,6 +271,34 @@ def resolve_path(node: Node) -> Path:
     return path
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_https_url(node: Node, url: str) -> str:
+    """``url`` if it is https, or http to a loopback host; else the config error.
+
+    The one rule for every URL extauth fetches keys or tokens from (``remoteJWKS.uri``,
+    the OIDC issuer and provider endpoints): over plain http anyone on the path could
+    hand out keys, so http is for a provider on this machine only (tests, a local IdP).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return url
+    if parts.scheme == "http" and host and is_loopback_host(host):
+        return url
+    raise node.expected(
+        "an https:// URL (http only for a loopback host: localhost, 127.0.0.1, ::1)"
+    )
+
+
 def read_file(node: Node, *, what: str = "") -> tuple[Path, str]:
     """Resolve (see :func:`resolve_path`) and read the UTF-8 file ``node`` names.
 
@@ -340,9 +369,7 @@ def _jwt_provider(node: Node) -> JWTProvider:
             if (u := r.get(unsupported)) is not None:
                 raise u.error(f"{unsupported} is not supported by the sidecar; give uri only")
         uri_node = r.req("uri")
-        uri = uri_node.str(nonempty=True)
-        if not uri.startswith(("https://", "http://")):
-            raise uri_node.expected("an http:// or https:// URL")
+        uri = check_https_url(uri_node, uri_node.str(nonempty=True))
         cache = parse_duration(c) if (c := r.get("cacheDuration")) is not None else 300.0
         if cache < 1:
             raise r.req("cacheDuration").expected("a duration of at least 1s")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,32 +41,18 @@ async def _exercise(url: str) -> None:
     await store.start()
     try:
         assert store.healthy, store.last_error
-        limiter = Limiter(
-            parse_texts([("t.yaml", CONFIG)]), store, LimiterOptions(local_cache_size=0)
-        )
-        for value in ("alpha", "beta", "gamma"):
-            codes = []
-            for _ in range(4):
-                decision = await limiter.should_rate_limit("topo", _request(value), 1)
-                codes.append([s.code for s in decision.statuses])
-            assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3], value
+        config = parse_texts([("t.yaml", CONFIG)])
+        # the local over-limit cache off, and the shipped defaults (cache on)
+        for options, tag in ((LimiterOptions(local_cache_size=0), "off"), (LimiterOptions(), "")):
+            limiter = Limiter(config, store, options)
+            for value in ("alpha", "beta", "gamma"):
+                codes = []
+                for _ in range(5):
+                    decision = await limiter.should_rate_limit("topo", _request(value + tag), 1)
+                    codes.append([s.code for s in decision.statuses])
+                assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3] * 2, (value, tag)
     finally:
         await store.close()
-
-
-def _cluster_port() -> int:
-    """A free port <= 55535 whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
 
 
 @pytest.fixture
@@ -77,7 +62,7 @@ def redis_cluster(redis_factory: Callable[..., Any]) -> list[Any]:
     nodes = [
         redis_factory(
             args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-            port=_cluster_port(),
+            port=free_port(also=(10000,)),  # with its cluster bus port
         )
         for _ in range(3)
     ]

@@ -36,6 +36,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, RedisError
 
+from services.common.logs import error_text
+
 from ..core.algorithms import FIXED, FIXED_CAPPED, SLIDING
 from ..core.limiter import Op, StoreUnavailable
 from .redis_pipeline import AutoPipeline, Batcher, ReplyError, pack
@@ -296,7 +298,7 @@ class RedisStore:
         try:
             await self.ping()
         except (TimeoutError, RedisError, OSError) as exc:
-            reason = f"Redis unreachable: {str(exc) or type(exc).__name__}"
+            reason = f"Redis unreachable: {error_text(exc)}"
             if self.healthy or self.last_error != reason:
                 log.warning("%s (%s)", reason, describe_url(self.url))
             self.healthy = False

@@ -27,6 +27,8 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import RedisError
 
+from services.common.logs import error_text
+
 from ..core.limiter import StoreUnavailable
 
 
@@ -200,8 +202,8 @@ class AutoPipeline:
         try:
             conn.transport.write(data)
         except Exception as exc:
-            self._fail(waiters, f"Redis write failed: {exc}")
-            self._drop(f"write failed: {exc}")
+            self._fail(waiters, f"Redis write failed: {error_text(exc)}")
+            self._drop(f"write to Redis failed: {error_text(exc)}")
             return
         self._waiting.extend(waiters)
         if self._watchdog is None:
@@ -251,7 +253,9 @@ class AutoPipeline:
             if conn is not None and conn.transport is not None:
                 conn.transport.abort()
             waiters, self._outbox_waiters, self._outbox = self._outbox_waiters, [], []
-            reason = f"cannot connect to Redis: {exc or 'timeout'}"
+            reason = f"cannot connect to Redis: {error_text(exc)}"
+            if isinstance(exc, TimeoutError):
+                reason += f" (no connection within {self.connect_timeout * 1000:.0f} ms)"
             self._fail(waiters, reason)
             self._on_result(False, reason)
             self._connecting = None
@@ -285,7 +289,7 @@ class AutoPipeline:
             try:
                 reply = reader.gets()
             except hiredis.ProtocolError as exc:
-                self._drop(f"Redis protocol error: {exc}")
+                self._drop(f"Redis protocol error: {error_text(exc)}")
                 return
             if reply is False:
                 return
