@@ -2,6 +2,10 @@
 
 ``/healthcheck`` answers as envoyproxy/ratelimit's does (200 ``OK`` when ready, else
 500), for probes written for it (Envoy Gateway's rate limit Deployment).
+
+``/metrics`` is the Prometheus registry, plus the text a service renders itself when it
+has a ``metrics_text()`` coroutine (families too large for prometheus_client's
+per-sample formatting, which would hold the event loop: ratelimit's per-limit stats).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ class AdminServer:
         registry: CollectorRegistry,
         readiness: Callable[[], Awaitable[Readiness]],
         describe_config: Callable[[], Any],
+        *,
+        metrics_text: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self._addresses = tuple(addresses)
         self._registry = registry
         self._readiness = readiness
         self._describe_config = describe_config
+        self._metrics_text = metrics_text
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -63,6 +70,8 @@ class AdminServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self._registry)
+        if self._metrics_text is not None:
+            body += (await self._metrics_text()).encode()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _config(self, _: web.Request) -> web.Response:

@@ -251,7 +251,12 @@ class ServiceCommand:
             return None
         if args.tls_cert is None or args.tls_key is None:
             raise UsageError("--tls-cert and --tls-key go together")
-        return ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+        tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+        try:
+            tls.check()
+        except ListenError as exc:  # a file that cannot be read is a bad flag
+            raise UsageError(str(exc)) from None
+        return tls
 
     def options(self, args: argparse.Namespace) -> RuntimeOptions:
         listen = tuple(args.listen or [parse_address(self.default_listen)])

@@ -244,7 +244,7 @@ class Runtime:
         elif source is None:
             raise ConfigError("", "", "no config: give --config (or a config source)")
         if self.options.tls is not None:
-            self.options.tls.check()  # an unreadable certificate → exit 1 before listening
+            self.options.tls.check()  # unreadable since the flags were checked: exit 1
         self.registry.register(AsyncioTasks(asyncio.get_running_loop()))
         await self.service.start(config)
         server = grpc.aio.server(
@@ -283,7 +283,13 @@ class Runtime:
                 (self.options.admin, *self.options.admin_also) if self.options.admin else ()
             )
             if admin_addresses:
-                admin = AdminServer(admin_addresses, self.registry, self.readiness, self.describe)
+                admin = AdminServer(
+                    admin_addresses,
+                    self.registry,
+                    self.readiness,
+                    self.describe,
+                    metrics_text=getattr(self.service, "metrics_text", None),
+                )
                 try:
                     await admin.start()
                 except OSError as exc:

@@ -128,10 +128,9 @@ class XdsSubscription:
         self.last_error = ""
 
     def _channel(self) -> grpc.aio.Channel:
-        options: list[tuple[str, Any]] = [
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-        ]
+        # No keepalive pings: a Go gRPC server (Envoy Gateway's) by default tolerates one
+        # every 5 minutes at most and answers more with GOAWAY ("too_many_pings").
+        options: list[tuple[str, Any]] = []
         if self.options.max_message_bytes:
             options.append(("grpc.max_receive_message_length", self.options.max_message_bytes))
         if not self.options.uses_tls:
@@ -167,6 +166,9 @@ class XdsSubscription:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
             except UsageError as exc:  # a certificate file became unreadable
                 self.last_error = str(exc)
+            except Exception as exc:  # never let the subscription die: log and retry
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("xDS %s: the subscription failed", self.options.target)
             self.connected = False
             delay = backoff.next()
             log.warning(
@@ -233,12 +235,7 @@ class XdsConfigSource:
         self.options = options
         self.type_url = type_url
         self.parse = parse
-        self.applied = 0
         self.subscription: XdsSubscription | None = None
-
-    @property
-    def has_config(self) -> bool:
-        return self.applied > 0
 
     def describe(self) -> dict[str, Any]:
         sub = self.subscription
@@ -254,14 +251,11 @@ class XdsConfigSource:
 
     async def run(self, offer: Offer) -> None:
         async def apply(resources: Sequence[Any], version: str) -> str | None:
-            error = await offer(
+            return await offer(
                 lambda: self.parse(resources, version),
                 f"xDS version {version!r}",
                 f"{self.options.target} ({len(resources)} resources)",
             )
-            if error is None:
-                self.applied += 1
-            return error
 
         self.subscription = XdsSubscription(self.options, self.type_url, apply)
         await self.subscription.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from services.common.xds import XdsConfigSource, XdsOptions, check_options, pars
 
 from . import grpc as transport
 from . import grpc_quota, quota_service, rls_conf
+from .backends.memory import MAX_KEYS as MAX_MEMORY_KEYS
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
 from .config import RateLimitConfig, load_config
@@ -55,6 +57,53 @@ def store_label(name: str, *, per_second: bool = False) -> str:
     return f"{name}-per-second" if per_second else name
 
 
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class LimitStatsText:
+    """The per-limit counters as Prometheus text, rendered by hand and in chunks.
+
+    Up to ``stats.MAX_KEYS`` rows of 6 families: prometheus_client formats some 100,000
+    samples a second, so these would hold the event loop for a tenth of a second or more
+    per scrape. Here each row's label text is built once, a line is one f-string, and
+    the event loop serves decisions between chunks of ``CHUNK`` rows.
+    """
+
+    CHUNK = 100
+
+    def __init__(self) -> None:
+        #: stats key -> the start of its line in each family (name and labels)
+        self._prefixes: dict[str, list[str]] = {}
+        self._metrics = [f"outrider_ratelimit_{name}_total" for name in st.NAMES]
+
+    def _prefix(self, key: str) -> list[str]:
+        domain, _, descriptor = key.partition(".")
+        labels = f'{{descriptor="{_label(descriptor)}",domain="{_label(domain)}"}} '
+        return [metric + labels for metric in self._metrics]
+
+    async def render(self, stats: st.StatsTable) -> str:
+        rows = list(stats.by_key.items())
+        prefixes = self._prefixes
+        if len(prefixes) > 2 * st.MAX_KEYS:
+            prefixes.clear()
+        lines: list[list[str]] = [
+            [f"# HELP {metric} Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).\n"
+             f"# TYPE {metric} counter\n"]
+            for metric, name in zip(self._metrics, st.NAMES, strict=True)
+        ]  # fmt: skip
+        for start in range(0, len(rows), self.CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for key, row in rows[start : start + self.CHUNK]:
+                prefix = prefixes.get(key)
+                if prefix is None:
+                    prefix = prefixes[key] = self._prefix(key)
+                for out, text, value in zip(lines, prefix, row, strict=True):
+                    out.append(f"{text}{value}\n")
+        return "".join(["".join(out) for out in lines])
+
+
 def xds_target(text: str) -> str:
     try:
         parse_target(text)
@@ -80,21 +129,14 @@ def xds_options(args: argparse.Namespace) -> XdsOptions:
 
 
 class LimitStatsCollector(Collector):
-    """Exposes the limiter's plain-integer counters at scrape time."""
+    """The service-level counters and store health, read at scrape time (the per-limit
+    counters are rendered by :class:`LimitStatsText`)."""
 
     def __init__(self, service: RateLimitService) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Any]:
         limiter = self.service.limiter
-        families = [
-            CounterMetricFamily(
-                f"outrider_ratelimit_{name}",
-                f"Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).",
-                labels=["domain", "descriptor"],
-            )
-            for name in st.NAMES
-        ]
         service = CounterMetricFamily(
             "outrider_ratelimit_events",
             "Service-level events: calls, over_limit_responses, unknown_domain, "
@@ -102,10 +144,6 @@ class LimitStatsCollector(Collector):
             labels=["event"],
         )
         if limiter is not None:
-            for key, row in list(limiter.stats.by_key.items()):
-                domain, _, descriptor = key.partition(".")
-                for family, value in zip(families, row, strict=True):
-                    family.add_metric([domain, descriptor], value)
             counters = limiter.stats.service
             for event in (
                 "calls",
@@ -117,7 +155,6 @@ class LimitStatsCollector(Collector):
                 "fail_open",
             ):
                 service.add_metric([event], getattr(counters, event))
-        yield from families
         yield service
         healthy = GaugeMetricFamily(
             "outrider_ratelimit_store_up", "1 when the counter store answers.", labels=["store"]
@@ -126,6 +163,17 @@ class LimitStatsCollector(Collector):
         if store is not None:
             up = store.healthy if isinstance(store, RedisStore) else True
             healthy.add_metric([store_label(store.name)], 1 if up else 0)
+        if isinstance(store, MemoryStore):
+            yield GaugeMetricFamily(
+                "outrider_ratelimit_memory_keys",
+                "Counters held by the in-memory store.",
+                value=len(store),
+            )
+            yield CounterMetricFamily(
+                "outrider_ratelimit_memory_evictions",
+                "Live counters evicted to stay within --memory-max-keys.",
+                value=store.evictions,
+            )
         per_second = self.service.per_second_store
         if per_second is not None:
             label = store_label(per_second.name, per_second=True)
@@ -163,10 +211,17 @@ class RateLimitService:
             registry=metrics,
         )
         metrics.register(LimitStatsCollector(self))
+        self._stats_text = LimitStatsText()
         self.servicer = transport.RateLimitServicer(
             self._current_limiter, response_headers=args.response_headers
         )
         self.quota = quota_service.QuotaRuntime(args, metrics)
+
+    async def metrics_text(self) -> str:
+        """The per-limit counters for /metrics (see :class:`LimitStatsText`)."""
+        if self.limiter is None:
+            return ""
+        return await self._stats_text.render(self.limiter.stats)
 
     def _current_limiter(self) -> Limiter:
         if self.config is None:
@@ -225,7 +280,7 @@ class RateLimitService:
                     await store.close()
                     raise
         else:
-            store = MemoryStore()
+            store = MemoryStore(max_keys=self.args.memory_max_keys)
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
         self.store = store
         jitter_rng = random.Random()
@@ -263,6 +318,8 @@ class RateLimitService:
         for store, what in ((self.store, "Redis"), (self.per_second_store, "per-second Redis")):
             if isinstance(store, RedisStore) and not store.healthy:
                 problem = f"{what}: {store.last_error or 'unreachable'}"
+                if note := self.quota.readiness_note():
+                    problem = f"{problem}; {note}"
                 if self.args.fail_open:
                     # answering OK without Redis is the point of --fail-open: stay in service
                     return Readiness(True, f"fail-open: {problem}")
@@ -294,6 +351,7 @@ class RateLimitService:
                 "local_cache_size": self.options.local_cache_size,
                 "expiration_jitter_max_seconds": self.options.expiration_jitter_max_seconds,
                 "stop_counting_over_limit": self.options.stop_counting_over_limit,
+                "memory_max_keys": None if self.args.redis_url else self.args.memory_max_keys,
                 "response_headers": self.args.response_headers,
             },
             **(self.config.describe() if self.config is not None else {}),
@@ -374,9 +432,17 @@ class Factory:
         group.add_argument(
             "--local-cache-size",
             type=non_negative_int,
-            default=100_000,
+            default=LimiterOptions._field_defaults["local_cache_size"],
             metavar="N",
             help="keys remembered as over limit until their window ends; 0 disables",
+        )
+        group.add_argument(
+            "--memory-max-keys",
+            type=positive_int,
+            default=MAX_MEMORY_KEYS,
+            metavar="N",
+            help="in-memory store: counters kept at most; past it the one that expires first "
+            f"is evicted (default {MAX_MEMORY_KEYS})",
         )
         group.add_argument(
             "--stop-counting-over-limit",

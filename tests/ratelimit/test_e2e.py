@@ -281,6 +281,28 @@ def test_config_reload_mid_traffic_without_failed_calls(stack: Callable[..., Sta
     assert statuses == [200, 429]
 
 
+def test_raising_a_limit_takes_effect_at_once(stack: Callable[..., Stack]) -> None:
+    """The local over-limit cache (on by default) must not keep refusing after a reload
+    that raised the limit: 3/minute, refused, then 1000/minute → admitted at once."""
+    s = stack()
+    assert [s.get("/limited")[0] for _ in range(5)] == [200] * 3 + [429] * 2
+    status, metrics = http_get(s.service.admin_url + "/metrics")
+    assert (
+        'outrider_ratelimit_over_limit_with_local_cache_total{descriptor="generic_key_limited"'
+        in metrics
+    )
+    replace_text(
+        s.config_dir / "e2e.yaml",
+        CONFIG.replace("requests_per_unit: 3}", "requests_per_unit: 1000}"),
+    )
+    wait_until(
+        lambda: '"requests_per_unit": 1000,' in s.service.get("/config")[1], 10, "reload applied"
+    )
+    status, headers = s.get("/limited")
+    assert status == 200
+    assert headers["x-ratelimit-limit"].startswith("1000, 1000;w=60")
+
+
 def test_without_redis_url_uses_memory_and_warns(
     outrider: Callable[..., Any], tmp_path: Path, sockdir: Path
 ) -> None:

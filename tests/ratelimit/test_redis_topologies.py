@@ -41,15 +41,16 @@ async def _exercise(url: str) -> None:
     await store.start()
     try:
         assert store.healthy, store.last_error
-        limiter = Limiter(
-            parse_texts([("t.yaml", CONFIG)]), store, LimiterOptions(local_cache_size=0)
-        )
-        for value in ("alpha", "beta", "gamma"):
-            codes = []
-            for _ in range(4):
-                decision = await limiter.should_rate_limit("topo", _request(value), 1)
-                codes.append([s.code for s in decision.statuses])
-            assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3], value
+        config = parse_texts([("t.yaml", CONFIG)])
+        # the local over-limit cache off, and the shipped defaults (cache on)
+        for options, tag in ((LimiterOptions(local_cache_size=0), "off"), (LimiterOptions(), "")):
+            limiter = Limiter(config, store, options)
+            for value in ("alpha", "beta", "gamma"):
+                codes = []
+                for _ in range(5):
+                    decision = await limiter.should_rate_limit("topo", _request(value + tag), 1)
+                    codes.append([s.code for s in decision.statuses])
+                assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3] * 2, (value, tag)
     finally:
         await store.close()
 

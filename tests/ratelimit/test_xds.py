@@ -81,7 +81,7 @@ def config(domain: str, limit: int, key: str = "user") -> Any:
         {
             "domain": domain,
             "descriptors": [
-                {"key": key, "rate_limit": {"unit": "MINUTE", "requests_per_unit": limit}}
+                {"key": key, "rate_limit": {"unit": "DAY", "requests_per_unit": limit}}
             ],
         }
     )
@@ -258,6 +258,11 @@ def test_management_server_restart_and_force_start(
         ads.wait_ack("1")
         assert [client.call("api", "carol").overall_code for _ in range(4)] == [OK, OK, OK, OVER]
         assert "subscribing again" in proc.output()
+
+        # every policy deleted: an empty set is a valid config with no domains (all OK)
+        ads.wait_ack(ads.set([]))
+        assert client.call("api", "carol").overall_code == OK
+        assert json.loads(proc.get("/config")[1])["config"]["domains"] == {}
     finally:
         client.close()
 
@@ -297,6 +302,10 @@ def test_flag_errors_exit_2(outrider: Callable[..., Any], pki: Pki, tmp_path: Pa
         (["--config-xds", "127.0.0.1:1", "--xds-ca", str(tmp_path / "no.crt")], "cannot read"),
         (["--config", str(tmp_path), "--xds-ca", str(pki.ratelimit.ca)], "needs --config-xds"),
         (["--config", str(tmp_path), "--tls-cert", str(pki.ratelimit.cert)], "go together"),
+        (
+            ["--config", str(tmp_path), "--tls-cert", str(tmp_path / "x"), "--tls-key", "/k"],
+            "cannot read",
+        ),
     ]
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"domain": "a"}))
     for argv, message in cases:
@@ -309,3 +318,57 @@ def test_healthcheck_endpoint(outrider: Callable[..., Any], tmp_path: Path) -> N
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"domain": "a"}))
     proc = outrider("ratelimit", "--config", str(tmp_path), "--listen", "127.0.0.1:0")
     assert http_get(f"{proc.admin_url}/healthcheck") == (200, "OK")
+
+
+def test_serving_certificate_is_reloaded_when_its_files_change(
+    outrider: Callable[..., Any], pki: Pki, tmp_path: Path
+) -> None:
+    """A rotated certificate (a Kubernetes Secret update) is served to new connections
+    without a restart, as envoyproxy/ratelimit's certificate provider does."""
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"domain": "a"}))
+    live = tmp_path / "certs"
+    live.mkdir()
+    for name, source in (("tls.crt", pki.ratelimit.cert), ("tls.key", pki.ratelimit.key)):
+        (live / name).write_bytes(source.read_bytes())
+    port = free_port()
+    outrider(
+        "ratelimit", "--config", str(tmp_path), "--listen", f"127.0.0.1:{port}",
+        "--tls-cert", str(live / "tls.crt"), "--tls-key", str(live / "tls.key"),
+    )  # fmt: skip
+
+    def answers(ca: Path) -> bool:
+        client = Client(port, ca, None)
+        try:
+            return client.call("a").overall_code == OK
+        except grpc.RpcError:
+            return False
+        finally:
+            client.close()
+
+    other = TestCA(tmp_path / "ca2", "rotated CA").issue("envoy-ratelimit")
+    assert answers(pki.ca.ca_path)
+    assert not answers(other.ca)
+    for name, source in (("tls.key", other.key), ("tls.crt", other.cert)):
+        (live / f".{name}").write_bytes(source.read_bytes())
+        (live / f".{name}").replace(live / name)
+    wait_until(lambda: answers(other.ca), 10, "the rotated certificate")
+    assert not answers(pki.ca.ca_path)
+
+
+def test_backoff_and_targets() -> None:
+    import random
+
+    from services.common.xds import Backoff, parse_target
+
+    backoff = Backoff(0.5, 4.0, random.Random(7))
+    delays = [backoff.next() for _ in range(6)]
+    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    backoff.reset()
+    assert backoff.next() <= 0.5
+    assert parse_target("envoy-gateway:18001") == ("envoy-gateway:18001", False)
+    assert parse_target("grpcs://eg:1") == ("eg:1", True)
+    assert parse_target("grpc://[::1]:2") == ("[::1]:2", False)
+    for bad in ("eg", "eg:x", ":1", "eg:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_target(bad)
