@@ -99,10 +99,10 @@ kind: BackendTrafficPolicy
 metadata: {name: p, namespace: default}
 spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]
-  retry: {numRetries: 3}
+  admissionControl: {}
 """,
-            "spec.retry",
-            ["BackendTrafficPolicy default/p", "retry is not supported"],
+            "spec.admissionControl",
+            ["BackendTrafficPolicy default/p", "admissionControl is not supported"],
         ),
         (
             """\
