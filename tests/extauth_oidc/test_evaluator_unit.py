@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from services.common.configfile import parse_yaml
+from services.extauth.authn.extract import parse_cookies
 from services.extauth.core import AuthContext, CheckRequest, Missing, Rejected
 from services.extauth.oidc.config import parse_oidc
 from services.extauth.oidc.flow import OidcAuthenticator
-from services.extauth.oidc.session import LOGIN_PURPOSE, parse_cookie_header
+from services.extauth.oidc.session import LOGIN_PURPOSE
 
 BROWSER = {"accept": "text/html,*/*;q=0.8"}
 
@@ -149,7 +150,7 @@ async def test_logout_without_session_goes_home(make: Any) -> None:
     assert ("location", "/") in headers
     cleared = [v for k, v in headers if k == "set-cookie"]
     assert any(v.startswith("__Host-outrider-session=;") and "Max-Age=0" in v for v in cleared)
-    assert parse_cookie_header(cookie)["other"] == "1"
+    assert parse_cookies(cookie)["other"] == "1"
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ import jwt as pyjwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from redis.exceptions import RedisError
 
+from services.extauth.authn.extract import parse_cookies, without_cookies
 from services.extauth.authn.jwks import JWKSRegistry
 from services.extauth.authn.jwt import header_value
 from services.extauth.authz import claim_at
@@ -70,7 +71,6 @@ from services.extauth.oidc.session import (
     clear_cookie,
     digest,
     join_chunks,
-    parse_cookie_header,
     set_chunked,
     set_cookie,
 )
@@ -205,7 +205,7 @@ class OidcAuthenticator:
     # -- entry point --------------------------------------------------------------
     async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult:
         path = req.path.split("?", 1)[0]
-        cookies = parse_cookie_header(req.headers.get("cookie", ""))
+        cookies = parse_cookies(req.headers.get("cookie"))
         try:
             if path == self.cfg.redirect_path:
                 return await self._callback(req, cookies, ctx.now)
@@ -312,7 +312,7 @@ class OidcAuthenticator:
         # The upstream never sees Outrider's own cookies (sealed tokens are not its business).
         own = self._own_cookie_names(cookies)
         if own:
-            kept = self._cookie_header_without(req.headers.get("cookie", ""), own)
+            kept = without_cookies(req.headers.get("cookie", ""), own)
             if kept:
                 upstream.append(("cookie", kept))
             else:
@@ -348,15 +348,6 @@ class OidcAuthenticator:
             or n.startswith(names.session_name + "-")
             or n.startswith(names.login_name + ".")
         }
-
-    @staticmethod
-    def _cookie_header_without(header: str, names: set[str]) -> str:
-        kept = []
-        for part in header.split(";"):
-            name = part.strip().partition("=")[0]
-            if part.strip() and name not in names:
-                kept.append(part.strip())
-        return "; ".join(kept)
 
     # -- unauthenticated ----------------------------------------------------------
     def _wants_redirect(self, req: CheckRequest) -> bool:
