@@ -29,6 +29,7 @@ class Options:
     target: str = "envoy"  # envoy | gateway
     auth: str = "sidecar"  # sidecar | native
     extauth_mode: str = "grpc"  # grpc | http (Envoy's HTTP ext_authz mode on the sidecar)
+    ratelimit_mode: str = "rls"  # rls | rlqs (Envoy's rate_limit_quota filter, RLQS)
     backends: dict[str, tuple[str, int]] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOCKETS))
     listen_address: str = "0.0.0.0"
@@ -109,6 +110,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
             port_map=options.port_map,
             auth=options.auth,
             extauth_mode=options.extauth_mode,
+            ratelimit_mode=options.ratelimit_mode,
         ),
     )
     bootstrap = config.to_dict()

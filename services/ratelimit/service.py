@@ -331,6 +331,8 @@ class RateLimitService:
         for store, what in ((self.store, "Redis"), (self.per_second_store, "per-second Redis")):
             if isinstance(store, RedisStore) and not store.healthy:
                 problem = f"{what}: {store.last_error or 'unreachable'}"
+                if note := self.quota.readiness_note():
+                    problem = f"{problem}; {note}"
                 if self.args.fail_open:
                     # answering OK without Redis is the point of --fail-open: stay in service
                     return Readiness(True, f"fail-open: {problem}")
