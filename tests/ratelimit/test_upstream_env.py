@@ -82,16 +82,16 @@ def test_every_envoy_gateway_variable_is_mapped_or_reported() -> None:
             with pytest.raises(UpstreamEnvError, match="GRPC_SERVER_TLS_CERT"):
                 translate(rest)
             continue
-        meaning = {
-            # read as envoyproxy/ratelimit does, and equal to its default here
-            "USE_STATSD": "false is upstream's default for Outrider (no statsd)",
+        # variables whose removal changes nothing here, and why (each read as upstream does)
+        unchanged_without = {
+            "USE_STATSD": "unset is read as false (no statsd)",
             "RUNTIME_IGNOREDOTFILES": "dot files are never read",
             "RUNTIME_WATCH_ROOT": "the directory is polled either way",
             "RUNTIME_ROOT": "only read with CONFIG_TYPE=FILE",
             "RUNTIME_SUBDIRECTORY": "only read with CONFIG_TYPE=FILE",
-            "REDIS_SOCKET_TYPE": None,  # tcp vs unix: checked below
+            "REDIS_SOCKET_TYPE": "unset is unix, an error with REDIS_TLS: checked below",
         }
-        if name in meaning:
+        if name in unchanged_without:
             continue
         assert options(rest) != full or name in notes, name
     unix = {**ENVOY_GATEWAY, "REDIS_SOCKET_TYPE": "unix", "REDIS_TLS": "false"}
