@@ -61,6 +61,14 @@ class TranslateCommand:
             "sidecar's --http-listen socket (faster; no OIDC, no query-string sanitize)",
         )
         parser.add_argument(
+            "--ratelimit-mode",
+            choices=["rls", "rlqs"],
+            default="rls",
+            help="global rate limits through the ratelimit filter (one call per request) or "
+            "Envoy's rate_limit_quota filter (RLQS: enforced inside Envoy, shares assigned "
+            "by the sidecar)",
+        )
+        parser.add_argument(
             "--backend",
             action="append",
             type=backend_mapping,
@@ -94,10 +102,18 @@ class TranslateCommand:
                 file=sys.stderr,
             )
             return 2
+        if args.ratelimit_mode == "rlqs" and args.target == "gateway":
+            print(
+                "outrider translate: --ratelimit-mode rlqs applies to --target envoy only "
+                "(see docs/translator.md, --ratelimit-mode rlqs)",
+                file=sys.stderr,
+            )
+            return 2
         options = Options(
             target=args.target,
             auth=args.auth,
             extauth_mode=args.extauth_mode,
+            ratelimit_mode=args.ratelimit_mode,
             backends=dict(args.backend or []),
             sockets={**DEFAULT_SOCKETS, **dict(args.socket or [])},
             listen_address=args.listen_address,

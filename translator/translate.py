@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from . import envoy as envoy_out
+from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
 from .gatewayapi import BackendResolver, build_listeners, build_routes
 from .policies import SecretFiles, attach
@@ -29,6 +30,7 @@ class Options:
     target: str = "envoy"  # envoy | gateway
     auth: str = "sidecar"  # sidecar | native
     extauth_mode: str = "grpc"  # grpc | http (Envoy's HTTP ext_authz mode on the sidecar)
+    ratelimit_mode: str = "rls"  # rls | rlqs (Envoy's rate_limit_quota filter, RLQS)
     backends: dict[str, tuple[str, int]] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOCKETS))
     listen_address: str = "0.0.0.0"
@@ -109,10 +111,12 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
             port_map=options.port_map,
             auth=options.auth,
             extauth_mode=options.extauth_mode,
+            ratelimit_mode=options.ratelimit_mode,
         ),
     )
     bootstrap = config.to_dict()
     apply_client_traffic(bootstrap, client)
+    apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
         files[f"ratelimit/{name}"] = dump(cfg)

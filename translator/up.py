@@ -374,6 +374,13 @@ class UpCommand:
             help="how Envoy calls extauth (see `outrider translate --help`)",
         )
         parser.add_argument(
+            "--ratelimit-mode",
+            choices=["rls", "rlqs"],
+            default="rls",
+            help="global rate limits through RLS or Envoy's rate_limit_quota filter "
+            "(see `outrider translate --help`)",
+        )
+        parser.add_argument(
             "--backend",
             action="append",
             type=backend_mapping,
@@ -468,6 +475,7 @@ class UpCommand:
                 port_map=port_map,
                 secrets_dir=workdir / "config" / "secrets",
                 extauth_mode=args.extauth_mode,
+                ratelimit_mode=args.ratelimit_mode,
             ),
         )
         for rejection in output.rejections:  # as `outrider translate`: the rest still runs

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 
@@ -24,6 +23,7 @@ from .authn.jwt import JWTAuthenticator, ProviderRuntime
 from .authz import Authorizer
 from .config import ExtauthConfig, Policy
 from .core import CompiledPolicy, Engine, Step
+from .oidc.session_redis import RedisClients
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,8 @@ class AuthDeps:
     clock_skew: float = 60.0
     credential_cache_ttl: float = 60.0
     observe_cache: Callable[[str, bool], None] = lambda kind, hit: None
-    extra: Any = None  # room for shared clients (e.g. a Redis session store)
+    #: Redis clients of ``sessionStore: redis`` OIDC policies, one per URL.
+    redis_sessions: RedisClients = field(default_factory=RedisClients)
 
 
 def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:

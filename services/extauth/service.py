@@ -76,8 +76,13 @@ class ExtauthService:
 
     def _http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # Every caller passes its own timeouts; this default only bounds a call that
+            # forgot to (aiohttp's own default is 5 minutes).
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=32), raise_for_status=False
+                connector=aiohttp.TCPConnector(limit=32),
+                raise_for_status=False,
+                timeout=aiohttp.ClientTimeout(total=10.0, connect=2.0),
+                trust_env=False,
             )
         return self._session
 
@@ -149,10 +154,13 @@ class ExtauthService:
         return decision
 
     async def readiness(self) -> Readiness:
+        """Ready once a config is loaded: that is what every policy needs. What only some
+        policies use (an OIDC policy's session Redis, a provider, a remote JWKS) does not
+        make the pod unready (with Envoy Gateway probing /readyz, one policy's store would
+        take every route down); a policy whose own backend is down answers 503 itself."""
         if self.engine is None:
             return Readiness(False, "no config loaded")
-        reason = await self.engine.readiness()
-        return Readiness(False, reason) if reason else Readiness(True)
+        return Readiness(True)
 
     def describe_config(self) -> Any:
         if self.engine is None:
@@ -183,6 +191,7 @@ class ExtauthService:
         if self.engine is not None:
             await self.engine.close()
         await self.jwks.close()
+        await self.deps.redis_sessions.close()
         self.password_checks.close()
         if self._session is not None:
             with contextlib.suppress(Exception):

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.service import Readiness
@@ -16,12 +15,10 @@ from services.common.service import Readiness
 from . import config as extproc_config
 from .config import ExtprocConfig
 from .core import Chain
-from .grpc import ExternalProcessorServicer, StreamMetrics
+from .grpc import SERVICE_NAME, ExternalProcessorServicer, StreamMetrics, add_to_server
 from .processors import JsonMetrics
 
 log = logging.getLogger("outrider.extproc")
-
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class ExtprocMetrics(StreamMetrics, JsonMetrics):
@@ -171,9 +168,7 @@ class ExtprocService:
         return self._config.chains if self._config is not None else {}
 
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorServicer(self.chains, self.metrics), server
-        )
+        add_to_server(ExternalProcessorServicer(self.chains, self.metrics), server)
 
     async def readiness(self) -> Readiness:
         if self._config is None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import pytest
@@ -79,8 +81,19 @@ async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv], 
     page = await anonymous.fetch(f"{env.app}/data", headers={"x-requested-with": "XMLHttpRequest"})
     assert page.status == 401
 
-    # Logout: cookies cleared, RP-initiated logout at the provider with id_token_hint.
+    # Logout is a same-origin POST: a GET (a link, or another site's navigation) gets a
+    # page with the button, another site's POST is refused; the session survives both.
     page = await browser.fetch(f"{env.app}/logout")
+    assert page.status == 405
+    assert '<form method="post" action="/logout">' in page.body
+    page = await browser.fetch(
+        f"{env.app}/logout", method="POST", headers={"origin": "https://evil.example"}
+    )
+    assert page.status == 403
+    assert not page.set_cookies
+    assert (await browser.fetch(f"{env.app}/still-in", headers=API)).status == 200
+    # Logout: cookies cleared, RP-initiated logout at the provider with id_token_hint.
+    page = await browser.fetch(f"{env.app}/logout", method="POST", headers={"origin": env.app})
     assert page.status == 302
     location = page.headers["location"]
     assert location.startswith(env.provider.issuer + "/session/end?")
@@ -288,6 +301,46 @@ async def test_provider_down(oidc_env: Callable[..., OidcEnv]) -> None:
     assert "<html>" in page.body
 
 
+async def test_a_hung_provider_gets_a_503_within_provider_timeout(
+    oidc_env: Callable[..., OidcEnv],
+) -> None:
+    """A provider that accepts connections and never answers (SIGSTOP: the kernel still
+    accepts): the callback's token request is cut off at providerTimeout and the browser
+    gets the documented 503 page, not Envoy's timeout; the pod stays ready."""
+    env = oidc_env(provider_timeout="1s")
+    midway = env.browser()
+    paused = await midway.navigate(f"{env.app}/midway", stop=_is_callback(env))
+    assert env.provider.process is not None
+    env.provider.process.signal(signal.SIGSTOP)
+    try:
+        page = await midway.fetch(paused.url)
+        assert page.status == 503, (page.status, page.body[:300])
+        assert "temporarily unavailable" in page.body
+        assert page.headers["retry-after"] == "5"
+        assert http_get(env.extauth.admin_url + "/readyz")[0] == 200
+    finally:
+        env.provider.process.signal(signal.SIGCONT)
+    assert "OpenID provider unavailable at callback" in env.extauth.output()
+
+
+async def test_a_policy_whose_session_redis_is_down_answers_503_and_the_pod_stays_ready(
+    oidc_env: Callable[..., OidcEnv], redis_server: Any
+) -> None:
+    """Readiness is what every policy needs (a loaded config): one policy's session Redis
+    going down makes that policy answer 503, not every route of the pod unready."""
+    env = oidc_env(redis_url=redis_server.url)
+    browser = env.browser()
+    assert (await browser.navigate(f"{env.app}/r/home")).status == 200
+    assert (await browser.navigate(f"{env.app}/home")).status == 200  # the cookie-store policy
+    redis_server.stop()
+    page = await browser.fetch(f"{env.app}/r/again", headers=API)
+    assert page.status == 503, (page.status, page.body[:300])
+    assert "temporarily unavailable" in page.body
+    assert (await browser.fetch(f"{env.app}/again", headers=API)).status == 200
+    status, body = http_get(env.extauth.admin_url + "/readyz")
+    assert (status, body) == (200, "ready\n")
+
+
 @pytest.mark.parametrize("mode", ["grpc", "http"])
 async def test_jwt_bearer_passes_through(oidc_env: Callable[..., OidcEnv], mode: str) -> None:
     env = oidc_env(mode=mode)
@@ -357,7 +410,8 @@ async def test_redis_sessions_are_small_and_revocable(
     browser2 = env.browser()
     assert (await browser2.navigate(f"{env.app}/r/home")).status == 200
     assert len(list(redis.scan_iter("outrider:oidc:session:*"))) == 1
-    assert (await browser2.fetch(f"{env.app}/r/logout")).status == 302
+    logout = await browser2.fetch(f"{env.app}/r/logout", method="POST", headers={"origin": env.app})
+    assert logout.status == 302
     assert list(redis.scan_iter("outrider:oidc:session:*")) == []
 
 

@@ -20,7 +20,7 @@ def bucket_settings(
     bucket: dict[str, str | tuple[str, str]],
     *,
     fail_closed: bool = False,
-    reporting_interval: str = "1s",
+    reporting_interval: str = "5s",
 ) -> dict[str, Any]:
     """Bucket settings: ``bucket`` maps a key to a string, or to ("header", NAME)."""
     builder: dict[str, Any] = {}
@@ -82,26 +82,23 @@ def quota_filter(
     }
 
 
-def get(port: int, path: str = "/", headers: dict[str, str] | None = None) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-
-
 class PacedLoad:
     """Requests at a fixed rate (open loop) from a thread, recording (time, status)."""
 
-    def __init__(self, port: int, rate: float, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        rate: float,
+        headers: dict[str, str] | None = None,
+        *,
+        path: str = "/",
+        method: str = "GET",
+    ) -> None:
         self.port = port
         self.rate = rate
         self.headers = headers or {}
+        self.path = path
+        self.method = method
         self.results: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -112,7 +109,7 @@ class PacedLoad:
             try:
                 if self._conn is None:
                     self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                self._conn.request("GET", "/", headers=self.headers)
+                self._conn.request(self.method, self.path, headers=self.headers)
                 resp = self._conn.getresponse()
                 resp.read()
                 if resp.getheader("connection", "").lower() == "close":

@@ -126,6 +126,32 @@ def outrider_up(*args: str) -> Iterator[Up]:
     assert "outrider up: stopped" in up.text
 
 
+@pytest.mark.timeout(150)
+def test_up_ratelimit_mode_rlqs() -> None:
+    port = free_port()
+    workdir = None
+    try:
+        with outrider_up("--port", str(port), "--ratelimit-mode", "rlqs") as up:
+            workdir = up.workdir()
+            check_rlqs_guide(up, port)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_rlqs_guide(up: Up, port: int) -> None:
+    base = f"http://localhost:{port}"
+    assert base in up.text
+    config = (up.workdir() / "config" / "envoy.yaml").read_text()
+    assert "envoy.filters.http.rate_limit_quota" in config
+    # 3 a minute per x-user-id as Envoy's token bucket: the first request passes
+    # before the assignment, then one token at a time (one every 20 s)
+    codes = [get(f"{base}/limited", {"x-user-id": "alice"})[0] for _ in range(4)]
+    assert codes[0] == 200, codes
+    assert codes[-1] == 429, codes
+    assert get(f"{base}/limited", {"x-user-id": "bob"})[0] == 200
+
+
 def strip_separators(text: str) -> str:
     return re.sub(r"[ +-]|%20", "", text)
 

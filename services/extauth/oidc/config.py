@@ -11,7 +11,8 @@ files rather than Kubernetes objects:
   line, and removing the old line after the grace period (the longest session).
 - Outrider additions: ``provider.jwksURI``, ``tokenEndpointAuthMethod``,
   ``postLogoutRedirectURL``, ``allowedRedirectHosts``, ``claimToHeaders``,
-  ``sessionStore``/``redis``, ``sessionMaxAge``, ``cookieSecure``, ``discoveryRefresh``.
+  ``sessionStore``/``redis``, ``sessionMaxAge``, ``cookieSecure``, ``discoveryRefresh``,
+  ``providerTimeout``.
 
 Reading the two secret files is the only I/O; their contents never appear in ``repr``.
 A relative path is resolved against the directory of the config file naming it, as for
@@ -68,6 +69,7 @@ OIDC_FIELDS = (
     "redis",
     "disableTokenEncryption",
     "discoveryRefresh",
+    "providerTimeout",
 )
 PROVIDER_FIELDS = (
     "issuer",
@@ -176,6 +178,9 @@ class OidcConfig:
     session_store: Literal["cookie", "redis"] = "cookie"
     redis_url: str | None = field(repr=False, default=None)
     discovery_refresh: float = 3600.0
+    #: The most one check waits on the provider (discovery, token endpoint and keys
+    #: together); each request gets a connect timeout within it. Past it: 503.
+    provider_timeout: float = 4.0
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -228,6 +233,7 @@ class OidcConfig:
             "sessionStore": self.session_store,
             "redis": {"url": "<redacted>"} if self.redis_url else None,
             "discoveryRefresh": self.discovery_refresh,
+            "providerTimeout": self.provider_timeout,
         }
 
 
@@ -502,6 +508,9 @@ def parse_oidc(node: Node) -> OidcConfig:
     max_age = duration("sessionMaxAge", 86400.0)
     if max_age < 1:
         raise node.req("sessionMaxAge").expected("a duration of at least 1s")
+    provider_timeout = duration("providerTimeout", 4.0)
+    if not 0 < provider_timeout <= 60:
+        raise node.req("providerTimeout").expected("a duration above 0 and at most 60s")
 
     return OidcConfig(
         provider=provider,
@@ -532,4 +541,5 @@ def parse_oidc(node: Node) -> OidcConfig:
         session_store=store,  # type: ignore[arg-type]
         redis_url=redis_url,
         discovery_refresh=refresh_every,
+        provider_timeout=provider_timeout,
     )

@@ -6,8 +6,9 @@ One :class:`OidcAuthenticator` per policy with an ``oidc`` section. On each chec
   opened, its state compared and spent, the code exchanged, the ID token validated,
   the session cookie set, and the browser sent back where it started — all in a
   *denied* ext_authz response (302 + ``Set-Cookie``), so the upstream never sees it;
-- ``logoutPath`` clears the cookies and sends the browser to the provider's
-  ``end_session_endpoint`` (RP-initiated logout with ``id_token_hint``);
+- ``logoutPath``, on a same-origin POST, clears the cookies and sends the browser to the
+  provider's ``end_session_endpoint`` (RP-initiated logout with ``id_token_hint``); a GET
+  gets a page whose button posts it, a cross-site POST 403 (logout CSRF);
 - a valid session authenticates the request (refreshing an expiring access token first,
   new cookies on the allowed response), and the upstream gets the identity headers;
 - anything else is unauthenticated: browsers are redirected to the provider, API
@@ -18,6 +19,7 @@ Secrets (tokens, codes, cookie values) are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import json
@@ -25,8 +27,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
@@ -34,6 +36,8 @@ import jwt as pyjwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from redis.exceptions import RedisError
 
+from services.extauth.authn.extract import parse_cookies, without_cookies
+from services.extauth.authn.jwks import JWKSRegistry
 from services.extauth.authn.jwt import header_value
 from services.extauth.authz import claim_at
 from services.extauth.core import (
@@ -62,16 +66,21 @@ from services.extauth.oidc.session import (
     CookieSessionStore,
     LoginState,
     Session,
+    SessionStore,
     clear_chunked,
     clear_cookie,
     digest,
     join_chunks,
-    parse_cookie_header,
     set_chunked,
     set_cookie,
 )
+from services.extauth.oidc.session_redis import RedisSessionStore, redis_client
+
+if TYPE_CHECKING:
+    from services.extauth.build import AuthDeps
 
 log = logging.getLogger("outrider.extauth.oidc")
+T = TypeVar("T")
 
 #: At most this many concurrent login flows (tabs) per browser keep their own cookie;
 #: beyond it the older login cookies are cleared.
@@ -140,20 +149,28 @@ class OidcAuthenticator:
         policy: str,
         cfg: OidcConfig,
         http_session: Callable[[], aiohttp.ClientSession] | None = None,
+        jwks: JWKSRegistry | None = None,
+        store: SessionStore | None = None,
+        sealer: CookieSealer | None = None,
     ) -> None:
+        """Without ``store``: the cookie store, or for ``sessionStore: redis`` a Redis
+        store on a client of its own (tests; the service passes its shared one)."""
         self.policy = policy
         self.cfg = cfg
-        self.provider = OidcProviderClient(cfg, http_session)
-        self.sealer = CookieSealer(cfg.cookie_secrets)
-        if cfg.session_store == "redis":
-            from services.extauth.oidc.session_redis import RedisSessionStore
-
+        self.provider = OidcProviderClient(cfg, http_session, jwks)
+        self.sealer = sealer or CookieSealer(cfg.cookie_secrets)
+        if store is None and cfg.session_store == "redis":
             assert cfg.redis_url is not None
-            self.store: Any = RedisSessionStore(
-                self.sealer, cfg.cookies.session_name, cfg.redis_url
+            store = RedisSessionStore(
+                self.sealer,
+                cfg.cookies.session_name,
+                redis_client(cfg.redis_url),
+                refresh_timeout=cfg.provider_timeout,
+                owns_client=True,
             )
-        else:
-            self.store = CookieSessionStore(self.sealer, cfg.cookies.session_name)
+        self.store: SessionStore = store or CookieSessionStore(
+            self.sealer, cfg.cookies.session_name
+        )
         self._refreshes = SingleFlight()
         #: The app's own origin when ``redirectURL`` fixes it; else each request's own.
         self._app_origin: tuple[str, str] | None = None
@@ -174,19 +191,26 @@ class OidcAuthenticator:
         await self.provider.close()
         await self.store.close()
 
-    async def readiness(self) -> str | None:
-        """Why this evaluator cannot work (its session Redis is down), or None."""
-        return await self.store.ping()
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        """``work`` (calls to the provider) within ``providerTimeout`` as a whole: a
+        provider that accepts and never answers costs this much, then a 503."""
+        try:
+            async with asyncio.timeout(self.cfg.provider_timeout):
+                return await work
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"no answer within providerTimeout ({self.cfg.provider_timeout:g}s)"
+            ) from None
 
     # -- entry point --------------------------------------------------------------
     async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult:
         path = req.path.split("?", 1)[0]
-        cookies = parse_cookie_header(req.headers.get("cookie", ""))
+        cookies = parse_cookies(req.headers.get("cookie"))
         try:
             if path == self.cfg.redirect_path:
                 return await self._callback(req, cookies, ctx.now)
             if path == self.cfg.logout_path:
-                return await self._logout(cookies)
+                return await self._logout(req, cookies)
             jwt_identity = ctx.identities.get("jwt")
             if self.cfg.pass_through_auth_header and jwt_identity is not None:
                 return Authenticated(self._pass_through(req, jwt_identity))
@@ -243,10 +267,13 @@ class OidcAuthenticator:
         refresh_token = session.refresh_token
 
         async def refresh() -> Session:
-            tokens = await self.provider.refresh(refresh_token)
-            return await self._session_from_tokens(
-                tokens, nonce=None, now=time.time(), previous=session
-            )
+            async def work() -> Session:
+                tokens = await self.provider.refresh(refresh_token)
+                return await self._session_from_tokens(
+                    tokens, nonce=None, now=time.time(), previous=session
+                )
+
+            return await self._bounded(work())
 
         async def coordinated() -> Session:
             return await self.store.coordinate_refresh(sealed, session, refresh)
@@ -259,8 +286,8 @@ class OidcAuthenticator:
                 "policy %s: refresh refused by the provider (%s); login again", self.policy, exc
             )
             return None
-        except (ProviderUnavailable, IdTokenInvalid, RedisError, OSError) as exc:
-            log.warning("policy %s: token refresh failed: %s", self.policy, exc)
+        except (ProviderUnavailable, IdTokenInvalid, RedisError, OSError, TimeoutError) as exc:
+            log.warning("policy %s: token refresh failed: %s", self.policy, exc or "timeout")
             return session if usable else None
 
     def _identity(
@@ -285,7 +312,7 @@ class OidcAuthenticator:
         # The upstream never sees Outrider's own cookies (sealed tokens are not its business).
         own = self._own_cookie_names(cookies)
         if own:
-            kept = self._cookie_header_without(req.headers.get("cookie", ""), own)
+            kept = without_cookies(req.headers.get("cookie", ""), own)
             if kept:
                 upstream.append(("cookie", kept))
             else:
@@ -321,15 +348,6 @@ class OidcAuthenticator:
             or n.startswith(names.session_name + "-")
             or n.startswith(names.login_name + ".")
         }
-
-    @staticmethod
-    def _cookie_header_without(header: str, names: set[str]) -> str:
-        kept = []
-        for part in header.split(";"):
-            name = part.strip().partition("=")[0]
-            if part.strip() and name not in names:
-                kept.append(part.strip())
-        return "; ".join(kept)
 
     # -- unauthenticated ----------------------------------------------------------
     def _wants_redirect(self, req: CheckRequest) -> bool:
@@ -389,7 +407,7 @@ class OidcAuthenticator:
         if app is None:
             return Decision.deny(400, "oidc_bad_host", "invalid Host header")
         try:
-            metadata = await self.provider.metadata()
+            metadata = await self._bounded(self.provider.metadata())
         except ProviderUnavailable as exc:
             log.warning("policy %s: OpenID provider unavailable for login: %s", self.policy, exc)
             return self._provider_down(clear)
@@ -482,8 +500,12 @@ class OidcAuthenticator:
             return fail(400, "oidc_state_replayed", "The sign-in request was already used.")
         try:
             redirect_uri = login.redirect_uri or self.cfg.redirect_url or ""
-            tokens = await self.provider.exchange_code(code, login.code_verifier, redirect_uri)
-            session = await self._session_from_tokens(tokens, nonce=login.nonce, now=now)
+
+            async def work() -> Session:
+                tokens = await self.provider.exchange_code(code, login.code_verifier, redirect_uri)
+                return await self._session_from_tokens(tokens, nonce=login.nonce, now=now)
+
+            session = await self._bounded(work())
         except ProviderUnavailable as exc:
             log.warning("policy %s: OpenID provider unavailable at callback: %s", self.policy, exc)
             return Rejected(self._provider_down(clear))
@@ -579,7 +601,60 @@ class OidcAuthenticator:
         return {k: v for k, v in claims.items() if k not in dropped}
 
     # -- logout -------------------------------------------------------------------
-    async def _logout(self, cookies: Mapping[str, str]) -> AuthResult:
+    def _same_origin(self, req: CheckRequest) -> bool:
+        """Whether a logout POST comes from the app's own pages (CSRF defence).
+
+        Browsers send ``Origin`` on every POST: it must be the request's own origin or
+        ``redirectURL``'s. Without ``Origin``, ``Sec-Fetch-Site`` (when sent) must say
+        same-origin or none (typed in); a request with neither header is not a browser's
+        form post (a script or an API client), which a CSRF cannot forge.
+        """
+        origin = req.headers.get("origin")
+        if origin is None:
+            return req.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not _HOST_PORT.fullmatch(parts.netloc):
+            return False  # "null" (sandboxed or privacy-sensitive contexts), or garbage
+        theirs = (parts.scheme, _netloc(parts.scheme, parts.netloc))
+        return theirs in (self._request_origin(req), self._app_origin)
+
+    def _logout_page(self) -> Decision:
+        """The answer to a GET of the logout path: a page whose button posts the logout."""
+        path = html.escape(self.cfg.logout_path, quote=True)
+        body = (
+            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Sign out</title></head>'
+            f'<body><form method="post" action="{path}"><button type="submit">Sign out'
+            "</button></form></body></html>"
+        )
+        return Decision(
+            allow=False,
+            reason="oidc_logout_confirm",
+            status=405,
+            response_headers=(
+                ("content-type", "text/html; charset=utf-8"),
+                ("allow", "POST"),
+                _NO_STORE,
+            ),
+            body=body,
+            detail="oidc logout needs a POST",
+        )
+
+    async def _logout(self, req: CheckRequest, cookies: Mapping[str, str]) -> AuthResult:
+        # A GET would let any page log the user out (top-level navigations carry SameSite=Lax
+        # cookies): only a same-origin POST logs out.
+        if req.method != "POST":
+            return Rejected(self._logout_page())
+        if not self._same_origin(req):
+            log.warning("policy %s: cross-site logout refused", self.policy)
+            return Rejected(
+                _html_denial(
+                    403,
+                    "oidc_logout_cross_site",
+                    "Sign-out refused",
+                    "The sign-out request did not come from this site.",
+                    [],
+                )
+            )
         name = self.cfg.cookies.session_name
         sealed = join_chunks(name, cookies)
         session = None if sealed is None else await self.store.load(sealed)
@@ -595,7 +670,7 @@ class OidcAuthenticator:
         end_session = self.cfg.provider.end_session_endpoint
         if end_session is None:
             try:
-                end_session = (await self.provider.metadata()).end_session_endpoint
+                end_session = (await self._bounded(self.provider.metadata())).end_session_endpoint
             except ProviderUnavailable:
                 end_session = None  # local logout still happens
         if end_session is not None and session is not None:
@@ -608,10 +683,18 @@ class OidcAuthenticator:
         return Rejected(_redirect("oidc_logout", location, set_cookies))
 
 
-def build_oidc_authenticator(policy: str, cfg: OidcConfig, deps: Any) -> OidcAuthenticator:
-    """The ``oidc`` step of a policy (called by ``build.compile_policy``).
-
-    ``deps`` is the service's ``AuthDeps``: its shared aiohttp session is used for the
-    provider's discovery, JWKS and token endpoints.
-    """
-    return OidcAuthenticator(policy, cfg, getattr(deps, "http_session", None))
+def build_oidc_authenticator(policy: str, cfg: OidcConfig, deps: AuthDeps) -> OidcAuthenticator:
+    """The ``oidc`` step of a policy (called by ``build.compile_policy``): the provider
+    client on the service's HTTP session and key set registry, and the session store
+    (a Redis one on the service's shared client for that URL)."""
+    store: SessionStore | None = None
+    sealer = CookieSealer(cfg.cookie_secrets)
+    if cfg.session_store == "redis":
+        assert cfg.redis_url is not None
+        store = RedisSessionStore(
+            sealer,
+            cfg.cookies.session_name,
+            deps.redis_sessions.client(cfg.redis_url),
+            refresh_timeout=cfg.provider_timeout,
+        )
+    return OidcAuthenticator(policy, cfg, deps.http_session, deps.jwks, store, sealer)

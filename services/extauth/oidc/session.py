@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -121,20 +121,6 @@ class CookieSealer:
 
 
 # -- cookies on the wire ------------------------------------------------------------
-
-
-def parse_cookie_header(header: str) -> dict[str, str]:
-    """Cookies from a request ``Cookie`` header; the first occurrence of a name wins."""
-    cookies: dict[str, str] = {}
-    for part in header.split(";"):
-        name, sep, value = part.strip().partition("=")
-        if not sep or not name:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        cookies.setdefault(name, value)
-    return cookies
 
 
 def split_chunks(value: str) -> list[str]:
@@ -349,6 +335,31 @@ class ExpiringSet:
             while len(self._deadlines) > self._max_items:
                 del self._deadlines[next(iter(self._deadlines))]
         return True
+
+
+class SessionStore(Protocol):
+    """Where sessions live: in the cookie itself, or in Redis (``session_redis``)."""
+
+    kind: str
+
+    async def load(self, cookie_value: str) -> Session | None: ...
+
+    async def save(self, session: Session, previous_cookie: str | None) -> str: ...
+
+    async def delete(self, cookie_value: str) -> None: ...
+
+    async def claim_state(self, state: str, ttl: float) -> bool: ...
+
+    async def coordinate_refresh(
+        self,
+        cookie_value: str,
+        session: Session,
+        refresh: Callable[[], Awaitable[Session]],
+    ) -> Session: ...
+
+    async def ping(self) -> str | None: ...
+
+    async def close(self) -> None: ...
 
 
 class CookieSessionStore:
