@@ -126,7 +126,7 @@ def outrider_up(*args: str) -> Iterator[Up]:
     assert "outrider up: stopped" in up.text
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(900)
 def test_up_ratelimit_mode_rlqs() -> None:
     port = free_port()
     workdir = None
