@@ -27,7 +27,7 @@ from ..core import (
     Missing,
     Rejected,
 )
-from .extract import find_credential, without_cookie
+from .extract import find_credential, without_cookies
 
 MAX_KEY_BYTES = 4096
 
@@ -81,7 +81,7 @@ class APIKeyAuthenticator:
             elif kind == "param":
                 identity.query_params_to_remove.append(name)
             else:
-                rest = without_cookie(req.headers.get("cookie", ""), name)
+                rest = without_cookies(req.headers.get("cookie", ""), (name,))
                 if rest:
                     identity.upstream_headers.append(("cookie", rest))
                 else:

@@ -19,6 +19,10 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
+#: the per-route context extension that says Envoy wrote the client address in the header
+CLIENT_ADDRESS_EXTENSION = "client_address"
+CLIENT_ADDRESS_HEADER = "x-outrider-client-address"
+
 Decide = Callable[[CheckRequest, str], Awaitable[Decision]]
 
 
@@ -35,13 +39,19 @@ def request_from_proto(request: external_auth_pb2.CheckRequest) -> CheckRequest:
             name = h.key.lower()
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
             headers[name] = f"{headers[name]},{value}" if name in headers else value
+    source = attrs.source.address.socket_address.address
+    if attrs.context_extensions.get(CLIENT_ADDRESS_EXTENSION) == "header":
+        # Envoy's own client address (after X-Forwarded-For / custom-header detection, which
+        # attributes.source, the TCP peer, ignores), in a header the translator's Envoy
+        # config overwrites before ext_authz; only trusted when the route says so.
+        source = headers.get(CLIENT_ADDRESS_HEADER, source)
     return CheckRequest(
         method=http.method or headers.get(":method", ""),
         path=http.path or headers.get(":path", ""),
         host=http.host or headers.get(":authority", ""),
         scheme=http.scheme or headers.get(":scheme", ""),
         headers=headers,
-        source_address=attrs.source.address.socket_address.address,
+        source_address=source,
         context_extensions=dict(attrs.context_extensions),
         request_id=http.id,
     )
