@@ -122,6 +122,10 @@ def outrider_up(*args: str) -> Iterator[Up]:
             proc.wait(5)
             raise
         reader.join(5)
+        if not up.ready.is_set():  # failed before the guide: the test never sees the logs
+            kept = re.search(r"kept in (/tmp/outrider-up-[^/\s]+)", up.text)
+            if kept:
+                shutil.rmtree(kept.group(1), ignore_errors=True)
     assert rc == 0, up.text
     assert "outrider up: stopped" in up.text
 
