@@ -8,6 +8,7 @@ ProcessingResponses. The per-route chain comes from the gRPC initial metadata
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -98,13 +99,27 @@ def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def stream_options(msg: pb.ProcessingRequest) -> StreamOptions:
+    """The stream's options; one shared (frozen) object per distinct protocol_config."""
     if not msg.HasField("protocol_config"):
-        return StreamOptions()
+        return _options(None)
     pc = msg.protocol_config
+    return _options(
+        (
+            pc.request_body_mode,
+            pc.response_body_mode,
+            pc.send_body_without_waiting_for_header_response,
+        )
+    )
+
+
+@functools.lru_cache(maxsize=64)  # enum values: a handful of combinations exist
+def _options(key: tuple[int, int, bool] | None) -> StreamOptions:
+    if key is None:
+        return StreamOptions()
     return StreamOptions(
-        request_body_mode=BodyMode(pc.request_body_mode),
-        response_body_mode=BodyMode(pc.response_body_mode),
-        send_body_without_waiting=pc.send_body_without_waiting_for_header_response,
+        request_body_mode=BodyMode(key[0]),
+        response_body_mode=BodyMode(key[1]),
+        send_body_without_waiting=key[2],
         known=True,
     )
 

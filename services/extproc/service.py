@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from services.common.service import Readiness
 
@@ -21,22 +23,41 @@ from .processors import JsonMetrics
 log = logging.getLogger("outrider.extproc")
 
 
+class _StreamCounts(Collector):
+    """Per-stream and per-message counts as plain ints, rendered at scrape time.
+
+    These move on every message: a dict increment costs a fraction of a
+    prometheus_client child's locked ``inc()`` (the event loop is one thread).
+    """
+
+    def __init__(self) -> None:
+        self.streams: dict[str, int] = {}
+        self.messages: dict[str, int] = {}
+        self.active = 0
+
+    def collect(self) -> list[Any]:
+        streams = CounterMetricFamily(
+            "outrider_extproc_streams", "ext_proc streams by chain.", labels=["chain"]
+        )
+        for chain, n in list(self.streams.items()):
+            streams.add_metric([chain], n)
+        messages = CounterMetricFamily(
+            "outrider_extproc_messages", "Messages received from Envoy by kind.", labels=["kind"]
+        )
+        for kind, n in list(self.messages.items()):
+            messages.add_metric([kind], n)
+        active = GaugeMetricFamily(
+            "outrider_extproc_active_streams", "ext_proc streams open now.", value=self.active
+        )
+        return [streams, active, messages]
+
+
 class ExtprocMetrics(StreamMetrics, JsonMetrics):
     """Prometheus metrics; labelled children are cached so the hot path does no lookups."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._streams = Counter(
-            "outrider_extproc_streams", "ext_proc streams by chain.", ["chain"], registry=registry
-        )
-        self._active = Gauge(
-            "outrider_extproc_active_streams", "ext_proc streams open now.", registry=registry
-        )
-        self._messages = Counter(
-            "outrider_extproc_messages",
-            "Messages received from Envoy by kind.",
-            ["kind"],
-            registry=registry,
-        )
+        self._counts = _StreamCounts()
+        registry.register(self._counts)
         self._seconds = Histogram(
             "outrider_extproc_processor_seconds",
             "Time spent in a processor hook.",
@@ -100,14 +121,16 @@ class ExtprocMetrics(StreamMetrics, JsonMetrics):
 
     # StreamMetrics / Observer
     def stream_started(self, chain: str) -> None:
-        self._child(self._streams, chain).inc()
-        self._active.inc()
+        counts = self._counts
+        counts.streams[chain] = counts.streams.get(chain, 0) + 1
+        counts.active += 1
 
     def stream_ended(self, chain: str) -> None:
-        self._active.dec()
+        self._counts.active -= 1
 
     def message(self, kind: str) -> None:
-        self._child(self._messages, kind).inc()
+        messages = self._counts.messages
+        messages[kind] = messages.get(kind, 0) + 1
 
     def protocol_violation(self, reason: str) -> None:
         self._violations.inc()
