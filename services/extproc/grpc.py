@@ -124,14 +124,19 @@ def _options(key: tuple[int, int, bool] | None) -> StreamOptions:
     )
 
 
-def to_event(msg: pb.ProcessingRequest) -> tuple[str, HeadersEvent | BodyEvent | TrailersEvent]:
+def to_event(
+    msg: pb.ProcessingRequest, decode_headers: bool = True
+) -> tuple[str, HeadersEvent | BodyEvent | TrailersEvent]:
+    """``decode_headers=False``: header maps arrive as ``{}`` (no processor reads them)."""
     kind = msg.WhichOneof("request")
     if kind == "request_headers":
         h = msg.request_headers
-        return kind, HeadersEvent(Phase.REQUEST, header_dict(h.headers), h.end_of_stream)
+        headers = header_dict(h.headers) if decode_headers else {}
+        return kind, HeadersEvent(Phase.REQUEST, headers, h.end_of_stream)
     if kind == "response_headers":
         h = msg.response_headers
-        return kind, HeadersEvent(Phase.RESPONSE, header_dict(h.headers), h.end_of_stream)
+        headers = header_dict(h.headers) if decode_headers else {}
+        return kind, HeadersEvent(Phase.RESPONSE, headers, h.end_of_stream)
     if kind == "request_body":
         b = msg.request_body
         return kind, BodyEvent(Phase.REQUEST, b.body, b.end_of_stream)
@@ -336,6 +341,7 @@ class ExternalProcessorServicer:
         read = context.read
         write = context.write
         encode = self._responses.encode
+        decode = chain.reads_headers
         try:
             while True:
                 msg = await read()
@@ -345,7 +351,7 @@ class ExternalProcessorServicer:
                     # observability mode), so the last message is an empty one.
                     return NO_REPLY
                 try:
-                    kind, event = to_event(msg)
+                    kind, event = to_event(msg, decode)
                 except ProtocolViolation as exc:
                     metrics.message("invalid")
                     raise exc
