@@ -55,13 +55,16 @@ def _set_bench_header() -> ext_proc_pb2.CommonResponse:
 
 
 class ConstantProcessor(ext_proc_pb2_grpc.ExternalProcessorServicer):
-    """The extproc-headers chain's replies, constant: what the native header_mutation does."""
+    """The extproc-headers chain's replies, constant: what the native header_mutation does
+    (and, for extproc-json, the buffered request body answered unchanged)."""
 
     REQUEST = ext_proc_pb2.ProcessingResponse()
     REQUEST.request_headers.response.CopyFrom(_set_bench_header())
     REQUEST.request_headers.response.header_mutation.remove_headers.append("x-remove-me")
     RESPONSE = ext_proc_pb2.ProcessingResponse()
     RESPONSE.response_headers.response.CopyFrom(_set_bench_header())
+    BODY = ext_proc_pb2.ProcessingResponse()  # extproc-json: the buffered body, unchanged
+    BODY.request_body.response.SetInParent()
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
         while (msg := await context.read()) is not grpc.aio.EOF:
@@ -70,6 +73,8 @@ class ConstantProcessor(ext_proc_pb2_grpc.ExternalProcessorServicer):
                 await context.write(self.REQUEST)
             elif kind == "response_headers":
                 await context.write(self.RESPONSE)
+            elif kind == "request_body":
+                await context.write(self.BODY)
             else:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{kind} not handled")
 
