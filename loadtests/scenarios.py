@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from . import envoy_configs as ec
-from .material import Material
+from .material import JSON_BODY, JSON_HEADERS, Material
 from .stats import Goal
 from .wrk import Limited, WrkRequest, WrkSpec
 
@@ -425,9 +425,8 @@ def _extproc_headers_wrk(_m: Material, _data: dict[str, Any], role: str) -> WrkS
 
 
 def _extproc_json_wrk(_m: Material, _data: dict[str, Any], _role: str) -> WrkSpec:
-    from .locustfiles.extproc_json import BODY, HEADERS
-
-    return WrkSpec((WrkRequest("json-10k", tuple(HEADERS.items()), "POST", "/", BODY),))
+    headers = tuple(JSON_HEADERS.items())
+    return WrkSpec((WrkRequest("json-10k", headers, "POST", "/", JSON_BODY),))
 
 
 EXTPROC_HEADERS = Scenario(
