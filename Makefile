@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
 
-.PHONY: install system-deps up test lint format bench clean
+.PHONY: install system-deps bench-deps up test lint format bench scaling chaos soak clean
 
 install: $(STAMP) system-deps
 
@@ -51,8 +51,23 @@ format: $(STAMP)
 test: install lint
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-bench: install
+# The C load generators the benchmarks quote (wrk through Envoy, h2load for gRPC
+# service capacity): Debian packages, installed when missing.
+bench-deps:
+	@missing=""; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+bench: install bench-deps
 	$(PY) -m loadtests.run $(if $(SCENARIO),--scenario $(SCENARIO)) $(if $(QUICK),--quick)
+
+# Service capacity for 1, 2 and 4 workers (h2load over each worker's socket).
+scaling: install bench-deps
+	$(PY) -m loadtests.scaling $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
