@@ -46,7 +46,11 @@ COPY --from=build /app /app
 WORKDIR /app
 # The sockets' directory, for `docker run` without a mounted volume; in Kubernetes an
 # emptyDir shared with Envoy is mounted here.
-RUN mkdir -p /run/outrider && chown 65532:65532 /run/outrider
+# /bin/ratelimit: envoyproxy/ratelimit's command, so the image runs unchanged where that
+# image ran, configured by its environment variables (Envoy Gateway's rate limit
+# Deployment: `command: [/bin/ratelimit]`); see docs/ratelimit.md.
+RUN mkdir -p /run/outrider && chown 65532:65532 /run/outrider \
+ && ln -s /opt/outrider/bin/outrider-envoyproxy-ratelimit /bin/ratelimit
 USER 65532:65532
 ENTRYPOINT ["outrider"]
 CMD ["--help"]

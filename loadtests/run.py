@@ -232,6 +232,7 @@ class Stack:
         self.context: dict[str, dict[str, Any]] = {}
         self.tls: tuple[str, str] | None = None
         self.provider: Any = None  # the OpenID provider of a login scenario
+        self.admin_urls: dict[str, str] = {}  # setup → its Outrider sidecar's admin URL
 
     def start(self, setups: list[Setup]) -> None:
         self.ports = {s.name: free_port() for s in setups}
@@ -420,6 +421,7 @@ class Stack:
             cmd += ["--http-listen", f"unix:{spec.http_socket(sock)}"]
         proc = Process(f"outrider-{setup.name}", cmd, self.run_dir)
         self.processes.append(proc)
+        self.admin_urls[setup.name] = f"http://127.0.0.1:{admin}"
         proc.wait_until(
             lambda: http_status(f"http://127.0.0.1:{admin}/readyz") == 200, "/readyz 200"
         )

@@ -61,6 +61,14 @@ class TranslateCommand:
             "sidecar's --http-listen socket (faster; no OIDC, no query-string sanitize)",
         )
         parser.add_argument(
+            "--ratelimit-mode",
+            choices=["rls", "rlqs"],
+            default="rls",
+            help="global rate limits through the ratelimit filter (one call per request) or "
+            "Envoy's rate_limit_quota filter (RLQS: enforced inside Envoy, shares assigned "
+            "by the sidecar)",
+        )
+        parser.add_argument(
             "--backend",
             action="append",
             type=backend_mapping,
@@ -75,6 +83,12 @@ class TranslateCommand:
             default=None,
             metavar="SIDECAR=PATH",
             help="a sidecar's unix socket (default /run/outrider/NAME.sock)",
+        )
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="exit 2 when any policy is rejected (by default a rejected policy is printed, "
+            "its routes answer 500 and the rest is translated, as Envoy Gateway does)",
         )
         parser.add_argument("--listen-address", default="0.0.0.0")
         parser.add_argument("--admin-port", type=int, default=9901)
@@ -92,6 +106,7 @@ class TranslateCommand:
             target=args.target,
             auth=args.auth,
             extauth_mode=args.extauth_mode,
+            ratelimit_mode=args.ratelimit_mode,
             backends=dict(args.backend or []),
             sockets={**DEFAULT_SOCKETS, **dict(args.socket or [])},
             listen_address=args.listen_address,
@@ -102,6 +117,15 @@ class TranslateCommand:
             output = translate(args.file, options)
         except ConfigError as exc:
             print(f"outrider translate: {exc}", file=sys.stderr)
+            return 2
+        for rejection in output.rejections:
+            print(f"outrider translate: rejected {rejection.ref}: {rejection}", file=sys.stderr)
+        if output.rejections and args.strict:
+            print(
+                f"outrider translate: {len(output.rejections)} policies rejected (--strict); "
+                "nothing written",
+                file=sys.stderr,
+            )
             return 2
         output.write(outdir)
         for rel in sorted([*output.files, *output.secret_files]):

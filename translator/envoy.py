@@ -98,9 +98,13 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any as PAny
 
-from services.extauth.http import CLIENT_ADDRESS_HEADER, METADATA_HEADER_PREFIX, POLICY_PREFIX
+from services.extauth.transport.http import (
+    CLIENT_ADDRESS_HEADER,
+    METADATA_HEADER_PREFIX,
+    POLICY_PREFIX,
+)
 
-from . import native
+from . import native, rlqs
 from .gatewayapi import sort_key
 from .model import Backend, ExtProc, Route, Security, StringMatch
 from .model import Listener as ListenerIR
@@ -144,6 +148,7 @@ class EnvoyOptions:
     port_map: dict[int, int] = field(default_factory=dict)
     auth: str = "sidecar"  # or "native"
     extauth_mode: str = "grpc"  # or "http": Envoy's HTTP ext_authz mode on the sidecar
+    ratelimit_mode: str = "rls"  # or "rlqs": the rate_limit_quota filter (translator/rlqs.py)
 
 
 def _dur(ms: int) -> datetime.timedelta:
@@ -499,6 +504,7 @@ def build(
             order.append((rank, name))
 
         vhosts: dict[str, list[tuple[tuple[object, ...], EnvoyRoute]]] = {}
+        quota = rlqs.QuotaFilters(RATELIMIT_CLUSTER)
         for lst in group:
             for route in lst.routes:
                 per_filter: dict[str, PAny] = {}
@@ -587,6 +593,12 @@ def build(
                 if route.global_rate_limit:
                     sidecars_used.add("ratelimit")
                     limits = domains.add_route(lst.name, route.name, route.global_rate_limit)
+                    if options.ratelimit_mode == "rlqs":
+                        rules = list(route.global_rate_limit)
+                        # RLS keeps only what the quota filter cannot express
+                        limits.by_domain = quota.add_route(lst.name, route.name, rules)
+                        add_filter(48, rlqs.F_SET_FILTER_STATE, rlqs.route_state(""), disabled=True)
+                        per_filter[rlqs.F_SET_FILTER_STATE] = _enable(rlqs.route_state(route.name))
                     for domain, rate_limits in limits.by_domain.items():
                         shared = domain != lst.name
                         fname = f"{F_RATELIMIT}/{domain}" if shared else F_RATELIMIT
@@ -639,6 +651,8 @@ def build(
                 if per_filter:
                     kw["typed_per_filter_config"] = per_filter
                 vhosts.setdefault(route.hostname, []).append((sort_key(route), EnvoyRoute(**kw)))
+        for name, config in quota.filters():
+            add_filter(49, name, config)
         first = group[0].name
         virtual_hosts = [
             VirtualHost(

@@ -16,9 +16,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from services.common.configfile import Node
+from services.common.configfile import ConfigError, Node
 
 from .gatewayapi import (
     GATEWAY_GROUP,
@@ -41,7 +41,8 @@ from .model import (
     Security,
     StringMatch,
 )
-from .resources import Resource, ResourceSet, error_at, unsupported
+from .rejections import Rejections
+from .resources import Resource, ResourceSet, TranslateError, error_at, unsupported
 
 UNITS = {
     "Second": "second",
@@ -184,7 +185,11 @@ def check_targets_exist(
 def specificity(policy: Resource, listener: Listener, route: Route, rule: str | None) -> int | None:
     """How specifically ``policy`` targets ``route`` on ``listener`` (higher wins), or None."""
     best: int | None = None
-    for t in targets(policy):
+    try:
+        refs = targets(policy)
+    except TranslateError:  # rejected already: targets nothing
+        return None
+    for t in refs:
         level = None
         if (
             t.kind == route.route_kind
@@ -210,8 +215,12 @@ def specificity(policy: Resource, listener: Listener, route: Route, rule: str | 
 
 
 def winner(
-    policies: list[Resource], listener: Listener, route: Route, rule: str | None
+    policies: list[Resource],
+    listener: Listener,
+    route: Route,
+    rule: str | None,
 ) -> Resource | None:
+    """The policy that applies to ``route`` (a rejected one too: the route then fails closed)."""
     scored = []
     for p in policies:
         level = specificity(p, listener, route, rule)
@@ -801,33 +810,83 @@ def attach(
     listeners: list[Listener],
     resolver: BackendResolver,
     secret_files: SecretFiles,
+    rejections: Rejections,
 ) -> dict[str, Any]:
-    """Set every route's policies. Returns the extproc chains."""
+    """Set every route's policies. Returns the extproc chains.
+
+    A policy that fails to build is rejected (Envoy Gateway's ``Accepted: False``): it is
+    recorded in ``rejections`` and every route it would have applied to answers 500, as
+    Envoy Gateway does."""
     chains = processing_chains(resources)
     btps = resources.of("BackendTrafficPolicy")
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
-    traffic = {}
-    for p in btps:
-        check_targets_exist(resources, p, listeners)
-        traffic[p.key] = build_traffic(p)
-    security = {}
-    for p in sps:
-        check_targets_exist(resources, p, listeners)
-        security[p.key] = build_security(p, resources, resolver, secret_files)
-    procs = {}
-    for p in eeps:
-        check_targets_exist(resources, p, listeners)
-        procs[p.key] = build_ext_procs(p, resources, resolver, chains)
+    traffic = build_each(btps, resources, listeners, rejections, build_traffic)
+    security = build_each(
+        sps,
+        resources,
+        listeners,
+        rejections,
+        lambda p: build_security(p, resources, resolver, secret_files),
+    )
+    procs = build_each(
+        eeps,
+        resources,
+        listeners,
+        rejections,
+        lambda p: build_ext_procs(p, resources, resolver, chains),
+    )
+    for kind in ("EnvoyPatchPolicy", "BackendTLSPolicy"):
+        for p in resources.of(kind):
+            rejections.add(
+                p,
+                error_at(p.node.get("kind") or p.node, p, f"{kind} is not supported yet"),
+            )
     for lst in listeners:
         for route in lst.routes:
             rule = rule_name(resources, route)
             if (w := winner(btps, lst, route, rule)) is not None:
-                t = traffic[w.key]
-                route.global_rate_limit = t.global_rules
-                route.local_rate_limit = t.local
+                if w.key in traffic:
+                    t = traffic[w.key]
+                    route.global_rate_limit = t.global_rules
+                    route.local_rate_limit = t.local
+                else:
+                    fail_closed(route)
             if (w := winner(sps, lst, route, rule)) is not None:
-                route.security = security[w.key]
+                if w.key in security:
+                    route.security = security[w.key]
+                else:
+                    fail_closed(route)
             if (w := winner(eeps, lst, route, rule)) is not None:
-                route.ext_procs = procs[w.key]
+                if w.key in procs:
+                    route.ext_procs = procs[w.key]
+                else:
+                    fail_closed(route)
     return chains
+
+
+def fail_closed(route: Route) -> None:
+    """A route whose policy was rejected answers 500 (Envoy Gateway's direct response)."""
+    route.direct_status = 500
+    route.redirect = None
+
+
+T = TypeVar("T")
+
+
+def build_each(
+    policies: list[Resource],
+    resources: ResourceSet,
+    listeners: list[Listener],
+    rejections: Rejections,
+    build: Callable[[Resource], T],
+) -> dict[str, T]:
+    """``namespace/name`` → what each accepted policy builds; the others are rejected."""
+    built: dict[str, T] = {}
+    for p in policies:
+        try:
+            check_targets_exist(resources, p, listeners)
+            built[p.key] = build(p)
+        except ConfigError as exc:
+            rejections.add(p, exc)
+    return built

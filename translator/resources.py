@@ -38,6 +38,9 @@ SUPPORTED_KINDS = (
     "EndpointSlice",
     "ConfigMap",
     "ProcessingChain",
+    "ClientTrafficPolicy",
+    "EnvoyPatchPolicy",
+    "BackendTLSPolicy",
 )
 #: kinds accepted but without effect: they configure how a cluster deploys Envoy, not
 #: what Envoy does with a request (see docs/translator.md, "not applicable")
@@ -74,6 +77,8 @@ LIST_KEYS = {
     "listenerSets": "XListenerSet",
     "processingChains": "ProcessingChain",
 }
+
+LIST_KEYS_LOWER = {k.lower(): v for k, v in LIST_KEYS.items()}
 
 
 class TranslateError(ConfigError):
@@ -193,7 +198,8 @@ def _documents(doc: Node) -> Iterable[tuple[Node, str | None]]:
         return
     # Envoy Gateway's test-data shape: lists keyed by kind.
     for key, value in doc.items():
-        kind = LIST_KEYS.get(key)
+        # Envoy Gateway's loader takes the keys in any case (``httproutes:``)
+        kind = LIST_KEYS_LOWER.get(key.lower())
         if kind is None:
             raise value.error(
                 f"unknown key {key!r}: expected a Kubernetes resource (kind, metadata, spec) "

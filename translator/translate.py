@@ -10,8 +10,10 @@ from typing import Any
 import yaml
 
 from . import envoy as envoy_out
+from .client_traffic import apply_client_traffic, attach_client_traffic
 from .gatewayapi import BackendResolver, build_listeners, build_routes
 from .policies import SecretFiles, attach
+from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
 
 DEFAULT_SOCKETS = {
@@ -27,6 +29,7 @@ class Options:
     target: str = "envoy"  # envoy | gateway
     auth: str = "sidecar"  # sidecar | native
     extauth_mode: str = "grpc"  # grpc | http (Envoy's HTTP ext_authz mode on the sidecar)
+    ratelimit_mode: str = "rls"  # rls | rlqs (Envoy's rate_limit_quota filter, RLQS)
     backends: dict[str, tuple[str, int]] = field(default_factory=dict)
     sockets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SOCKETS))
     listen_address: str = "0.0.0.0"
@@ -55,6 +58,8 @@ class Output:
 
     files: dict[str, str]
     secret_files: dict[str, str]
+    #: policies rejected as Envoy Gateway rejects them (the rest translated)
+    rejections: list[Rejection] = field(default_factory=list)
 
     def write(self, outdir: Path) -> None:
         """Write every file; files an earlier run wrote that this one does not are removed
@@ -86,11 +91,15 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     listeners = build_listeners(resources)
     build_routes(resources, listeners, resolver)
     secret_files = SecretFiles(options.secrets_dir, {})
-    chains = attach(resources, listeners, resolver, secret_files)
+    rejections = Rejections()
+    chains = attach(resources, listeners, resolver, secret_files, rejections)
+    client = attach_client_traffic(resources, listeners, rejections)
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
-        return gateway_manifests(resources, listeners, chains, secret_files)
+        out = gateway_manifests(resources, listeners, chains, secret_files)
+        out.rejections = list(rejections.items)
+        return out
     config = envoy_out.build(
         listeners,
         resolver.clusters,
@@ -101,9 +110,12 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
             port_map=options.port_map,
             auth=options.auth,
             extauth_mode=options.extauth_mode,
+            ratelimit_mode=options.ratelimit_mode,
         ),
     )
-    files: dict[str, str] = {"envoy.yaml": dump(config.to_dict())}
+    bootstrap = config.to_dict()
+    apply_client_traffic(bootstrap, client)
+    files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
         files[f"ratelimit/{name}"] = dump(cfg)
     policies = {}
@@ -120,7 +132,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     if used_chains:
         files["extproc.yaml"] = dump({"chains": {c: chains[c] for c in used_chains}})
     secret = {f"secrets/{name}": text for name, text in secret_files.files.items()}
-    return Output(files, secret)
+    return Output(files, secret, list(rejections.items))
 
 
 def translate(paths: Iterable[Path], options: Options) -> Output:

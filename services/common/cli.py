@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from .configfile import ConfigError
-from .listeners import Address, ListenError, parse_address
+from .listeners import Address, ListenError, ServerTLS, parse_address
 from .logs import setup_logging
 from .runtime import Runtime, RuntimeOptions
 from .service import ServiceFactory, UsageError
@@ -175,15 +176,22 @@ def install_event_loop(choice: str) -> None:
 class ServiceCommand:
     """Turns a :class:`ServiceFactory` into a subcommand run by the shared runtime."""
 
-    def __init__(self, factory: ServiceFactory, default_listen: str) -> None:
+    def __init__(
+        self, factory: ServiceFactory, default_listen: str, *, config_required: bool = True
+    ) -> None:
         self.factory = factory
         self.name = factory.name
         self.help = factory.help
         self.default_listen = default_listen
+        #: False when the service has another config source (its create() checks).
+        self.config_required = config_required
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--config", required=True, type=Path, help="config file or directory of *.yaml"
+            "--config",
+            required=self.config_required,
+            type=Path,
+            help="config file, or a directory of *.yaml / *.yml files",
         )
         parser.add_argument(
             "--listen",
@@ -194,7 +202,24 @@ class ServiceCommand:
             help=f"unix:/abs/path.sock, HOST:PORT or [V6]:PORT; repeatable "
             f"(default {self.default_listen})",
         )
-        parser.add_argument("--admin", type=address, metavar="ADDR", help="admin HTTP address")
+        parser.add_argument(
+            "--admin",
+            action="append",
+            type=address,
+            metavar="ADDR",
+            help="admin HTTP address (/healthz, /readyz, /metrics, /config, /healthcheck); "
+            "repeatable: every address serves the same endpoints",
+        )
+        parser.add_argument(
+            "--tls-cert", type=Path, metavar="PATH", help="gRPC listeners serve TLS: cert chain"
+        )
+        parser.add_argument("--tls-key", type=Path, metavar="PATH", help="its private key")
+        parser.add_argument(
+            "--tls-client-ca",
+            type=Path,
+            metavar="PATH",
+            help="require client certificates issued by this CA (mutual TLS)",
+        )
         parser.add_argument("--drain-timeout", type=positive_float, default=5.0, metavar="SECONDS")
         parser.add_argument(
             "--reload-interval",
@@ -218,12 +243,30 @@ class ServiceCommand:
         add_logging_arguments(parser)
         self.factory.add_arguments(parser)
 
+    @staticmethod
+    def tls(args: argparse.Namespace) -> ServerTLS | None:
+        if args.tls_cert is None and args.tls_key is None:
+            if args.tls_client_ca is not None:
+                raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if args.tls_cert is None or args.tls_key is None:
+            raise UsageError("--tls-cert and --tls-key go together")
+        tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+        try:
+            tls.check()
+        except ListenError as exc:  # a file that cannot be read is a bad flag
+            raise UsageError(str(exc)) from None
+        return tls
+
     def options(self, args: argparse.Namespace) -> RuntimeOptions:
         listen = tuple(args.listen or [parse_address(self.default_listen)])
+        admin = list(args.admin or ())
         return RuntimeOptions(
             config=args.config,
             listen=listen,
-            admin=args.admin,
+            admin=admin[0] if admin else None,
+            admin_also=tuple(admin[1:]),
+            tls=self.tls(args),
             drain_timeout=args.drain_timeout,
             reload_interval=args.reload_interval,
             socket_mode=args.socket_mode,
@@ -248,7 +291,8 @@ class ServiceCommand:
             flags = ", ".join(("--listen", *extra))
             raise UsageError(f"--workers needs unix: addresses for {flags} (one socket per worker)")
         # Validate the config once up front: a bad config exits 2 before any worker starts.
-        self.factory.create(args, CollectorRegistry()).load_config(args.config)
+        if args.config is not None:
+            self.factory.create(args, CollectorRegistry()).load_config(args.config)
         paths = {flag: str(a.unix_path) for flag, a in extra.items()}
         return Supervisor(self.name, args.argv, options, args.workers, paths).run()
 
@@ -259,11 +303,20 @@ def load_command(name: str) -> Command:
     return module.COMMAND
 
 
+def version() -> str:
+    """The installed package's version (``outrider --version``)."""
+    try:
+        return importlib.metadata.version("outrider")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
 def build_parser(command: Command | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outrider",
         description="Out-of-band services for Envoy. Every --flag also reads OUTRIDER_<FLAG>.",
     )
+    parser.add_argument("--version", action="version", version=f"outrider {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)

@@ -43,3 +43,10 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # grpc and aiohttp access logs are noise at info level on a hot path.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def error_text(exc: BaseException) -> str:
+    """``ClassName: message`` (or just ``ClassName``): never empty, as ``str(exc)`` is for
+    e.g. ``TimeoutError()``; for reasons shown in logs and ``/readyz``."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -7,7 +7,9 @@
 3. listen on every ``--listen`` address (UDS and TCP at once) and the admin port;
 4. until SIGTERM/SIGINT: keep health in step with readiness, reload on SIGHUP
    or when a config file changes (validated first; a bad config is logged,
-   counted, and the old one stays in force);
+   counted, and the old one stays in force) — or, for a service whose config
+   arrives over the network (``config_source()``, e.g. xDS), offer each new
+   config through the same validate-then-swap path;
 5. drain: health goes NOT_SERVING, new calls are refused, in-flight calls get
    up to ``--drain-timeout`` to finish, then everything closes.
 """
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .admin import AdminServer
 from .configfile import ConfigError, fingerprint
-from .listeners import Address, ListenError, prepare_unix_path, remove_unix_socket, set_socket_mode
-from .service import Readiness, Service
+from .listeners import (
+    Address,
+    ListenError,
+    ServerTLS,
+    prepare_unix_path,
+    remove_unix_socket,
+    set_socket_mode,
+)
+from .service import ConfigSource, Readiness, Service
 
 log = logging.getLogger("outrider.runtime")
 
@@ -41,9 +53,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
-    config: Path
+    #: None: the service's ``config_source()`` delivers the config (e.g. over xDS).
+    config: Path | None
     listen: tuple[Address, ...]
     admin: Address | None = None
+    #: Further addresses serving the same admin endpoints (e.g. a separate metrics port).
+    admin_also: tuple[Address, ...] = ()
+    #: TLS on the gRPC listeners; None: plaintext.
+    tls: ServerTLS | None = None
     drain_timeout: float = 5.0
     reload_interval: float = 1.0
     readiness_interval: float = 1.0
@@ -74,6 +91,25 @@ class RuntimeMetrics:
             "outrider_ready", "1 when the service is ready.", ["service"], registry=registry
         ).labels(service)
         self.service = service
+
+
+class AsyncioTasks(Collector):
+    """``outrider_asyncio_tasks``: tasks alive on the serving loop, counted at scrape time.
+
+    A count that only grows under steady load is a leak (the soak runner watches it).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "outrider_asyncio_tasks",
+                "asyncio tasks alive on the serving event loop.",
+                value=len(asyncio.all_tasks(self._loop)),
+            )
+        ]
 
 
 class Runtime:
@@ -119,6 +155,7 @@ class Runtime:
 
     # -- reload -------------------------------------------------------------------
     def _watched(self) -> tuple[tuple[str, int, int], ...]:
+        assert self.options.config is not None
         try:
             files = self.service.config_files(self.options.config)
         except ConfigError:
@@ -127,27 +164,38 @@ class Runtime:
 
     async def reload(self, reason: str) -> bool:
         """Load, validate and swap the config; on any error keep the old one."""
+        path = self.options.config
+        if path is None:
+            log.info("reload (%s) ignored: the config comes from the config source", reason)
+            return False
+        error = await self.offer(
+            lambda: self.service.load_config(path), f"reload ({reason})", str(path)
+        )
+        return error is None
+
+    async def offer(self, load: Callable[[], Any], reason: str, source: str) -> str | None:
+        """Run ``load`` (parse and validate, in a thread) and swap the result in; on any
+        error keep the config in force. Returns the error message, None when applied."""
         try:
-            config = await asyncio.to_thread(self.service.load_config, self.options.config)
+            config = await asyncio.to_thread(load)
             self.service.apply_config(config)
         except ConfigError as exc:
-            self._config_error = str(exc)
-            self.metrics.reloads(self.service.name, "failure").inc()
-            self.metrics.reload_ok.set(0)
-            log.error("config reload (%s) rejected, keeping the previous config: %s", reason, exc)
-            return False
+            error = str(exc)
+            log.error("config %s rejected, keeping the previous config: %s", reason, exc)
         except Exception as exc:
-            self._config_error = f"{type(exc).__name__}: {exc}"
-            self.metrics.reloads(self.service.name, "failure").inc()
-            self.metrics.reload_ok.set(0)
-            log.exception("config reload (%s) failed, keeping the previous config", reason)
-            return False
-        self._config_error = ""
-        self.metrics.reloads(self.service.name, "success").inc()
-        self.metrics.reload_ok.set(1)
-        self.metrics.loaded_at.set(time.time())
-        log.info("config reloaded (%s) from %s", reason, self.options.config)
-        return True
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("config %s failed, keeping the previous config", reason)
+        else:
+            self._config_error = ""
+            self.metrics.reloads(self.service.name, "success").inc()
+            self.metrics.reload_ok.set(1)
+            self.metrics.loaded_at.set(time.time())
+            log.info("config %s applied from %s", reason, source)
+            return None
+        self._config_error = error
+        self.metrics.reloads(self.service.name, "failure").inc()
+        self.metrics.reload_ok.set(0)
+        return error
 
     async def _reload_loop(self) -> None:
         # stat() calls go to a thread: a slow volume (NFS, a busy node) never stalls calls.
@@ -170,7 +218,7 @@ class Runtime:
     def describe(self) -> Any:
         return {
             "service": self.service.name,
-            "config_path": str(self.options.config),
+            "config_path": str(self.options.config) if self.options.config else None,
             "last_reload_error": self._config_error or None,
             "config": self.service.describe_config(),
         }
@@ -182,10 +230,22 @@ class Runtime:
     def request_reload(self) -> None:
         self._reload.set()
 
+    def _config_source(self) -> ConfigSource | None:
+        make = getattr(self.service, "config_source", None)
+        return make() if make is not None else None
+
     async def run(self) -> int:
-        config = self.service.load_config(self.options.config)  # ConfigError → exit 2
-        self.metrics.reload_ok.set(1)
-        self.metrics.loaded_at.set(time.time())
+        source = self._config_source()
+        config = None
+        if self.options.config is not None:
+            config = self.service.load_config(self.options.config)  # ConfigError → exit 2
+            self.metrics.reload_ok.set(1)
+            self.metrics.loaded_at.set(time.time())
+        elif source is None:
+            raise ConfigError("", "", "no config: give --config (or a config source)")
+        if self.options.tls is not None:
+            self.options.tls.check()  # unreadable since the flags were checked: exit 1
+        self.registry.register(AsyncioTasks(asyncio.get_running_loop()))
         await self.service.start(config)
         server = grpc.aio.server(
             options=[
@@ -207,36 +267,50 @@ class Runtime:
                 if address.unix_path is not None:
                     prepare_unix_path(address.unix_path)
                 try:
-                    server.add_insecure_port(address.grpc_target())
+                    if self.options.tls is not None:
+                        server.add_secure_port(
+                            address.grpc_target(), self.options.tls.credentials()
+                        )
+                    else:
+                        server.add_insecure_port(address.grpc_target())
                 except RuntimeError as exc:
                     raise ListenError(f"{address}: cannot listen: {exc}") from None
                 bound.append(address)
             await server.start()
             for address in self.options.listen:
                 set_socket_mode(address, self.options.socket_mode)
-            if self.options.admin is not None:
+            admin_addresses = (
+                (self.options.admin, *self.options.admin_also) if self.options.admin else ()
+            )
+            if admin_addresses:
                 admin = AdminServer(
-                    self.options.admin, self.registry, self.readiness, self.describe
+                    admin_addresses,
+                    self.registry,
+                    self.readiness,
+                    self.describe,
+                    metrics_text=getattr(self.service, "metrics_text", None),
                 )
                 try:
                     await admin.start()
                 except OSError as exc:
-                    raise ListenError(f"admin {self.options.admin}: cannot listen: {exc}") from None
-                bound.append(self.options.admin)
+                    raise ListenError(f"admin: cannot listen: {exc}") from None
+                bound.extend(admin_addresses)
             log.info(
-                "%s listening on %s%s",
+                "%s listening on %s%s%s",
                 self.service.name,
                 ", ".join(map(str, self.options.listen)),
-                f" (admin {self.options.admin})" if admin else "",
+                " (TLS)" if self.options.tls else "",
+                f" (admin {', '.join(map(str, admin_addresses))})" if admin else "",
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-            tasks = [
-                asyncio.create_task(self._health_loop(), name="health"),
-                asyncio.create_task(self._reload_loop(), name="reload"),
-            ]
+            tasks = [asyncio.create_task(self._health_loop(), name="health")]
+            if self.options.config is not None:
+                tasks.append(asyncio.create_task(self._reload_loop(), name="reload"))
+            if source is not None:
+                tasks.append(asyncio.create_task(source.run(self.offer), name="config-source"))
             await self._stop.wait()
             log.info("draining (up to %.1fs)", self.options.drain_timeout)
             self._serving = False

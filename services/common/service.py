@@ -8,7 +8,7 @@ once against this protocol and never touches process lifecycle itself.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +31,22 @@ class UsageError(Exception):
 class Readiness:
     ready: bool
     reason: str = ""
+
+
+#: How a config source hands the runtime a new config: ``offer(load, reason, source)``
+#: runs ``load`` (parse and validate), swaps the result in, and returns the error
+#: message (the old config stays) or None when it was applied.
+Offer = Callable[[Callable[[], Any], str, str], Awaitable[str | None]]
+
+
+class ConfigSource(Protocol):
+    """A config that arrives over the network (xDS) instead of from ``--config`` files.
+
+    A service that has one returns it from an optional ``config_source()`` method; the
+    runtime then starts the service with ``start(None)`` and runs ``run(offer)`` until
+    shutdown (it is cancelled then)."""
+
+    async def run(self, offer: Offer) -> None: ...
 
 
 class Service(Protocol):

@@ -1,7 +1,7 @@
 """Turn a validated :class:`ExtauthConfig` into an :class:`Engine` of evaluators.
 
 This is where each policy section meets its authenticator, and where the OIDC
-authenticator plugs in: ``services.extauth.oidc.build_oidc_authenticator(policy_name,
+authenticator plugs in: ``services.extauth.oidc.flow.build_oidc_authenticator(policy_name,
 oidc_config, deps)`` must return an object satisfying :class:`core.Authenticator`
 (``method = "oidc"``, ``identity_headers``, ``async authenticate(req, ctx)``,
 ``async close()``). It runs after ``jwt`` (so ``ctx.identities.get("jwt")`` tells
@@ -12,18 +12,18 @@ it a valid bearer token was already presented) and before ``basicAuth`` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import aiohttp
 
-from .apikey import APIKeyAuthenticator
+from .authn.apikey import APIKeyAuthenticator
+from .authn.basic import BasicAuthenticator, PasswordChecks
+from .authn.jwks import JWKSRegistry, KeySource, LocalJWKSSource, parse_keyset_text
+from .authn.jwt import JWTAuthenticator, ProviderRuntime
 from .authz import Authorizer
-from .basic import BasicAuthenticator
 from .config import ExtauthConfig, Policy
 from .core import CompiledPolicy, Engine, Step
-from .jwks import JWKSRegistry, KeySource, LocalJWKSSource, parse_keyset_text
-from .jwt import JWTAuthenticator, ProviderRuntime
+from .oidc.session_redis import RedisClients
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +32,12 @@ class AuthDeps:
 
     jwks: JWKSRegistry
     http_session: Callable[[], aiohttp.ClientSession]
+    password_checks: PasswordChecks = field(default_factory=PasswordChecks)
     clock_skew: float = 60.0
     credential_cache_ttl: float = 60.0
     observe_cache: Callable[[str, bool], None] = lambda kind, hit: None
-    extra: Any = None  # room for shared clients (e.g. a Redis session store)
+    #: Redis clients of ``sessionStore: redis`` OIDC policies, one per URL.
+    redis_sessions: RedisClients = field(default_factory=RedisClients)
 
 
 def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
@@ -61,7 +63,7 @@ def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
         required = not policy.jwt.optional and policy.oidc is None
         steps.append(Step(authenticator, required))
     if policy.oidc is not None:
-        from .oidc import build_oidc_authenticator  # the OIDC engineer's module
+        from .oidc.flow import build_oidc_authenticator
 
         steps.append(Step(build_oidc_authenticator(policy.name, policy.oidc, deps), True))
     if policy.basic_auth is not None:
@@ -70,6 +72,7 @@ def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
                 BasicAuthenticator(
                     policy.name,
                     policy.basic_auth,
+                    deps.password_checks,
                     cache_ttl=deps.credential_cache_ttl,
                     observe_cache=lambda hit: deps.observe_cache("basic", hit),
                 ),

@@ -9,7 +9,7 @@ translator maps one to one (DESIGN.md, "Config formats")::
         jwt:           {providers: [...], optional: false}
         basicAuth:     {htpasswd: "...", htpasswdFile: PATH, forwardUsernameHeader: H}
         apiKeyAuth:    {credentials: {...}, credentialsFile: PATH, extractFrom: [...], ...}
-        oidc:          {...}                       # services/extauth/oidc_config.py
+        oidc:          {...}                       # services/extauth/oidc/config.py
         authorization: {defaultAction: Allow|Deny, rules: [...]}
 
 Files named in a policy (``htpasswdFile``, ``credentialsFile``, ``localJWKS.file``)
@@ -27,12 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import jwt as pyjwt
 
 from services.common.configfile import ConfigError, Node, read_yaml_files
 
-from .htpasswd import HtpasswdEntry, HtpasswdError, parse_htpasswd_line
+from .authn.htpasswd import HtpasswdEntry, HtpasswdError, parse_htpasswd_line
 
 POLICY_FIELDS = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "authorization")
 #: The translator names policies NAMESPACE/NAME.
@@ -198,7 +199,7 @@ class Policy:
     jwt: JWTConfig | None = None
     basic_auth: BasicAuthConfig | None = None
     api_key_auth: APIKeyAuthConfig | None = None
-    oidc: Any = None  # services.extauth.oidc_config.OidcConfig
+    oidc: Any = None  # services.extauth.oidc.config.OidcConfig
     authorization: AuthorizationConfig | None = None
 
     def referenced_files(self) -> list[Path]:
@@ -268,6 +269,34 @@ def resolve_path(node: Node) -> Path:
     if not path.is_absolute():
         path = Path(node.file).resolve().parent / path
     return path
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_https_url(node: Node, url: str) -> str:
+    """``url`` if it is https, or http to a loopback host; else the config error.
+
+    The one rule for every URL extauth fetches keys or tokens from (``remoteJWKS.uri``,
+    the OIDC issuer and provider endpoints): over plain http anyone on the path could
+    hand out keys, so http is for a provider on this machine only (tests, a local IdP).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return url
+    if parts.scheme == "http" and host and is_loopback_host(host):
+        return url
+    raise node.expected(
+        "an https:// URL (http only for a loopback host: localhost, 127.0.0.1, ::1)"
+    )
 
 
 def read_file(node: Node, *, what: str = "") -> tuple[Path, str]:
@@ -340,9 +369,7 @@ def _jwt_provider(node: Node) -> JWTProvider:
             if (u := r.get(unsupported)) is not None:
                 raise u.error(f"{unsupported} is not supported by the sidecar; give uri only")
         uri_node = r.req("uri")
-        uri = uri_node.str(nonempty=True)
-        if not uri.startswith(("https://", "http://")):
-            raise uri_node.expected("an http:// or https:// URL")
+        uri = check_https_url(uri_node, uri_node.str(nonempty=True))
         cache = parse_duration(c) if (c := r.get("cacheDuration")) is not None else 300.0
         if cache < 1:
             raise r.req("cacheDuration").expected("a duration of at least 1s")
@@ -589,7 +616,7 @@ def parse_policy(name: str, node: Node) -> Policy:
     jwt_cfg = _jwt(j) if (j := node.get("jwt")) is not None else None
     oidc_cfg = None
     if (o := node.get("oidc")) is not None:
-        from .oidc_config import parse_oidc  # imported here: oidc_config imports this module
+        from .oidc.config import parse_oidc  # imported here: oidc.config imports this module
 
         oidc_cfg = parse_oidc(o)
     basic = _basic(b) if (b := node.get("basicAuth")) is not None else None

@@ -289,15 +289,6 @@ class Engine:
             log.exception("policy %s failed while checking a request", name)
             return name, Decision.deny(500, "internal_error", "authorization failed")
 
-    async def readiness(self) -> str | None:
-        """Why some evaluator cannot work right now (e.g. its session store is down)."""
-        for policy in self.policies.values():
-            for step in policy.steps:
-                probe = getattr(step.authenticator, "readiness", None)
-                if probe is not None and (reason := await probe()):
-                    return f"policy {policy.name}: {reason}"
-        return None
-
     async def close(self) -> None:
         for policy in self.policies.values():
             await policy.close()

@@ -7,7 +7,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
-from services.common.cli import ServiceCommand, address, positive_float, run_command
+from services.common.cli import ServiceCommand, address, positive_float, positive_int, run_command
 from services.common.listeners import Address
 
 from .metrics import ExtauthMetrics
@@ -59,6 +59,22 @@ class ExtauthFactory:
             help="least time between two refetches triggered by unknown key ids",
         )
 
+        parser.add_argument(
+            "--password-workers",
+            type=positive_int,
+            default=2,
+            metavar="N",
+            help="threads verifying Basic auth password hashes (default 2)",
+        )
+        parser.add_argument(
+            "--password-max-pending",
+            type=positive_int,
+            default=32,
+            metavar="N",
+            help="most password verifications waiting or running; beyond it a Basic auth "
+            "check is answered 503 at once (default 32)",
+        )
+
     def worker_addresses(self, args: argparse.Namespace) -> dict[str, Address]:
         # Caches (verified tokens, Basic successes, JWKS) are per worker; nothing else is
         # held in the process (OIDC sessions live in the cookie or in Redis).
@@ -73,6 +89,8 @@ class ExtauthFactory:
             jwks_fetch_timeout=args.jwks_fetch_timeout,
             jwks_check_wait=args.jwks_check_wait,
             jwks_refetch_cooldown=args.jwks_refetch_cooldown,
+            password_workers=args.password_workers,
+            password_max_pending=args.password_max_pending,
         )
 
 

@@ -32,6 +32,14 @@ class ExtauthMetrics:
             ["kind", "result"],
             registry=registry,
         )
+        self._passwords = Counter(
+            "outrider_extauth_password_checks",
+            "Password hash verifications (Basic auth) by hash scheme and result: ok, mismatch "
+            "(wrong password, or an unknown user checked against a decoy), refused (over "
+            "--password-max-pending: answered 503 without checking).",
+            ["scheme", "result"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, ...], object] = {}
 
     def check(self, policy: str, allow: bool, reason: str, transport: str, seconds: float) -> None:
@@ -56,3 +64,6 @@ class ExtauthMetrics:
         if child is None:
             child = self._children[key] = self._cache.labels(kind, "hit" if hit else "miss")
         child.inc()  # type: ignore[attr-defined]
+
+    def password_check(self, scheme: str, result: str) -> None:
+        self._passwords.labels(scheme, result).inc()

@@ -16,13 +16,14 @@ from services.common.configfile import config_files
 from services.common.listeners import Address
 from services.common.service import Readiness
 
-from . import grpc as grpc_transport
+from .authn.basic import PasswordChecks
+from .authn.jwks import JWKSRegistry
 from .build import AuthDeps, build_engine, remote_jwks_in_use
 from .config import ExtauthConfig, Policy, load_config
 from .core import CheckRequest, Decision, Engine
-from .http import HTTPAuthzServer
-from .jwks import JWKSRegistry
 from .metrics import ExtauthMetrics
+from .transport import grpc as grpc_transport
+from .transport.http import HTTPAuthzServer
 
 log = logging.getLogger("outrider.extauth")
 
@@ -44,6 +45,8 @@ class ExtauthService:
         jwks_fetch_timeout: float = 5.0,
         jwks_check_wait: float = 0.1,
         jwks_refetch_cooldown: float = 10.0,
+        password_workers: int = 2,
+        password_max_pending: int = 32,
     ) -> None:
         self.metrics = metrics
         self.http_listen = http_listen
@@ -55,9 +58,14 @@ class ExtauthService:
             refetch_cooldown=jwks_refetch_cooldown,
             observe=metrics.jwks_fetch,
         )
+        # Its own threads: config reloads (asyncio.to_thread) never wait behind hashes.
+        self.password_checks = PasswordChecks(
+            password_workers, password_max_pending, observe=metrics.password_check
+        )
         self.deps = AuthDeps(
             jwks=self.jwks,
             http_session=self._http_session,
+            password_checks=self.password_checks,
             clock_skew=clock_skew,
             credential_cache_ttl=credential_cache_ttl,
             observe_cache=metrics.cache,
@@ -68,8 +76,13 @@ class ExtauthService:
 
     def _http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # Every caller passes its own timeouts; this default only bounds a call that
+            # forgot to (aiohttp's own default is 5 minutes).
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=32), raise_for_status=False
+                connector=aiohttp.TCPConnector(limit=32),
+                raise_for_status=False,
+                timeout=aiohttp.ClientTimeout(total=10.0, connect=2.0),
+                trust_env=False,
             )
         return self._session
 
@@ -141,10 +154,13 @@ class ExtauthService:
         return decision
 
     async def readiness(self) -> Readiness:
+        """Ready once a config is loaded: that is what every policy needs. What only some
+        policies use (an OIDC policy's session Redis, a provider, a remote JWKS) does not
+        make the pod unready (with Envoy Gateway probing /readyz, one policy's store would
+        take every route down); a policy whose own backend is down answers 503 itself."""
         if self.engine is None:
             return Readiness(False, "no config loaded")
-        reason = await self.engine.readiness()
-        return Readiness(False, reason) if reason else Readiness(True)
+        return Readiness(True)
 
     def describe_config(self) -> Any:
         if self.engine is None:
@@ -175,6 +191,8 @@ class ExtauthService:
         if self.engine is not None:
             await self.engine.close()
         await self.jwks.close()
+        await self.deps.redis_sessions.close()
+        self.password_checks.close()
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await self._session.close()

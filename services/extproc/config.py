@@ -110,11 +110,34 @@ def _paths(node: Node | None) -> tuple[JsonPath, ...]:
     return tuple(out)
 
 
+def _patterns(node: Node | None) -> tuple[re.Pattern[str], ...]:
+    if node is None:
+        return ()
+    out = []
+    for item in node.list():
+        try:
+            out.append(re.compile(item.str(nonempty=True)))
+        except re.error as exc:
+            raise item.error(f"invalid regular expression: {exc}") from None
+    return tuple(out)
+
+
 def _json(node: Node, metrics: JsonMetrics | None) -> Processor:
-    node.mapping(allowed=("redact", "drop", "replacement", "in", "maxBufferBytes", "contentTypes"))
+    node.mapping(
+        allowed=(
+            "redact",
+            "drop",
+            "patterns",
+            "replacement",
+            "in",
+            "maxBufferBytes",
+            "contentTypes",
+        )
+    )
     redact, drop = _paths(node.get("redact")), _paths(node.get("drop"))
-    if not redact and not drop:
-        raise node.error("expected redact or drop with at least one path")
+    patterns = _patterns(node.get("patterns"))
+    if not redact and not drop and not patterns:
+        raise node.error("expected redact, drop or patterns with at least one entry")
     replacement: Any = "***"
     rnode = node.get("replacement")
     if rnode is not None:
@@ -131,6 +154,7 @@ def _json(node: Node, metrics: JsonMetrics | None) -> Processor:
     settings = JsonSettings(
         redact=redact,
         drop=drop,
+        patterns=patterns,
         replacement=replacement,
         request=direction in ("request", "both"),
         response=direction in ("response", "both"),

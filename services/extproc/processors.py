@@ -322,6 +322,9 @@ class JsonPath:
 class JsonSettings:
     redact: tuple[JsonPath, ...] = ()
     drop: tuple[JsonPath, ...] = ()
+    #: regular expressions masked wherever they occur: in every string (keys too) and in
+    #: the text of every number, at any depth
+    patterns: tuple[re.Pattern[str], ...] = ()
     replacement: Any = "***"
     request: bool = True
     response: bool = True
@@ -384,10 +387,48 @@ class JsonProcessor(Processor):
             changed += path.apply(doc, drop)
         for path in self.settings.redact:
             changed += path.apply(doc, redact)
+        if self.settings.patterns:
+            doc, masked = self._mask(doc)
+            changed += masked
         if not changed:
             return None
         self.metrics.redacted(changed)
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def _mask(self, value: Any) -> tuple[Any, int]:
+        """``value`` with every match of ``patterns`` replaced; (new value, fields changed)."""
+        patterns = self.settings.patterns
+        replacement = self.settings.replacement
+        text = replacement if isinstance(replacement, str) else json.dumps(replacement)
+
+        def mask_text(s: str) -> tuple[str, int]:
+            hits = 0
+            for pattern in patterns:
+                s, n = pattern.subn(text, s)
+                hits += n
+            return s, hits
+
+        if isinstance(value, str):
+            new, hits = mask_text(value)
+            return new, 1 if hits else 0
+        if isinstance(value, bool) or value is None:
+            return value, 0
+        if isinstance(value, int | float):
+            return (replacement, 1) if any(p.search(str(value)) for p in patterns) else (value, 0)
+        changed = 0
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                value[i], n = self._mask(item)
+                changed += n
+            return value, changed
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                new_key, hits = mask_text(key)
+                out[new_key], n = self._mask(item)
+                changed += n + (1 if hits else 0)
+            return out, changed
+        return value, 0
 
     async def _body(self, body: bytes, end_of_stream: bool) -> HookResult:
         if not end_of_stream or not body:

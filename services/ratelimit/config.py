@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,16 +452,24 @@ def _wildcards(
     return tuple((c.key, compile_wildcard(c.value), c) for c in children.values() if c.is_wildcard)
 
 
+def parse_documents(docs: Iterable[Node], *, merge_domains: bool = False) -> RateLimitConfig:
+    """Config from documents already read (YAML files, or xDS ``RateLimitConfig`` resources
+    turned into the same shape), validated by the one loader either way."""
+    loader = _Loader(merge_domains)
+    for doc in docs:
+        loader.load_document(doc)
+    return loader.result()
+
+
 def parse_texts(texts: list[tuple[str, str]], *, merge_domains: bool = False) -> RateLimitConfig:
     """Config from (file name, YAML text) pairs, in order."""
-    loader = _Loader(merge_domains)
+    docs: list[Node] = []
     for file, text in texts:
-        docs = parse_yaml(text, file)
-        if not docs:
+        found = parse_yaml(text, file)
+        if not found:
             raise ConfigError(file, "domain", "config file cannot have empty domain")
-        for doc in docs:
-            loader.load_document(doc)
-    return loader.result()
+        docs.extend(found)
+    return parse_documents(docs, merge_domains=merge_domains)
 
 
 def load_config(path: Path, *, merge_domains: bool = False) -> RateLimitConfig:

@@ -16,7 +16,15 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from .config import RateLimitRule
-from .core.limiter import OVER_LIMIT, Decision, Descriptor, Limiter, Status, StoreUnavailable
+from .core.limiter import (
+    OVER_LIMIT,
+    Decision,
+    Descriptor,
+    InvalidRequest,
+    Limiter,
+    Status,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("outrider.ratelimit.grpc")
 
@@ -41,6 +49,10 @@ def to_descriptors(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
         hits = d.hits_addend.value if d.HasField("hits_addend") else None
         out.append(Descriptor(entries, override, hits))
     return out
+
+
+class NotConfigured(Exception):
+    """No config has arrived yet (config over xDS): the call gets UNAVAILABLE."""
 
 
 class LimitProtos:
@@ -120,8 +132,13 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
             decision = await self._limiter().should_rate_limit(
                 request.domain, to_descriptors(request), request.hits_addend
             )
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, NotConfigured) as exc:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(str(exc))
+            return ResponseProto()
+        except InvalidRequest as exc:
+            # envoyproxy/ratelimit returns these as a plain Go error: gRPC UNKNOWN.
+            context.set_code(grpc.StatusCode.UNKNOWN)
             context.set_details(str(exc))
             return ResponseProto()
         return self.to_response(decision)

@@ -6,4 +6,6 @@ from services.common.cli import ServiceCommand
 
 from .service import Factory
 
-COMMAND = ServiceCommand(Factory(), default_listen="unix:/run/outrider/ratelimit.sock")
+COMMAND = ServiceCommand(
+    Factory(), default_listen="unix:/run/outrider/ratelimit.sock", config_required=False
+)

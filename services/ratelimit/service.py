@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ from services.common.cli import non_negative_int, positive_float, positive_int
 from services.common.configfile import config_files
 from services.common.listeners import Address
 from services.common.service import Readiness, UsageError
+from services.common.xds import XdsConfigSource, XdsOptions, check_options, parse_target
 
 from . import grpc as transport
+from . import grpc_quota, quota_service, rls_conf
+from .backends.memory import MAX_KEYS as MAX_MEMORY_KEYS
 from .backends.memory import MemoryStore
 from .backends.redis import RedisStore, RedisURLError, check_url, describe_url, open_store
 from .config import RateLimitConfig, load_config
@@ -53,44 +57,104 @@ def store_label(name: str, *, per_second: bool = False) -> str:
     return f"{name}-per-second" if per_second else name
 
 
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class LimitStatsText:
+    """The per-limit counters as Prometheus text, rendered by hand and in chunks.
+
+    Up to ``stats.MAX_KEYS`` rows of 6 families: prometheus_client formats some 100,000
+    samples a second, so these would hold the event loop for a tenth of a second or more
+    per scrape. Here each row's label text is built once, a line is one f-string, and
+    the event loop serves decisions between chunks of ``CHUNK`` rows.
+    """
+
+    CHUNK = 100
+
+    def __init__(self) -> None:
+        #: stats key -> the start of its line in each family (name and labels)
+        self._prefixes: dict[str, list[str]] = {}
+        self._metrics = [f"outrider_ratelimit_{name}_total" for name in st.NAMES]
+
+    def _prefix(self, key: str) -> list[str]:
+        domain, _, descriptor = key.partition(".")
+        labels = f'{{descriptor="{_label(descriptor)}",domain="{_label(domain)}"}} '
+        return [metric + labels for metric in self._metrics]
+
+    async def render(self, stats: st.StatsTable) -> str:
+        rows = list(stats.by_key.items())
+        prefixes = self._prefixes
+        if len(prefixes) > 2 * st.MAX_KEYS:
+            prefixes.clear()
+        lines: list[list[str]] = [
+            [f"# HELP {metric} Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).\n"
+             f"# TYPE {metric} counter\n"]
+            for metric, name in zip(self._metrics, st.NAMES, strict=True)
+        ]  # fmt: skip
+        for start in range(0, len(rows), self.CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for key, row in rows[start : start + self.CHUNK]:
+                prefix = prefixes.get(key)
+                if prefix is None:
+                    prefix = prefixes[key] = self._prefix(key)
+                for out, text, value in zip(lines, prefix, row, strict=True):
+                    out.append(f"{text}{value}\n")
+        return "".join(["".join(out) for out in lines])
+
+
+def xds_target(text: str) -> str:
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def xds_options(args: argparse.Namespace) -> XdsOptions:
+    target, tls = parse_target(args.config_xds)
+    return XdsOptions(
+        target=target,
+        node_id=args.xds_node_id,
+        tls=tls,
+        ca=args.xds_ca,
+        cert=args.xds_cert,
+        key=args.xds_key,
+        server_name=args.xds_server_name,
+        backoff_initial=max(args.xds_backoff_initial, 0.01),
+        backoff_max=args.xds_backoff_max,
+        max_message_bytes=args.xds_max_message_bytes,
+    )
+
+
 class LimitStatsCollector(Collector):
-    """Exposes the limiter's plain-integer counters at scrape time."""
+    """The service-level counters and store health, read at scrape time (the per-limit
+    counters are rendered by :class:`LimitStatsText`)."""
 
     def __init__(self, service: RateLimitService) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Any]:
         limiter = self.service.limiter
-        families = [
-            CounterMetricFamily(
-                f"outrider_ratelimit_{name}",
-                f"Hits per limit: {name} (as envoyproxy/ratelimit's {name} stat).",
-                labels=["domain", "descriptor"],
-            )
-            for name in st.NAMES
-        ]
         service = CounterMetricFamily(
             "outrider_ratelimit_events",
             "Service-level events: calls, over_limit_responses, unknown_domain, "
-            "global_shadow_mode, store_errors, fail_open.",
+            "service_errors, global_shadow_mode, store_errors, fail_open.",
             labels=["event"],
         )
         if limiter is not None:
-            for key, row in list(limiter.stats.by_key.items()):
-                domain, _, descriptor = key.partition(".")
-                for family, value in zip(families, row, strict=True):
-                    family.add_metric([domain, descriptor], value)
             counters = limiter.stats.service
             for event in (
                 "calls",
                 "over_limit_responses",
                 "unknown_domain",
+                "service_errors",
                 "global_shadow_mode",
                 "store_errors",
                 "fail_open",
             ):
                 service.add_metric([event], getattr(counters, event))
-        yield from families
         yield service
         healthy = GaugeMetricFamily(
             "outrider_ratelimit_store_up", "1 when the counter store answers.", labels=["store"]
@@ -99,6 +163,17 @@ class LimitStatsCollector(Collector):
         if store is not None:
             up = store.healthy if isinstance(store, RedisStore) else True
             healthy.add_metric([store_label(store.name)], 1 if up else 0)
+        if isinstance(store, MemoryStore):
+            yield GaugeMetricFamily(
+                "outrider_ratelimit_memory_keys",
+                "Counters held by the in-memory store.",
+                value=len(store),
+            )
+            yield CounterMetricFamily(
+                "outrider_ratelimit_memory_evictions",
+                "Live counters evicted to stay within --memory-max-keys.",
+                value=store.evictions,
+            )
         per_second = self.service.per_second_store
         if per_second is not None:
             label = store_label(per_second.name, per_second=True)
@@ -108,7 +183,7 @@ class LimitStatsCollector(Collector):
 
 class RateLimitService:
     name = "ratelimit"
-    grpc_service_names = (transport.SERVICE_NAME,)
+    grpc_service_names = (transport.SERVICE_NAME, grpc_quota.SERVICE_NAME)
 
     def __init__(self, args: argparse.Namespace, metrics: CollectorRegistry) -> None:
         self.args = args
@@ -125,6 +200,9 @@ class RateLimitService:
         self.store: RedisStore | MemoryStore | None = None
         self.per_second_store: RedisStore | None = None
         self.config: RateLimitConfig | None = None
+        self.xds: XdsConfigSource | None = None
+        if args.config_xds:
+            self.xds = XdsConfigSource(xds_options(args), rls_conf.TYPE_URL, self.parse_xds)
         self.redis_latency = Histogram(
             "outrider_ratelimit_redis_pipeline_seconds",
             "Redis round trip of one call's commands (Redis Cluster: of one batch of calls).",
@@ -133,13 +211,31 @@ class RateLimitService:
             registry=metrics,
         )
         metrics.register(LimitStatsCollector(self))
+        self._stats_text = LimitStatsText()
         self.servicer = transport.RateLimitServicer(
             self._current_limiter, response_headers=args.response_headers
         )
+        self.quota = quota_service.QuotaRuntime(args, metrics)
+
+    async def metrics_text(self) -> str:
+        """The per-limit counters for /metrics (see :class:`LimitStatsText`)."""
+        if self.limiter is None:
+            return ""
+        return await self._stats_text.render(self.limiter.stats)
 
     def _current_limiter(self) -> Limiter:
+        if self.config is None:
+            raise transport.NotConfigured("no rate limit configuration loaded yet")
         assert self.limiter is not None
         return self.limiter
+
+    def config_source(self) -> XdsConfigSource | None:
+        return self.xds
+
+    def parse_xds(self, resources: Sequence[Any], version: str) -> RateLimitConfig:
+        return rls_conf.parse_resources(
+            resources, version, merge_domains=self.args.merge_domain_config
+        )
 
     # -- Service protocol -------------------------------------------------------------
     def load_config(self, path: Path) -> RateLimitConfig:
@@ -167,7 +263,8 @@ class RateLimitService:
         )
         return store
 
-    async def start(self, config: RateLimitConfig) -> None:
+    async def start(self, config: RateLimitConfig | None) -> None:
+        # None: the config comes from xDS; until it does, calls get UNAVAILABLE.
         self.config = config
         if self.args.redis_url:
             store: RedisStore | MemoryStore = await self._open_redis(
@@ -183,29 +280,41 @@ class RateLimitService:
                     await store.close()
                     raise
         else:
-            store = MemoryStore()
+            store = MemoryStore(max_keys=self.args.memory_max_keys)
             log.warning("no --redis-url: counters are kept in memory, correct for ONE replica only")
         self.store = store
         jitter_rng = random.Random()
+        # before the first xDS config: an empty one (RLS calls get UNAVAILABLE meanwhile)
+        effective = config or RateLimitConfig(domains={})
         self.limiter = Limiter(
-            config,
+            effective,
             store,
             self.options,
             jitter=lambda most: jitter_rng.randint(0, most),
             per_second_store=self.per_second_store,
         )
+        await self.quota.start(effective, store if isinstance(store, RedisStore) else None)
 
     def apply_config(self, config: RateLimitConfig) -> None:
         self.config = config
         if self.limiter is not None:
             self.limiter.set_config(config)
+        self.quota.apply_config(config)
 
     def register(self, server: grpc.aio.Server) -> None:
         transport.register(server, self.servicer)
+        self.quota.register(server)
 
     async def readiness(self) -> Readiness:
         if self.limiter is None or self.store is None:
             return Readiness(False, "starting")
+        if self.config is None and not self.args.force_start_without_initial_config:
+            assert self.xds is not None
+            sub = self.xds.subscription
+            why = f" ({sub.last_error})" if sub is not None and sub.last_error else ""
+            return Readiness(
+                False, f"waiting for the first config from xDS {self.xds.options.target}{why}"
+            )
         for store, what in ((self.store, "Redis"), (self.per_second_store, "per-second Redis")):
             if isinstance(store, RedisStore) and not store.healthy:
                 problem = f"{what}: {store.last_error or 'unreachable'}"
@@ -213,7 +322,8 @@ class RateLimitService:
                     # answering OK without Redis is the point of --fail-open: stay in service
                     return Readiness(True, f"fail-open: {problem}")
                 return Readiness(False, problem)
-        return Readiness(True)
+        note = self.quota.readiness_note()
+        return Readiness(True, note) if note else Readiness(True)
 
     def describe_config(self) -> Any:
         store: dict[str, Any] = {"kind": "memory (one replica only)"}
@@ -231,6 +341,7 @@ class RateLimitService:
             }
         return {
             "store": store,
+            **({"xds": self.xds.describe()} if self.xds is not None else {}),
             "options": {
                 "prefix": self.options.prefix,
                 "near_limit_ratio": self.options.near_limit_ratio,
@@ -238,15 +349,18 @@ class RateLimitService:
                 "local_cache_size": self.options.local_cache_size,
                 "expiration_jitter_max_seconds": self.options.expiration_jitter_max_seconds,
                 "stop_counting_over_limit": self.options.stop_counting_over_limit,
+                "memory_max_keys": None if self.args.redis_url else self.args.memory_max_keys,
                 "response_headers": self.args.response_headers,
             },
             **(self.config.describe() if self.config is not None else {}),
         }
 
     async def drain(self, grace: float) -> None:
-        pass  # gRPC only: the runtime drains it
+        # gRPC only: the runtime drains it; RLQS streams never end by themselves
+        self.quota.drain()
 
     async def stop(self) -> None:
+        await self.quota.stop()
         if self.store is not None:
             await self.store.close()
         if self.per_second_store is not None:
@@ -316,9 +430,17 @@ class Factory:
         group.add_argument(
             "--local-cache-size",
             type=non_negative_int,
-            default=100_000,
+            default=LimiterOptions._field_defaults["local_cache_size"],
             metavar="N",
             help="keys remembered as over limit until their window ends; 0 disables",
+        )
+        group.add_argument(
+            "--memory-max-keys",
+            type=positive_int,
+            default=MAX_MEMORY_KEYS,
+            metavar="N",
+            help="in-memory store: counters kept at most; past it the one that expires first "
+            f"is evicted (default {MAX_MEMORY_KEYS})",
         )
         group.add_argument(
             "--stop-counting-over-limit",
@@ -335,8 +457,72 @@ class Factory:
             action="store_true",
             help="merge files of the same domain instead of rejecting them",
         )
+        quota_service.add_arguments(group)
+        xds = parser.add_argument_group(
+            "config over xDS (instead of --config; Envoy Gateway's rate limit config server)"
+        )
+        xds.add_argument(
+            "--config-xds",
+            type=xds_target,
+            default=None,
+            metavar="URL",
+            help="HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT of an ADS management "
+            "server serving ratelimit.config.ratelimit.v3.RateLimitConfig (one per domain)",
+        )
+        xds.add_argument(
+            "--xds-node-id", default="default", metavar="ID", help="node id (default: default)"
+        )
+        xds.add_argument("--xds-ca", type=Path, metavar="PATH", help="CA of the server (TLS)")
+        xds.add_argument("--xds-cert", type=Path, metavar="PATH", help="client cert (mTLS)")
+        xds.add_argument("--xds-key", type=Path, metavar="PATH", help="client key (mTLS)")
+        xds.add_argument(
+            "--xds-server-name",
+            default="",
+            metavar="NAME",
+            help="name the server's certificate must carry, when not the URL's host",
+        )
+        xds.add_argument(
+            "--xds-backoff-initial",
+            type=positive_float,
+            default=0.5,
+            metavar="SECONDS",
+            help="wait before subscribing again after a disconnect; doubles, jittered, "
+            "up to --xds-backoff-max (default 0.5)",
+        )
+        xds.add_argument(
+            "--xds-backoff-max",
+            type=positive_float,
+            default=30.0,
+            metavar="SECONDS",
+            help="longest wait between subscriptions (default 30)",
+        )
+        xds.add_argument(
+            "--xds-max-message-bytes",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="largest DiscoveryResponse accepted (default: gRPC's 4 MiB)",
+        )
+        xds.add_argument(
+            "--force-start-without-initial-config",
+            action="store_true",
+            help="ready before the first config arrives (calls get UNAVAILABLE until then)",
+        )
 
     def create(self, args: argparse.Namespace, metrics: CollectorRegistry) -> RateLimitService:
+        if (args.config is None) == (args.config_xds is None):
+            raise UsageError(
+                "give either --config (files) or --config-xds (a management server), not both"
+                if args.config is not None
+                else "the following argument is required: --config or --config-xds "
+                "(or OUTRIDER_CONFIG / OUTRIDER_CONFIG_XDS)"
+            )
+        if args.config_xds is None:
+            for flag in ("xds_ca", "xds_cert", "xds_key", "xds_server_name"):
+                if getattr(args, flag):
+                    raise UsageError(f"--{flag.replace('_', '-')} needs --config-xds")
+        else:
+            check_options(xds_options(args))
         if args.redis_persecond_url and not args.redis_url:
             raise UsageError("--redis-persecond-url needs --redis-url (the other limits' Redis)")
         return RateLimitService(args, metrics)

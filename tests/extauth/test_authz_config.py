@@ -165,7 +165,12 @@ BAD_CONFIGS = [
     ),
     (
         {"p": {"jwt": {"providers": [{"name": "a", "remoteJWKS": {"uri": "ftp://x"}}]}}},
-        "remoteJWKS.uri: expected an http",
+        "remoteJWKS.uri: expected an https:// URL",
+    ),
+    (
+        # keys over plain http only from this machine, as for the OIDC issuer
+        {"p": {"jwt": {"providers": [{"name": "a", "remoteJWKS": {"uri": "http://idp.test/k"}}]}}},
+        "remoteJWKS.uri: expected an https:// URL (http only for a loopback host",
     ),
     (
         {
@@ -330,3 +335,28 @@ def test_durations_follow_gateway_api(text: str, seconds: float) -> None:
 def test_durations_outside_gateway_api_are_refused(text: str) -> None:
     with pytest.raises(ConfigError, match=r"policies\.yaml: d: expected a duration"):
         parse_duration(Node(text, "policies.yaml", "d"))
+
+
+@pytest.mark.parametrize(
+    ("uri", "accepted"),
+    [
+        ("https://idp.test/keys", True),
+        ("http://127.0.0.1:8080/keys", True),
+        ("http://127.8.9.10/keys", True),
+        ("http://localhost/keys", True),
+        ("http://[::1]:9000/keys", True),
+        ("http://idp.test/keys", False),
+        ("http://10.0.0.1/keys", False),
+        ("http://127.0.0.1.evil.test/keys", False),
+        ("https:///keys", False),
+    ],
+)
+def test_remote_jwks_is_https_except_loopback(tmp_path: Path, uri: str, accepted: bool) -> None:
+    """remoteJWKS follows the OIDC issuer's rule: https, plain http only to loopback."""
+    policies = {"p": {"jwt": {"providers": [{"name": "a", "remoteJWKS": {"uri": uri}}]}}}
+    path = write_config(tmp_path, policies)
+    if accepted:
+        assert load_config(path).policies["p"].jwt.providers[0].remote_jwks.uri == uri
+    else:
+        with pytest.raises(ConfigError, match="http only for a loopback host"):
+            load_config(path)

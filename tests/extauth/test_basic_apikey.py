@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from services.common.configfile import ConfigError
+from services.extauth.config import load_config
 from tests.extauth.helpers import (
     EngineHarness,
     apache_htpasswd,
     basic_header,
     config_from,
     request,
+    write_config,
 )
 
 USERS = {
@@ -185,3 +187,66 @@ async def test_api_key_credentials_file_and_list_form(tmp_path: Path) -> None:
         tmp_path, apikey_policy(credentials=[{"c1": "k-1"}, {"c1": "k-2", "c2": "k-3"}])
     )
     assert [c for c, _ in listed.policies["p"].api_key_auth.credentials] == ["c1", "c2"]
+
+
+async def test_unknown_user_is_checked_against_the_costliest_scheme(tmp_path: Path) -> None:
+    """A mixed file, {SHA} first: an unknown user costs a bcrypt check, not a SHA-1 one."""
+    path = tmp_path / "mixed.htpasswd"
+    apache_htpasswd(path, {"fast": ("-s", "pw-s"), "slow": ("-B", "pw-b")})
+    config = config_from(tmp_path, basic_policy(path))
+    async with EngineHarness(config) as h:
+        unknown = await h.check(request(headers={"authorization": basic_header("ghost", "x")}))
+        known = await h.check(request(headers={"authorization": basic_header("fast", "pw-s")}))
+
+        def checks(scheme: str, result: str) -> float:
+            return h.metric("outrider_extauth_password_checks_total", scheme=scheme, result=result)
+
+        assert checks("bcrypt", "mismatch") == 1  # the decoy
+        assert checks("sha1", "mismatch") == 0
+        assert checks("sha1", "ok") == 1
+        (authenticator,) = [
+            s.authenticator
+            for s in h.service.engine.policies["p"].steps  # type: ignore[union-attr]
+        ]
+        assert set(authenticator.decoys) == {"sha1", "bcrypt"}
+    assert (unknown.status, unknown.reason) == (401, "basic_invalid")
+    assert known.allow
+
+
+async def test_password_checks_are_bounded(tmp_path: Path) -> None:
+    """Beyond --password-max-pending, failed-password checks are answered 503 at once and
+    counted, instead of queueing without bound; config reloads do not wait behind them."""
+    path = tmp_path / "b.htpasswd"
+    apache_htpasswd(path, {"u": ("-B", "pw")}, bcrypt_cost=12)  # a few hundred ms each
+    config_file = write_config(tmp_path, basic_policy(path))
+    config = load_config(config_file)
+    async with EngineHarness(config, password_workers=1, password_max_pending=2) as h:
+        checks = [
+            asyncio.create_task(
+                h.check(request(headers={"authorization": basic_header("u", f"wrong-{i}")}))
+            )
+            for i in range(6)
+        ]
+        await asyncio.sleep(0)  # every check has started: two hash, four were refused
+        # A reload's file reading runs on the default executor, not behind the hashes.
+        reloaded = await asyncio.to_thread(load_config, config_file)
+        assert h.service.password_checks.pending > 0
+        h.service.apply_config(reloaded)
+        decisions = await asyncio.gather(*checks)
+        refused = [d for d in decisions if d.reason == "basic_busy"]
+        assert len(refused) == 4
+        assert [d.reason for d in decisions if d not in refused] == ["basic_invalid"] * 2
+        for d in refused:
+            assert d.status == 503
+            assert dict(d.response_headers)["retry-after"] == "1"
+        assert (
+            h.metric("outrider_extauth_password_checks_total", scheme="bcrypt", result="refused")
+            == 4
+        )
+        assert (
+            h.metric("outrider_extauth_checks_total", policy="p", decision="deny",
+                     reason="basic_busy", transport="test")
+            == 4
+        )  # fmt: skip
+        # Once the pool is free again, checks go through.
+        assert (await h.check(request(headers={"authorization": basic_header("u", "pw")}))).allow

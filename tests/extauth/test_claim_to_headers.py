@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.common.configfile import ConfigError, Node
+from services.extauth.authn.jwt import header_value
 from services.extauth.authz import claim_at
 from services.extauth.config import parse_claim_to_headers
-from services.extauth.jwt import header_value
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from tests.extauth.helpers import (
 from tests.harness.envoy import bootstrap, grpc_uds_cluster, http_cluster
 from tests.harness.procs import free_port
 
-POLICIES = ["jwt", "optional", "claims", "basic", "apikey", "cidr-allow", "cidr-deny"]
+POLICIES = ["jwt", "optional", "claims", "twoloc", "basic", "apikey", "cidr-allow", "cidr-deny"]
 
 FILTER = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 PER_ROUTE = FILTER + "PerRoute"
@@ -73,6 +73,21 @@ def policies(jwks_uri: str, htpasswd: Path) -> dict[str, Any]:
                     }
                 ],
             },
+        },
+        # Two providers reading different locations: idp the Authorization header, other
+        # the query parameter ``token`` (for tokens of another issuer).
+        "twoloc": {
+            "jwt": {
+                "providers": [
+                    provider,
+                    {
+                        "name": "other",
+                        "issuer": "https://other.test",
+                        "remoteJWKS": {"uri": jwks_uri, "cacheDuration": "300s"},
+                        "extractFrom": {"params": ["token"]},
+                    },
+                ]
+            }
         },
         "basic": {"basicAuth": {"htpasswdFile": str(htpasswd), "forwardUsernameHeader": "x-user"}},
         "apikey": {
@@ -152,6 +167,10 @@ def table(k1: SigningKey, k2: SigningKey) -> list[Case]:
         Case("optional jwt: a bad token still fails", "optional", 401, b(tamper(good, sub="x"))),
         Case("claims rule allows admin", "claims", 200, b(k1.sign(claims(role="admin")))),
         Case("claims rule denies user", "claims", 403, b(k1.sign(claims(role="user")))),
+        Case("two locations: idp's token in the header", "twoloc", 200, b(good)),
+        # once verified (and cached) from the header, the same token is still refused where
+        # only the other provider looks
+        Case("two locations: idp's token in other's query", "twoloc", 401, query=f"token={good}"),
         Case(
             "basic bcrypt",
             "basic",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from services.extauth.http import split_policy_path
+from services.extauth.transport.http import split_policy_path
 from tests.extauth.helpers import (
     SigningKey,
     apache_htpasswd,
@@ -104,6 +104,21 @@ def envoy_http_mode(
                 },
             }
         )
+    # the jwt policy again, with what the echo upstream (an aiohttp server with its 8 KB
+    # limits) cannot read kept from it: the large token test is about the check
+    routes.append(
+        {
+            "match": {"prefix": "/jwt-big/"},
+            "route": {"cluster": "upstream"},
+            "request_headers_to_remove": ["authorization"],
+            "typed_per_filter_config": {
+                "envoy.filters.http.ext_authz": {
+                    "@type": PER_ROUTE,
+                    "check_settings": {"http_service": http_service(authz_port, "jwt")},
+                }
+            },
+        }
+    )
     routes.append({"match": {"prefix": "/"}, "route": {"cluster": "upstream"}})
     return bootstrap(
         listener,
@@ -244,6 +259,16 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     assert http_call(f"{http_mode}/policy/apikey/x", {"x-api-key": "key-a"})[0] == 403
 
 
+def test_a_10kb_jwt_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
+    """Envoy forwards headers up to max_request_headers_kb (60 KiB by default); a 10 KB
+    JWT (well within it, and allowed over gRPC) is allowed in HTTP mode too."""
+    token = rsa1.sign(claims(aud=None, groups=[f"group-{i:05d}" for i in range(800)]))
+    assert 10_000 < len(token) < 16_000
+    status, _, body = http_call(f"{http_mode}/jwt-big/", {"authorization": f"Bearer {token}"})
+    assert status == 200, body[:200]
+    assert json.loads(body)["headers"]["x-user"] == "alice"
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -380,7 +405,7 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
 ) -> None:
     """aiohttp's errors quote the offending bytes (a bad URL is its whole message), which
     may be a credential; both of its parsers (C, and Python without the extension)."""
-    import services.extauth.http as http_mode
+    import services.extauth.transport.http as http_mode
 
     if parser == "python":
         from aiohttp.http_parser import HttpRequestParserPy
@@ -403,9 +428,39 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
     assert secret not in logged
 
 
+@pytest.mark.parametrize("parser", ["c", "python"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        GOOD.replace("\r\n\r\n", "\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+        GOOD.replace("GET ", "CONNECT ", 1),
+    ],
+    ids=["upgrade", "connect"],
+)
+async def test_after_an_upgrade_or_connect_the_connection_closes(
+    http_socket: Path, monkeypatch: pytest.MonkeyPatch, parser: str, first: str
+) -> None:
+    """aiohttp's parsers stop parsing HTTP after an Upgrade or CONNECT request; the C one
+    hands the rest back, the Python one (AIOHTTP_NO_EXTENSIONS=1) swallows it. Either way
+    the check is answered, says ``Connection: close``, and the connection closes: no later
+    request waits forever for an answer, none is read from an unparsed tail."""
+    import services.extauth.transport.http as http_mode
+
+    if parser == "python":
+        from aiohttp.http_parser import HttpRequestParserPy
+
+        monkeypatch.setattr(http_mode, "HttpRequestParser", HttpRequestParserPy)
+    # with a request pipelined behind it
+    data = await exchange(http_socket, first + BAD, read_until_close=True)
+    assert statuses(data) == ["200"]
+    assert b"Connection: close\r\n" in data
+    # the server goes on serving new connections
+    assert statuses(await exchange(http_socket, GOOD, BAD)) == ["200", "401"]
+
+
 def test_unsafe_header_values_are_never_written() -> None:
     from services.extauth.core import Decision
-    from services.extauth.http import encode_response, response_from_decision
+    from services.extauth.transport.http import encode_response, response_from_decision
 
     with pytest.raises(ValueError, match="unsafe"):
         encode_response(200, [("x-a", "1\r\nx-injected: yes")], b"")
@@ -425,7 +480,7 @@ class GatedServer:
         import asyncio
 
         from services.common.listeners import parse_address
-        from services.extauth.http import HTTPAuthzServer
+        from services.extauth.transport.http import HTTPAuthzServer
 
         self.path = path
         self.gate = asyncio.Event()
@@ -500,7 +555,7 @@ async def test_a_client_that_never_reads_answers_stops_being_read(gated: GatedSe
     """Pipelined checks beyond MAX_QUEUED wait in the client's socket, not in our memory."""
     import asyncio
 
-    from services.extauth.http import MAX_QUEUED
+    from services.extauth.transport.http import MAX_QUEUED
 
     count = 3000  # of 1 kB each: far more than one read takes in
     padded = GOOD.replace("\r\n\r\n", f"\r\nx-pad: {'p' * 1000}\r\n\r\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt as pyjwt
@@ -57,43 +58,81 @@ def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def attack_table(key: SigningKey, other: SigningKey) -> list[tuple[str, str, int, str]]:
-    now = int(time.time())
-    good = key.sign(claims())
-    return [
-        ("valid", good, 200, "allowed"),
-        ("alg none", unsigned_token(claims(), kid=key.kid), 401, "jwt_bad_alg"),
-        (
-            "HS256 keyed with the RSA public key",
-            hs256_with_public_key(key, claims()),
-            401,
-            "jwt_bad_alg",
-        ),
-        ("expired", key.sign(claims(exp=now - 120)), 401, "jwt_expired"),
-        ("expired within the skew", key.sign(claims(exp=now - 30)), 200, "allowed"),
-        ("nbf in the future", key.sign(claims(nbf=now + 600)), 401, "jwt_not_yet_valid"),
-        ("iat in the future", key.sign(claims(iat=now + 600)), 401, "jwt_not_yet_valid"),
-        ("wrong issuer", key.sign(claims(iss="https://evil.test")), 401, "jwt_issuer"),
-        ("wrong audience", key.sign(claims(aud="api://else")), 401, "jwt_audience"),
-        ("second audience accepted", key.sign(claims(aud=["x", "other"])), 200, "allowed"),
-        ("missing exp", key.sign(claims(exp=None)), 401, "jwt_missing_claim"),
-        ("tampered payload", tamper(good, sub="root"), 401, "jwt_signature"),
-        (
-            "signed by an unknown key with a known kid",
-            SigningKey(key.kid, other.private, other.alg).sign(claims()),
-            401,
-            "jwt_signature",
-        ),
-        ("garbage", "not.a.jwt", 401, "jwt_malformed"),
-        ("jku is ignored", key.sign(claims(), {"jku": "https://evil.test/jwks"}), 200, "allowed"),
-    ]
+#: (name, token builder(key, other key, now), expected status, expected reason): the
+#: test runs every row, so a row added here is a row tested.
+ATTACKS: list[tuple[str, Callable[[SigningKey, SigningKey, int], str], int, str]] = [
+    ("valid", lambda k, o, now: k.sign(claims()), 200, "allowed"),
+    ("alg none", lambda k, o, now: unsigned_token(claims(), kid=k.kid), 401, "jwt_bad_alg"),
+    (
+        "HS256 keyed with the RSA public key",
+        lambda k, o, now: hs256_with_public_key(k, claims()),
+        401,
+        "jwt_bad_alg",
+    ),
+    ("expired", lambda k, o, now: k.sign(claims(exp=now - 120)), 401, "jwt_expired"),
+    ("expired within the skew", lambda k, o, now: k.sign(claims(exp=now - 30)), 200, "allowed"),
+    (
+        "nbf in the future",
+        lambda k, o, now: k.sign(claims(nbf=now + 600)),
+        401,
+        "jwt_not_yet_valid",
+    ),
+    (
+        "iat in the future",
+        lambda k, o, now: k.sign(claims(iat=now + 600)),
+        401,
+        "jwt_not_yet_valid",
+    ),
+    ("wrong issuer", lambda k, o, now: k.sign(claims(iss="https://evil.test")), 401, "jwt_issuer"),
+    ("wrong audience", lambda k, o, now: k.sign(claims(aud="api://else")), 401, "jwt_audience"),
+    (
+        "second audience accepted",
+        lambda k, o, now: k.sign(claims(aud=["x", "other"])),
+        200,
+        "allowed",
+    ),
+    ("missing exp", lambda k, o, now: k.sign(claims(exp=None)), 401, "jwt_missing_claim"),
+    (
+        "tampered payload",
+        lambda k, o, now: tamper(k.sign(claims()), sub="root"),
+        401,
+        "jwt_signature",
+    ),
+    (
+        "signed by an unknown key with a known kid",
+        lambda k, o, now: SigningKey(k.kid, o.private, o.alg).sign(claims()),
+        401,
+        "jwt_signature",
+    ),
+    ("garbage", lambda k, o, now: "not.a.jwt", 401, "jwt_malformed"),
+    (
+        "jku is ignored",
+        lambda k, o, now: k.sign(claims(), {"jku": "https://evil.test/jwks"}),
+        200,
+        "allowed",
+    ),
+    (
+        "unknown kid",
+        lambda k, o, now: SigningKey("nobody", o.private, o.alg).sign(claims()),
+        401,
+        "jwt_unknown_kid",
+    ),
+]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize(
+    ("name", "make", "status", "reason"), ATTACKS, ids=[row[0] for row in ATTACKS]
+)
 async def test_attack_table_local_jwks(
-    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, case: int
+    tmp_path: Path,
+    rsa1: SigningKey,
+    rsa2: SigningKey,
+    name: str,
+    make: Callable[[SigningKey, SigningKey, int], str],
+    status: int,
+    reason: str,
 ) -> None:
-    name, token, status, reason = attack_table(rsa1, rsa2)[case]
+    token = make(rsa1, rsa2, int(time.time()))
     config = config_from(tmp_path, jwt_policy(jwks(rsa1)))
     async with EngineHarness(config) as h:
         decision = await h.check(request(headers=bearer(token)))

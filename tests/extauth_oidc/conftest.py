@@ -97,7 +97,8 @@ async def oidc_env(
     echo_upstream: Any,
     sockdir: Path,
 ) -> AsyncIterator[Callable[..., OidcEnv]]:
-    """``oidc_env(redis_url=None)``: provider + extauth + Envoy (TLS) + echo, policies:
+    """``oidc_env(redis_url=None, mode="grpc", provider_timeout=None)``: provider + extauth
+    + Envoy (TLS) + echo, policies:
 
     - ``web`` on ``/``: client_secret_basic, identity headers, access and ID token forwarded;
     - ``short`` on ``/short/``: client_secret_post, 4 s access tokens (refresh);
@@ -107,7 +108,9 @@ async def oidc_env(
     """
     envs: list[OidcEnv] = []
 
-    def start(redis_url: str | None = None, mode: str = "grpc") -> OidcEnv:
+    def start(
+        redis_url: str | None = None, mode: str = "grpc", provider_timeout: str | None = None
+    ) -> OidcEnv:
         workdir = short_tmpdir("or-oidc-")
         cert, key = make_tls_cert(workdir)
         port = free_port()
@@ -213,6 +216,9 @@ async def oidc_env(
             }
             routes.append(("/r/", "redis"))
         routes.append(("/", "web"))
+        if provider_timeout is not None:
+            for policy in policies.values():
+                policy["oidc"]["providerTimeout"] = provider_timeout
         config = write_policies(workdir, policies)
         socket_path = str(sockdir / "extauth.sock")
         http_socket = str(sockdir / "extauth-http.sock")

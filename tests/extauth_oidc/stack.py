@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+import secrets
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,16 @@ ACCOUNTS = {
     }
 }
 ALICE = ("alice", "correct horse battery staple")
+#: Carol's ID token is large (many random groups): her session needs several cookies.
+ACCOUNTS["carol"] = {
+    "password": "carol's long passphrase",
+    "claims": {
+        "email": "carol@example.com",
+        "email_verified": True,
+        "groups": [secrets.token_hex(16) for _ in range(260)],
+    },
+}
+CAROL = ("carol", "carol's long passphrase")
 _TYPES = "type.googleapis.com/envoy.extensions."
 PER_ROUTE_TYPE = _TYPES + "filters.http.ext_authz.v3.ExtAuthzPerRoute"
 TLS_TYPE = _TYPES + "transport_sockets.tls.v3.DownstreamTlsContext"

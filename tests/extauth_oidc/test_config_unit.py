@@ -12,7 +12,7 @@ import yaml
 
 from services.common.configfile import ConfigError, parse_yaml
 from services.extauth.config import load_config
-from services.extauth.oidc_config import parse_oidc
+from services.extauth.oidc.config import parse_oidc
 
 COOKIE_SECRET = "0123456789abcdef0123456789abcdef-newest"
 

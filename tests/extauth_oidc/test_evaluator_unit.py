@@ -13,9 +13,9 @@ import yaml
 
 from services.common.configfile import parse_yaml
 from services.extauth.core import AuthContext, CheckRequest, Missing, Rejected
-from services.extauth.oidc import OidcAuthenticator
-from services.extauth.oidc_config import parse_oidc
-from services.extauth.session import LOGIN_PURPOSE, parse_cookie_header
+from services.extauth.oidc.config import parse_oidc
+from services.extauth.oidc.flow import OidcAuthenticator
+from services.extauth.oidc.session import LOGIN_PURPOSE, parse_cookie_header
 
 BROWSER = {"accept": "text/html,*/*;q=0.8"}
 

@@ -16,8 +16,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.common.configfile import parse_yaml
-from services.extauth.oidc_config import OidcConfig, parse_oidc
-from services.extauth.oidc_provider import IdTokenInvalid, OidcProviderClient
+from services.extauth.oidc.config import OidcConfig, parse_oidc
+from services.extauth.oidc.provider import IdTokenInvalid, OidcProviderClient
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())

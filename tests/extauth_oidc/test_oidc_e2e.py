@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 from tests.extauth_oidc.conftest import OidcEnv
+from tests.extauth_oidc.stack import CAROL
 from tests.harness.procs import http_get, replace_text, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -287,6 +290,46 @@ async def test_provider_down(oidc_env: Callable[..., OidcEnv]) -> None:
     assert "<html>" in page.body
 
 
+async def test_a_hung_provider_gets_a_503_within_provider_timeout(
+    oidc_env: Callable[..., OidcEnv],
+) -> None:
+    """A provider that accepts connections and never answers (SIGSTOP: the kernel still
+    accepts): the callback's token request is cut off at providerTimeout and the browser
+    gets the documented 503 page, not Envoy's timeout; the pod stays ready."""
+    env = oidc_env(provider_timeout="1s")
+    midway = env.browser()
+    paused = await midway.navigate(f"{env.app}/midway", stop=_is_callback(env))
+    assert env.provider.process is not None
+    env.provider.process.signal(signal.SIGSTOP)
+    try:
+        page = await midway.fetch(paused.url)
+        assert page.status == 503, (page.status, page.body[:300])
+        assert "temporarily unavailable" in page.body
+        assert page.headers["retry-after"] == "5"
+        assert http_get(env.extauth.admin_url + "/readyz")[0] == 200
+    finally:
+        env.provider.process.signal(signal.SIGCONT)
+    assert "OpenID provider unavailable at callback" in env.extauth.output()
+
+
+async def test_a_policy_whose_session_redis_is_down_answers_503_and_the_pod_stays_ready(
+    oidc_env: Callable[..., OidcEnv], redis_server: Any
+) -> None:
+    """Readiness is what every policy needs (a loaded config): one policy's session Redis
+    going down makes that policy answer 503, not every route of the pod unready."""
+    env = oidc_env(redis_url=redis_server.url)
+    browser = env.browser()
+    assert (await browser.navigate(f"{env.app}/r/home")).status == 200
+    assert (await browser.navigate(f"{env.app}/home")).status == 200  # the cookie-store policy
+    redis_server.stop()
+    page = await browser.fetch(f"{env.app}/r/again", headers=API)
+    assert page.status == 503, (page.status, page.body[:300])
+    assert "temporarily unavailable" in page.body
+    assert (await browser.fetch(f"{env.app}/again", headers=API)).status == 200
+    status, body = http_get(env.extauth.admin_url + "/readyz")
+    assert (status, body) == (200, "ready\n")
+
+
 @pytest.mark.parametrize("mode", ["grpc", "http"])
 async def test_jwt_bearer_passes_through(oidc_env: Callable[..., OidcEnv], mode: str) -> None:
     env = oidc_env(mode=mode)
@@ -309,6 +352,27 @@ async def test_jwt_bearer_passes_through(oidc_env: Callable[..., OidcEnv], mode:
     page = await env.browser().navigate(f"{env.app}/api/ui")
     assert page.status == 200
     assert page.url == f"{env.app}/api/ui"
+
+
+async def test_a_fully_chunked_session_in_http_mode(oidc_env: Callable[..., OidcEnv]) -> None:
+    """A session too large for one cookie is split over several; the Cookie header that
+    carries them all (about 15 KB here) is within what Envoy forwards (60 KiB), and HTTP
+    mode takes it as gRPC does. (aiohttp's client jar sends at most 8190 bytes of
+    cookies, a browser more: the test writes the Cookie header itself.)"""
+    env = oidc_env(mode="http")
+    browser = env.browser(credentials=CAROL)
+    paused = await browser.navigate(f"{env.app}/api/ui", stop=_is_callback(env, "/api"))
+    page = await browser.fetch(paused.url)
+    assert page.status == 302, page.body[:300]
+    chunks = {
+        m.key: m.value for m in browser.jar if m.key.startswith("__Host-api-session") and m.value
+    }
+    assert len(chunks) >= 4, list(chunks)
+    cookie = "; ".join(f"{k}={v}" for k, v in chunks.items())
+    assert len(cookie) > 12_000
+    page = await browser.fetch(f"{env.app}/api/ui", headers={**API, "cookie": cookie})
+    assert page.status == 200, page.body[:300]
+    assert "__Host-api-session" not in page.json()["headers"].get("cookie", "")
 
 
 async def test_redis_sessions_are_small_and_revocable(

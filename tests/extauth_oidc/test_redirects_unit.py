@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.extauth.redirects import is_safe_absolute, is_safe_relative, safe_redirect
+from services.extauth.oidc.redirects import is_safe_absolute, is_safe_relative, safe_redirect
 
 ALLOWED = ("app.example.com", "*.apps.example.net", "admin.example.org:8443")
 

@@ -11,8 +11,8 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.extauth.oidc_config import CookieSettings
-from services.extauth.session import (
+from services.extauth.oidc.config import CookieSettings
+from services.extauth.oidc.session import (
     CHUNK_CHARS,
     CookieSealer,
     CookieSessionStore,

@@ -117,6 +117,40 @@ def test_json_paths() -> None:
         JsonPath.parse("$.a[")
 
 
+def test_json_patterns_mask_a_value_wherever_it_is() -> None:
+    """Issue 18: the card number in a query, a raw path, a string-encoded body, a key and a
+    number is masked; the rest of the document is untouched."""
+    config = parse(
+        """
+chains:
+  default:
+    - json: {patterns: ['[0-9](?:[ -]?[0-9]){12,18}'], replacement: "***"}
+"""
+    )
+    (proc,) = config.chains["default"].processors
+    doc = {
+        "raw_path": "/payments/4111111111111111?card=4111-1111-1111-1111&n=42",
+        "query": {"card": "4111 1111 1111 1111", "4111111111111111": "k"},
+        "body": json.dumps({"card": {"number": "4111111111111111"}}),
+        "amount": 4111111111111111,
+        "items": [{"pan": 5500000000000004}, 12, True, None],
+    }
+    out = json.loads(proc.transform(json.dumps(doc).encode()))
+    assert "4111" not in json.dumps(out)
+    assert "5500" not in json.dumps(out)
+    assert out["raw_path"] == "/payments/***?card=***&n=42"
+    assert out["query"] == {"card": "***", "***": "k"}
+    assert json.loads(out["body"]) == {"card": {"number": "***"}}
+    assert out["amount"] == "***"
+    assert out["items"] == [{"pan": "***"}, 12, True, None]
+    assert proc.transform(b'{"nothing": "to see", "n": 12}') is None  # unchanged
+
+
+def test_json_pattern_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"chains.default\[0\].json.patterns\[0\]: invalid"):
+        parse("chains:\n  default:\n    - json: {patterns: ['(']}\n")
+
+
 def test_templates() -> None:
     ctx = Context(
         chain="c",

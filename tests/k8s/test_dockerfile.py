@@ -160,3 +160,24 @@ def test_manifests_use_the_documented_image_tags() -> None:
         used |= set(re.findall(r"image: (outrider:\S+)", path.read_text()))
     assert used, "no manifest uses the Outrider image"
     assert used <= documented, f"{used - documented} is not built by the Dockerfile's commands"
+
+
+def test_bin_ratelimit_is_the_envoyproxy_environment_entry_point(
+    dockerfile: tuple[dict[str, str], list[Stage]],
+) -> None:
+    """Envoy Gateway starts its rate limit container with the command /bin/ratelimit."""
+    import tomllib
+
+    final = dockerfile[1][-1]
+    links = [
+        shlex.split(part)
+        for k, v in final.instructions
+        if k == "RUN"
+        for part in v.split("&&")
+        if part.strip().startswith("ln -s")
+    ]
+    targets = {words[-1]: words[-2] for words in links}
+    assert "/bin/ratelimit" in targets, "the final stage links /bin/ratelimit"
+    script = targets["/bin/ratelimit"].removeprefix("/opt/outrider/bin/")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[script] == "services.ratelimit.upstream_env:main"

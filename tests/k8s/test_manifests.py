@@ -26,6 +26,7 @@ OVERLAYS = {
     "envoy-gateway": K8S / "overlays" / "envoy-gateway",
     "plain-envoy": K8S / "overlays" / "plain-envoy",
     "redis-cluster": K8S / "overlays" / "redis-cluster",
+    "envoy-gateway-ratelimit": K8S / "overlays" / "envoy-gateway-ratelimit",
     "loadtest": K8S / "loadtest",
 }
 BASES = sorted(p.parent for p in (K8S / "base").glob("*/kustomization.yaml"))
@@ -347,12 +348,9 @@ def test_ratelimit_patch_turns_envoy_gateways_cluster_into_the_sidecar_socket(
 def test_sidecar_configs_load_with_the_services_parsers(
     name: str, rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    """Each sidecar's mounted config goes through that service's own config loader (skipped
-    for a service whose loader does not exist yet)."""
+    """Each sidecar's mounted config goes through that service's own config loader."""
     resources = rendered[name]
     (pod,) = [p for p in checks.pods(resources) if p.sidecars]
-    loaded = 0
-    missing: list[str] = []
     for command, files in checks.config_mounts(pod, resources).items():
         assert files, f"{command}: its config ConfigMap is empty"
         for text in files.values():
@@ -361,14 +359,7 @@ def test_sidecar_configs_load_with_the_services_parsers(
         directory.mkdir()
         for file_name, text in files.items():
             (directory / file_name).write_text(_localize(text, tmp_path, resources, pod))
-        loader = _config_loader(command)
-        if loader is None:
-            missing.append(command)
-            continue
-        loader(directory)
-        loaded += 1
-    if missing and not loaded:
-        pytest.skip(f"no config loader importable yet for {missing}")
+        _config_loader(command)(directory)
 
 
 def _localize(text: str, tmp_path: Path, resources: list[dict[str, Any]], pod: checks.Pod) -> str:
@@ -407,16 +398,13 @@ def _localize(text: str, tmp_path: Path, resources: list[dict[str, Any]], pod: c
 
 
 def _config_loader(command: str) -> Any:
-    """The service's ``load_config(path)`` via its factory, or None while it does not exist."""
+    """The service's ``load_config(path)`` via its factory."""
     import argparse
     import importlib
 
     from prometheus_client import CollectorRegistry
 
-    try:
-        module = importlib.import_module(f"services.{command}.main")
-    except ImportError:
-        return None
+    module = importlib.import_module(f"services.{command}.main")
     factory = module.COMMAND.factory
     parser = argparse.ArgumentParser()
     module.COMMAND.add_arguments(parser)
@@ -591,8 +579,9 @@ TRANSLATE_ARGS = ["--backend", "default/demo-echo=demo-echo:8080"]
 
 
 def _translate(target: str, outdir: Path, inputs: list[Path] | None = None) -> None:
-    cli = pytest.importorskip("translator.cli", reason="translator not importable")
     import argparse
+
+    from translator import cli
 
     parser = argparse.ArgumentParser()
     cli.COMMAND.add_arguments(parser)
@@ -640,11 +629,6 @@ def test_translate_target_gateway_output_passes_the_same_checks(
 ) -> None:
     """`outrider translate --target gateway` writes manifests for an Envoy Gateway cluster;
     they must pass what the envoy-gateway overlay passes."""
-    pytest.importorskip("translator.translate", reason="translator not importable")
-    try:
-        import translator.k8s  # noqa: F401  (the --target gateway writer)
-    except ImportError:
-        pytest.skip("translator.k8s (outrider translate --target gateway) does not exist yet")
     _translate("gateway", tmp_path, inputs)
     if any((tmp_path / name).is_file() for name in ("kustomization.yaml", "kustomization.yml")):
         resources = render(tmp_path)

@@ -44,14 +44,13 @@ def _check(doc: dict, *, cpu: set[str]) -> None:
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_locustfile_runs_against_every_setup(name: str) -> None:
     scenario = SCENARIOS[name]
+    assert not scenario.missing_services()
     setups = [
         s
         for s in scenario.setups
-        if not (s.sidecar and not s.sidecar.available())
         # each reference server once is enough: the gRPC ones (with extproc's body) and Envoy's
-        and (s.role != "reference" or name in FLOOR_SCENARIOS)
+        if s.role != "reference" or name in FLOOR_SCENARIOS
     ]
-    missing = scenario.missing_services()
     run_dir = Path(tempfile_dir(name))
     material = generate()
     data = run_dir / "data.json"
@@ -95,8 +94,6 @@ def test_locustfile_runs_against_every_setup(name: str) -> None:
     finally:
         stack.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
-    if missing:
-        pytest.skip(f"ran baseline and native only: services {missing} do not exist yet")
 
 
 def test_distributed_mode_master_merges_workers() -> None:
@@ -134,8 +131,7 @@ def test_runner_writes_results_and_report(tmp_path: Path) -> None:
     """The whole pipeline on a tiny plan: alternating runs → results JSON → Markdown + PNGs."""
     name = "extauth-apikey"
     scenario = SCENARIOS[name]
-    if scenario.missing_services():
-        pytest.skip(f"services {scenario.missing_services()} do not exist yet")
+    assert not scenario.missing_services()
     result = run_scenario(scenario, TINY, tmp_path / "results", True, "pytest")
     assert result is not None
     stored = json.loads((tmp_path / "results" / f"{name}.json").read_text())

@@ -78,6 +78,7 @@ async def main(redis_url: str) -> None:
     factory = Factory()
     parser = argparse.ArgumentParser()
     factory.add_arguments(parser)
+    parser.add_argument("--config")  # a common flag (the runtime adds it)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.yaml"
         config.write_text(CONFIG)
@@ -85,7 +86,9 @@ async def main(redis_url: str) -> None:
             ("outrider, memory store", []),
             ("outrider, Redis store", ["--redis-url", redis_url, "--redis-timeout", "1"]),
         ):
-            service = factory.create(parser.parse_args(argv), CollectorRegistry())
+            service = factory.create(
+                parser.parse_args([*argv, "--config", str(config)]), CollectorRegistry()
+            )
             await service.start(service.load_config(config))
             await measure(service.servicer, label)
             await service.stop()

@@ -216,3 +216,10 @@ def test_fuzz_loader_raises_only_config_error(doc: dict) -> None:
 def test_fuzz_raw_text(text: str) -> None:
     with contextlib.suppress(ConfigError):
         _load(text)
+
+
+def test_directory_reads_yaml_and_yml_only(tmp_path: Path) -> None:
+    """docs/ratelimit.md: every *.yaml and *.yml file; hidden files and others skipped."""
+    for name, domain in [("a.yaml", "a"), ("b.yml", "b"), ("c.txt", "c"), (".d.yaml", "d")]:
+        (tmp_path / name).write_text(f"domain: {domain}\ndescriptors:\n  - key: k\n")
+    assert sorted(load_config(tmp_path).domains) == ["a", "b"]

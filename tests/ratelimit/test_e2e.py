@@ -281,6 +281,28 @@ def test_config_reload_mid_traffic_without_failed_calls(stack: Callable[..., Sta
     assert statuses == [200, 429]
 
 
+def test_raising_a_limit_takes_effect_at_once(stack: Callable[..., Stack]) -> None:
+    """The local over-limit cache (on by default) must not keep refusing after a reload
+    that raised the limit: 3/minute, refused, then 1000/minute → admitted at once."""
+    s = stack()
+    assert [s.get("/limited")[0] for _ in range(5)] == [200] * 3 + [429] * 2
+    status, metrics = http_get(s.service.admin_url + "/metrics")
+    assert (
+        'outrider_ratelimit_over_limit_with_local_cache_total{descriptor="generic_key_limited"'
+        in metrics
+    )
+    replace_text(
+        s.config_dir / "e2e.yaml",
+        CONFIG.replace("requests_per_unit: 3}", "requests_per_unit: 1000}"),
+    )
+    wait_until(
+        lambda: '"requests_per_unit": 1000,' in s.service.get("/config")[1], 10, "reload applied"
+    )
+    status, headers = s.get("/limited")
+    assert status == 200
+    assert headers["x-ratelimit-limit"].startswith("1000, 1000;w=60")
+
+
 def test_without_redis_url_uses_memory_and_warns(
     outrider: Callable[..., Any], tmp_path: Path, sockdir: Path
 ) -> None:
@@ -492,3 +514,38 @@ def test_per_second_limits_in_their_own_redis(
     assert s.get("/limited")[0] == 200  # limits elsewhere still answer
     wait_until(lambda: http_get(s.service.admin_url + "/readyz")[0] == 503, 10, "not ready")
     assert "per-second Redis" in http_get(s.service.admin_url + "/readyz")[1]
+
+
+@pytest.mark.parametrize(
+    ("domain", "entries", "message"),
+    [
+        ("", [("k", "v")], "rate limit domain must not be empty"),
+        ("conc", None, "rate limit descriptor list must not be empty"),
+    ],
+)
+async def test_empty_domain_or_descriptor_list_is_an_error(
+    outrider: Callable[..., Any],
+    tmp_path: Path,
+    sockdir: Path,
+    domain: str,
+    entries: list[tuple[str, str]] | None,
+    message: str,
+) -> None:
+    """As envoyproxy/ratelimit's service (src/service/ratelimit.go, shouldRateLimitWorker):
+    an error carrying its message, never OK; counted as service_errors."""
+    (tmp_path / "c.yaml").write_text("domain: conc\ndescriptors:\n  - key: k\n")
+    socket = sockdir / "empty.sock"
+    service = outrider("ratelimit", "--config", str(tmp_path), "--listen", f"unix:{socket}")
+    entry, descriptor = ratelimit_pb2.RateLimitDescriptor.Entry, ratelimit_pb2.RateLimitDescriptor
+    descriptors = (
+        [] if entries is None else [descriptor(entries=[entry(key=k, value=v) for k, v in entries])]
+    )
+    request = rls_pb2.RateLimitRequest(domain=domain, descriptors=descriptors)
+    async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ShouldRateLimit(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNKNOWN  # what a Go error becomes upstream
+    assert err.value.details() == message
+    _, metrics = service.get("/metrics")
+    assert 'outrider_ratelimit_events_total{event="service_errors"} 1.0' in metrics

@@ -11,6 +11,7 @@ import pytest
 from services.ratelimit.backends.memory import MemoryStore
 from services.ratelimit.backends.redis import RedisStore
 from services.ratelimit.config import UINT32_MAX, Unit, parse_texts
+from services.ratelimit.core import stats as st
 from services.ratelimit.core.limiter import (
     OK,
     OVER_LIMIT,
@@ -309,6 +310,17 @@ async def test_limit_override_from_request(make_limiter: Any) -> None:
     assert decision.statuses[0].rule.requests_per_unit == 20
 
 
+async def test_limit_overrides_keep_request_values_out_of_stats(make_limiter: Any) -> None:
+    """Overrides count per value (the counter key has the value), but their stats key has
+    only the descriptor's keys: 500 client addresses make one stats row, not 500."""
+    limiter = await make_limiter()
+    for i in range(500):
+        descriptor = d("remote_address", f"10.0.{i >> 8}.{i & 255}", override=(1, int(Unit.HOUR)))
+        assert await codes(limiter, descriptor, 2) == [OK, OVER_LIMIT]
+    assert list(limiter.stats.by_key) == ["test-domain.limit_override.remote_address"]
+    assert limiter.stats.by_key["test-domain.limit_override.remote_address"][:2] == [1000, 500]
+
+
 async def test_sliding_window_has_no_edge_burst(make_limiter: Any) -> None:
     limiter = await make_limiter()
     clock = limiter.test_clock
@@ -445,7 +457,7 @@ async def test_silent_redis_fails_within_timeout() -> None:
         silent.close()
 
 
-def test_memory_store_forgets_expired_counters() -> None:
+def test_memory_store_forgets_expired_counters_a_few_per_call() -> None:
     from services.ratelimit.backends import memory
     from services.ratelimit.core.algorithms import FIXED
 
@@ -454,8 +466,38 @@ def test_memory_store_forgets_expired_counters() -> None:
     store.apply_now([(FIXED, f"k{i}", 1, 60) for i in range(100)])
     assert len(store) == 100
     clock.now += 61
-    store.apply_now([(FIXED, "fresh", 1, 60)] * memory.SWEEP_EVERY)
+    # every call removes a bounded number of expired counters, never the whole store
+    store.apply_now([(FIXED, "fresh", 1, 60)])
+    assert len(store) == 100 + 1 - memory.SWEEP_PER_CALL
+    for _ in range(10):
+        store.apply_now([(FIXED, "fresh", 1, 60)])
     assert len(store) == 1
+
+
+def test_memory_store_is_bounded_evicting_the_earliest_expiry() -> None:
+    from services.ratelimit.core.algorithms import FIXED, SLIDING, TOKEN
+
+    clock = Clock()
+    store = MemoryStore(clock, max_keys=3)
+    store.apply_now([(FIXED, "hour", 1, 3600), (FIXED, "minute", 1, 60)])
+    store.apply_now([(TOKEN, "bucket", 1, 10, 1000, int(clock.now * 1000))])
+    assert len(store) == 3
+    for i in range(50):  # unique keys: the store stays at its bound
+        clock.now += 0.5
+        store.apply_now([(FIXED, f"day{i}", 1, 86400)])
+        assert len(store) == 3
+    # the shortest-lived went first; the newest day counters stay
+    assert set(store.data) == {"day47", "day48", "day49"}
+    assert store.evictions == 50
+    # a token bucket whose expiry moved on is not evicted before one that ends sooner
+    store = MemoryStore(clock, max_keys=2)
+    now_ms = int(clock.now * 1000)
+    store.apply_now([(TOKEN, "bucket", 1, 10, 1000, now_ms), (FIXED, "minute", 1, 60)])
+    clock.now += 100  # the minute counter expired; the bucket's expiry is renewed below
+    store.apply_now([(TOKEN, "bucket", 1, 10, 1000, int(clock.now * 1000))])
+    store.apply_now([(SLIDING, "sw_cur", "sw_prev", 1, 5, 60000, int(clock.now * 1000))])
+    assert set(store.data) == {"bucket", "sw_cur"}
+    assert store.evictions == 0  # an expired counter made room, nothing live was lost
 
 
 async def test_own_event_loop_lag_is_not_a_redis_timeout(redis_server: Any) -> None:
@@ -600,3 +642,56 @@ async def test_a_cancelled_two_store_call_leaves_no_store_call_behind() -> None:
         assert errors == []
     finally:
         loop.set_exception_handler(previous)
+
+
+# -- the local over-limit cache ---------------------------------------------------------
+
+
+async def test_local_cache_follows_a_raised_limit(make_limiter: Any) -> None:
+    """A reload that raises a limit (or a larger `limit` override) is not held back by
+    keys remembered as over the old one."""
+    limiter = await make_limiter()
+    assert await codes(limiter, d("key3", "raise"), 3) == [OK, OVER_LIMIT, OVER_LIMIT]
+    assert limiter.stats.by_key["test-domain.key3"][st.OVER_LIMIT_WITH_LOCAL_CACHE] == 1
+    limiter.set_config(parse_texts([("t.yaml", CONFIG.replace(
+        "rate_limit: {unit: hour, requests_per_unit: 1}",
+        "rate_limit: {unit: hour, requests_per_unit: 1000}"))]))  # fmt: skip
+    decision = await limiter.should_rate_limit("test-domain", [d("key3", "raise")], 1)
+    assert decision.code == OK
+    # the hit answered from the cache was not counted in the store (as upstream)
+    assert decision.statuses[0].remaining == 1000 - 3
+    # an override from Envoy: over 1/minute, then 50/minute admits
+    small, large = (1, int(Unit.MINUTE)), (50, int(Unit.MINUTE))
+    for override, expected in ((small, [OK, OVER_LIMIT, OVER_LIMIT]), (large, [OK])):
+        descriptor = d("key2", "o", override=override)
+        assert await codes(limiter, descriptor, len(expected)) == expected
+
+
+def test_local_cache_evicts_one_at_a_time_when_full() -> None:
+    from services.ratelimit.core.limiter import OverLimitCache
+
+    cache = OverLimitCache(3)
+    now = T0
+    for i, until in enumerate((T0 + 60, T0 + 3600, T0 + 1, T0 + 86400)):
+        cache.add(f"k{i}", until, 5)
+    # full at 3: the entry whose window ends first (k2) made room, the rest stay
+    assert set(cache.entries) == {"k0", "k1", "k3"}
+    assert all(cache.hit(k, now, 5) for k in ("k0", "k1", "k3"))
+    for i in range(4, 100):
+        cache.add(f"k{i}", T0 + 100_000 + i, 5)
+        assert len(cache) == 3
+    assert set(cache.entries) == {"k97", "k98", "k99"}
+
+
+async def test_local_cache_with_stop_counting_over_limit(make_limiter: Any) -> None:
+    """The counter stops at the limit: a request too large for what is left is refused,
+    a smaller one still fits; only a counter at the limit is remembered as over."""
+    limiter = await make_limiter(stop_counting_over_limit=True)
+    limiter.test_clock.now = T0 + 1
+    big, one = d("key2", "sc", hits=15), d("key2", "sc", hits=1)
+    assert (await limiter.should_rate_limit("test-domain", [big], 1)).code == OK
+    assert (await limiter.should_rate_limit("test-domain", [big], 1)).code == OVER_LIMIT
+    assert await codes(limiter, one, 6) == [OK] * 5 + [OVER_LIMIT]
+    assert limiter.stats.by_key["test-domain.key2"][st.OVER_LIMIT_WITH_LOCAL_CACHE] == 0
+    assert await codes(limiter, one, 1) == [OVER_LIMIT]
+    assert limiter.stats.by_key["test-domain.key2"][st.OVER_LIMIT_WITH_LOCAL_CACHE] == 1

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
@@ -53,10 +54,14 @@ class Clock:
         return self.now
 
 
-async def _run(redis_url: str, sequence: list[tuple[str, str, int | None, int]]) -> None:
+async def _run(
+    redis_url: str, sequence: list[tuple[str, str, int | None, int]], cache: bool
+) -> None:
     clock = Clock()
     prefix = f"parity{next(examples)}:"
-    options = LimiterOptions(prefix=prefix, local_cache_size=0)
+    options = LimiterOptions(prefix=prefix)  # the shipped defaults: local cache on
+    if not cache:
+        options = options._replace(local_cache_size=0)
     redis_store = RedisStore(redis_url, timeout=2.0)
     await redis_store.start()
     try:
@@ -78,5 +83,6 @@ async def _run(redis_url: str, sequence: list[tuple[str, str, int | None, int]])
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(sequence=calls)
-def test_memory_and_redis_agree(redis_server: Any, sequence: list[Any]) -> None:
-    asyncio.run(_run(redis_server.url, sequence))
+@pytest.mark.parametrize("cache", [False, True], ids=["cache-off", "defaults"])
+def test_memory_and_redis_agree(redis_server: Any, sequence: list[Any], cache: bool) -> None:
+    asyncio.run(_run(redis_server.url, sequence, cache))

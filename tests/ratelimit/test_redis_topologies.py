@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,32 +41,18 @@ async def _exercise(url: str) -> None:
     await store.start()
     try:
         assert store.healthy, store.last_error
-        limiter = Limiter(
-            parse_texts([("t.yaml", CONFIG)]), store, LimiterOptions(local_cache_size=0)
-        )
-        for value in ("alpha", "beta", "gamma"):
-            codes = []
-            for _ in range(4):
-                decision = await limiter.should_rate_limit("topo", _request(value), 1)
-                codes.append([s.code for s in decision.statuses])
-            assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3], value
+        config = parse_texts([("t.yaml", CONFIG)])
+        # the local over-limit cache off, and the shipped defaults (cache on)
+        for options, tag in ((LimiterOptions(local_cache_size=0), "off"), (LimiterOptions(), "")):
+            limiter = Limiter(config, store, options)
+            for value in ("alpha", "beta", "gamma"):
+                codes = []
+                for _ in range(5):
+                    decision = await limiter.should_rate_limit("topo", _request(value + tag), 1)
+                    codes.append([s.code for s in decision.statuses])
+                assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3] * 2, (value, tag)
     finally:
         await store.close()
-
-
-def _cluster_port() -> int:
-    """A free port <= 55535 whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
 
 
 @pytest.fixture
@@ -77,7 +62,7 @@ def redis_cluster(redis_factory: Callable[..., Any]) -> list[Any]:
     nodes = [
         redis_factory(
             args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-            port=_cluster_port(),
+            port=free_port(also=(10000,)),  # with its cluster bus port
         )
         for _ in range(3)
     ]
@@ -218,3 +203,43 @@ async def test_tls_url(redis_factory: Callable[..., Any]) -> None:
     )  # fmt: skip
     await _exercise(f"rediss://127.0.0.1:{tls_port}?ssl_cert_reqs=required&ssl_ca_certs={ca}")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_wrong_password_and_db_from_url(redis_server: Any) -> None:
+    """The pipeline's own handshake: AUTH refused → UNAVAILABLE; /N selects database N."""
+    from services.ratelimit.core.limiter import StoreUnavailable
+
+    with redis_server.client() as c:
+        c.config_set("requirepass", "s3cret")
+    config = parse_texts([("t.yaml", CONFIG)])
+    wrong = open_store(f"redis://:nope@127.0.0.1:{redis_server.port}", timeout=1.0)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid"):
+            await Limiter(config, wrong).should_rate_limit("topo", _request("w")[:1], 1)
+    finally:
+        await wrong.close()
+    await _exercise(f"redis://:s3cret@127.0.0.1:{redis_server.port}/3")
+    with redis.Redis(port=redis_server.port, password="s3cret", db=3) as c:
+        assert c.dbsize() > 0
+    with redis.Redis(port=redis_server.port, password="s3cret", db=0) as c:
+        assert c.dbsize() == 0
+
+
+async def test_script_cache_flushed(redis_server: Any) -> None:
+    """After SCRIPT FLUSH (a restart, a failover) the NOSCRIPT calls are sent again as EVAL."""
+    store = open_store(redis_server.url, timeout=1.0)
+    await store.start()
+    try:
+        limiter = Limiter(
+            parse_texts([("t.yaml", CONFIG)]), store, LimiterOptions(local_cache_size=0)
+        )
+        codes = []
+        for i in range(4):
+            if i == 2:
+                with redis_server.client() as c:
+                    c.script_flush()
+            decision = await limiter.should_rate_limit("topo", _request("flush"), 1)
+            codes.append([s.code for s in decision.statuses])
+        assert codes == [[OK] * 3] * 3 + [[OVER_LIMIT] * 3]
+    finally:
+        await store.close()

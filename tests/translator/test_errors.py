@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from translator.resources import TranslateError
 from translator.translate import Options, translate
@@ -49,11 +50,15 @@ spec:
 
 
 def fail(tmp_path: Path, text: str) -> TranslateError:
+    """The error that stops the translation, or else the first policy it rejects."""
     f = tmp_path / "in.yaml"
     f.write_text(GATEWAY + text)
-    with pytest.raises(TranslateError) as info:
-        translate([f], Options(secrets_dir=tmp_path / "s"))
-    return info.value
+    try:
+        out = translate([f], Options(secrets_dir=tmp_path / "s"))
+    except TranslateError as exc:
+        return exc
+    assert out.rejections, "neither an error nor a rejected policy"
+    return out.rejections[0].error
 
 
 @pytest.mark.parametrize(
@@ -133,30 +138,53 @@ def test_error_names_file_path_and_resource(
         assert w in str(err)
 
 
-def test_cli_exits_2_with_the_message(tmp_path: Path) -> None:
-    f = tmp_path / "in.yaml"
-    f.write_text(GATEWAY + btp("        - {limit: {requests: 1, unit: Fortnight}}"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.common.cli",
-            "translate",
-            "-f",
-            str(f),
-            "-o",
-            str(tmp_path / "out"),
-        ],
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.common.cli", "translate", *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_cli_rejects_the_invalid_policy_and_translates_the_rest(tmp_path: Path) -> None:
+    """Envoy Gateway's way: the invalid policy is rejected (printed with file, path, resource
+    and reason), the route it targets answers 500, everything else is written; exit 0."""
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY + btp("        - {limit: {requests: 1, unit: Fortnight}}"))
+    proc = _cli("-f", str(f), "-o", str(tmp_path / "out"), "--backend", "s=127.0.0.1:9000")
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"rejected BackendTrafficPolicy default/p: {f}: spec.rateLimit.global.rules[0].limit.unit:"
+        f" BackendTrafficPolicy default/p: expected a unit" in proc.stderr
+    )
+    envoy = yaml.safe_load((tmp_path / "out" / "envoy.yaml").read_text())
+    routes = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r.get("direct_response") for r in routes] == [{"status": 500}]
+    assert not (tmp_path / "out" / "ratelimit").exists()
+
+
+def test_cli_strict_exits_2_with_the_message(tmp_path: Path) -> None:
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY + btp("        - {limit: {requests: 1, unit: Fortnight}}"))
+    proc = _cli("-f", str(f), "-o", str(tmp_path / "out"), "--strict")
     assert proc.returncode == 2, proc.stderr
     assert (
         f"{f}: spec.rateLimit.global.rules[0].limit.unit: BackendTrafficPolicy default/p"
         in proc.stderr
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_2_on_an_invalid_route(tmp_path: Path) -> None:
+    f = tmp_path / "in.yaml"
+    f.write_text(GATEWAY.replace("port: 80}", "port: 0}"))
+    proc = _cli("-f", str(f), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{f}: spec.rules[0].backendRefs[0].port: expected an integer" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -159,15 +159,19 @@ def test_global_rules_equal_envoy_gateway_ir(name: str, tmp_path: Path) -> None:
         resources.add(res)
     from translator.gatewayapi import BackendResolver, build_listeners, build_routes
     from translator.policies import SecretFiles, attach
+    from translator.rejections import Rejections
 
     resolver = BackendResolver(resources, {})
     try:
         listeners = build_listeners(resources)
         build_routes(resources, listeners, resolver)
-        attach(resources, listeners, resolver, SecretFiles(tmp_path, {}))
+        rejections = Rejections()
+        attach(resources, listeners, resolver, SecretFiles(tmp_path, {}), rejections)
     except ConfigError as exc:
         # test_translates_or_says_why checks the message; nothing to compare here.
         pytest.skip(f"not translated: {exc}")
+    if rejections.items:  # eg_conformance.py compares the verdicts
+        pytest.skip(f"policy rejected: {rejections.items[0]}")
     got = {
         (lst.name, r.name): [_ir_rule(rule) for rule in r.global_rate_limit]
         for lst in listeners

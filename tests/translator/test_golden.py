@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from services.extauth import config as extauth_config
+from services.extproc import config as extproc_config
+from services.ratelimit import config as ratelimit_config
 from tests.translator.envoy_validate import envoy_validate
 from translator.translate import Options, Output, translate
 
@@ -96,14 +99,11 @@ def test_sidecar_configs_load(case: str, tmp_path: Path) -> None:
     out.write(tmp_path / "out")
     root = tmp_path / "out"
     if (root / "ratelimit").is_dir():
-        ratelimit = pytest.importorskip("services.ratelimit.config")
-        ratelimit.load_config(root / "ratelimit")
+        ratelimit_config.load_config(root / "ratelimit")
     if (root / "extauth.yaml").exists():
-        extauth = pytest.importorskip("services.extauth.config")
-        extauth.load_config(root / "extauth.yaml")
+        extauth_config.load_config(root / "extauth.yaml")
     if (root / "extproc.yaml").exists():
-        extproc = pytest.importorskip("services.extproc.config")
-        extproc.load(root / "extproc.yaml")
+        extproc_config.load(root / "extproc.yaml")
 
 
 @pytest.mark.parametrize("target", ["envoy", "gateway"])
@@ -120,8 +120,7 @@ def test_examples_with_more_translate(target: str, tmp_path: Path) -> None:
     out.write(tmp_path / "out")
     if target == "envoy":
         envoy_validate(tmp_path / "out" / "envoy.yaml")
-        extauth = pytest.importorskip("services.extauth.config")
-        policies = extauth.load_config(tmp_path / "out" / "extauth.yaml").policies
+        policies = extauth_config.load_config(tmp_path / "out" / "extauth.yaml").policies
         assert "demo/login" in policies
     else:
         assert "policies.yaml" in out.files

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from services.extauth.authn.jwks import JWKSRegistry
 from services.extauth.build import AuthDeps, compile_policy
-from services.extauth.jwks import JWKSRegistry
 from tests.extauth.helpers import SigningKey, config_from, ec_key, jwks
 from translator.envoy import upstream_headers
 

@@ -1,23 +1,36 @@
-"""``outrider up`` smoke test: starts everything, serves the guide's requests, stops cleanly."""
+"""``outrider up`` as a new user runs it: start it, run the curls it prints (with bash and
+curl, exactly as printed), look at what it says about admin URLs and logs, Ctrl-C.
+
+Issue 18: the redaction demo must not leak the card number anywhere (1); `-f my.yaml`
+prints curls that work, with the Host the routes need, and maps the input's backends to
+this machine (3); every admin URL and the log paths are printed and the logs survive
+Ctrl-C (4); a 5 MB body gets a 413 that says why (5).
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.harness.procs import free_port
+from tests.harness.procs import ManagedProcess, free_port, http_get, short_tmpdir
 
 REPO = Path(__file__).resolve().parents[2]
 MISSING = [
@@ -25,6 +38,10 @@ MISSING = [
     for s in ("ratelimit", "extauth", "extproc")
     if importlib.util.find_spec(f"services.{s}.main") is None
 ]
+CARD = "4111111111111111"
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"sidecar modules not importable yet: {', '.join(MISSING)}"
+)
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -36,58 +53,67 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-@pytest.mark.skipif(
-    bool(MISSING), reason=f"sidecar modules not importable yet: {', '.join(MISSING)}"
-)
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("extauth_mode", ["grpc", "http"])
-def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "services.common.cli", "up", "--port", str(port)]
+def run_printed(line: str) -> str:
+    """One command line of the guide, run as the user would paste it."""
+    done = subprocess.run(
+        ["bash", "-c", line], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, f"{line}\n{done.stderr}"
+    return done.stdout
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def commands(self, pattern: str = "") -> list[str]:
+        """The guide's command lines (curl ..., head ... | curl ...) mentioning ``pattern``."""
+        return [
+            line.strip()
+            for line in self.lines
+            if re.match(r"\s+(curl|head|for) ", line) and pattern in line
+        ]
+
+    def workdir(self) -> Path:
+        match = re.search(r"^Logs:\s+(\S+)/logs/", self.text, re.M)
+        assert match, self.text
+        return Path(match.group(1))
+
+
+@contextlib.contextmanager
+def outrider_up(*args: str) -> Iterator[Up]:
+    """``outrider up ARGS`` until its guide is printed; then Ctrl-C, and it must exit 0."""
     proc = subprocess.Popen(
-        [*cmd, "--extauth-mode", extauth_mode],
+        [sys.executable, "-m", "services.common.cli", "up", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    lines: list[str] = []
-    ready = threading.Event()
+    up = Up(proc)
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("(configs and logs in"):  # the guide's last line
-                ready.set()
+            up.lines.append(line)
+            if line.startswith("Ctrl-C stops everything."):  # the guide's last line
+                up.ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 90
-        while not ready.wait(0.5):
-            assert proc.poll() is None, "outrider up exited early:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "no guide printed:\n" + "".join(lines)
-        guide = "".join(lines)
-        base = f"http://localhost:{port}"
-        assert base in guide
-        workdir = Path(re.search(r"configs and logs in (\S+);", guide).group(1))  # type: ignore[union-attr]
-        assert workdir.is_dir()
-        # the guide's requests
-        codes = [get(f"{base}/limited", {"x-user-id": "alice"})[0] for _ in range(4)]
-        assert codes == [200, 200, 200, 429], codes
-        token = re.search(r"Authorization: Bearer (\S+)' \S+/jwt", guide).group(1)  # type: ignore[union-attr]
-        assert get(f"{base}/jwt")[0] == 401
-        assert get(f"{base}/jwt", {"Authorization": f"Bearer {token}"})[0] == 200
-        import base64
-
-        creds = base64.b64encode(b"demo:outrider").decode()
-        assert get(f"{base}/basic", {"Authorization": f"Basic {creds}"})[0] == 200
-        assert get(f"{base}/apikey", {"x-api-key": "key-for-mobile"})[0] == 200
-        status, body = get(f"{base}/payments?card=4111111111111111")
-        assert status == 200
-        assert json.loads(body)["query"]["card"] == "***"
+        while not up.ready.wait(0.5):
+            assert proc.poll() is None, "outrider up exited early:\n" + up.text
+            assert time.monotonic() < deadline, "no guide printed:\n" + up.text
+        yield up
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -97,11 +123,201 @@ def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
             proc.wait(5)
             raise
         reader.join(5)
-    assert rc == 0, "".join(lines)
-    assert "outrider up: stopped" in "".join(lines)
-    assert not workdir.exists()
-    # Envoy is gone: nothing accepts connections on the port any more.
-    import socket
+    assert rc == 0, up.text
+    assert "outrider up: stopped" in up.text
 
-    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-        s.connect(("127.0.0.1", port))
+
+@pytest.mark.timeout(150)
+def test_up_ratelimit_mode_rlqs() -> None:
+    port = free_port()
+    workdir = None
+    try:
+        with outrider_up("--port", str(port), "--ratelimit-mode", "rlqs") as up:
+            workdir = up.workdir()
+            check_rlqs_guide(up, port)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_rlqs_guide(up: Up, port: int) -> None:
+    base = f"http://localhost:{port}"
+    assert base in up.text
+    config = (up.workdir() / "config" / "envoy.yaml").read_text()
+    assert "envoy.filters.http.rate_limit_quota" in config
+    # 3 a minute per x-user-id as Envoy's token bucket: the first request passes
+    # before the assignment, then one token at a time (one every 20 s)
+    codes = [get(f"{base}/limited", {"x-user-id": "alice"})[0] for _ in range(4)]
+    assert codes[0] == 200, codes
+    assert codes[-1] == 429, codes
+    assert get(f"{base}/limited", {"x-user-id": "bob"})[0] == 200
+
+
+def strip_separators(text: str) -> str:
+    return re.sub(r"[ +-]|%20", "", text)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("extauth_mode", ["grpc", "http"])
+def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
+    port = free_port()
+    with outrider_up("--port", str(port), "--extauth-mode", extauth_mode) as up:
+        guide = up.text
+        base = f"http://localhost:{port}"
+        assert base in guide
+        workdir = up.workdir()
+        admins = dict(re.findall(r"^  (\w+)\s+(http://127\.0\.0\.1:\d+)  \(", guide, re.M))
+        # the guide's requests
+        codes = [get(f"{base}/limited", {"x-user-id": "alice"})[0] for _ in range(4)]
+        stats = http_get(admins["envoy"] + "/stats?filter=ratelimit")[1]
+        assert codes == [200, 200, 200, 429], f"{codes}\n{stats}"
+        token = re.search(r"Authorization: Bearer (\S+)' \S+/jwt", guide).group(1)  # type: ignore[union-attr]
+        assert get(f"{base}/jwt")[0] == 401
+        assert get(f"{base}/jwt", {"Authorization": f"Bearer {token}"})[0] == 200
+        assert "minted at start-up, valid until" in guide
+        creds = base64.b64encode(b"demo:outrider").decode()
+        assert get(f"{base}/basic", {"Authorization": f"Basic {creds}"})[0] == 200
+        assert get(f"{base}/apikey", {"x-api-key": "key-for-mobile"})[0] == 200
+
+        # 1: the redaction demo's own curls, and the other places a card number can go
+        printed = up.commands("/payments")
+        assert len(printed) == 3, guide
+        more = [
+            f"curl -s -X PUT -d 'card={CARD}' {base}/payments",
+            f"curl -s '{base}/payments/{CARD[:4]}-{CARD[4:8]}-{CARD[8:12]}-{CARD[12:]}?x=1'",
+            f"curl -s '{base}/payments?card={CARD[:4]}%20{CARD[4:8]}%20{CARD[8:12]}%20{CARD[12:]}'",
+            f"curl -s -H 'x-card-number: {CARD}' -X DELETE {base}/payments",
+        ]
+        for line in printed[:2] + more:
+            out = run_printed(line)
+            assert json.loads(out)["path"].startswith("/payments"), out  # the upstream answered
+            assert CARD not in strip_separators(out), f"{line}\n{out}"
+            assert "***" in out, out
+        # 5: a 5 MB body: 413 with the reason, from the chain's limit processor
+        big = printed[2]
+        assert "5000000" in big
+        assert run_printed(big) == "request body larger than 1048576 bytes\n"
+        assert run_printed(big.replace("curl -s", "curl -s -o /dev/null -w '%{http_code}'")) == (
+            "413"
+        )
+
+        # 4: every admin URL and the logs
+        assert set(admins) == {"envoy", "ratelimit", "extauth", "extproc"}, guide
+        for name in ("ratelimit", "extauth", "extproc"):
+            for path in ("/metrics", "/config", "/readyz"):
+                assert http_get(admins[name] + path)[0] == 200, (name, path)
+        assert http_get(admins["envoy"] + "/ready")[0] == 200
+        logs = workdir / "logs"
+        names = {p.name for p in logs.iterdir()}
+        assert {"envoy.log", "ratelimit.log", "extauth.log", "extproc.log", "echo.log"} <= names
+        assert (workdir / "config" / "envoy.yaml").exists()
+    try:
+        assert f"logs kept in {logs}" in up.text
+        assert (logs / "extproc.log").read_text()  # the logs survive Ctrl-C ...
+        assert not (workdir / "config").exists()  # ... the configs and sockets do not
+        assert not list(workdir.glob("*.sock"))
+        # Envoy is gone: nothing accepts connections on the port any more.
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+MY_YAML = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: prod}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {name: http, protocol: HTTP, port: 8080}
+    - {name: admin, protocol: HTTP, port: 9090, hostname: admin.example.com}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: prod}
+spec:
+  parentRefs: [{name: edge, sectionName: http}]
+  hostnames: [api.example.com]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v1}}]
+      backendRefs: [{name: api, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /legacy}}]
+      backendRefs: [{group: gateway.envoyproxy.io, kind: Backend, name: legacy}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: prod}
+spec:
+  parentRefs: [{name: edge, sectionName: http}]
+  hostnames: ["*.shop.example"]
+  rules:
+    - matches:
+        - path: {type: Exact, value: /index.html}
+          headers: [{name: x-tenant, value: blue}]
+      backendRefs: [{name: shop, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: console, namespace: prod}
+spec:
+  parentRefs: [{name: edge, sectionName: admin}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /}, method: DELETE}]
+      backendRefs: [{name: console, port: 3000}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: legacy, namespace: prod}
+spec:
+  endpoints: [{fqdn: {hostname: legacy.internal, port: 8080}}]
+"""
+
+
+@pytest.mark.timeout(150)
+def test_up_with_your_own_file(tmp_path: Path) -> None:
+    """3: the printed curls reach every route (Host from `hostnames`, the listener's
+    hostname, method and header matches), Services and Backends go to the echo upstream
+    unless --backend names them, and the guide says which went where. --keep keeps the
+    configs too."""
+    my = tmp_path / "my.yaml"
+    my.write_text(MY_YAML)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("the shop's own backend\n")
+    shop_port = free_port()
+    shop = ManagedProcess(
+        "shop",
+        [sys.executable, "-m", "http.server", str(shop_port), "--bind", "127.0.0.1"],
+        cwd=site,
+        log_dir=short_tmpdir(),
+    ).start()
+    workdir: Path | None = None
+    try:
+        shop.wait_ready(lambda: http_get(f"http://127.0.0.1:{shop_port}/")[0] == 200)
+        port = free_port()
+        args = ["-f", str(my), "--port", str(port), "--backend", f"shop=127.0.0.1:{shop_port}"]
+        with outrider_up(*args, "--keep") as up:
+            workdir = up.workdir()
+            curls = up.commands("curl -i")
+            assert len(curls) == 4, up.text
+            assert "-H 'Host: api.example.com'" in curls[0]
+            assert "-H 'Host: app.shop.example' -H 'x-tenant: blue'" in curls[2]
+            assert "-X DELETE -H 'Host: admin.example.com'" in curls[3]
+            assert f"localhost:{port}/" not in curls[3]  # the second listener's own port
+            answers = [run_printed(c) for c in curls]
+            for curl, answer in zip(curls, answers, strict=True):
+                assert answer.startswith("HTTP/1.1 200"), f"{curl}\n{answer}"
+            assert answers[2].endswith("the shop's own backend\n")
+            for answer in (answers[0], answers[1], answers[3]):
+                assert '"raw_path"' in answer  # the demo echo upstream
+            assert re.search(r"Service prod/api:80 → the demo echo upstream 127\.0\.0\.1", up.text)
+            assert "Backend prod/legacy → the demo echo upstream" in up.text
+            assert f"Service prod/shop:8080 → 127.0.0.1:{shop_port} (--backend)" in up.text
+        assert f"configs and logs kept in {workdir}" in up.text
+        assert (workdir / "config" / "envoy.yaml").exists()
+        assert (workdir / "logs" / "envoy.log").exists()
+    finally:
+        shop.stop()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)

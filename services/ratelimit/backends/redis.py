@@ -4,10 +4,11 @@ URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+cluster://h1:p1,h2
 ``redis+sentinel://h:p[,h:p]/MASTER``; user, password, db and TLS options go in the URL
 (redis-py's URL syntax).
 
-Speed (single node and Sentinel): :class:`AutoPipeline` shares one connection between
-every call in flight; everything submitted during one event-loop turn leaves in one
-socket write and one reader task parses the replies in large chunks with hiredis.
-Commands are packed to RESP here (redis-py's generic packer costs ~10 µs a command).
+Speed (single node and Sentinel): the auto-pipelining driver (``redis_pipeline.py``)
+shares one connection between every call in flight. This module turns counter
+operations into RESP (redis-py's generic packer costs ~10 µs a command) and replies
+into results; redis-py supplies URL parsing, connection parameters, TLS contexts,
+Sentinel discovery, the Cluster client and the health probe.
 Fixed windows are ``INCRBY`` + ``EXPIRE`` exactly as envoyproxy/ratelimit sends them;
 the other algorithms are Lua scripts called by ``EVALSHA`` (loaded at connect; on
 NOSCRIPT the call is sent again as ``EVAL``, which caches the script again).
@@ -23,7 +24,6 @@ the next call reconnects). A background probe keeps ``healthy`` current for read
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -31,15 +31,16 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
+
+from services.common.logs import error_text
 
 from ..core.algorithms import FIXED, FIXED_CAPPED, SLIDING
 from ..core.limiter import Op, StoreUnavailable
+from .redis_pipeline import AutoPipeline, Batcher, ReplyError, pack
 from .redis_scripts import FIXED_CAPPED_SHA, SCRIPTS, SLIDING_SHA, TOKEN_SHA
 
 log = logging.getLogger("outrider.ratelimit.redis")
@@ -90,97 +91,6 @@ def describe_url(url: str) -> str:
     return parts._replace(netloc=who + hosts).geturl()
 
 
-class Batcher:
-    """Collects the operations of concurrent calls and runs them as shared pipelines."""
-
-    def __init__(
-        self,
-        run: Callable[[list[Op]], Any],
-        max_inflight: int,
-        timeout: float,
-    ) -> None:
-        self._run = run
-        self.max_inflight = max_inflight
-        self.timeout = timeout
-        self._queue: list[tuple[list[Op], asyncio.Future[list[Any]]]] = []
-        self._scheduled = False
-        self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: calls per pipeline; bounds how long one pipeline takes under overload
-        self.max_batch = 256
-
-    def submit(self, ops: list[Op]) -> asyncio.Future[list[Any]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self._queue.append((ops, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._kick)
-        return future
-
-    def _kick(self) -> None:
-        self._scheduled = False
-        if not self._queue or self._inflight >= self.max_inflight:
-            return
-        if len(self._queue) > self.max_batch:
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        else:
-            batch, self._queue = self._queue, []
-        self._inflight += 1
-        task = asyncio.get_running_loop().create_task(self._execute(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _execute(self, batch: list[tuple[list[Op], asyncio.Future[list[Any]]]]) -> None:
-        try:
-            ops: list[Op] = []
-            for call_ops, _ in batch:
-                ops.extend(call_ops)
-            try:
-                async with asyncio.timeout(self.timeout):
-                    results = await self._run(ops)
-            except StoreUnavailable as exc:
-                error: StoreUnavailable | None = exc
-            except TimeoutError:
-                error = StoreUnavailable(
-                    f"no answer from Redis within {self.timeout * 1000:.0f} ms"
-                )
-            except (RedisError, OSError) as exc:
-                error = StoreUnavailable(f"Redis error: {exc}")
-            else:
-                error = None
-            offset = 0
-            for call_ops, future in batch:
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    n = len(call_ops)
-                    future.set_result(results[offset : offset + n])
-                offset += len(call_ops)
-        finally:
-            self._inflight -= 1
-            if self._queue and not self._scheduled and self._inflight < self.max_inflight:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._kick)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _bulk(arg: Any) -> bytes:
-    data = arg if isinstance(arg, bytes) else str(arg).encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
-def _pack(command: tuple[Any, ...]) -> bytes:
-    """One command in RESP (redis-py's generic packer costs ~10 µs per command)."""
-    return b"*%d\r\n" % len(command) + b"".join(_bulk(a) for a in command)
-
-
 _INCR_EXPIRE = (
     b"*3\r\n$6\r\nINCRBY\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
     b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
@@ -191,35 +101,45 @@ def _as_eval(command: tuple[Any, ...]) -> tuple[Any, ...]:
     return ("EVAL", SCRIPTS[command[1]], *command[2:])
 
 
-def _commands(ops: list[Op]) -> tuple[list[tuple[Any, ...]], bytes]:
-    """Redis commands for ``ops`` (2 per fixed window, 1 per script call), and their RESP."""
+def _commands(ops: list[Op]) -> list[tuple[Any, ...]]:
+    """Redis commands for ``ops``: 2 per fixed window, 1 per script call."""
     commands: list[tuple[Any, ...]] = []
-    packed: list[bytes] = []
     append = commands.append
     for op in ops:
         kind = op[0]
         if kind == FIXED:
-            key = op[1].encode()
-            hits = b"%d" % op[2]
-            ttl = b"%d" % op[3]
             append(("INCRBY", op[1], op[2]))
             append(("EXPIRE", op[1], op[3]))
-            packed.append(
-                _INCR_EXPIRE % (len(key), key, len(hits), hits, len(key), key, len(ttl), ttl)
-            )
         elif kind == FIXED_CAPPED:
-            command = ("EVALSHA", FIXED_CAPPED_SHA, 1, op[1], op[2], op[3], op[4])
-            append(command)
-            packed.append(_pack(command))
+            append(("EVALSHA", FIXED_CAPPED_SHA, 1, op[1], op[2], op[3], op[4]))
         elif kind == SLIDING:
-            command = ("EVALSHA", SLIDING_SHA, 2, op[1], op[2], op[3], op[4], op[5], op[6])
-            append(command)
-            packed.append(_pack(command))
+            append(("EVALSHA", SLIDING_SHA, 2, op[1], op[2], op[3], op[4], op[5], op[6]))
         else:
-            command = ("EVALSHA", TOKEN_SHA, 1, op[1], op[2], op[3], op[4], op[5])
-            append(command)
-            packed.append(_pack(command))
-    return commands, b"".join(packed)
+            append(("EVALSHA", TOKEN_SHA, 1, op[1], op[2], op[3], op[4], op[5]))
+    return commands
+
+
+def _encode(ops: list[Op]) -> tuple[bytes, int]:
+    """``ops`` in RESP, and how many replies they get (as :func:`_commands`, faster)."""
+    if len(ops) == 1 and ops[0][0] == FIXED:
+        _, key, hits, ttl = ops[0]
+        k = key.encode()
+        h = b"%d" % hits
+        t = b"%d" % ttl
+        return _INCR_EXPIRE % (len(k), k, len(h), h, len(k), k, len(t), t), 2
+    packed: list[bytes] = []
+    wanted = 0
+    for op in ops:
+        if op[0] == FIXED:
+            k = op[1].encode()
+            h = b"%d" % op[2]
+            t = b"%d" % op[3]
+            packed.append(_INCR_EXPIRE % (len(k), k, len(h), h, len(k), k, len(t), t))
+            wanted += 2
+        else:
+            packed.extend(pack(c) for c in _commands([op]))
+            wanted += 1
+    return b"".join(packed), wanted
 
 
 def _results(ops: list[Op], replies: list[Any]) -> list[Any]:
@@ -230,6 +150,8 @@ def _results(ops: list[Op], replies: list[Any]) -> list[Any]:
         if isinstance(reply, Exception):
             raise StoreUnavailable(f"Redis error: {reply}")
         if op[0] == FIXED:
+            if isinstance(replies[i + 1], Exception):
+                raise StoreUnavailable(f"Redis error: {replies[i + 1]}")
             out.append(reply)
             i += 2
         elif op[0] == FIXED_CAPPED:
@@ -241,292 +163,18 @@ def _results(ops: list[Op], replies: list[Any]) -> list[Any]:
     return out
 
 
-class _Waiter:
-    __slots__ = ("commands", "future", "ops", "replies", "sent_at", "wanted")
-
-    def __init__(
-        self,
-        ops: list[Op],
-        commands: list[tuple[Any, ...]],
-        future: asyncio.Future[list[Any]],
-        sent_at: float,
-    ) -> None:
-        self.ops = ops
-        self.commands = commands
-        self.future = future
-        self.wanted = len(commands)
-        self.replies: list[Any] = []
-        self.sent_at = sent_at
+def _is_noscript(reply: Any) -> bool:
+    return isinstance(reply, (ReplyError, NoScriptError)) and str(reply).startswith("NOSCRIPT")
 
 
-class AutoPipeline:
-    """One Redis connection shared by every call in flight (true auto-pipelining).
-
-    Commands submitted during one event-loop turn leave in ONE socket write; a single
-    reader task parses replies in large chunks with hiredis and hands each call its
-    replies in order (Redis answers a connection's commands in order). No connection
-    checkout, no task per batch. A watchdog fails every waiting call and drops the
-    connection when the oldest has waited longer than ``timeout``.
-    """
-
-    def __init__(
-        self,
-        make_connection: Callable[[], Any],
-        timeout: float,
-        connect_timeout: float,
-        on_result: Callable[[bool, str], None],
-        observe: Callable[[float], None] | None = None,
-    ) -> None:
-        self._make_connection = make_connection
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._on_result = on_result
-        self._observe = observe
-        self._conn: Any = None
-        self._connecting: asyncio.Future[None] | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._waiting: collections.deque[_Waiter] = collections.deque()
-        self._outbox: list[bytes] = []
-        self._outbox_waiters: list[_Waiter] = []
-        self._flush_scheduled = False
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._closed = False
-        self._background: set[asyncio.Future[Any]] = set()
-        #: loop time of the last bytes read from Redis (liveness, see _check)
-        self._last_data = 0.0
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    # -- submit ---------------------------------------------------------------------
-    def submit(self, ops: list[Op]) -> asyncio.Future[list[Any]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        commands, packed = _commands(ops)
-        self._outbox.append(packed)
-        self._outbox_waiters.append(_Waiter(ops, commands, future, loop.time()))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return future
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if not self._outbox_waiters:
-            return
-        if self._closed:
-            waiters, self._outbox_waiters, self._outbox = self._outbox_waiters, [], []
-            self._fail(waiters, "the Redis store is closed")
-            return
-        if self._conn is None:
-            if self._connecting is None:
-                self._connecting = asyncio.ensure_future(self._connect())
-                self._expire_outbox()
-            return  # _connect flushes when connected (or fails the outbox)
-        data = b"".join(self._outbox)
-        waiters = self._outbox_waiters
-        self._outbox = []
-        self._outbox_waiters = []
-        try:
-            self._conn._writer.write(data)
-        except Exception as exc:
-            self._fail(waiters, f"Redis write failed: {exc}")
-            self._drop(f"write failed: {exc}")
-            return
-        self._waiting.extend(waiters)
-        if self._watchdog is None:
-            self._arm_watchdog()
-
-    async def warm(self) -> None:
-        """Open the connection ahead of the first call (failure is fine: calls retry)."""
-        if self._conn is None and self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
-        if self._connecting is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._connecting)
-
-    def _expire_outbox(self) -> None:
-        """While (re)connecting, calls still fail after ``timeout`` (the connect may go on)."""
-        if self._conn is not None or self._connecting is None:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        keep: list[_Waiter] = []
-        keep_data: list[bytes] = []
-        expired: list[_Waiter] = []
-        for waiter, data in zip(self._outbox_waiters, self._outbox, strict=True):
-            if now - waiter.sent_at >= self.timeout:
-                expired.append(waiter)
-            else:
-                keep.append(waiter)
-                keep_data.append(data)
-        if expired:
-            self._outbox_waiters, self._outbox = keep, keep_data
-            self._fail(expired, f"no connection to Redis within {self.timeout * 1000:.0f} ms")
-        loop.call_later(self.timeout / 2, self._expire_outbox)
-
-    async def _connect(self) -> None:
-        conn = self._make_connection()
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await conn.connect()
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-            waiters, self._outbox_waiters, self._outbox = self._outbox_waiters, [], []
-            reason = f"cannot connect to Redis: {exc or 'timeout'}"
-            self._fail(waiters, reason)
-            self._on_result(False, reason)
-            self._connecting = None
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self._conn = conn
-        self._connecting = None
-        self._reader_task = asyncio.ensure_future(self._read_loop(conn))
-        self._flush()
-
-    # -- replies ------------------------------------------------------------------------
-    async def _read_loop(self, conn: Any) -> None:
-        reader = hiredis.Reader()
-        stream = conn._reader
-        waiting = self._waiting
-        clock = asyncio.get_running_loop().time
-        try:
-            while True:
-                data = await stream.read(262144)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                self._last_data = clock()
-                reader.feed(data)
-                while True:
-                    reply = reader.gets()
-                    if reply is False:
-                        break
-                    if not waiting:
-                        raise RedisConnectionError("reply without a request")
-                    waiter = waiting[0]
-                    if isinstance(reply, hiredis.ReplyError):
-                        text = str(reply)
-                        reply = (
-                            NoScriptError(text)
-                            if text.startswith("NOSCRIPT")
-                            else ResponseError(text)
-                        )
-                    waiter.replies.append(reply)
-                    if len(waiter.replies) == waiter.wanted:
-                        waiting.popleft()
-                        self._complete(waiter)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if self._conn is conn:
-                self._drop(f"Redis connection lost: {exc}")
-
-    def _complete(self, waiter: _Waiter) -> None:
-        if waiter.future.done():
-            return
-        replies = waiter.replies
-        if self._observe is not None:
-            self._observe(asyncio.get_running_loop().time() - waiter.sent_at)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            self._spawn(self._retry_noscript(waiter))
-            return
-        try:
-            results = _results(waiter.ops, replies)
-        except StoreUnavailable as exc:
-            waiter.future.set_exception(exc)
-            return
-        waiter.future.set_result(results)
-        self._on_result(True, "")
-
-    async def _retry_noscript(self, waiter: _Waiter) -> None:
-        """The script cache was flushed (restart, failover): send those calls as EVAL."""
-        redo = [i for i, r in enumerate(waiter.replies) if isinstance(r, NoScriptError)]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        commands = [_as_eval(waiter.commands[i]) for i in redo]
-        self._outbox.append(b"".join(_pack(c) for c in commands))
-        self._outbox_waiters.append(_Waiter([], commands, future, loop.time()))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        try:
-            again = await future
-        except StoreUnavailable as exc:
-            if not waiter.future.done():
-                waiter.future.set_exception(exc)
-            return
-        for i, reply in zip(redo, again, strict=True):
-            waiter.replies[i] = reply
-        self._complete(waiter)
-
-    # -- failure ----------------------------------------------------------------------
-    def _arm_watchdog(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_at(self._waiting[0].sent_at + self.timeout, self._check)
-
-    def _check(self, final: bool = False) -> None:
-        self._watchdog = None
-        if not self._waiting:
-            return
-        oldest = self._waiting[0]
-        loop = asyncio.get_running_loop()
-        if loop.time() - oldest.sent_at < self.timeout:
-            self._arm_watchdog()
-        elif not final:
-            # Replies that arrived while this process was not scheduled are handled by
-            # the reader in this same loop turn, after timers: look once more after it.
-            self._watchdog = loop.call_soon(self._check, True)  # type: ignore[assignment]
-        elif self._last_data > oldest.sent_at and loop.time() - oldest.sent_at < max(
-            1.0, 20 * self.timeout
-        ):
-            # Redis has sent data since this call was written: it is alive, and the wait
-            # is this process's own backlog (a saturated event loop), not Redis. Dropping
-            # the connection would turn overload into errors; keep waiting, bounded.
-            self._watchdog = loop.call_later(self.timeout, self._check)
-        else:
-            self._drop(f"no answer from Redis within {self.timeout * 1000:.0f} ms")
-
-    @staticmethod
-    def _fail(waiters: Any, reason: str) -> None:
-        error = StoreUnavailable(reason)
-        for waiter in waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
-
-    def _drop(self, reason: str) -> None:
-        """Fail everything in flight and forget the connection; the next call reconnects."""
-        conn, self._conn = self._conn, None
-        waiting, self._waiting = self._waiting, collections.deque()
-        self._fail(waiting, reason)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            self._reader_task = None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn._writer.transport.abort()
-            self._spawn(self._disconnect(conn))
-        self._on_result(False, reason)
-
-    @staticmethod
-    async def _disconnect(conn: Any) -> None:
-        with contextlib.suppress(Exception):
-            await conn.disconnect(nowait=True)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._conn is not None or self._waiting:
-            self._drop("closing")
-        if self._connecting is not None:
-            self._connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await self._connecting
+def _resend(ops: list[Op], replies: list[Any]) -> tuple[bytes, list[int]] | None:
+    """The script calls answered NOSCRIPT (the script cache was flushed: a restart, a
+    failover), to send again as ``EVAL`` (which caches the script again)."""
+    redo = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+    if not redo:
+        return None
+    commands = _commands(ops)
+    return b"".join(pack(_as_eval(commands[i])) for i in redo), redo
 
 
 class RedisStore:
@@ -549,9 +197,18 @@ class RedisStore:
         connect_timeout = connect_timeout if connect_timeout is not None else max(timeout, 1.0)
         self.pool, self.kind = self._make_pool(url, connect_timeout)
         self.cluster: RedisCluster | None = None
+        # Sentinel: each (re)connect asks the Sentinels for the current master
+        address = self.pool.get_master_address if self.kind == "sentinel" else None
         self.pipelines = [
             AutoPipeline(
-                self.pool.make_connection, timeout, connect_timeout, self._on_result, observe
+                self.pool.make_connection,
+                timeout,
+                connect_timeout,
+                self._on_result,
+                _results,
+                _resend,
+                observe=observe,
+                address=address,
             )
             for _ in range(max_inflight)
         ]
@@ -611,10 +268,11 @@ class RedisStore:
     # -- calls --------------------------------------------------------------------------
     def apply(self, ops: list[Op]) -> asyncio.Future[list[Any]]:
         pipelines = self.pipelines
+        packed, wanted = _encode(ops)
         if len(pipelines) == 1:
-            return pipelines[0].submit(ops)
+            return pipelines[0].submit(packed, wanted, ops)
         self._next = (self._next + 1) % len(pipelines)
-        return pipelines[self._next].submit(ops)
+        return pipelines[self._next].submit(packed, wanted, ops)
 
     # -- lifecycle and health -----------------------------------------------------
     async def ping(self) -> None:
@@ -640,7 +298,7 @@ class RedisStore:
         try:
             await self.ping()
         except (TimeoutError, RedisError, OSError) as exc:
-            reason = f"Redis unreachable: {str(exc) or type(exc).__name__}"
+            reason = f"Redis unreachable: {error_text(exc)}"
             if self.healthy or self.last_error != reason:
                 log.warning("%s (%s)", reason, describe_url(self.url))
             self.healthy = False
@@ -707,7 +365,7 @@ class RedisClusterStore(RedisStore):
 
     async def _pipeline(self, ops: list[Op]) -> list[Any]:
         assert self.cluster is not None
-        commands, _ = _commands(ops)
+        commands = _commands(ops)
         started = time.perf_counter()
         try:
             replies = await self._run(commands)

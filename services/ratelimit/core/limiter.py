@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
@@ -57,6 +58,10 @@ Op = tuple[Any, ...]
 
 class StoreUnavailable(Exception):
     """The counter store could not answer in time (down, slow, or erroring)."""
+
+
+class InvalidRequest(Exception):
+    """A request envoyproxy/ratelimit refuses (its ``serviceError``): the message is its."""
 
 
 class CounterStore(Protocol):
@@ -112,31 +117,56 @@ UNLIMITED = Status(OK, None, UINT32_MAX, 0)
 
 
 class OverLimitCache:
-    """Fixed-window keys already over their limit, until their window ends."""
+    """Fixed-window keys already over their limit, until their window ends.
 
-    __slots__ = ("entries", "size")
+    Each entry remembers the limit it was over; a different limit (a reloaded config
+    that raised it, another ``limit`` override from Envoy) is a miss, so a raised limit
+    takes effect at once. When full, the entry whose window ends first goes (a heap of
+    window ends), one at a time: never a pass over every entry, never emptied at once.
+    """
+
+    __slots__ = ("_ends", "entries", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: dict[str, float] = {}
+        #: key -> (window end, limit it is over)
+        self.entries: dict[str, tuple[float, int]] = {}
+        self._ends: list[tuple[float, str]] = []
 
-    def hit(self, key: str, now: float) -> bool:
-        until = self.entries.get(key)
-        if until is None:
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def hit(self, key: str, now: float, limit: int) -> bool:
+        entry = self.entries.get(key)
+        if entry is None:
             return False
-        if until > now:
+        if entry[0] > now and entry[1] == limit:
             return True
         del self.entries[key]
         return False
 
-    def add(self, key: str, until: float, now: float) -> None:
+    def add(self, key: str, until: float, limit: int) -> None:
         if self.size <= 0:
             return
-        if len(self.entries) >= self.size:
-            self.entries = {k: u for k, u in self.entries.items() if u > now}
-            if len(self.entries) >= self.size:
-                self.entries.clear()
-        self.entries[key] = until
+        entries = self.entries
+        ends = self._ends
+        if key not in entries:
+            while len(entries) >= self.size and ends:
+                end, old = heapq.heappop(ends)
+                entry = entries.get(old)
+                if entry is not None and entry[0] == end:
+                    del entries[old]
+            if len(ends) > 2 * self.size + 64:  # entries removed by hit(): drop their ends
+                self._ends = ends = [(u, k) for k, (u, _) in entries.items()]
+                heapq.heapify(ends)
+            heapq.heappush(ends, (until, key))
+        elif entries[key][0] != until:
+            heapq.heappush(ends, (until, key))
+        entries[key] = (until, limit)
+
+    def clear(self) -> None:
+        self.entries = {}
+        self._ends = []
 
 
 class LimiterOptions(NamedTuple):
@@ -172,11 +202,24 @@ class Limiter:
         self.local_cache = OverLimitCache(self.options.local_cache_size)
         # (domain name) -> {entries: (Match, key base) | None}, dropped on config change
         self._memo: dict[str, dict[Entries, tuple[Match, str] | None]] = {}
+        self._overrides: dict[tuple[Any, ...], RateLimitRule] = {}
 
     def set_config(self, config: RateLimitConfig) -> None:
         # one reference swap each: in-flight calls keep their snapshot
         self._memo = {}
         self.config = config
+
+    def _override(self, domain: str, descriptor: Descriptor) -> RateLimitRule:
+        """The rule of a ``limit`` override, built once per domain, keys and limit."""
+        assert descriptor.override is not None
+        keys = tuple([k for k, _ in descriptor.entries])
+        memo_key = (domain, keys, *descriptor.override)
+        rule = self._overrides.get(memo_key)
+        if rule is None:
+            if len(self._overrides) >= MEMO_SIZE:
+                self._overrides.clear()
+            rule = self._overrides[memo_key] = override_rule(domain, keys, *descriptor.override)
+        return rule
 
     def _lookup(
         self, domain: Domain, entries: Entries, memo: dict[Any, Any]
@@ -205,6 +248,13 @@ class Limiter:
         service = stats.service
         options = self.options
         service.calls += 1
+        if not domain_name or not descriptors:  # as envoyproxy/ratelimit's service checks
+            service.service_errors += 1
+            raise InvalidRequest(
+                "rate limit domain must not be empty"
+                if not domain_name
+                else "rate limit descriptor list must not be empty"
+            )
         domain = self.config.domains.get(domain_name)
         if domain is None:
             service.unknown_domain += 1
@@ -216,8 +266,7 @@ class Limiter:
         replacing: set[str] | None = None
         for descriptor in descriptors:
             if descriptor.override is not None and descriptor.override[1] in UNIT_SECONDS:
-                rpu, unit = descriptor.override
-                rule = override_rule(domain_name, descriptor.entries, rpu, unit)
+                rule = self._override(domain_name, descriptor)
                 base = options.prefix + domain_name + "_"
                 base += "".join(k + "_" + v + "_" for k, v in descriptor.entries)
                 found: tuple[Match, str] | None = (
@@ -268,7 +317,7 @@ class Limiter:
             if algorithm is Algorithm.FIXED_WINDOW:
                 key = fixed_key(base, now_s, window)
                 reset = window - now_s % window
-                if local_cache.hit(key, now):
+                if hits and local_cache.hit(key, now, rule.requests_per_unit):
                     row[st.OVER_LIMIT] += hits
                     row[st.OVER_LIMIT_WITH_LOCAL_CACHE] += hits
                     statuses[i] = self._over(rule, row, hits, reset)
@@ -398,7 +447,10 @@ class Limiter:
                 else:
                     row[st.OVER_LIMIT] += after - limit
                     row[st.NEAR_LIMIT] += limit - max(near, before)
-                self.local_cache.add(key, now + reset, now)
+                # with --stop-counting-over-limit the counter never passes the limit: only a
+                # counter at the limit is over for every later hit
+                if before >= limit or not self.options.stop_counting_over_limit:
+                    self.local_cache.add(key, now + reset, limit)
                 return self._over(rule, row, hits, reset)
             remaining = limit - after
             admitted = True

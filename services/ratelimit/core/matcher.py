@@ -27,14 +27,22 @@ class Match:
     stats_key: str
 
 
+#: the first part of an override's stats key (after the domain)
+OVERRIDE_STATS = "limit_override"
+
+
 def override_rule(
-    domain: str, entries: Entries, requests_per_unit: int, unit: int
+    domain: str, keys: tuple[str, ...], requests_per_unit: int, unit: int
 ) -> RateLimitRule:
-    """The rule for a ``descriptor.limit`` override (never shadow, no name), like upstream."""
+    """The rule for a ``descriptor.limit`` override (never shadow, no name), like upstream.
+
+    Its stats key is ``domain.limit_override.KEY...``: the descriptor's keys, never the
+    request's values (upstream puts the values in, one stats key per client address).
+    """
     return RateLimitRule(
         requests_per_unit=requests_per_unit,
         unit=Unit(unit),
-        full_key=domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in entries),
+        full_key=".".join((domain, OVERRIDE_STATS, *keys)),
     )
 
 

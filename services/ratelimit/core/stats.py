@@ -35,6 +35,7 @@ class ServiceCounters:
     calls: int = 0
     over_limit_responses: int = 0
     unknown_domain: int = 0
+    service_errors: int = 0  # requests refused: empty domain or descriptor list
     global_shadow_mode: int = 0
     store_errors: int = 0
     fail_open: int = 0

@@ -38,8 +38,8 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 
 from services.common.listeners import Address, ListenError, prepare_unix_path
 
-from .core import CheckRequest, Decision
-from .jwt import header_value
+from ..authn.jwt import header_value
+from ..core import CheckRequest, Decision
 
 log = logging.getLogger("outrider.extauth.http")
 
@@ -172,6 +172,13 @@ _QUOTED = re.compile(r"[:\n'\"]")
 
 
 _BAD_REQUEST = encode_response(400, (), b"", close=True)
+#: The parser's limits: what Envoy forwards must fit. Envoy refuses a downstream request
+#: whose headers exceed ``max_request_headers_kb`` (60 KiB by default, request line
+#: included), so one header or request line can be that long (a large JWT, a chunked
+#: OIDC session cookie); aiohttp's own defaults (8190 bytes a line, 128 headers) are
+#: a web server's, not an ext_authz server's.
+MAX_LINE_BYTES = 64 * 1024
+MAX_HEADERS = 256
 #: Requests parsed but not yet answered on one connection before it stops reading: a
 #: client that pipelines without reading the answers is not buffered without bound.
 MAX_QUEUED = 32
@@ -191,6 +198,7 @@ class _CheckProtocol(asyncio.Protocol):
         self._queue: deque[RawRequestMessage] = deque()
         self._busy = False
         self._closing = False
+        self._upgraded = False  # an Upgrade/CONNECT request came: read no further
         self._reading = True
         self._write_paused = False
         self._writable = asyncio.Event()  # cleared while the transport's buffer is full
@@ -200,7 +208,14 @@ class _CheckProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         loop = asyncio.get_running_loop()
-        self._parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16)
+        self._parser = HttpRequestParser(
+            BaseProtocol(loop),
+            loop,
+            2**16,
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+            max_headers=MAX_HEADERS,
+        )
         self._server.connections.add(self)
         if self._server.draining:  # accepted just before the listener closed
             self.drain()
@@ -232,16 +247,25 @@ class _CheckProtocol(asyncio.Protocol):
                 self._transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing or self._parser is None:
+        if self._closing or self._upgraded or self._parser is None:
             return
         try:
-            messages, _, _ = self._parser.feed_data(data)
+            messages, upgraded, _tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
             log.warning("malformed HTTP ext_authz request: %s", parse_error(exc))
             self._reply(_BAD_REQUEST, close=True)
             return
         for message, _payload in messages:  # a body (with_request_body) is not used
             self._queue.append(message)
+        if upgraded:
+            # An Upgrade or CONNECT request (a websocket's, forwarded for its check): after
+            # it aiohttp's parsers stop parsing HTTP (the C one hands back the rest, the
+            # Python one keeps it), and this server never switches protocols. Its check is
+            # answered like any other, with ``Connection: close``; nothing after it on this
+            # connection is read, and Envoy opens a new connection for the next check.
+            self._upgraded = True
+            if not self._queue and not self._busy:  # nothing left to answer
+                self._reply(b"", close=True)
         self._flow()
         if self._queue and not self._busy:
             self._busy = True
@@ -259,8 +283,9 @@ class _CheckProtocol(asyncio.Protocol):
                     message.method, message.path, message.headers.items()
                 )
                 decision = await self._server.decide(request, "http")
-                # draining: the last answer received before the drain closes the connection
-                close = message.should_close or (self._server.draining and not self._queue)
+                # draining, or after an upgrade: the last answer closes the connection
+                last = self._server.draining or self._upgraded
+                close = message.should_close or (last and not self._queue)
                 answer = response_from_decision(
                     decision, head=message.method == "HEAD", close=close
                 )

@@ -1,9 +1,13 @@
 """HTTP Basic authentication (``basicAuth`` in a policy) against htpasswd entries.
 
-- Password hashes are verified in a worker thread (``asyncio.to_thread``): bcrypt
-  costs tens of milliseconds and must never stall the event loop.
-- An unknown user costs the same as a known one: the password is checked against
-  a real entry of the file and the answer thrown away, so timing does not reveal
+- Password hashes are verified on :class:`PasswordChecks`, the service's own small
+  thread pool (bcrypt costs tens of milliseconds and must never stall the event loop).
+  It is bounded: at most ``max_pending`` verifications wait or run; beyond that a
+  check is answered at once with 503 (``basic_busy``, counted) instead of queueing
+  without bound. Nothing else runs on that pool (config reloads use the default one).
+- An unknown user costs what the slowest known user costs: the password is checked
+  against the costliest entry of the file (one decoy per hash scheme is kept, the
+  costliest scheme's is used) and the answer thrown away, so timing does not reveal
   which user names exist.
 - Successful verifications are cached for ``cache_ttl`` seconds under an HMAC of
   user and password (a per-process random key), so the hash is not paid per
@@ -19,11 +23,13 @@ import binascii
 import hashlib
 import hmac
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from .config import BasicAuthConfig
-from .core import (
+from ..config import BasicAuthConfig
+from ..core import (
     AuthContext,
     Authenticated,
     AuthResult,
@@ -33,10 +39,67 @@ from .core import (
     Missing,
     Rejected,
 )
-from .htpasswd import HtpasswdEntry, verify_password
+from .htpasswd import HtpasswdEntry, verify_password, work_estimate
 
 CACHE_ENTRIES = 10_000
 MAX_CREDENTIAL_BYTES = 4096
+
+#: (scheme, result) with result ok, mismatch or refused (over the bound), for metrics.
+HashObserver = Callable[[str, str], None]
+
+
+class PasswordChecks:
+    """The bounded pool password hashes are verified on (one per service, shared by every
+    policy and kept across reloads).
+
+    ``workers`` threads verify (bcrypt releases the GIL); at most ``max_pending``
+    verifications are waiting or running at once, counted until the thread is done with
+    one (a check Envoy gave up on still holds its place while its hash runs). Beyond the
+    bound :meth:`verify` answers None at once.
+    """
+
+    def __init__(
+        self, workers: int = 2, max_pending: int = 32, observe: HashObserver | None = None
+    ) -> None:
+        self.workers = workers
+        self.max_pending = max_pending
+        self._observe = observe or (lambda scheme, result: None)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="outrider-password")
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _release(self, _future: Future[bool]) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def verify(self, entry: HtpasswdEntry, password: str) -> bool | None:
+        """Whether ``password`` matches ``entry``; None when over the bound (not checked)."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                full = True
+            else:
+                full = False
+                self._pending += 1
+        if full:
+            self._observe(entry.scheme, "refused")
+            return None
+        try:
+            future = self._pool.submit(verify_password, entry, password)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._pending -= 1
+            return None
+        future.add_done_callback(self._release)
+        ok = await asyncio.wrap_future(future)
+        self._observe(entry.scheme, "ok" if ok else "mismatch")
+        return ok
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def parse_basic(header: str | None) -> tuple[str, str] | None:
@@ -64,6 +127,7 @@ class BasicAuthenticator:
         self,
         policy: str,
         config: BasicAuthConfig,
+        checks: PasswordChecks,
         *,
         cache_ttl: float = 60.0,
         observe_cache: Callable[[bool], None] | None = None,
@@ -71,9 +135,22 @@ class BasicAuthenticator:
         self._observe_cache = observe_cache or (lambda hit: None)
         self.policy = policy
         self.config = config
+        self._checks = checks
         self.users: Mapping[str, HtpasswdEntry] = {e.user: e for e in config.entries}
-        # A real entry to burn the same time on when the user does not exist.
-        self._decoy = config.entries[0]
+        # Real entries to burn the same time on when the user does not exist: the
+        # costliest of each scheme, and of those the costliest overall (an unknown user
+        # must not answer faster than the slowest known one).
+        decoys: dict[str, HtpasswdEntry] = {}
+        for entry in config.entries:
+            kept = decoys.get(entry.scheme)
+            if kept is None or work_estimate(entry) > work_estimate(kept):
+                decoys[entry.scheme] = entry
+        self.decoys: Mapping[str, HtpasswdEntry] = decoys
+        self._decoy = max(decoys.values(), key=work_estimate)
+        self._busy = (
+            ("www-authenticate", f'Basic realm="{policy}", charset="UTF-8"'),
+            ("retry-after", "1"),
+        )
         self.cache_ttl = cache_ttl
         self._cache_key = os.urandom(32)
         self._cache: dict[bytes, float] = {}
@@ -114,7 +191,11 @@ class BasicAuthenticator:
             return Authenticated(self._identity(user))
         self._observe_cache(False)
         entry = self.users.get(user)
-        ok = await asyncio.to_thread(verify_password, entry or self._decoy, password)
+        ok = await self._checks.verify(entry or self._decoy, password)
+        if ok is None:
+            return Rejected(
+                Decision.deny(503, "basic_busy", "too many password checks in progress", self._busy)
+            )
         if entry is None or not ok:
             return self._deny(Rejected, "basic_invalid", "invalid credentials")
         now = time.time()

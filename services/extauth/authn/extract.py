@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
-from .config import TokenSources
+from ..config import TokenSources
 
 #: Beyond this many query parameters a request is not searched (parse_qsl's own guard).
 MAX_QUERY_FIELDS = 256

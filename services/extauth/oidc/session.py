@@ -21,14 +21,14 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.extauth.oidc_config import CookieSettings
+from services.extauth.oidc.config import CookieSettings
 
 _FORMAT = b"outrider-oidc-cookie/v1"
 _KEY_ID_LEN = 4
@@ -349,6 +349,31 @@ class ExpiringSet:
             while len(self._deadlines) > self._max_items:
                 del self._deadlines[next(iter(self._deadlines))]
         return True
+
+
+class SessionStore(Protocol):
+    """Where sessions live: in the cookie itself, or in Redis (``session_redis``)."""
+
+    kind: str
+
+    async def load(self, cookie_value: str) -> Session | None: ...
+
+    async def save(self, session: Session, previous_cookie: str | None) -> str: ...
+
+    async def delete(self, cookie_value: str) -> None: ...
+
+    async def claim_state(self, state: str, ttl: float) -> bool: ...
+
+    async def coordinate_refresh(
+        self,
+        cookie_value: str,
+        session: Session,
+        refresh: Callable[[], Awaitable[Session]],
+    ) -> Session: ...
+
+    async def ping(self) -> str | None: ...
+
+    async def close(self) -> None: ...
 
 
 class CookieSessionStore:

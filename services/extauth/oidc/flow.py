@@ -18,6 +18,7 @@ Secrets (tokens, codes, cookie values) are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import json
@@ -25,8 +26,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
@@ -34,6 +35,8 @@ import jwt as pyjwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from redis.exceptions import RedisError
 
+from services.extauth.authn.jwks import JWKSRegistry
+from services.extauth.authn.jwt import header_value
 from services.extauth.authz import claim_at
 from services.extauth.core import (
     AuthContext,
@@ -45,9 +48,8 @@ from services.extauth.core import (
     Missing,
     Rejected,
 )
-from services.extauth.jwt import header_value
-from services.extauth.oidc_config import OidcConfig
-from services.extauth.oidc_provider import (
+from services.extauth.oidc.config import OidcConfig
+from services.extauth.oidc.provider import (
     IdTokenInvalid,
     OidcProviderClient,
     ProviderRejected,
@@ -55,13 +57,14 @@ from services.extauth.oidc_provider import (
     SingleFlight,
     TokenResponse,
 )
-from services.extauth.redirects import safe_redirect
-from services.extauth.session import (
+from services.extauth.oidc.redirects import safe_redirect
+from services.extauth.oidc.session import (
     LOGIN_PURPOSE,
     CookieSealer,
     CookieSessionStore,
     LoginState,
     Session,
+    SessionStore,
     clear_chunked,
     clear_cookie,
     digest,
@@ -70,8 +73,13 @@ from services.extauth.session import (
     set_chunked,
     set_cookie,
 )
+from services.extauth.oidc.session_redis import RedisSessionStore, redis_client
+
+if TYPE_CHECKING:
+    from services.extauth.build import AuthDeps
 
 log = logging.getLogger("outrider.extauth.oidc")
+T = TypeVar("T")
 
 #: At most this many concurrent login flows (tabs) per browser keep their own cookie;
 #: beyond it the older login cookies are cleared.
@@ -140,20 +148,28 @@ class OidcAuthenticator:
         policy: str,
         cfg: OidcConfig,
         http_session: Callable[[], aiohttp.ClientSession] | None = None,
+        jwks: JWKSRegistry | None = None,
+        store: SessionStore | None = None,
+        sealer: CookieSealer | None = None,
     ) -> None:
+        """Without ``store``: the cookie store, or for ``sessionStore: redis`` a Redis
+        store on a client of its own (tests; the service passes its shared one)."""
         self.policy = policy
         self.cfg = cfg
-        self.provider = OidcProviderClient(cfg, http_session)
-        self.sealer = CookieSealer(cfg.cookie_secrets)
-        if cfg.session_store == "redis":
-            from services.extauth.session_redis import RedisSessionStore
-
+        self.provider = OidcProviderClient(cfg, http_session, jwks)
+        self.sealer = sealer or CookieSealer(cfg.cookie_secrets)
+        if store is None and cfg.session_store == "redis":
             assert cfg.redis_url is not None
-            self.store: Any = RedisSessionStore(
-                self.sealer, cfg.cookies.session_name, cfg.redis_url
+            store = RedisSessionStore(
+                self.sealer,
+                cfg.cookies.session_name,
+                redis_client(cfg.redis_url),
+                refresh_timeout=cfg.provider_timeout,
+                owns_client=True,
             )
-        else:
-            self.store = CookieSessionStore(self.sealer, cfg.cookies.session_name)
+        self.store: SessionStore = store or CookieSessionStore(
+            self.sealer, cfg.cookies.session_name
+        )
         self._refreshes = SingleFlight()
         #: The app's own origin when ``redirectURL`` fixes it; else each request's own.
         self._app_origin: tuple[str, str] | None = None
@@ -174,9 +190,16 @@ class OidcAuthenticator:
         await self.provider.close()
         await self.store.close()
 
-    async def readiness(self) -> str | None:
-        """Why this evaluator cannot work (its session Redis is down), or None."""
-        return await self.store.ping()
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        """``work`` (calls to the provider) within ``providerTimeout`` as a whole: a
+        provider that accepts and never answers costs this much, then a 503."""
+        try:
+            async with asyncio.timeout(self.cfg.provider_timeout):
+                return await work
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"no answer within providerTimeout ({self.cfg.provider_timeout:g}s)"
+            ) from None
 
     # -- entry point --------------------------------------------------------------
     async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult:
@@ -243,10 +266,13 @@ class OidcAuthenticator:
         refresh_token = session.refresh_token
 
         async def refresh() -> Session:
-            tokens = await self.provider.refresh(refresh_token)
-            return await self._session_from_tokens(
-                tokens, nonce=None, now=time.time(), previous=session
-            )
+            async def work() -> Session:
+                tokens = await self.provider.refresh(refresh_token)
+                return await self._session_from_tokens(
+                    tokens, nonce=None, now=time.time(), previous=session
+                )
+
+            return await self._bounded(work())
 
         async def coordinated() -> Session:
             return await self.store.coordinate_refresh(sealed, session, refresh)
@@ -259,8 +285,8 @@ class OidcAuthenticator:
                 "policy %s: refresh refused by the provider (%s); login again", self.policy, exc
             )
             return None
-        except (ProviderUnavailable, IdTokenInvalid, RedisError, OSError) as exc:
-            log.warning("policy %s: token refresh failed: %s", self.policy, exc)
+        except (ProviderUnavailable, IdTokenInvalid, RedisError, OSError, TimeoutError) as exc:
+            log.warning("policy %s: token refresh failed: %s", self.policy, exc or "timeout")
             return session if usable else None
 
     def _identity(
@@ -389,7 +415,7 @@ class OidcAuthenticator:
         if app is None:
             return Decision.deny(400, "oidc_bad_host", "invalid Host header")
         try:
-            metadata = await self.provider.metadata()
+            metadata = await self._bounded(self.provider.metadata())
         except ProviderUnavailable as exc:
             log.warning("policy %s: OpenID provider unavailable for login: %s", self.policy, exc)
             return self._provider_down(clear)
@@ -482,8 +508,12 @@ class OidcAuthenticator:
             return fail(400, "oidc_state_replayed", "The sign-in request was already used.")
         try:
             redirect_uri = login.redirect_uri or self.cfg.redirect_url or ""
-            tokens = await self.provider.exchange_code(code, login.code_verifier, redirect_uri)
-            session = await self._session_from_tokens(tokens, nonce=login.nonce, now=now)
+
+            async def work() -> Session:
+                tokens = await self.provider.exchange_code(code, login.code_verifier, redirect_uri)
+                return await self._session_from_tokens(tokens, nonce=login.nonce, now=now)
+
+            session = await self._bounded(work())
         except ProviderUnavailable as exc:
             log.warning("policy %s: OpenID provider unavailable at callback: %s", self.policy, exc)
             return Rejected(self._provider_down(clear))
@@ -595,7 +625,7 @@ class OidcAuthenticator:
         end_session = self.cfg.provider.end_session_endpoint
         if end_session is None:
             try:
-                end_session = (await self.provider.metadata()).end_session_endpoint
+                end_session = (await self._bounded(self.provider.metadata())).end_session_endpoint
             except ProviderUnavailable:
                 end_session = None  # local logout still happens
         if end_session is not None and session is not None:
@@ -608,10 +638,18 @@ class OidcAuthenticator:
         return Rejected(_redirect("oidc_logout", location, set_cookies))
 
 
-def build_oidc_authenticator(policy: str, cfg: OidcConfig, deps: Any) -> OidcAuthenticator:
-    """The ``oidc`` step of a policy (called by ``build.compile_policy``).
-
-    ``deps`` is the service's ``AuthDeps``: its shared aiohttp session is used for the
-    provider's discovery, JWKS and token endpoints.
-    """
-    return OidcAuthenticator(policy, cfg, getattr(deps, "http_session", None))
+def build_oidc_authenticator(policy: str, cfg: OidcConfig, deps: AuthDeps) -> OidcAuthenticator:
+    """The ``oidc`` step of a policy (called by ``build.compile_policy``): the provider
+    client on the service's HTTP session and key set registry, and the session store
+    (a Redis one on the service's shared client for that URL)."""
+    store: SessionStore | None = None
+    sealer = CookieSealer(cfg.cookie_secrets)
+    if cfg.session_store == "redis":
+        assert cfg.redis_url is not None
+        store = RedisSessionStore(
+            sealer,
+            cfg.cookies.session_name,
+            deps.redis_sessions.client(cfg.redis_url),
+            refresh_timeout=cfg.provider_timeout,
+        )
+    return OidcAuthenticator(policy, cfg, deps.http_session, deps.jwks, store, sealer)

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.extauth.session import (
+from services.extauth.oidc.session import (
     SESSION_PURPOSE,
     CookieSealer,
     Session,
@@ -28,25 +28,61 @@ from services.extauth.session import (
 )
 
 _PREFIX = "outrider:oidc:"
-#: How long one replica may hold the refresh lock (a token request is bounded well under).
-REFRESH_LOCK_MS = 15_000
-#: How long a replica that lost the lock waits for the winner's new session.
-REFRESH_WAIT_SECONDS = 10.0
+#: The refresh lock outlives the refresh it guards (bounded by ``refresh_timeout``) by
+#: this much: Redis round trips, the session write, a slow event loop.
+REFRESH_LOCK_MARGIN = 5.0
 _RELEASE_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """A client for session Redis at ``url``: every command bounded (2 s connect and reply)."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
+    )
+
+
+class RedisClients:
+    """Session Redis clients, one per URL, shared by every policy that names it and kept
+    across config reloads (a backend the service owns and hands out through ``AuthDeps``)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, aioredis.Redis] = {}
+
+    def client(self, url: str) -> aioredis.Redis:
+        if url not in self._clients:
+            self._clients[url] = redis_client(url)
+        return self._clients[url]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
 class RedisSessionStore:
     kind = "redis"
 
-    def __init__(self, sealer: CookieSealer, cookie_name: str, url: str) -> None:
+    def __init__(
+        self,
+        sealer: CookieSealer,
+        cookie_name: str,
+        client: aioredis.Redis,
+        *,
+        refresh_timeout: float,
+        owns_client: bool = False,
+    ) -> None:
+        """``refresh_timeout``: the longest a token refresh may take (the policy's
+        ``providerTimeout``); the refresh lock is held that long plus a margin, so it
+        never expires while the refresh it guards is still running."""
         self._sealer = sealer
         self._name = cookie_name
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
-        )
+        self._redis = client
+        self._owns_client = owns_client
+        self.refresh_timeout = refresh_timeout
+        self.lock_ms = int((refresh_timeout + REFRESH_LOCK_MARGIN) * 1000)
 
     def __repr__(self) -> str:
         return "RedisSessionStore(<redacted url>)"
@@ -106,29 +142,39 @@ class RedisSessionStore:
         sid = self._ticket(cookie_value)
         if sid is None:
             raise RedisError("session ticket unreadable")
-        lock = f"{_PREFIX}refresh:{digest(sid)}"
+        lock = self.lock_key(cookie_value)
         token = secrets.token_hex(16)
-        if await self._redis.set(lock, token, nx=True, px=REFRESH_LOCK_MS):
+        if await self._redis.set(lock, token, nx=True, px=self.lock_ms):
             try:
                 current = await self.load(cookie_value)
                 if current is not None and current.access_token != session.access_token:
                     return current  # another replica finished just before we locked
-                fresh = await refresh()
+                # Bounded here too: the lock is only as good as this bound.
+                async with asyncio.timeout(self.refresh_timeout):
+                    fresh = await refresh()
                 await self.save(fresh, cookie_value)
                 return fresh
             finally:
                 await self._redis.eval(_RELEASE_SCRIPT, 1, lock, token)
-        deadline = time.monotonic() + REFRESH_WAIT_SECONDS
+        # The winner's refresh ends (done, or cut off) before its lock expires.
+        deadline = time.monotonic() + self.lock_ms / 1000
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            # The lock is looked at before the session: the winner stores the new session
+            # before it lets go, so a lock seen gone means the load below sees its result.
+            locked = await self._redis.exists(lock)
             current = await self.load(cookie_value)
             if current is None:
                 break
             if current.access_token != session.access_token:
                 return current
-            if not await self._redis.exists(lock):
+            if not locked:
                 break
         raise RedisError("another replica's refresh did not complete")
+
+    def lock_key(self, cookie_value: str) -> str:
+        """The refresh lock's key for the session behind ``cookie_value``."""
+        return f"{_PREFIX}refresh:{digest(self._ticket(cookie_value) or '')}"
 
     async def ping(self) -> str | None:
         try:
@@ -138,4 +184,5 @@ class RedisSessionStore:
         return None
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        if self._owns_client:
+            await self._redis.aclose()

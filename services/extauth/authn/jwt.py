@@ -24,9 +24,9 @@ from typing import Any
 
 import jwt as pyjwt
 
-from .authz import claim_at
-from .config import JWTConfig, JWTProvider
-from .core import (
+from ..authz import claim_at
+from ..config import JWTConfig, JWTProvider
+from ..core import (
     AuthContext,
     Authenticated,
     AuthResult,
@@ -188,7 +188,12 @@ class JWTAuthenticator:
             return self._reject("jwt_invalid", "token too large")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         cached = self._cache_get(digest, ctx.now)
-        if cached is not None:
+        # A cached verification counts only where its provider reads tokens: a token
+        # verified from the header is not accepted from a query string only another
+        # provider reads.
+        if cached is not None and any(
+            p.config.name == cached.provider and t == token for p, t in found
+        ):
             self._observe_cache(True)
             return Authenticated(cached.identity)
         self._observe_cache(False)

@@ -7,7 +7,7 @@ filter supports) and SHA-crypt ``$5$``/``$6$`` (``mkpasswd``, passlib).
 Plaintext and DES crypt entries are refused when the config loads.
 
 Verification is CPU-bound (bcrypt at cost 10 takes tens of milliseconds): callers
-run it in a worker thread (``asyncio.to_thread``), never on the event loop.
+run it on the bounded password pool (``basic.PasswordChecks``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -69,6 +69,24 @@ def parse_htpasswd_line(line: str) -> HtpasswdEntry:
     if any(ord(c) < 0x20 or c == "\x7f" for c in user):
         raise HtpasswdError("the user name holds control characters")
     return HtpasswdEntry(user, identify(hashed.strip()), hashed.strip())
+
+
+_ROUNDS_RE = re.compile(r"^\$[56]\$rounds=(\d+)\$")
+
+
+def work_estimate(entry: HtpasswdEntry) -> float:
+    """Roughly what verifying against ``entry`` costs (microseconds on one core, measured
+    for bcrypt and passlib's SHA-crypt and apr1): only used to find the costliest entry,
+    the decoy an unknown user is checked against."""
+    if entry.scheme == "bcrypt":
+        return 72.0 * 2 ** int(entry.hash[4:6])
+    if entry.scheme in ("sha256_crypt", "sha512_crypt"):
+        m = _ROUNDS_RE.match(entry.hash)
+        rounds = int(m.group(1)) if m else 5000  # the SHA-crypt default when not written
+        return (0.9 if entry.scheme == "sha256_crypt" else 1.25) * rounds
+    if entry.scheme == "apr1":
+        return 1200.0
+    return 10.0  # {SHA}: one SHA-1
 
 
 def verify_password(entry: HtpasswdEntry, password: str) -> bool:

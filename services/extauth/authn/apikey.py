@@ -16,8 +16,8 @@ import hashlib
 import hmac
 import os
 
-from .config import APIKeyAuthConfig
-from .core import (
+from ..config import APIKeyAuthConfig
+from ..core import (
     AuthContext,
     Authenticated,
     AuthResult,

@@ -11,7 +11,8 @@ files rather than Kubernetes objects:
   line, and removing the old line after the grace period (the longest session).
 - Outrider additions: ``provider.jwksURI``, ``tokenEndpointAuthMethod``,
   ``postLogoutRedirectURL``, ``allowedRedirectHosts``, ``claimToHeaders``,
-  ``sessionStore``/``redis``, ``sessionMaxAge``, ``cookieSecure``, ``discoveryRefresh``.
+  ``sessionStore``/``redis``, ``sessionMaxAge``, ``cookieSecure``, ``discoveryRefresh``,
+  ``providerTimeout``.
 
 Reading the two secret files is the only I/O; their contents never appear in ``repr``.
 A relative path is resolved against the directory of the config file naming it, as for
@@ -28,7 +29,13 @@ from urllib.parse import urlsplit
 
 from services.common.configfile import Node
 
-from .config import ClaimToHeader, parse_claim_to_headers, parse_duration, read_file
+from ..config import (
+    ClaimToHeader,
+    check_https_url,
+    parse_claim_to_headers,
+    parse_duration,
+    read_file,
+)
 
 OIDC_FIELDS = (
     "provider",
@@ -62,6 +69,7 @@ OIDC_FIELDS = (
     "redis",
     "disableTokenEncryption",
     "discoveryRefresh",
+    "providerTimeout",
 )
 PROVIDER_FIELDS = (
     "issuer",
@@ -170,6 +178,9 @@ class OidcConfig:
     session_store: Literal["cookie", "redis"] = "cookie"
     redis_url: str | None = field(repr=False, default=None)
     discovery_refresh: float = 3600.0
+    #: The most one check waits on the provider (discovery, token endpoint and keys
+    #: together); each request gets a connect timeout within it. Past it: 503.
+    provider_timeout: float = 4.0
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -222,6 +233,7 @@ class OidcConfig:
             "sessionStore": self.session_store,
             "redis": {"url": "<redacted>"} if self.redis_url else None,
             "discoveryRefresh": self.discovery_refresh,
+            "providerTimeout": self.provider_timeout,
         }
 
 
@@ -271,15 +283,12 @@ def _parse_provider(node: Node) -> OidcProvider:
                 "directly by URL (the translator resolves backends)"
             )
     issuer_node = node.req("issuer")
-    # Discovery over plain http is allowed for loopback/test providers only.
-    issuer = _absolute_url(issuer_node, allow_query=False)
-    host = urlsplit(issuer).hostname or ""
-    if urlsplit(issuer).scheme == "http" and host not in ("127.0.0.1", "::1", "localhost"):
-        raise issuer_node.expected("an https URL (http only for a loopback provider)")
+    # The same rule as remoteJWKS: https, plain http only for a loopback provider.
+    issuer = check_https_url(issuer_node, _absolute_url(issuer_node, allow_query=False))
 
     def opt_url(key: str) -> str | None:
         child = node.get(key)
-        return None if child is None else _absolute_url(child)
+        return None if child is None else check_https_url(child, _absolute_url(child))
 
     return OidcProvider(
         # Kept exactly as written: OpenID compares `iss` by simple string comparison.
@@ -499,6 +508,9 @@ def parse_oidc(node: Node) -> OidcConfig:
     max_age = duration("sessionMaxAge", 86400.0)
     if max_age < 1:
         raise node.req("sessionMaxAge").expected("a duration of at least 1s")
+    provider_timeout = duration("providerTimeout", 4.0)
+    if not 0 < provider_timeout <= 60:
+        raise node.req("providerTimeout").expected("a duration above 0 and at most 60s")
 
     return OidcConfig(
         provider=provider,
@@ -529,4 +541,5 @@ def parse_oidc(node: Node) -> OidcConfig:
         session_store=store,  # type: ignore[arg-type]
         redis_url=redis_url,
         discovery_refresh=refresh_every,
+        provider_timeout=provider_timeout,
     )

@@ -1,13 +1,16 @@
-"""The OpenID provider client (a backend): discovery, JWKS, token endpoint, ID token checks.
+"""The OpenID provider client (a backend): discovery, token endpoint, ID token checks.
 
-All outbound HTTP is aiohttp with short timeouts; OAuth/OIDC message handling is
-Authlib's (authorization URL, token request body, client authentication, ID token
-claim rules including ``nonce``, ``azp`` and ``at_hash``); JWS signatures are checked
-with PyJWT against keys fetched from the provider's ``jwks_uri``.
+All outbound HTTP is aiohttp, and every request carries explicit timeouts: connect
+within ``CONNECT_TIMEOUT``, the whole request within the policy's ``providerTimeout``
+(the evaluator also bounds each check's provider work as a whole by it). OAuth/OIDC
+message handling is Authlib's (authorization URL, token request body, client
+authentication, ID token claim rules including ``nonce``, ``azp`` and ``at_hash``);
+JWS signatures are checked with PyJWT against keys from the provider's ``jwks_uri``,
+fetched by the same hardened client JWT policies use (``authn.jwks.RemoteJWKS`` from
+the service's registry: bounded waits, backoff, refetch cooldown, algorithm pinning).
 
-Provider metadata and keys are cached: metadata is refreshed every
-``discoveryRefresh`` (the last good copy is kept while the provider is down), keys are
-refetched on an unknown ``kid`` at most once per cooldown.
+Provider metadata is cached and refreshed every ``discoveryRefresh`` (the last good
+copy is kept while the provider is down).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oidc.core import CodeIDToken
 
-from services.extauth.oidc_config import OidcConfig
+from services.extauth.authn.jwks import JWKSRegistry, RemoteJWKS
+from services.extauth.oidc.config import OidcConfig
 
 log = logging.getLogger("outrider.extauth.oidc")
 
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=5.0, connect=2.0)
-#: Seconds between two JWKS refetches caused by an unknown ``kid``.
-JWKS_REFETCH_COOLDOWN = 10.0
+#: Seconds to establish a connection to the provider (within ``providerTimeout``).
+CONNECT_TIMEOUT = 2.0
+#: How long the provider's key set is kept before it is refetched in the background.
+JWKS_CACHE_SECONDS = 300.0
 #: Seconds of clock skew tolerated on ``exp``/``iat``/``nbf``.
 CLOCK_SKEW = 60
 #: A failed discovery is retried no sooner than this (the login page says 503 meanwhile).
@@ -99,18 +104,24 @@ class OidcProviderClient:
         self,
         cfg: OidcConfig,
         http_session: Callable[[], aiohttp.ClientSession] | None = None,
+        jwks: JWKSRegistry | None = None,
     ) -> None:
         self._cfg = cfg
         #: A shared session owned by the service, when given (then not closed here).
         self._shared_http = http_session
         self._http: aiohttp.ClientSession | None = None
+        #: The service's key set registry (shared with JWT policies); a private one
+        #: (closed here) when none is given.
+        self._own_jwks = jwks is None
+        self._jwks = jwks or JWKSRegistry(self._session, fetch_timeout=cfg.provider_timeout)
         self._metadata: ProviderMetadata | None = None
         self._metadata_at = 0.0
         self._metadata_failed_at = 0.0
-        self._keys: dict[str, pyjwt.PyJWK] = {}
-        self._keys_fetched_at = 0.0
         self._flight = SingleFlight()
         self._refresh_task: asyncio.Future[None] | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=cfg.provider_timeout, connect=min(CONNECT_TIMEOUT, cfg.provider_timeout)
+        )
 
     def __repr__(self) -> str:
         return f"OidcProviderClient(issuer={self._cfg.provider.issuer!r})"
@@ -119,12 +130,14 @@ class OidcProviderClient:
         if self._shared_http is not None:
             return self._shared_http()
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=HTTP_TIMEOUT, trust_env=False)
+            self._http = aiohttp.ClientSession(timeout=self._timeout, trust_env=False)
         return self._http
 
     async def close(self) -> None:
         if self._refresh_task is not None:
             self._refresh_task.cancel()
+        if self._own_jwks:
+            await self._jwks.close()
         if self._http is not None:
             await self._http.close()
 
@@ -203,7 +216,9 @@ class OidcProviderClient:
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         try:
-            async with self._session().get(url, headers={"accept": "application/json"}) as resp:
+            async with self._session().get(
+                url, headers={"accept": "application/json"}, timeout=self._timeout
+            ) as resp:
                 if resp.status != 200:
                     raise ProviderUnavailable(f"GET {url}: HTTP {resp.status}")
                 body = await resp.content.read(_MAX_RESPONSE + 1)
@@ -220,36 +235,11 @@ class OidcProviderClient:
         return doc
 
     # -- keys ---------------------------------------------------------------------
-    async def _fetch_keys(self) -> dict[str, pyjwt.PyJWK]:
-        metadata = await self.metadata()
-        doc = await self._get_json(metadata.jwks_uri)
-        keys: dict[str, pyjwt.PyJWK] = {}
-        for raw in doc.get("keys", []) if isinstance(doc.get("keys"), list) else []:
-            if not isinstance(raw, dict) or raw.get("use", "sig") != "sig":
-                continue
-            try:
-                key = pyjwt.PyJWK.from_dict(raw)
-            except pyjwt.PyJWTError:
-                continue  # unsupported key types are skipped, not fatal
-            if key.algorithm_name in _ASYMMETRIC_ALGS:
-                keys[str(raw.get("kid", ""))] = key
-        self._keys = keys
-        self._keys_fetched_at = time.monotonic()
-        return keys
-
-    async def signing_key(self, kid: str) -> pyjwt.PyJWK:
-        key = self._keys.get(kid)
-        if key is not None:
-            return key
-        if self._keys and time.monotonic() - self._keys_fetched_at < JWKS_REFETCH_COOLDOWN:
-            raise IdTokenInvalid("ID token signed with an unknown key")
-        keys = await self._flight.run("jwks", self._fetch_keys)
-        key = keys.get(kid)
-        if key is None and not kid and len(keys) == 1:
-            key = next(iter(keys.values()))
-        if key is None:
-            raise IdTokenInvalid("ID token signed with an unknown key")
-        return key
+    def key_source(self, jwks_uri: str) -> RemoteJWKS:
+        """The provider's key set, from the registry (started on first use)."""
+        source = self._jwks.acquire(jwks_uri, JWKS_CACHE_SECONDS)
+        source.start()
+        return source
 
     # -- authorization request ----------------------------------------------------
     def authorization_url(
@@ -315,7 +305,9 @@ class OidcProviderClient:
             body += "&resource=" + quote(resource, safe="")
         url, headers, body = auth.prepare("POST", metadata.token_endpoint, headers, body)
         try:
-            async with self._session().post(url, data=body.encode(), headers=headers) as resp:
+            async with self._session().post(
+                url, data=body.encode(), headers=headers, timeout=self._timeout
+            ) as resp:
                 raw = await resp.content.read(_MAX_RESPONSE + 1)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -372,27 +364,43 @@ class OidcProviderClient:
         except pyjwt.PyJWTError:
             raise IdTokenInvalid("ID token is not a JWS") from None
         alg = header.get("alg")
-        if alg not in _ASYMMETRIC_ALGS or (
-            metadata.signing_algs and alg not in metadata.signing_algs
+        if (
+            not isinstance(alg, str)
+            or alg not in _ASYMMETRIC_ALGS
+            or (metadata.signing_algs and alg not in metadata.signing_algs)
         ):
             raise IdTokenInvalid(f"ID token algorithm {alg!r} not accepted")
-        key = await self.signing_key(str(header.get("kid", "")))
-        if key.algorithm_name != alg and not (
-            key.key_type == "RSA" and alg.startswith(("RS", "PS"))
-        ):
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise IdTokenInvalid("ID token header is malformed")
+        source = self.key_source(metadata.jwks_uri)
+        keys = await source.keys_for(kid, wait=self._cfg.provider_timeout)
+        if keys is None:
+            raise ProviderUnavailable("the provider's signing keys could not be fetched")
+        if not keys:
+            raise IdTokenInvalid("ID token signed with an unknown key")
+        usable = [k for k in keys if alg in k.algorithms]
+        if not usable:
             raise IdTokenInvalid("ID token algorithm does not match its key")
-        try:
-            claims = pyjwt.decode(
-                id_token,
-                key=key.key,
-                algorithms=[alg],
-                audience=self._cfg.client_id,
-                issuer=metadata.issuer,
-                leeway=CLOCK_SKEW,
-                options={"require": ["iss", "sub", "aud", "exp", "iat"]},
-            )
-        except pyjwt.PyJWTError as exc:
-            raise IdTokenInvalid(f"ID token rejected: {type(exc).__name__}") from None
+        claims: dict[str, Any] | None = None
+        for key in usable:
+            try:
+                claims = pyjwt.decode(
+                    id_token,
+                    key=key.key,
+                    algorithms=[alg],
+                    audience=self._cfg.client_id,
+                    issuer=metadata.issuer,
+                    leeway=CLOCK_SKEW,
+                    options={"require": ["iss", "sub", "aud", "exp", "iat"]},
+                )
+            except pyjwt.InvalidSignatureError:
+                continue
+            except pyjwt.PyJWTError as exc:
+                raise IdTokenInvalid(f"ID token rejected: {type(exc).__name__}") from None
+            break
+        if claims is None:
+            raise IdTokenInvalid("ID token rejected: InvalidSignatureError")
         # Authlib's OpenID rules: nonce equality, azp, at_hash, auth_time, amr shape.
         params: dict[str, Any] = {"client_id": self._cfg.client_id}
         if nonce is not None:

@@ -12,7 +12,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from .core import CheckRequest, Decision
+from ..core import CheckRequest, Decision
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 

@@ -30,6 +30,8 @@ import jwt as pyjwt
 log = logging.getLogger("outrider.extauth.jwks")
 
 MAX_JWKS_BYTES = 1 << 20
+#: Seconds to establish a connection to a key set's host (within the fetch timeout).
+CONNECT_TIMEOUT = 2.0
 _RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
@@ -112,7 +114,9 @@ def parse_keyset_text(text: str | bytes) -> KeySet:
 class KeySource:
     """Where a provider's keys come from (local or remote)."""
 
-    async def keys_for(self, kid: str | None) -> list[VerificationKey] | None:
+    async def keys_for(
+        self, kid: str | None, wait: float | None = None
+    ) -> list[VerificationKey] | None:
         """Keys for ``kid``; None when no key set is available at all (IdP never reached)."""
         raise NotImplementedError
 
@@ -124,7 +128,9 @@ class LocalJWKSSource(KeySource):
     def __init__(self, keyset: KeySet) -> None:
         self.keyset = keyset
 
-    async def keys_for(self, kid: str | None) -> list[VerificationKey] | None:
+    async def keys_for(
+        self, kid: str | None, wait: float | None = None
+    ) -> list[VerificationKey] | None:
         return self.keyset.for_kid(kid)
 
     def has_kid(self, kid: str | None) -> bool:
@@ -166,7 +172,9 @@ class RemoteJWKS(KeySource):
     async def _fetch(self) -> bool:
         self._last_attempt = time.monotonic()
         try:
-            timeout = aiohttp.ClientTimeout(total=self.fetch_timeout)
+            timeout = aiohttp.ClientTimeout(
+                total=self.fetch_timeout, connect=min(CONNECT_TIMEOUT, self.fetch_timeout)
+            )
             async with self._session().get(
                 self.uri, timeout=timeout, headers={"accept": "application/json"}
             ) as resp:
@@ -200,17 +208,21 @@ class RemoteJWKS(KeySource):
             self._inflight = asyncio.create_task(self._fetch(), name=f"jwks {self.uri}")
         return self._inflight
 
-    async def _wait_bounded(self, task: asyncio.Task[bool]) -> None:
+    async def _wait_bounded(self, task: asyncio.Task[bool], wait: float | None) -> None:
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), self.check_wait)
+            await asyncio.wait_for(asyncio.shield(task), self.check_wait if wait is None else wait)
 
-    async def keys_for(self, kid: str | None) -> list[VerificationKey] | None:
+    async def keys_for(
+        self, kid: str | None, wait: float | None = None
+    ) -> list[VerificationKey] | None:
+        """``wait``: the longest this call waits for a fetch (default ``check_wait``); an
+        OIDC login, which cannot go on without the keys, waits longer than a JWT check."""
         if self.keyset is None:
             running = self._inflight is not None and not self._inflight.done()
             # While the IdP is failing, checks do not each start a fetch: at most one a
             # second on demand, besides the background loop's backed-off retries.
             if running or time.monotonic() - self._last_attempt >= 1.0:
-                await self._wait_bounded(self.refresh())
+                await self._wait_bounded(self.refresh(), wait)
             if self.keyset is None:
                 return None
         keys = self.keyset.for_kid(kid)
@@ -218,12 +230,12 @@ class RemoteJWKS(KeySource):
             return keys
         now = time.monotonic()
         if self._inflight is not None and not self._inflight.done():
-            await self._wait_bounded(self._inflight)
+            await self._wait_bounded(self._inflight, wait)
         elif now - self._last_kid_refetch >= self.refetch_cooldown:
             # An unknown kid may be a rotation: refetch once, then hold off so a flood
             # of made-up kids cannot turn into a flood of fetches.
             self._last_kid_refetch = now
-            await self._wait_bounded(self.refresh())
+            await self._wait_bounded(self.refresh(), wait)
         return self.keyset.for_kid(kid)
 
     def has_kid(self, kid: str | None) -> bool:

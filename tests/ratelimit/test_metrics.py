@@ -1,0 +1,89 @@
+"""The per-limit stats on /metrics: right values, valid text, and a render that lets
+decisions through while it runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.ratelimit.core import stats as st
+from services.ratelimit.core.limiter import Descriptor
+from services.ratelimit.service import Factory, LimitStatsText, RateLimitService
+
+CONFIG = """domain: m
+descriptors:
+  - key: remote_address
+    detailed_metric: true
+    rate_limit: {unit: hour, requests_per_unit: 2}
+"""
+
+
+async def _service(tmp_path: Path, registry: CollectorRegistry) -> RateLimitService:
+    factory = Factory()
+    parser = argparse.ArgumentParser()
+    factory.add_arguments(parser)
+    parser.add_argument("--config")  # a common flag (the runtime adds it)
+    (tmp_path / "m.yaml").write_text(CONFIG)
+    service = factory.create(parser.parse_args(["--config", str(tmp_path)]), registry)
+    await service.start(service.load_config(tmp_path / "m.yaml"))
+    return service
+
+
+async def test_per_limit_stats_text_is_valid_and_complete(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    service = await _service(tmp_path, registry)
+    assert service.limiter is not None
+    for value in ("10.0.0.1", 'quote"back\\slash'):
+        for _ in range(3):
+            descriptor = Descriptor((("remote_address", value),))
+            await service.limiter.should_rate_limit("m", [descriptor], 1)
+    # what the admin server serves: the registry, then the service's own text
+    text = generate_latest(registry).decode() + await service.metrics_text()
+    samples = {
+        (s.name, s.labels.get("descriptor")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("outrider_ratelimit_") and "descriptor" in s.labels
+    }
+    for value in ("10.0.0.1", 'quote"back\\slash'):
+        descriptor = f"remote_address_{value}"
+        assert samples["outrider_ratelimit_total_hits_total", descriptor] == 3
+        assert samples["outrider_ratelimit_over_limit_total", descriptor] == 1
+        assert samples["outrider_ratelimit_within_limit_total", descriptor] == 2
+    events = {
+        s.labels["event"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "outrider_ratelimit_events_total"
+    }
+    assert events["calls"] == 6
+    await service.stop()
+
+
+async def test_rendering_many_rows_lets_the_event_loop_run() -> None:
+    """A full stats table renders in chunks: other work runs between them (counted in
+    loop turns, not timed)."""
+    stats = st.StatsTable()
+    for i in range(st.MAX_KEYS):
+        stats.row(f"m.remote_address_10.0.{i >> 8}.{i & 255}")[st.TOTAL_HITS] = i
+    turns = 0
+    done = False
+
+    async def other_work() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    worker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    turns = 0
+    text = await LimitStatsText().render(stats)
+    done = True
+    await worker
+    assert turns >= st.MAX_KEYS // LimitStatsText.CHUNK - 1
+    assert text.count("\n") == 6 * (st.MAX_KEYS + 2)

@@ -1,0 +1,801 @@
+"""ClientTrafficPolicy → settings of the Envoy listener (and its HTTP connection manager).
+
+Attachment is Envoy Gateway's (``ProcessClientTrafficPolicies``): policies in age order;
+first every policy that names a listener (``sectionName``) claims it, a later one naming the
+same listener is *Conflicted*; then every policy for a whole Gateway applies to the
+listeners no section policy claimed, a later whole-Gateway policy is *Conflicted*. A policy
+that names one of several plain-HTTP listeners sharing a port is rejected (the others
+would be affected too). A policy whose settings are invalid is rejected and the routes of
+the listeners it targets answer 500. A policy is accepted when one of its targets is.
+
+Outrider runs one Envoy for every Gateway, so Gateway listeners that share a port share one
+Envoy listener: a policy must then apply to all of them (else it is rejected, saying so).
+
+The settings are Envoy Gateway's xDS mapping (``internal/xds/translator/listener.go``):
+``clientIPDetection`` → ``xff_num_trusted_hops`` (hops - 1, as Envoy Gateway) or the
+``xff``/``custom_header`` original IP detection extensions; ``tcpKeepalive`` → listener
+socket options; ``timeout.http`` → ``request_timeout``, ``request_headers_timeout``,
+``stream_idle_timeout``, ``common_http_protocol_options.idle_timeout``; ``connection`` →
+``connection_limit`` network filter, ``per_connection_buffer_limit_bytes``, connection and
+stream durations; ``headers``, ``http1``, ``http2``, ``path``, ``proxyProtocol``,
+``healthCheck``, ``grpc.enableWeb``, ``scheme``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.configfile import ConfigError, Node
+
+from .gatewayapi import GATEWAY_GROUP, check_fields
+from .model import Listener
+from .quantity import duration_s, envoy_duration, quantity
+from .rejections import Rejections
+from .resources import Resource, ResourceSet, TranslateError, error_at, unsupported
+
+KIND = "ClientTrafficPolicy"
+SPEC_FIELDS = (
+    "targetRef",
+    "targetRefs",
+    "clientIPDetection",
+    "tcpKeepalive",
+    "timeout",
+    "connection",
+    "headers",
+    "http1",
+    "http2",
+    "http3",
+    "path",
+    "proxyProtocol",
+    "enableProxyProtocol",
+    "healthCheck",
+    "tls",
+    "grpc",
+    "scheme",
+)
+SPEC_UNSUPPORTED = {"targetSelectors": "target selectors need cluster labels"}
+T = "type.googleapis.com/envoy.extensions."
+
+
+@dataclass
+class ClientSettings:
+    """What one policy sets on an Envoy listener, as fragments of Envoy's config."""
+
+    policy: str  # namespace/name
+    listener: dict[str, Any] = field(default_factory=dict)
+    socket_options: list[dict[str, Any]] = field(default_factory=list)
+    listener_filters: list[dict[str, Any]] = field(default_factory=list)
+    network_filters: list[dict[str, Any]] = field(default_factory=list)  # before the HCM
+    hcm: dict[str, Any] = field(default_factory=dict)
+    common_http: dict[str, Any] = field(default_factory=dict)  # common_http_protocol_options
+    http_filters_first: list[dict[str, Any]] = field(default_factory=list)
+    use_default_host: bool = False  # http1.http10.useDefaultHost: resolved per listener
+
+
+def _dur(node: Node, res: Resource, what: str) -> str:
+    return envoy_duration(duration_s(node, res, what))
+
+
+def _keepalive(k: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(k, res, ("probes", "idleTime", "interval"))
+    s.socket_options.append(
+        {
+            "description": "socket option to enable tcp keep alive",
+            "level": 1,
+            "name": 9,
+            "int_value": 1,
+            "state": "STATE_PREBIND",
+        }
+    )
+    if (p := k.get("probes")) is not None:
+        s.socket_options.append(
+            {
+                "description": "socket option for keep alive probes",
+                "level": 6,
+                "name": 6,
+                "int_value": p.int(minimum=0),
+                "state": "STATE_PREBIND",
+            }
+        )
+    for key, name, what in (("idleTime", 4, "IdleTime"), ("interval", 5, "Interval")):
+        if (n := k.get(key)) is not None:
+            secs = int(duration_s(n, res, f"TCP KeepAlive: {what}"))
+            s.socket_options.append(
+                {
+                    "description": f"socket option for keep alive {key}",
+                    "level": 6,
+                    "name": name,
+                    "int_value": secs,
+                    "state": "STATE_PREBIND",
+                }
+            )
+
+
+def _client_ip(c: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(c, res, ("xForwardedFor", "customHeader"), {"directSourceIP": "not translated"})
+    if (ch := c.get("customHeader")) is not None:
+        check_fields(ch, res, ("name", "failClosed"))
+        cfg: dict[str, Any] = {
+            "@type": T + "http.original_ip_detection.custom_header.v3.CustomHeaderConfig",
+            "header_name": ch.req("name").str(nonempty=True),
+            "allow_extension_to_set_address_as_trusted": True,
+        }
+        if ch.opt_bool("failClosed"):
+            cfg["reject_with_status"] = {"code": "Forbidden"}
+        s.hcm["use_remote_address"] = False
+        s.hcm["original_ip_detection_extensions"] = [
+            {
+                "name": "envoy.extensions.http.original_ip_detection.custom_header",
+                "typed_config": cfg,
+            }
+        ]
+        return
+    xff = c.get("xForwardedFor")
+    if xff is None:
+        return
+    check_fields(xff, res, ("numTrustedHops", "trustedCIDRs", "disableXForwardedForAppend"))
+    skip = xff.opt_bool("disableXForwardedForAppend")
+    hops = xff.opt_int("numTrustedHops", minimum=0)
+    cidrs = xff.get("trustedCIDRs")
+    if cidrs is not None and hops is not None:
+        raise error_at(xff, res, "numTrustedHops and trustedCIDRs are mutually exclusive")
+    xcfg: dict[str, Any] = {
+        "@type": T + "http.original_ip_detection.xff.v3.XffConfig",
+        "skip_xff_append": skip,
+    }
+    if cidrs is not None:
+        ranges = []
+        for item in cidrs.list():
+            try:
+                net = ipaddress.ip_network(item.str(), strict=False)
+            except ValueError:
+                raise error_at(item, res, f"expected a CIDR; got {item.value!r}") from None
+            ranges.append({"address_prefix": str(net.network_address), "prefix_len": net.prefixlen})
+        xcfg["xff_trusted_cidrs"] = {"cidrs": ranges}
+    elif hops is not None:
+        xcfg["xff_num_trusted_hops"] = max(hops - 1, 0)
+    else:
+        return
+    # Envoy Gateway: with an extension, use_remote_address is false and the extension decides
+    s.hcm["use_remote_address"] = False
+    s.hcm["original_ip_detection_extensions"] = [
+        {"name": "envoy.extensions.http.original_ip_detection.xff", "typed_config": xcfg}
+    ]
+
+
+def _timeout(t: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(t, res, ("tcp", "http"))
+    if (tcp := t.get("tcp")) is not None:
+        check_fields(
+            tcp, res, ("idleTimeout", "tlsHandshakeTimeout", "connectionInspectionTimeout")
+        )
+        for key, what in (
+            ("idleTimeout", "TCP IdleTimeout"),
+            ("tlsHandshakeTimeout", "TCP TLSHandshakeTimeout"),
+            ("connectionInspectionTimeout", "TCP ConnectionInspectionTimeout"),
+        ):
+            if (n := tcp.get(key)) is not None:
+                duration_s(n, res, f"Timeout: invalid {what}")
+        # tcp.idleTimeout applies to TCP listeners, TLS timeouts to TLS listeners (as Envoy
+        # Gateway: no effect on a plain HTTP listener)
+    if (http := t.get("http")) is not None:
+        check_fields(
+            http,
+            res,
+            (
+                "requestReceivedTimeout",
+                "idleTimeout",
+                "streamIdleTimeout",
+                "requestHeadersReceivedTimeout",
+            ),
+        )
+        for key, target, what in (
+            ("requestReceivedTimeout", "request_timeout", "HTTP RequestReceivedTimeout"),
+            (
+                "requestHeadersReceivedTimeout",
+                "request_headers_timeout",
+                "HTTP RequestHeadersReceivedTimeout",
+            ),
+            ("streamIdleTimeout", "stream_idle_timeout", "HTTP StreamIdleTimeout"),
+        ):
+            if (n := http.get(key)) is not None:
+                s.hcm[target] = _dur(n, res, f"Timeout: {what}")
+        if (n := http.get("idleTimeout")) is not None:
+            s.common_http["idle_timeout"] = _dur(n, res, "Timeout: HTTP IdleTimeout")
+
+
+def _connection(c: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(
+        c, res, ("connectionLimit", "bufferLimit", "socketBufferLimit", "maxAcceptPerSocketEvent")
+    )
+    if (cl := c.get("connectionLimit")) is not None:
+        check_fields(
+            cl,
+            res,
+            (
+                "value",
+                "closeDelay",
+                "maxConnectionDuration",
+                "maxRequestsPerConnection",
+                "maxStreamDuration",
+            ),
+        )
+        if (n := cl.get("maxConnectionDuration")) is not None:
+            s.common_http["max_connection_duration"] = _dur(
+                n, res, "Connection: MaxConnectionDuration"
+            )
+            s.hcm["http1_safe_max_connection_duration"] = True
+        if (n := cl.get("maxRequestsPerConnection")) is not None:
+            s.common_http["max_requests_per_connection"] = n.int(minimum=0)
+        if (n := cl.get("maxStreamDuration")) is not None:
+            s.common_http["max_stream_duration"] = _dur(n, res, "Connection: MaxStreamDuration")
+        if (v := cl.get("value")) is not None:
+            limit: dict[str, Any] = {
+                "@type": T + "filters.network.connection_limit.v3.ConnectionLimit",
+                "stat_prefix": "connection-limit",
+                "max_connections": v.int(minimum=1),
+            }
+            if (n := cl.get("closeDelay")) is not None:
+                limit["delay"] = _dur(n, res, "Connection: CloseDelay")
+            s.network_filters.append(
+                {"name": "envoy.filters.network.connection_limit", "typed_config": limit}
+            )
+    if (b := c.get("bufferLimit")) is not None:
+        value = quantity(b, res, "Connection: BufferLimit")
+        if not 0 <= value <= 2**32 - 1:
+            raise error_at(
+                b,
+                res,
+                f"Connection: BufferLimit value {b.value} is out of range, must be between 0 "
+                f"and {2**32 - 1}",
+            )
+        s.listener["per_connection_buffer_limit_bytes"] = value
+    if (b := c.get("socketBufferLimit")) is not None:
+        value = quantity(b, res, "Connection: SocketBufferLimit")
+        s.socket_options.append(
+            {
+                "description": "socket option for receive buffer size",
+                "level": 1,
+                "name": 8,
+                "int_value": value,
+                "state": "STATE_PREBIND",
+            }
+        )
+    if (n := c.get("maxAcceptPerSocketEvent")) is not None:
+        v = n.int(minimum=0)
+        if v:
+            s.listener["max_connections_to_accept_per_socket_event"] = v
+
+
+def _header_mutation(h: Node, res: Resource) -> list[dict[str, Any]]:
+    check_fields(h, res, ("set", "add", "remove"))
+    mutations: list[dict[str, Any]] = []
+    for key, action in (("set", "OVERWRITE_IF_EXISTS_OR_ADD"), ("add", "APPEND_IF_EXISTS_OR_ADD")):
+        for item in (h.get(key) or Node([], h.file)).list():
+            check_fields(item, res, ("name", "value"))
+            name = item.req("name").str()
+            if not name:
+                raise error_at(
+                    item, res, f"EarlyRequestHeaders cannot {key} a header with an empty name"
+                )
+            if "/" in name or ":" in name:
+                raise error_at(
+                    item,
+                    res,
+                    f"EarlyRequestHeaders cannot {key} a header with a "
+                    f"'/' or ':' character in them. Header: {name!r}",
+                )
+            mutations.append(
+                {
+                    "append": {
+                        "header": {"key": name, "value": item.opt_str("value", "") or ""},
+                        "append_action": action,
+                    }
+                }
+            )
+    for item in (h.get("remove") or Node([], h.file)).list():
+        name = item.str()
+        if not name:
+            raise error_at(
+                item, res, "EarlyRequestHeaders cannot remove a header with an empty name"
+            )
+        mutations.append({"remove": name})
+    if not mutations:
+        raise error_at(
+            h,
+            res,
+            "EarlyRequestHeaders did not provide valid configuration to add/set/remove any headers",
+        )
+    return mutations
+
+
+def _headers(h: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(
+        h,
+        res,
+        (
+            "enableEnvoyHeaders",
+            "withUnderscoresAction",
+            "preserveXRequestID",
+            "requestID",
+            "earlyRequestHeaders",
+            "maxRequestHeaderLimit",
+            "host",
+            "xForwardedClientCert",
+        ),
+        {"disableRateLimitHeaders": "not translated", "lateResponseHeaders": "not translated"},
+    )
+    action = h.opt_str(
+        "withUnderscoresAction", "RejectRequest", choices=("Allow", "RejectRequest", "DropHeader")
+    )
+    s.common_http["headers_with_underscores_action"] = {
+        "Allow": "ALLOW",
+        "RejectRequest": "REJECT_REQUEST",
+        "DropHeader": "DROP_HEADER",
+    }[action or "RejectRequest"]
+    # enableEnvoyHeaders: Envoy's own default (x-envoy-* headers kept), as Outrider's router
+    request_id = h.opt_str(
+        "requestID", choices=("PreserveOrGenerate", "Preserve", "Generate", "Disable")
+    )
+    if request_id is None and h.opt_bool("preserveXRequestID"):
+        request_id = "PreserveOrGenerate"
+    if request_id is not None:
+        generate, preserve = {
+            "PreserveOrGenerate": (True, True),
+            "Preserve": (False, True),
+            "Disable": (False, False),
+            "Generate": (True, False),
+        }[request_id]
+        s.hcm["generate_request_id"] = generate
+        s.hcm["preserve_external_request_id"] = preserve
+    if (e := h.get("earlyRequestHeaders")) is not None:
+        s.hcm["early_header_mutation_extensions"] = [
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": T + "http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": _header_mutation(e, res),
+                },
+            }
+        ]
+    if (m := h.get("maxRequestHeaderLimit")) is not None:
+        value = quantity(m, res, "Headers: MaxRequestHeaderLimit")
+        if value < 1024:
+            raise error_at(m, res, f"MaxRequestHeaderLimit value {m.value} must be at least 1Ki")
+        if value > 8192 * 1024:
+            raise error_at(
+                m, res, f"MaxRequestHeaderLimit value {m.value} exceeds the maximum of 8192Ki"
+            )
+        s.hcm["max_request_headers_kb"] = (value + 1023) // 1024
+    if (host := h.get("host")) is not None:
+        check_fields(host, res, ("stripTrailingHostDot",))
+        if host.get("stripTrailingHostDot") is not None:
+            s.hcm["strip_trailing_host_dot"] = host.opt_bool("stripTrailingHostDot")
+    if (x := h.get("xForwardedClientCert")) is not None:
+        # client certificates exist on TLS listeners only; on plain HTTP the mode is checked
+        # and has nothing to forward (Envoy Gateway sets it likewise)
+        check_fields(x, res, ("mode", "certDetailsToAdd"))
+        x.opt_str(
+            "mode",
+            choices=(
+                "Sanitize",
+                "ForwardOnly",
+                "AppendForward",
+                "SanitizeSet",
+                "AlwaysForwardOnly",
+            ),
+        )
+
+
+def _http1(h: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(
+        h,
+        res,
+        ("enableTrailers", "preserveHeaderCase", "http10", "disableSafeMaxConnectionDuration"),
+        {"ignoredUpgradeTypes": "not translated"},
+    )
+    opts: dict[str, Any] = {}
+    if h.opt_bool("enableTrailers"):
+        opts["enable_trailers"] = True
+    if h.opt_bool("preserveHeaderCase"):
+        opts["header_key_format"] = {
+            "stateful_formatter": {
+                "name": "preserve_case",
+                "typed_config": {
+                    "@type": T + "http.header_formatters.preserve_case.v3."
+                    "PreserveCaseFormatterConfig"
+                },
+            }
+        }
+    if (h10 := h.get("http10")) is not None:
+        check_fields(h10, res, ("useDefaultHost",))
+        opts["accept_http_10"] = True
+        s.use_default_host = h10.opt_bool("useDefaultHost")
+    if (
+        h.opt_bool("disableSafeMaxConnectionDuration")
+        and "http1_safe_max_connection_duration" in s.hcm
+    ):
+        s.hcm["http1_safe_max_connection_duration"] = False
+    if opts:
+        s.hcm["http_protocol_options"] = opts
+
+
+def _http2(h: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(
+        h,
+        res,
+        (
+            "initialStreamWindowSize",
+            "initialConnectionWindowSize",
+            "maxConcurrentStreams",
+            "onInvalidMessage",
+        ),
+        {"connectionKeepalive": "not translated"},
+    )
+    opts: dict[str, Any] = {
+        "max_concurrent_streams": 100,
+        "initial_stream_window_size": 65536,
+        "initial_connection_window_size": 1048576,
+    }
+    for key, target in (
+        ("initialStreamWindowSize", "initial_stream_window_size"),
+        ("initialConnectionWindowSize", "initial_connection_window_size"),
+    ):
+        if (n := h.get(key)) is not None:
+            value = quantity(n, res, f"HTTP2: {key}")
+            if not 65535 <= value <= 2147483647:
+                raise error_at(
+                    n,
+                    res,
+                    f"HTTP2: {key} must be between 65535 and 2147483647 bytes; got {n.value}",
+                )
+            opts[target] = value
+    if (n := h.get("maxConcurrentStreams")) is not None:
+        opts["max_concurrent_streams"] = n.int(minimum=1, maximum=2147483647)
+    if (n := h.get("onInvalidMessage")) is not None:
+        mode = n.str(choices=("TerminateConnection", "TerminateStream"))
+        opts["override_stream_error_on_invalid_http_message"] = mode == "TerminateStream"
+    s.hcm["http2_protocol_options"] = opts
+
+
+def _path(p: Node, res: Resource, s: ClientSettings) -> None:
+    check_fields(p, res, ("disableMergeSlashes", "escapedSlashesAction"))
+    if p.get("disableMergeSlashes") is not None:
+        s.hcm["merge_slashes"] = not p.opt_bool("disableMergeSlashes")
+    if (a := p.get("escapedSlashesAction")) is not None:
+        s.hcm["path_with_escaped_slashes_action"] = {
+            "KeepUnchanged": "KEEP_UNCHANGED",
+            "RejectRequest": "REJECT_REQUEST",
+            "UnescapeAndRedirect": "UNESCAPE_AND_REDIRECT",
+            "UnescapeAndForward": "UNESCAPE_AND_FORWARD",
+        }[
+            a.str(
+                choices=(
+                    "KeepUnchanged",
+                    "RejectRequest",
+                    "UnescapeAndRedirect",
+                    "UnescapeAndForward",
+                )
+            )
+        ]
+
+
+def _proxy_protocol(optional: bool, s: ClientSettings) -> None:
+    cfg: dict[str, Any] = {"@type": T + "filters.listener.proxy_protocol.v3.ProxyProtocol"}
+    if optional:
+        cfg["allow_requests_without_proxy_protocol"] = True
+    s.listener_filters.append(
+        {"name": "envoy.filters.listener.proxy_protocol", "typed_config": cfg}
+    )
+
+
+def build_settings(policy: Resource) -> ClientSettings:
+    """One policy's settings; an invalid or unsupported field raises (the policy is rejected)."""
+    spec = check_fields(policy.spec, policy, SPEC_FIELDS, SPEC_UNSUPPORTED)
+    s = ClientSettings(policy.key)
+    if (n := spec.get("tcpKeepalive")) is not None:
+        _keepalive(n, policy, s)
+    if (n := spec.get("connection")) is not None:
+        _connection(n, policy, s)
+    if (n := spec.get("proxyProtocol")) is not None:
+        check_fields(n, policy, ("optional",))
+        _proxy_protocol(n.opt_bool("optional"), s)
+    elif spec.opt_bool("enableProxyProtocol"):
+        _proxy_protocol(False, s)
+    if (n := spec.get("timeout")) is not None:
+        _timeout(n, policy, s)
+    if (n := spec.get("clientIPDetection")) is not None:
+        _client_ip(n, policy, s)
+    if (n := spec.get("headers")) is not None:
+        _headers(n, policy, s)
+    if (n := spec.get("path")) is not None:
+        _path(n, policy, s)
+    if (n := spec.get("http1")) is not None:
+        _http1(n, policy, s)
+    if (n := spec.get("http2")) is not None:
+        _http2(n, policy, s)
+    if (n := spec.get("http3")) is not None:
+        check_fields(n, policy, ())  # HTTP/3 needs a TLS listener: no effect on plain HTTP
+    if (n := spec.get("tls")) is not None:
+        # TLS parameters apply to HTTPS listeners only; Envoy Gateway ignores them on plain
+        # HTTP listeners, and Outrider translates plain HTTP listeners only
+        n.mapping()
+    if (n := spec.get("grpc")) is not None:
+        check_fields(n, policy, ("enableWeb",))
+        if n.opt_bool("enableWeb"):
+            s.http_filters_first.append(
+                {
+                    "name": "envoy.filters.http.grpc_web",
+                    "typed_config": {"@type": T + "filters.http.grpc_web.v3.GrpcWeb"},
+                }
+            )
+    if (n := spec.get("healthCheck")) is not None:
+        check_fields(n, policy, ("path",))
+        s.http_filters_first.insert(
+            0,
+            {
+                "name": "envoy.filters.http.health_check",
+                "typed_config": {
+                    "@type": T + "filters.http.health_check.v3.HealthCheck",
+                    "pass_through_mode": False,
+                    "headers": [
+                        {
+                            "name": ":path",
+                            "string_match": {"exact": n.req("path").str(nonempty=True)},
+                        }
+                    ],
+                },
+            },
+        )
+    n = spec.get("scheme")
+    if n is not None and n.str(choices=("Preserve", "MatchBackend")) == "MatchBackend":
+        s.hcm["scheme_header_transformation"] = {"match_upstream": True}
+    return s
+
+
+@dataclass(frozen=True)
+class _Target:
+    gateway: str  # namespace/name
+    section: str | None
+    node: Node
+
+
+def _targets(policy: Resource) -> list[_Target]:
+    spec = policy.spec
+    refs: list[Node] = []
+    if (one := spec.get("targetRef")) is not None:
+        refs.append(one)
+    refs += (spec.get("targetRefs") or Node([], spec.file)).list()
+    if not refs:
+        raise error_at(spec, policy, "expected targetRefs (a Gateway)")
+    out = []
+    for ref in refs:
+        check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))
+        kind = ref.req("kind").str()
+        if kind != "Gateway":
+            raise unsupported(ref.req("kind"), policy, f"target kind {kind}; Gateway is")
+        if ref.opt_str("group", GATEWAY_GROUP) != GATEWAY_GROUP:
+            raise error_at(ref.req("group"), policy, f"expected group {GATEWAY_GROUP}")
+        out.append(
+            _Target(
+                f"{policy.namespace}/{ref.req('name').str(nonempty=True)}",
+                ref.opt_str("sectionName"),
+                ref,
+            )
+        )
+    return out
+
+
+def _fail_closed(listener: Listener) -> None:
+    for route in listener.routes:
+        route.direct_status = 500
+        route.redirect = None
+
+
+def _default_host(listener: Listener, policy: Resource, node: Node) -> str:
+    if listener.hostname and "*" not in listener.hostname:
+        return listener.hostname
+    hosts = {r.hostname for r in listener.routes if r.hostname and "*" not in r.hostname}
+    if not hosts:
+        raise error_at(
+            node,
+            policy,
+            "HTTP1: cannot set http10 default host on listener with only wildcard hostnames",
+        )
+    if len(hosts) > 1:
+        raise error_at(
+            node,
+            policy,
+            "HTTP1: cannot set http10 default host on listener with "
+            "only wildcard hostnames and more than one possible default route",
+        )
+    return hosts.pop()
+
+
+def attach_client_traffic(
+    resources: ResourceSet, listeners: list[Listener], rejections: Rejections
+) -> dict[str, ClientSettings]:
+    """Envoy listener name (the first Gateway listener on its port) → the settings to apply.
+    Rejected policies are added to ``rejections``."""
+    policies = sorted(resources.of(KIND), key=lambda p: p.created)
+    errors: dict[str, ConfigError] = {}
+    accepted: set[str] = set()
+    built: dict[str, ClientSettings] = {}
+    targets: dict[str, list[_Target]] = {}
+    for p in policies:
+        try:
+            targets[p.key] = _targets(p)
+            built[p.key] = build_settings(p)
+        except ConfigError as exc:
+            errors[p.key] = exc
+            targets.setdefault(p.key, [])
+    gateways = {f"{lst.gateway_ns}/{lst.gateway_name}" for lst in listeners}
+    claimed: dict[int, str] = {}  # id(listener) → policy key
+    claimed_sections: set[tuple[str, str]] = set()
+    claimed_gateways: set[str] = set()
+
+    def note(p: Resource, exc: ConfigError) -> None:
+        errors.setdefault(p.key, exc)
+
+    def same_port(lst: Listener) -> list[Listener]:
+        return [o for o in listeners if o is not lst and o.port == lst.port]
+
+    # 1. policies naming a listener
+    for p in policies:
+        for t in targets[p.key]:
+            if t.section is None or t.gateway not in gateways:
+                continue
+            lst = next(
+                (
+                    x
+                    for x in listeners
+                    if f"{x.gateway_ns}/{x.gateway_name}" == t.gateway and x.section == t.section
+                ),
+                None,
+            )
+            if lst is None:
+                note(
+                    p,
+                    error_at(
+                        t.node.req("sectionName"),
+                        p,
+                        f"Gateway {t.gateway} has no listener {t.section!r}",
+                    ),
+                )
+                continue
+            if (t.gateway, t.section) in claimed_sections:
+                note(
+                    p,
+                    error_at(
+                        t.node,
+                        p,
+                        f"Unable to target section of {t.gateway}, another "
+                        "ClientTrafficPolicy has already attached to it (Conflicted)",
+                    ),
+                )
+                continue
+            claimed_sections.add((t.gateway, t.section))
+            if p.key not in built:
+                _fail_closed(lst)
+                continue
+            if others := same_port(lst):
+                note(
+                    p,
+                    error_at(
+                        t.node,
+                        p,
+                        "ClientTrafficPolicy is being applied to multiple http (non "
+                        "https) listeners ("
+                        + ", ".join(o.name for o in others)
+                        + ") on the same port, which is not allowed",
+                    ),
+                )
+                _fail_closed(lst)
+                continue
+            claimed[id(lst)] = p.key
+            accepted.add(p.key)
+    # 2. policies for a whole Gateway
+    for p in policies:
+        for t in targets[p.key]:
+            if t.section is not None or t.gateway not in gateways:
+                continue
+            if t.gateway in claimed_gateways:
+                note(
+                    p,
+                    error_at(
+                        t.node,
+                        p,
+                        f"Unable to target Gateway {t.gateway}, another "
+                        "ClientTrafficPolicy has already attached to it (Conflicted)",
+                    ),
+                )
+                continue
+            claimed_gateways.add(t.gateway)
+            mine = [
+                x
+                for x in listeners
+                if f"{x.gateway_ns}/{x.gateway_name}" == t.gateway
+                and (t.gateway, x.section) not in claimed_sections
+            ]
+            if p.key not in built:
+                for lst in mine:
+                    _fail_closed(lst)
+                continue
+            ok = True  # accepted for this Gateway unless a listener fails
+            for lst in mine:
+                foreign = [
+                    o for o in same_port(lst) if f"{o.gateway_ns}/{o.gateway_name}" != t.gateway
+                ]
+                if foreign:
+                    note(
+                        p,
+                        error_at(
+                            t.node,
+                            p,
+                            "Outrider runs one Envoy for every Gateway: "
+                            f"listener {lst.name} shares port {lst.port} with "
+                            + ", ".join(o.name for o in foreign)
+                            + ", which this policy does not apply to (not supported)",
+                        ),
+                    )
+                    ok = False
+                    continue
+                claimed[id(lst)] = p.key
+            if ok:
+                accepted.add(p.key)
+    for p in policies:  # accepted when one target is (Envoy Gateway's status per ancestor)
+        if p.key not in accepted:
+            rejections.add(
+                p, errors.get(p.key) or error_at(p.spec, p, "no target Gateway is in the input")
+            )
+    # Envoy listeners: the Gateway listeners on one port share one
+    out: dict[str, ClientSettings] = {}
+    groups: dict[int, list[Listener]] = {}
+    for lst in listeners:
+        groups.setdefault(lst.port, []).append(lst)
+    for group in groups.values():
+        keys = {claimed.get(id(x)) for x in group}
+        key = keys.pop() if len(keys) == 1 else None
+        if key is None:
+            continue
+        settings = built[key]
+        if settings.use_default_host:
+            policy = next(p for p in policies if p.key == key)
+            try:
+                host = _default_host(group[0], policy, policy.spec.req("http1"))
+            except TranslateError as exc:
+                rejections.add(policy, exc)
+                for lst in group:
+                    _fail_closed(lst)
+                continue
+            settings.hcm.setdefault("http_protocol_options", {})["default_host_for_http_10"] = host
+        out[group[0].name] = settings
+    return out
+
+
+def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSettings]) -> None:
+    """Write each policy's settings into the generated bootstrap (a dict, as dumped)."""
+    for listener in bootstrap.get("static_resources", {}).get("listeners", []):
+        s = settings.get(listener.get("name"))
+        if s is None:
+            continue
+        listener.update(s.listener)
+        if s.socket_options:
+            listener.setdefault("socket_options", []).extend(s.socket_options)
+        if s.listener_filters:
+            listener["listener_filters"] = s.listener_filters + listener.get("listener_filters", [])
+        for chain in listener.get("filter_chains", []):
+            filters = chain["filters"]
+            hcm = next(f for f in filters if f["name"].endswith("http_connection_manager"))
+            cfg = hcm["typed_config"]
+            cfg.update(s.hcm)
+            if s.common_http:
+                cfg.setdefault("common_http_protocol_options", {}).update(s.common_http)
+            if s.http_filters_first:
+                cfg["http_filters"] = s.http_filters_first + cfg["http_filters"]
+            if s.network_filters:
+                for nf in s.network_filters:
+                    nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")
+                chain["filters"] = s.network_filters + filters
