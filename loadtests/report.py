@@ -35,13 +35,15 @@ INTRO = """\
   `loadtests/envoy_configs.py`, `loadtests/scenarios.py`; each is checked with
   `envoy --mode validate` before it starts. Every front Envoy runs with
   `--concurrency 1`.
-- **References** (role `reference`, not Outrider). `grpc-floor` puts a grpc.aio server
-  on uvloop that answers every call with a constant reply where the sidecar would be
-  (`loadtests/floor.py`): the most any grpc.aio service can do on this machine, so the
-  gap between it and an Outrider setup is what Outrider's own code costs, and the gap
-  between it and the native twin is the price of a gRPC hop into Python. `envoy-floor`
-  (JWT and Basic scenarios) answers Envoy's HTTP ext_authz calls with another Envoy
-  (C++, `direct_response` 200 on a Unix socket): the cost of the out-of-process hop alone.
+- **References** (role `reference`, not Outrider): the fastest server of each protocol
+  in the sidecar's place, in every scenario of that protocol. `grpc-floor` is a grpc.aio
+  server on uvloop answering every call with a constant reply built once
+  (`loadtests/floor.py`): the most any grpc.aio service can do here, so the gap between
+  it and an Outrider gRPC setup is what Outrider's own code costs, and the gap between it
+  and the native twin is the price of a gRPC hop into Python. `envoy-floor` answers
+  Envoy's HTTP ext_authz calls with another Envoy (C++, `direct_response` 200 on a Unix
+  socket): the floor of every HTTP-mode setup. The floors allow everything and limit
+  nothing.
 - **Upstream.** A second Envoy answering every request with a fixed
   `direct_response` (`{"ok":true}`). It costs every setup the same few microseconds (its
   CPU is in the JSON) and, unlike the Python echo upstream, never becomes the bottleneck;
@@ -50,11 +52,20 @@ INTRO = """\
   nothing); the load goes to one after the other, A B C A B C …, for several rounds.
   Figures are medians over the rounds; capacity ratios are medians of rps, and the
   per-round ratios (adjacent runs, so machine drift cancels) are in the JSON.
-- **Capacity** (saturation): Locust `FastHttpUser`s with no wait time.
-  **Latency tax**: the same at a constant rate (a quarter of the slowest setup's
-  saturation, 50-300 req/s), p50/p99 of the Outrider setup minus `baseline`.
-  **Service capacity**: a gRPC Locust user (grpcio with
-  `grpc.experimental.gevent.init_gevent()`) drives the sidecar directly.
+- **Capacity** (saturation), two load generators in the same alternating rounds: each
+  setup gets a Locust run (`FastHttpUser`s, no wait time), then a **wrk** run (C, one
+  thread, 32 connections, `loadtests/wrk.py`). The headline ratios are wrk's: one Locust
+  process tops out near one core before an Envoy worker does, so its `baseline` and
+  native rows measure Locust, not Envoy. wrk checks every response too: a generated Lua
+  script cycles through a pool of the scenario's requests (the same credentials, keys
+  and bodies as the locustfile), counts every status and, for header mutation, checks
+  the added response header on every 200; statuses that are right only for some
+  requests (429 for the hot rate limit keys) are checked in aggregate (never more than
+  hot requests were sent; a limiter must refuse all but what the limit lets through).
+  **Latency tax**: Locust at a constant rate (a quarter of the slowest setup's Locust
+  saturation, 50-300 req/s), p50/p99 of the setup minus `baseline`.
+  **Service capacity**: `loadtests/scaling.py` (h2load, see *Scaling*) and, per
+  scenario, a gRPC Locust user (grpcio with `grpc.experimental.gevent.init_gevent()`).
 - **Latency resolution.** Locust rounds response times to whole milliseconds; the
   locustfiles replace that bucketing (`loadtests/common.py`) with 0.01 ms buckets below
   10 ms, and percentiles come from the full histogram of each run, never from the rounded
@@ -62,14 +73,15 @@ INTRO = """\
 - **CPU.** Each run records the CPU seconds of every process (Envoy, upstream, sidecar,
   Redis, Locust itself) over exactly the measured window (`/proc` via psutil);
   *µs/req* is CPU time per request, *util* is the share of one core.
+- **Load generator CPU.** wrk's own CPU time is read from `/proc/PID/stat` when it has
+  exited but is not yet reaped (its final user + system time) and divided by the run's
+  duration: a row whose load generator sat above 90 % of a core is flagged ⚠, and a
+  ratio involving it is not a server figure. Locust's is measured the same way (psutil).
 - **Two cores only.** Load generator, Envoy, upstream, sidecar and Redis share 2 cores and
   nothing is pinned: pinning would hand a whole core to a process that needs a fraction
-  of one. One Locust process cannot saturate Envoy alone, so the `baseline` and native
-  figures are **load-generator bound** (watch the *loadgen util* column near
-  100 % and Envoy far below it): they understate Envoy's own capacity, which makes the
-  sidecar/native ratios optimistic. The CPU columns give the machine-independent view:
-  *est. capacity* = 10⁶ / (µs/req of the busiest single-threaded server process, Envoy or
-  the sidecar) is what that process could serve with a core of its own.
+  of one. The CPU columns give the machine-independent view: *est. capacity* = 10⁶ /
+  (µs/req of the busiest single-threaded server process, Envoy or the sidecar) is what
+  that process could serve with a core of its own.
 - **Correctness first.** Before measuring, each setup answers one request (200), the auth
   setups refuse one without credentials, and both rate limiters must return 429 for a hot
   key; during the runs every response is checked (status, and for header mutation the
@@ -88,8 +100,11 @@ USAGE = """\
 ## Running
 
 ```
-make bench                                  # every scenario, ≤ 20 min
-make bench SCENARIO=extauth-jwt QUICK=1     # one scenario, about a minute
+make bench                                  # every scenario (installs wrk, h2load)
+make bench SCENARIO=extauth-jwt QUICK=1     # one scenario, about two minutes
+make scaling                                # service capacity for 1, 2, 4 workers
+python -m loadtests.run --rounds 3 --seconds 3 --no-service --scenario ratelimit
+python -m loadtests.run --no-wrk ...        # Locust only (ratios load-generator bound)
 python -m loadtests.report                  # redraw this page from stored results
 python -m loadtests.run --profile           # py-spy each sidecar under load (pip install py-spy)
 python -m loadtests.run --nice -5 ...       # on a shared machine (root): less noise

@@ -979,6 +979,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run the whole benchmark (every process it starts) at this niceness; a negative "
         "value (root only) keeps other work on a shared machine from adding noise",
     )
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default: the plan's)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per run")
+    parser.add_argument(
+        "--no-service",
+        action="store_true",
+        help="skip the Locust gRPC service-capacity runs (loadtests/scaling.py measures "
+        "service capacity with h2load)",
+    )
     parser.add_argument(
         "--no-wrk",
         action="store_true",
@@ -1000,6 +1008,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan.full()
     if args.saturation_users:
         plan = replace(plan, saturation_users=args.saturation_users)
+    if args.rounds:
+        plan = replace(plan, rounds=args.rounds)
+    if args.seconds:
+        plan = replace(plan, seconds=args.seconds)
+    if args.no_service:
+        plan = replace(plan, service_rounds=0)
     if args.no_wrk:
         plan = replace(plan, wrk=False)
     elif not args.profile and wrk.available() is None:
