@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from typing import Any
 
 import psutil
 
@@ -40,3 +42,13 @@ def snapshot(processes: dict[str, int]) -> dict[str, float]:
         if cpu is not None:
             out[name] = cpu
     return out
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a CI job ending) unwinds like Ctrl-C, so every process an
+    experiment started is stopped by its ``finally``."""
+
+    def raise_interrupt(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)

@@ -49,7 +49,7 @@ from services.common.listeners import free_port
 from . import envoy_configs as ec
 from . import wrk
 from .material import Material, generate
-from .procs import snapshot, watched
+from .procs import snapshot, stop_on_sigterm, watched
 from .scenarios import REPO, SCENARIOS, Scenario, Setup
 from .stats import (
     RunStats,
@@ -1018,6 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, wrk=False)
     elif not args.profile and wrk.available() is None:
         parser.error("wrk is not installed: `make bench` installs it, or pass --no-wrk")
+    stop_on_sigterm()
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every child
     names = args.scenario or list(SCENARIOS)

@@ -396,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     material = generate()
     import tempfile
 
+    from .procs import stop_on_sigterm
     from .run import Process, machine
 
+    stop_on_sigterm()
     run_dir = Path(tempfile.mkdtemp(prefix="ob-scale-", dir="/tmp"))
     started = dt.datetime.now(dt.UTC)
     rows: list[dict[str, Any]] = []
