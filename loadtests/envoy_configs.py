@@ -274,6 +274,51 @@ def global_ratelimit_filter() -> dict[str, Any]:
     }
 
 
+def rate_limit_quota_filter() -> dict[str, Any]:
+    """The RLQS twin of ``global_ratelimit_filter``: bucket ``{user: <x-user>}`` in the same
+    domain, enforced by Envoy from the sidecar's token-bucket assignments. Without an
+    assignment (the first request of a bucket) or when one expires: allow, as the
+    filter is used by hand (docs/ratelimit.md); the smoke check proves the limits bite."""
+    header = {
+        "name": "x-user",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": "x-user",
+        },
+    }
+    allow = {"fallback_rate_limit": {"blanket_rule": "ALLOW_ALL"}}
+    settings = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3."
+        "RateLimitQuotaBucketSettings",
+        "bucket_id_builder": {"bucket_id_builder": {"user": {"custom_value": header}}},
+        "reporting_interval": "5s",
+        "no_assignment_behavior": allow,
+        "expired_assignment_behavior": allow,
+    }
+    present = {"safe_regex": {"google_re2": {}, "regex": ".+"}}
+    return {
+        "name": "envoy.filters.http.rate_limit_quota",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3."
+            "RateLimitQuotaFilterConfig",
+            "rlqs_server": {"envoy_grpc": {"cluster_name": "outrider_ratelimit"}},
+            "domain": RATELIMIT_DOMAIN,
+            "bucket_matchers": {
+                "matcher_list": {
+                    "matchers": [
+                        {
+                            "predicate": {
+                                "single_predicate": {"input": header, "value_match": present}
+                            },
+                            "on_match": {"action": {"name": "bucket", "typed_config": settings}},
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
 # ---------------------------------------------------------------- authentication
 
 JWT_ISSUER = "https://issuer.bench.outrider"

@@ -23,12 +23,12 @@ import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from loadtests.envoy_configs import BENCH_HEADER
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class ConstantRateLimit(rls_pb2_grpc.RateLimitServiceServicer):
@@ -54,29 +54,39 @@ def _set_bench_header() -> ext_proc_pb2.CommonResponse:
     return common
 
 
-class ConstantProcessor(ext_proc_pb2_grpc.ExternalProcessorServicer):
+class ConstantProcessor:
     """The extproc-headers chain's replies, constant: what the native header_mutation does
-    (and, for extproc-json, the buffered request body answered unchanged)."""
+    (and, for extproc-json, the buffered request body answered unchanged).
 
-    REQUEST = ext_proc_pb2.ProcessingResponse()
-    REQUEST.request_headers.response.CopyFrom(_set_bench_header())
-    REQUEST.request_headers.response.header_mutation.remove_headers.append("x-remove-me")
-    RESPONSE = ext_proc_pb2.ProcessingResponse()
-    RESPONSE.response_headers.response.CopyFrom(_set_bench_header())
-    BODY = ext_proc_pb2.ProcessingResponse()  # extproc-json: the buffered body, unchanged
-    BODY.request_body.response.SetInParent()
+    Served the way Outrider serves it (the fastest grpc.aio can): registered stream-unary
+    with serialized replies, the last phase's reply (response headers; the request body
+    when response headers are skipped, as in extproc-json) returned so grpc.aio sends it
+    with the OK status in one batch, ending the stream (see services/extproc/grpc.py).
+    """
 
-    async def Process(self, request_iterator: Any, context: Any) -> None:
+    _request = ext_proc_pb2.ProcessingResponse()
+    _request.request_headers.response.CopyFrom(_set_bench_header())
+    _request.request_headers.response.header_mutation.remove_headers.append("x-remove-me")
+    _response = ext_proc_pb2.ProcessingResponse()
+    _response.response_headers.response.CopyFrom(_set_bench_header())
+    _body = ext_proc_pb2.ProcessingResponse()
+    _body.request_body.response.SetInParent()
+    REQUEST = _request.SerializeToString()
+    RESPONSE = _response.SerializeToString()
+    BODY = _body.SerializeToString()
+
+    async def Process(self, request_iterator: Any, context: Any) -> bytes:
         while (msg := await context.read()) is not grpc.aio.EOF:
             kind = msg.WhichOneof("request")
             if kind == "request_headers":
                 await context.write(self.REQUEST)
             elif kind == "response_headers":
-                await context.write(self.RESPONSE)
+                return self.RESPONSE
             elif kind == "request_body":
-                await context.write(self.BODY)
+                return self.BODY
             else:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{kind} not handled")
+        return b""
 
 
 async def serve(kind: str, target: str) -> None:
@@ -86,7 +96,13 @@ async def serve(kind: str, target: str) -> None:
     elif kind == "extauth":
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ConstantAuthorization(), server)
     else:
-        ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(ConstantProcessor(), server)
+        handler = grpc.stream_unary_rpc_method_handler(
+            ConstantProcessor().Process,
+            request_deserializer=ext_proc_pb2.ProcessingRequest.FromString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": handler}),)
+        )
     server.add_insecure_port(target)
     await server.start()
     try:

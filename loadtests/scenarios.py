@@ -220,6 +220,51 @@ RATELIMIT = Scenario(
     wrk=_ratelimit_wrk,
 )
 
+
+def _rate_limit_quota(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
+    return EnvoyParts(
+        http_filters=[ec.rate_limit_quota_filter()],
+        clusters=[ec.grpc_uds_cluster("outrider_ratelimit", sock)],
+    )
+
+
+RATELIMIT_RLQS = Scenario(
+    name="ratelimit-rlqs",
+    locustfile=LOCUSTFILES / "ratelimit.py",
+    summary="the ratelimit scenario's traffic and limits through Envoy's rate_limit_quota "
+    "filter (RLQS): Envoy enforces token buckets the sidecar assigns",
+    setups=(
+        BASELINE,
+        Setup("local_ratelimit", "native", _local_ratelimit),
+        Setup(
+            "outrider-rls",
+            "outrider",
+            _global_ratelimit,
+            Sidecar(
+                "ratelimit", "ratelimit", _ratelimit_files, uses_redis=True, grpc_call="ratelimit"
+            ),
+        ),
+        Setup(
+            "outrider-rlqs",
+            "outrider",
+            _rate_limit_quota,
+            Sidecar("ratelimit", "ratelimit", _ratelimit_files, uses_redis=True),
+        ),
+    ),
+    comparisons=(
+        Comparison("outrider-rlqs", "local_ratelimit", Goal("ratio_min", 0.85)),
+        Comparison("outrider-rls", "local_ratelimit", None),
+    ),
+    notes="Both Outrider setups share one Redis and the same limits file. With RLQS the "
+    "sidecar is off the request path: it receives usage reports every 5 s and assigns each "
+    "Envoy its share of every limit as a token bucket. The smoke check makes sure the hot "
+    "keys are really limited (429s) before measuring.",
+    p99_tax_goals={
+        "outrider-rls": Goal("tax_max_us", 1000),
+        "outrider-rlqs": Goal("tax_max_us", 1000),
+    },
+)
+
 # ---------------------------------------------------------------- extauth
 
 
@@ -614,6 +659,7 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         RATELIMIT,
+        RATELIMIT_RLQS,
         EXTAUTH_JWT,
         EXTAUTH_BASIC,
         EXTAUTH_APIKEY,

@@ -363,6 +363,42 @@ class StreamCore:
             return []
         return replies
 
+    @property
+    def complete(self) -> bool:
+        """No processor needs another message of this stream.
+
+        The transport then ends the stream itself (status OK) with its last reply: Envoy
+        reads a server's OK close as "processing complete" and sends nothing more for
+        this request, and no call is left open for Envoy to cancel later. A direction
+        whose body no processor wants and whose trailers nobody reads needs nothing
+        more even if Envoy would still send them.
+        """
+        if self.finished:
+            return True
+        o = self.options
+        if (
+            o.request_body_mode is BodyMode.FULL_DUPLEX_STREAMED
+            or o.response_body_mode is BodyMode.FULL_DUPLEX_STREAMED
+        ):
+            return False  # chunks are answered M:N; let Envoy end the stream
+        chain = self.chain
+        if not self.request.headers_seen or self._pending(
+            self.request, chain.request_trailer_procs
+        ):
+            return False
+        if not chain.needs_response_headers:
+            return True
+        return self.response.headers_seen and not self._pending(
+            self.response, chain.response_trailer_procs
+        )
+
+    @staticmethod
+    def _pending(d: _Direction, trailer_procs: tuple[Processor, ...]) -> bool:
+        """``d`` (its headers seen) still has a message some processor needs."""
+        if d.ended:
+            return False  # end_of_stream (nothing follows) or trailers seen
+        return bool(d.active) or bool(trailer_procs)
+
     def _direction(self, phase: Phase) -> _Direction:
         return self.request if phase is Phase.REQUEST else self.response
 
@@ -554,7 +590,8 @@ class StreamCore:
                 # before the new length is known: Envoy drops Content-Length itself there,
                 # and doing it here too covers the NONE → STREAMED override.
                 ops.remove("content-length")
-        override = self._mode_override(phase)
+        # A stream that ends with this reply needs no mode change: Envoy sends nothing more.
+        override = None if self.complete else self._mode_override(phase)
         return [
             HeadersReply(
                 phase,

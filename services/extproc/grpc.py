@@ -16,7 +16,6 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format, struct_pb2
 
 from .core import (
@@ -42,12 +41,15 @@ from .core import (
 
 log = logging.getLogger("outrider.extproc")
 
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 CHAIN_METADATA_KEY = "x-outrider-chain"
 DEFAULT_CHAIN = "default"
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 CONTINUE_AND_REPLACE = pb.CommonResponse.CONTINUE_AND_REPLACE
+#: An empty ProcessingResponse, serialized: the last message of a stream with nothing to answer.
+NO_REPLY = b""
 
 
 class StreamMetrics(Observer):
@@ -226,17 +228,17 @@ def to_response(reply: Reply) -> pb.ProcessingResponse:
 
 
 class ResponseCache:
-    """Reuses the ProcessingResponse of replies that repeat exactly (bounded).
+    """Serialized ProcessingResponses of replies that repeat exactly (bounded).
 
     A chain whose headers processor has constant values produces the same
-    headers reply for every request; building its protobuf once saves most of
-    the per-message encoding work. Replies that carry a body or metadata are
-    never cached.
+    headers reply for every request; building and serializing its protobuf once
+    saves most of the per-message encoding work. Replies that carry a body or
+    metadata are never cached.
     """
 
     def __init__(self, size: int = 512) -> None:
         self.size = size
-        self._cache: dict[tuple[Any, ...], pb.ProcessingResponse] = {}
+        self._cache: dict[tuple[Any, ...], bytes] = {}
 
     @staticmethod
     def key(reply: Reply) -> tuple[Any, ...] | None:
@@ -258,15 +260,15 @@ class ResponseCache:
         signature = tuple((n, k, tuple(v)) for n, (k, v) in ops.ops.items()) if ops else ()
         return (type(reply), reply.phase, signature, *extra)
 
-    def encode(self, reply: Reply) -> pb.ProcessingResponse:
+    def encode(self, reply: Reply) -> bytes:
         key = self.key(reply)
         if key is None:
-            return to_response(reply)
+            return to_response(reply).SerializeToString()
         cached = self._cache.get(key)
         if cached is None:
             if len(self._cache) >= self.size:
                 self._cache.clear()
-            cached = self._cache[key] = to_response(reply)
+            cached = self._cache[key] = to_response(reply).SerializeToString()
         return cached
 
 
@@ -278,7 +280,22 @@ def chain_name(context: grpc.aio.ServicerContext) -> str:
     return DEFAULT_CHAIN
 
 
-class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessorServicer:
+    """``Process``: a bidi stream on the wire, served as stream-in, one-final-reply-out.
+
+    grpc.aio sends a bidi handler's status in a batch of its own after the last
+    write; when Envoy resets the stream between the two (it ends ext_proc streams
+    from its side as soon as the HTTP request is done), that batch fails and
+    grpcio leaks its op array (grpc/grpc#43360) — about 100 bytes per stream,
+    15 MiB/min at saturation. So the method is registered as stream-unary
+    (:func:`add_to_server`): replies before the last are written with
+    ``context.write``, and the last one is *returned*, which grpc.aio sends
+    together with the OK status in one batch, the moment the core says no
+    processor needs another message (:attr:`StreamCore.complete`). Envoy reads
+    that OK close as "processing complete" and sends nothing more for the request.
+    Messages travel as bytes, serialized here (and cached for constant replies).
+    """
+
     def __init__(
         self, chains: Callable[[], Mapping[str, Chain]], metrics: StreamMetrics | None = None
     ) -> None:
@@ -286,7 +303,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
         self._metrics = metrics or StreamMetrics()
         self._responses = ResponseCache()
 
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         name = chain_name(context)
         chain = self._chains().get(name)
         metrics = self._metrics
@@ -298,7 +315,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             # INTERNAL) instead of this status. Envoy always sends one message first.
             await context.read()
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown extproc chain {name!r}")
-            return
+            return None
         metrics.stream_started(name)
         core: StreamCore | None = None
         read = context.read
@@ -308,7 +325,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             while True:
                 msg = await read()
                 if msg is grpc.aio.EOF:
-                    return
+                    # Envoy half-closed first. A stream-unary handler cannot end without
+                    # a message; Envoy ignores one after its side is done (and in
+                    # observability mode), so the last message is an empty one.
+                    return NO_REPLY
                 try:
                     kind, event = to_event(msg)
                 except ProtocolViolation as exc:
@@ -333,7 +353,14 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
                             for ns, s in msg.metadata_context.filter_metadata.items()
                         }
                     )
-                for reply in await core.handle(event):
+                replies = await core.handle(event)
+                if core.complete:
+                    if not replies:  # observability mode: Envoy ignores what we send
+                        return NO_REPLY
+                    for reply in replies[:-1]:
+                        await write(encode(reply))
+                    return encode(replies[-1])
+                for reply in replies:
                     await write(encode(reply))
         except ProtocolViolation as exc:
             metrics.protocol_violation(str(exc))
@@ -351,3 +378,15 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "extproc internal error")
         finally:
             metrics.stream_ended(name)
+        return None  # not reached: every path above returns or raises
+
+
+def add_to_server(servicer: ExternalProcessorServicer, server: grpc.aio.Server) -> None:
+    """Register ``Process`` as stream-unary with bytes out (see the servicer's doc)."""
+    handler = grpc.stream_unary_rpc_method_handler(
+        servicer.Process, request_deserializer=pb.ProcessingRequest.FromString
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": handler}),)
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, {"Process": handler})

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.service import Readiness
@@ -16,12 +15,10 @@ from services.common.service import Readiness
 from . import config as extproc_config
 from .config import ExtprocConfig
 from .core import Chain
-from .grpc import ExternalProcessorServicer, StreamMetrics
+from .grpc import SERVICE_NAME, ExternalProcessorServicer, StreamMetrics, add_to_server
 from .processors import JsonMetrics
 
 log = logging.getLogger("outrider.extproc")
-
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class ExtprocMetrics(StreamMetrics, JsonMetrics):
@@ -153,9 +150,12 @@ class ExtprocService:
         return extproc_config.load(path, self.metrics)
 
     def config_files(self, path: Path) -> list[Path]:
+        """The config files, and the plugin modules the config in force loaded: editing a
+        plugin reloads it like editing the config does."""
         from services.common.configfile import config_files
 
-        return config_files(path)
+        plugins = self._config.files if self._config is not None else ()
+        return [*config_files(path), *(f for f in plugins if f.suffix == ".py")]
 
     async def start(self, config: ExtprocConfig) -> None:
         self.apply_config(config)
@@ -171,9 +171,7 @@ class ExtprocService:
         return self._config.chains if self._config is not None else {}
 
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorServicer(self.chains, self.metrics), server
-        )
+        add_to_server(ExternalProcessorServicer(self.chains, self.metrics), server)
 
     async def readiness(self) -> Readiness:
         if self._config is None:

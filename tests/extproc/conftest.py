@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.configfile import parse_yaml
 from services.extproc.config import parse_documents
-from services.extproc.grpc import ExternalProcessorServicer
+from services.extproc.grpc import ExternalProcessorServicer, add_to_server
 from services.extproc.service import ExtprocMetrics
 
 REQ, RESP = "request", "response"
@@ -93,6 +93,12 @@ class Stream:
         await self.send(msg)
         return await self.recv()
 
+    async def ended(self) -> grpc.StatusCode:
+        """The server ended the stream by itself, before our half-close: no further reply."""
+        reply = await asyncio.wait_for(self.call.read(), 5)
+        assert reply is grpc.aio.EOF, f"expected the end of the stream, got {reply}"
+        return await asyncio.wait_for(self.call.code(), 5)
+
     async def finish(self) -> list[pb.ProcessingResponse]:
         """Half-close and return whatever else the server sends before closing."""
         await self.call.done_writing()
@@ -122,7 +128,7 @@ class ExtprocServer:
         self.metrics = ExtprocMetrics(self.registry)
         self.config = parse_documents(parse_yaml(chains_yaml, "test.yaml"), self.metrics)
         self.server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(
+        add_to_server(
             ExternalProcessorServicer(lambda: self.config.chains, self.metrics), self.server
         )
         self.server.add_insecure_port(f"unix:{path}")

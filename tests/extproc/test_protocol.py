@@ -43,13 +43,11 @@ async def test_headers_only_chain_mutates_and_skips_response_phase(extproc) -> N
     assert ("x-path", "/a", OVERWRITE) in m["set"]
     assert ("x-multi", "two", APPEND) in m["set"]
     assert m["remove"] == ["x-secret"]
-    # No processor needs the response: Envoy is told to skip it.
-    assert reply.HasField("mode_override")
-    assert reply.mode_override.response_header_mode == SKIP
-    assert reply.mode_override.request_body_mode == NONE
     assert not reply.request_headers.response.clear_route_cache
-    assert await s.finish() == []
-    assert await s.status() == grpc.StatusCode.OK
+    # No processor needs anything more: the stream ends with this reply (OK), which tells
+    # Envoy to skip the rest, so no mode_override is needed.
+    assert not reply.HasField("mode_override")
+    assert await s.ended() == grpc.StatusCode.OK
     assert server.sample("outrider_extproc_messages_total", {"kind": "request_headers"}) == 1
 
 
@@ -60,7 +58,7 @@ async def test_header_values_come_from_raw_value_or_value(extproc) -> None:
         msg = headers_msg(REQ, {":path": "/legacy"}, eos=True, legacy_value=legacy)
         reply = await s.exchange(with_config(msg))
         assert ("x-path", "/legacy", OVERWRITE) in mutations(reply.request_headers.response)["set"]
-        await s.finish()
+        assert await s.ended() == grpc.StatusCode.OK
 
 
 async def test_routing_header_change_clears_route_cache(extproc) -> None:
@@ -99,7 +97,7 @@ async def test_streamed_one_reply_per_chunk_in_order(extproc) -> None:
     assert r.WhichOneof("response") == "response_headers"
     r = await s.exchange(body_msg(RESP, b"xyz", eos=True))
     assert r.response_body.response.body_mutation.body == b"XYZ"
-    assert await s.finish() == []
+    assert await s.ended() == grpc.StatusCode.OK
 
 
 async def test_streamed_mode_holds_chunks_for_a_buffered_processor(extproc) -> None:
@@ -209,7 +207,7 @@ async def test_full_duplex_held_body_released_before_trailers_reply(extproc) -> 
 
 
 async def test_observability_mode_sends_no_replies(extproc) -> None:
-    server = await extproc(HEADERS_CHAIN)
+    server = await extproc(HEADERS_CHAIN + '        response: {set: {x-r: "1"}}\n')
     s = server.stream()
     for msg in (
         headers_msg(REQ, REQ_HEADERS),
@@ -218,8 +216,11 @@ async def test_observability_mode_sends_no_replies(extproc) -> None:
     ):
         msg.observability_mode = True
         await s.send(msg)
-    assert await s.finish() == []
-    assert await s.status() == grpc.StatusCode.OK
+    # After the last message the chain needs, the stream ends: its only message is an
+    # empty one (Envoy ignores every message in observability mode).
+    reply = await s.recv()
+    assert reply.WhichOneof("response") is None
+    assert await s.ended() == grpc.StatusCode.OK
 
 
 async def test_trailers_replies_and_dynamic_metadata(extproc) -> None:
@@ -331,7 +332,7 @@ chains:
     assert r.WhichOneof("response") == "request_headers"
     # failOpen skips only the failing processor; the rest of the chain still runs.
     assert ("x-after", "1", OVERWRITE) in mutations(r.request_headers.response)["set"]
-    assert await s.finish() == []
+    assert await s.ended() == grpc.StatusCode.OK
     assert (
         server.sample(
             "outrider_extproc_processor_errors_total",
@@ -366,7 +367,10 @@ chains:
     ids=["empty", "headers-twice", "request-after-response", "data-after-eos", "trailers-twice"],
 )
 async def test_malformed_sequences_end_with_a_clear_grpc_error(extproc, messages, code) -> None:
-    server = await extproc(HEADERS_CHAIN)
+    # A chain that reads trailers needs every message, so the stream stays open to them.
+    server = await extproc(
+        'chains: {default: [{python: {object: "tests.extproc.plugins:Trailers"}}]}'
+    )
     s = server.stream()
     for msg in messages:
         await s.send(msg)
@@ -409,7 +413,7 @@ chains:
         s = server.stream(chain)
         r = await s.exchange(with_config(headers_msg(REQ, {"content-type": "x/y"})))
         assert r.immediate_response.status.code == 500, chain
-        assert await s.finish() == []
+        assert await s.ended() == grpc.StatusCode.OK
     s = server.stream("replace")
     r = await s.exchange(with_config(headers_msg(REQ, {":method": "GET"}, eos=True)))
     common = r.request_headers.response
@@ -417,3 +421,16 @@ chains:
     assert common.body_mutation.body == b"replaced"
     assert ("content-length", "8", OVERWRITE) in mutations(common)["set"]
     assert common.clear_route_cache
+
+
+async def test_stream_ends_with_the_last_reply_a_chain_needs(extproc) -> None:
+    """Envoy resets a stream the server leaves open; grpc.aio leaks per reset call."""
+    server = await extproc(HEADERS_CHAIN + '        response: {set: {x-r: "1"}}\n')
+    s = server.stream()
+    r = await s.exchange(with_config(headers_msg(REQ, REQ_HEADERS)))
+    assert r.WhichOneof("response") == "request_headers"
+    # The response phase is still needed: the stream stays open for it.
+    r = await s.exchange(headers_msg(RESP, {":status": "200"}))
+    assert mutations(r.response_headers.response)["set"] == [("x-r", "1", OVERWRITE)]
+    assert await s.ended() == grpc.StatusCode.OK
+    assert server.sample("outrider_extproc_active_streams") == 0

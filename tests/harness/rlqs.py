@@ -20,7 +20,7 @@ def bucket_settings(
     bucket: dict[str, str | tuple[str, str]],
     *,
     fail_closed: bool = False,
-    reporting_interval: str = "1s",
+    reporting_interval: str = "5s",
 ) -> dict[str, Any]:
     """Bucket settings: ``bucket`` maps a key to a string, or to ("header", NAME)."""
     builder: dict[str, Any] = {}

@@ -28,15 +28,19 @@ from . import eg_data
 from .test_xds import Pki
 
 #: Cases whose limits are all per second (the comparison below needs one window unit),
-#: covering: two domains and shared policies, header + CIDR matches, several rules per
-#: route, query parameters, an inverted source IP match, shadow mode.
+#: covering: two domains and shared policies, header + CIDR matches (that no request can
+#: satisfy), several rules per route, query parameters, an inverted source IP match,
+#: distinct header values, a limit of 2^32-1. (global-shadow-mode's only rule cannot be
+#: matched by any request either — x-user-id "one" and "two" at once — so shadow mode is
+#: covered by the config comparison of every case in test_xds.py.)
 TRAFFIC_CASES = [
     "multiple-domains",
     "header-and-cidr-matches",
     "multiple-shared-ratelimit-rules",
     "query-parameters-match",
     "ratelimit-sourceip-invert",
-    "global-shadow-mode",
+    "distinct-match",
+    "multiple-rules",
 ]
 
 pytestmark = pytest.mark.skipif(
@@ -65,6 +69,9 @@ def envoy_gateway_env(ads: AdsServer, pki: Pki, ports: dict[str, int], redis_por
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": str(ports["grpc"]),
         "XDS_CLIENT_BACKOFF_INITIAL_INTERVAL": "100ms",
+        # Outrider's default answers UNAVAILABLE after 15 ms without Redis (inside Envoy's
+        # 20 ms); the test compares answers on a busy machine, so it allows Redis longer
+        "REDIS_TIMEOUT": "2s",
     }
 
 
@@ -166,6 +173,7 @@ def test_envoy_gateway_configs_answer_as_files_do(
     ads.wait_ack(ads.set([rls_conf.from_document(d) for d in documents]))
 
     over_limit: dict[str, int] = {}
+    limited: dict[str, int] = {}  # answers that carried a limit (X-RateLimit-Limit)
     for path, headers in eg_data.requests(TRAFFIC_CASES):
         case = path.split("/")[1]
         for _ in range(7):  # every limit in these cases is at most 5 per second
@@ -181,12 +189,13 @@ def test_envoy_gateway_configs_answer_as_files_do(
             assert over_xds == from_file, (path, headers)
             assert from_file[0] in (200, 429), (path, headers, from_file)
             over_limit[case] = over_limit.get(case, 0) + (from_file[0] == 429)
-    # the comparison is not vacuous: limits were hit, except where Envoy Gateway's config
-    # says shadow mode or no request can match every action
-    assert over_limit["global-shadow-mode"] == 0
-    assert over_limit["header-and-cidr-matches"] == 0  # x-user-id cannot be one AND two
-    for case in set(TRAFFIC_CASES) - {"global-shadow-mode", "header-and-cidr-matches"}:
-        assert over_limit[case] > 0, (case, over_limit)
+            limited[case] = limited.get(case, 0) + bool(from_file[1])
+    # The comparison is not vacuous: every case's requests reached its limits (whether
+    # they went over depends on how many fell into one second: not asserted), except
+    # where no request can match every action.
+    assert limited["header-and-cidr-matches"] == 0  # x-user-id cannot be one AND two
+    for case in set(TRAFFIC_CASES) - {"header-and-cidr-matches"}:
+        assert limited[case] > 0, (case, limited)
     described = json.loads(http_get(f"http://127.0.0.1:{ports['health']}/config")[1])
     assert described["config"]["store"]["kind"].startswith("redis")
     assert described["config"]["xds"]["tls"] is True

@@ -274,6 +274,7 @@ def test_redis_killed_mid_run_degrades_to_an_equal_split(
         for load in loads:
             load.stop()
     assert "Redis" in reason
+    assert "rlqs: equal split between replicas" in reason
     seconds = end - start
     for got in admitted:
         # half of 20/s each (the TTL-renewed assignments keep coming without Redis)

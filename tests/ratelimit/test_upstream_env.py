@@ -82,16 +82,16 @@ def test_every_envoy_gateway_variable_is_mapped_or_reported() -> None:
             with pytest.raises(UpstreamEnvError, match="GRPC_SERVER_TLS_CERT"):
                 translate(rest)
             continue
-        meaning = {
-            # read as envoyproxy/ratelimit does, and equal to its default here
-            "USE_STATSD": "false is upstream's default for Outrider (no statsd)",
+        # variables whose removal changes nothing here, and why (each read as upstream does)
+        unchanged_without = {
+            "USE_STATSD": "unset is read as false (no statsd)",
             "RUNTIME_IGNOREDOTFILES": "dot files are never read",
             "RUNTIME_WATCH_ROOT": "the directory is polled either way",
             "RUNTIME_ROOT": "only read with CONFIG_TYPE=FILE",
             "RUNTIME_SUBDIRECTORY": "only read with CONFIG_TYPE=FILE",
-            "REDIS_SOCKET_TYPE": None,  # tcp vs unix: checked below
+            "REDIS_SOCKET_TYPE": "unset is unix, an error with REDIS_TLS: checked below",
         }
-        if name in meaning:
+        if name in unchanged_without:
             continue
         assert options(rest) != full or name in notes, name
     unix = {**ENVOY_GATEWAY, "REDIS_SOCKET_TYPE": "unix", "REDIS_TLS": "false"}
@@ -272,7 +272,7 @@ def test_config_type_file_reads_the_runtime_directory(tmp_path: Path, redis_serv
             {
                 "domain": "api",
                 "descriptors": [
-                    {"key": "k", "rate_limit": {"unit": "minute", "requests_per_unit": 1}}
+                    {"key": "k", "rate_limit": {"unit": "day", "requests_per_unit": 1}}
                 ],
             }
         )
@@ -291,6 +291,7 @@ def test_config_type_file_reads_the_runtime_directory(tmp_path: Path, redis_serv
             "GRPC_PORT": str(grpc_port),
             "REDIS_SOCKET_TYPE": "tcp",
             "REDIS_URL": f"127.0.0.1:{redis_server.port}",
+            "REDIS_TIMEOUT": "2s",  # a busy test machine, not a slow Redis
             "LOG_LEVEL": "debug",
         },
     )
@@ -312,3 +313,55 @@ def test_config_type_file_reads_the_runtime_directory(tmp_path: Path, redis_serv
         assert codes == [rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT]
     finally:
         proc.stop()
+
+
+async def test_redis_tls_variables_reach_a_tls_redis(redis_factory: Any) -> None:
+    """REDIS_TLS with Envoy Gateway's client certificate variables (and a CA): the URL
+    they become connects to a Redis that requires client certificates."""
+    from services.ratelimit.backends.redis import open_store
+    from services.ratelimit.config import parse_texts
+    from services.ratelimit.core.limiter import Descriptor, Limiter
+    from tests.harness.certs import TestCA
+    from tests.harness.procs import short_tmpdir
+
+    ca = TestCA(short_tmpdir("or-redis-tls-"))
+    server, client = ca.issue("redis"), ca.issue("envoy-ratelimit")
+    port = free_port()
+    redis_factory(
+        args=["--tls-port", str(port), "--tls-cert-file", str(server.cert),
+              "--tls-key-file", str(server.key), "--tls-ca-cert-file", str(ca.ca_path),
+              "--tls-auth-clients", "yes"],
+    )  # fmt: skip
+    env = {
+        "REDIS_SOCKET_TYPE": "tcp",
+        "REDIS_URL": f"127.0.0.1:{port}",
+        "REDIS_TLS": "true",
+        "REDIS_TLS_CLIENT_CERT": str(client.cert),
+        "REDIS_TLS_CLIENT_KEY": str(client.key),
+        "REDIS_TLS_CACERT": str(ca.ca_path),
+    }
+    (url,) = [v for k, v in pairs(options(env)) if k == "--redis-url"]
+    assert url is not None
+    rule = "rate_limit: {unit: day, requests_per_unit: 1}"
+    config = parse_texts([("t.yaml", f"domain: t\ndescriptors:\n  - key: k\n    {rule}\n")])
+    store = open_store(url, timeout=2.0)
+    await store.start()
+    try:
+        limiter = Limiter(config, store)
+        request = [Descriptor((("k", "v"),), None, None)]
+        codes = [(await limiter.should_rate_limit("t", request, 1)).code for _ in range(2)]
+        assert codes == [rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT]
+    finally:
+        await store.close()
+    # without the client certificate the same Redis refuses the connection
+    bare = {k: v for k, v in env.items() if not k.startswith("REDIS_TLS_CLIENT")}
+    (url,) = [v for k, v in pairs(options(bare)) if k == "--redis-url"]
+    assert url is not None
+    store = open_store(url, timeout=2.0)
+    try:
+        await store.start()
+        limiter = Limiter(config, store)
+        with pytest.raises(Exception):  # noqa: B017, PT011 - StoreUnavailable or ssl error
+            await limiter.should_rate_limit("t", [Descriptor((("k", "w"),), None, None)], 1)
+    finally:
+        await store.close()

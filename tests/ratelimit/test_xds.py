@@ -81,7 +81,7 @@ def config(domain: str, limit: int, key: str = "user") -> Any:
         {
             "domain": domain,
             "descriptors": [
-                {"key": key, "rate_limit": {"unit": "MINUTE", "requests_per_unit": limit}}
+                {"key": key, "rate_limit": {"unit": "DAY", "requests_per_unit": limit}}
             ],
         }
     )
@@ -353,3 +353,22 @@ def test_serving_certificate_is_reloaded_when_its_files_change(
         (live / f".{name}").replace(live / name)
     wait_until(lambda: answers(other.ca), 10, "the rotated certificate")
     assert not answers(pki.ca.ca_path)
+
+
+def test_backoff_and_targets() -> None:
+    import random
+
+    from services.common.xds import Backoff, parse_target
+
+    backoff = Backoff(0.5, 4.0, random.Random(7))
+    delays = [backoff.next() for _ in range(6)]
+    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    backoff.reset()
+    assert backoff.next() <= 0.5
+    assert parse_target("envoy-gateway:18001") == ("envoy-gateway:18001", False)
+    assert parse_target("grpcs://eg:1") == ("eg:1", True)
+    assert parse_target("grpc://[::1]:2") == ("[::1]:2", False)
+    for bad in ("eg", "eg:x", ":1", "eg:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_target(bad)

@@ -122,6 +122,12 @@ def test_cli_flag(tmp_path: Path) -> None:
     assert F_RLQS in (tmp_path / "envoy.yaml").read_text()
     with pytest.raises(SystemExit):
         parser.parse_args(["-f", "x", "-o", "y", "--ratelimit-mode", "quota"])
+    gateway = parser.parse_args(
+        ["-f", str(REPO / "examples"), "-o", str(tmp_path / "k8s"), "--target", "gateway",
+         "--ratelimit-mode", "rlqs"]
+    )  # fmt: skip
+    assert COMMAND.run(gateway) == 2
+    assert not (tmp_path / "k8s").exists()
 
 
 POLICIES = """apiVersion: gateway.networking.k8s.io/v1
