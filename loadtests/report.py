@@ -185,6 +185,12 @@ def wrk_failure_reasons(res: dict[str, Any]) -> dict[str, str]:
     return {s: ", ".join(f"{k}: {v}" for k, v in d.items()) for s, d in out.items()}
 
 
+def notes_section(results_dir: Path) -> list[str]:
+    """What the figures mean, written after reading them (``benchmarks-notes.md``)."""
+    path = results_dir / "benchmarks-notes.md"
+    return [path.read_text().strip(), ""] if path.exists() else []
+
+
 def scaling_section(results_dir: Path) -> list[str]:
     """Service capacity for 1, 2, N workers (``loadtests/scaling.py`` → scaling.json)."""
     path = results_dir / "scaling.json"
@@ -561,6 +567,7 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = DOC) -> Path:
         INTRO,
         *machine_section(results),
         *headline_table(results),
+        *notes_section(results_dir),
         *goals_table(results),
         *scaling_section(results_dir),
     ]
