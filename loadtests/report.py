@@ -532,7 +532,8 @@ def plot(res: dict[str, Any], plot_dir: Path) -> None:
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
     order = list(SCENARIOS)
     found = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    found = [r for r in found if isinstance(r, dict) and "scenario" in r and "summary" in r]
+    # benchmark results only (soak-*.json and scaling.json have their own pages/sections)
+    found = [r for r in found if isinstance(r, dict) and {"scenario", "setups", "runs"} <= set(r)]
     return sorted(found, key=lambda r: order.index(r["scenario"]) if r["scenario"] in order else 99)
 
 
