@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.timeout(900)  # CPU-bound: minutes when the machine is busy
 def test_envoy_gateway_policy_inputs(tmp_path: Path) -> None:
     results = run(inputs()[::SAMPLE], tmp_path, validate=False)
     for r in results:
