@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -352,3 +353,40 @@ def test_usage_error_from_a_service_exits_2_when_run_as_module(tmp_path: Path) -
     )
     assert result.returncode == 2, result.stderr
     assert "--workers needs unix: addresses for --listen" in result.stderr
+    result = subprocess.run(
+        [*cmd, "--max-rss", "200", "--listen", "127.0.0.1:0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--max-requests/--max-rss needs unix: addresses for --listen" in result.stderr
+
+
+def test_recycler_asks_the_supervisor_once_when_a_limit_is_reached() -> None:
+    from services.common.runtime import CallCounter, Recycler, RuntimeOptions, resident_mib
+
+    read_fd, write_fd = os.pipe()
+    try:
+        base = RuntimeOptions(config=Path("x"), listen=(), supervisor_fd=write_fd)
+        counter = CallCounter()
+        by_calls = Recycler(dataclasses.replace(base, max_requests=10), counter)
+        assert by_calls.max_requests in range(10, 12)
+        counter.calls = 9
+        by_calls.check()
+        counter.calls = 12
+        by_calls.check()
+        by_calls.check()  # asked once only
+        assert resident_mib() > 1
+        by_rss = Recycler(dataclasses.replace(base, max_rss_mib=1), None)
+        by_rss.check()
+        os.set_blocking(read_fd, False)
+        lines = os.read(read_fd, 4096).decode().splitlines()
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("recycle served 12 calls (--max-requests 10)")
+        assert lines[1].startswith("recycle resident memory")
+        assert "(--max-rss 1)" in lines[1]
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

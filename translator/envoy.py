@@ -18,6 +18,9 @@ from urllib.parse import quote
 import betterproto2
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as HeaderMutationRule,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     GrpcService,
@@ -72,6 +75,11 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
 )
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    HeaderMutation,
+    HeaderMutationPerRoute,
+    Mutations,
+)
 from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
 from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import (
     RateLimit as RateLimitFilter,
@@ -121,6 +129,7 @@ F_EXTAUTHZ = "envoy.filters.http.ext_authz"
 F_LOCAL_RL = "envoy.filters.http.local_ratelimit"
 F_RATELIMIT = "envoy.filters.http.ratelimit"
 F_ROUTER = "envoy.filters.http.router"
+F_HEADER_MUTATION = "envoy.filters.http.header_mutation"
 
 BODY_MODE = {
     None: ProcessingModeBodySendMode.NONE,
@@ -137,6 +146,25 @@ UNIT_SECONDS = {
     "month": 2592000,
     "year": 31536000,
 }
+
+
+#: on routes that call extauth over gRPC: the client address Envoy determined (after
+#: X-Forwarded-For or custom-header detection), which ext_authz's ``attributes.source``
+#: (the TCP peer) is not; a client's own copy is overwritten
+CLIENT_ADDRESS_MUTATION = HeaderMutationPerRoute(
+    mutations=Mutations(
+        request_mutations=[
+            HeaderMutationRule(
+                append=HeaderValueOption(
+                    header=HeaderValue(
+                        key=CLIENT_ADDRESS_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+                    ),
+                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            )
+        ]
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -508,6 +536,7 @@ def build(
         for lst in group:
             for route in lst.routes:
                 per_filter: dict[str, PAny] = {}
+                strip_client_address = False
                 if (cors := _cors_policy(route)) is not None:
                     add_filter(10, F_CORS, Cors())
                     per_filter[F_CORS] = _any(cors)
@@ -549,13 +578,21 @@ def build(
                             ),
                             disabled=True,
                         )
+                        # the client address Envoy determined (X-Forwarded-For, custom header),
+                        # which ext_authz's attributes.source (the TCP peer) is not
+                        add_filter(15, F_HEADER_MUTATION, HeaderMutation(), disabled=True)
+                        per_filter[F_HEADER_MUTATION] = _enable(CLIENT_ADDRESS_MUTATION)
                         per_filter[F_EXTAUTHZ] = _enable(
                             ExtAuthzPerRoute(
                                 check_settings=CheckSettings(
-                                    context_extensions={"policy": sec.policy}
+                                    context_extensions={
+                                        "policy": sec.policy,
+                                        "client_address": "header",
+                                    }
                                 )
                             )
                         )
+                        strip_client_address = True
                 if sec is not None and (ext := sec.external) is not None:
                     clusters.setdefault(ext.backend.cluster, cluster(ext.backend))
                     kw: dict[str, Any] = {
@@ -631,6 +668,9 @@ def build(
                         ExtProcPerRoute(overrides=ExtProcOverrides(**overrides))
                     )
                 kw = {"name": route.name, "match": _match(route)}
+                remove = list(route.request_headers_remove)
+                if strip_client_address:
+                    remove.append(CLIENT_ADDRESS_HEADER)
                 if route.redirect is not None:
                     kw["redirect"] = _redirect(route.redirect)
                 elif route.direct_status is not None:
@@ -641,8 +681,8 @@ def build(
                         clusters.setdefault(b.backend.cluster, cluster(b.backend))
                 if route.request_headers_add:
                     kw["request_headers_to_add"] = _header_options(route.request_headers_add)
-                if route.request_headers_remove:
-                    kw["request_headers_to_remove"] = list(route.request_headers_remove)
+                if remove:
+                    kw["request_headers_to_remove"] = remove
                 if route.response_headers_add:
                     kw["response_headers_to_add"] = _header_options(route.response_headers_add)
                 if route.response_headers_remove:

@@ -71,6 +71,19 @@ class BackendResolver:
     overrides: dict[str, tuple[str, int]]
     clusters: dict[str, Backend] = field(default_factory=dict)
 
+    def service_ips(self) -> dict[str, tuple[str, int]]:
+        """Service cluster name → (cluster IP, port), for ``routingType: Service``."""
+        out = {}
+        for name in self.clusters:
+            parts = name.split("/")
+            if len(parts) != 4 or parts[0] != "service" or not parts[3].isdigit():
+                continue
+            svc = self.resources.get("Service", parts[1], parts[2])
+            ip = svc.spec.opt_str("clusterIP") if svc is not None else None
+            if ip and ip != "None":
+                out[name] = (ip, int(parts[3]))
+        return out
+
     def _granted(
         self, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
     ) -> bool:

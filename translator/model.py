@@ -181,6 +181,7 @@ class Route:
     local_rate_limit: LocalRateLimit | None = None
     security: Security | None = None
     ext_procs: tuple[ExtProc, ...] = ()
+    traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
 
 
 @dataclass

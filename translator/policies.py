@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from services.common.configfile import ConfigError, Node
 
+from . import backend_traffic
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -65,33 +66,8 @@ UNIT_SECONDS = {
 OUTRIDER_EXTPROC_BACKEND = "outrider-extproc"
 CHAIN_ANNOTATION = "outrider.dev/chain"
 
-BTP_FIELDS = ("targetRef", "targetRefs", "rateLimit")
-BTP_UNSUPPORTED = {
-    k: "only rateLimit is translated from a BackendTrafficPolicy"
-    for k in (
-        "targetSelectors",
-        "mergeType",
-        "loadBalancer",
-        "retry",
-        "proxyProtocol",
-        "tcpKeepalive",
-        "healthCheck",
-        "circuitBreaker",
-        "timeout",
-        "connection",
-        "dns",
-        "http2",
-        "faultInjection",
-        "useClientProtocol",
-        "compression",
-        "compressor",
-        "responseOverride",
-        "httpUpgrade",
-        "requestBuffer",
-        "telemetry",
-        "routingType",
-    )
-}
+BTP_FIELDS = ("targetRef", "targetRefs", "rateLimit", "mergeType", *backend_traffic.FIELDS)
+BTP_UNSUPPORTED = backend_traffic.UNSUPPORTED
 SP_FIELDS = (
     "targetRef",
     "targetRefs",
@@ -383,13 +359,16 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
 class TrafficIR:
     global_rules: tuple[RateLimitRule, ...]
     local: LocalRateLimit | None
+    backend: backend_traffic.Traffic | None = None
 
 
 def build_traffic(btp: Resource) -> TrafficIR:
     spec = check_fields(btp.spec, btp, BTP_FIELDS, BTP_UNSUPPORTED)
+    spec.opt_str("mergeType", choices=("StrategicMerge", "JSONMerge"))
+    backend = backend_traffic.build(btp)
     rl = spec.get("rateLimit")
     if rl is None:
-        return TrafficIR((), None)
+        return TrafficIR((), None, backend)
     check_fields(rl, btp, ("type", "global", "local"))
     rtype = rl.opt_str("type", choices=("Global", "Local"))
     glob, loc = rl.get("global"), rl.get("local")
@@ -431,7 +410,7 @@ def build_traffic(btp: Resource) -> TrafficIR:
                     "local rateLimit rule limit unit must be a multiple of the default limit unit",
                 )
         local = LocalRateLimit(requests, unit, tuple(rules))
-    return TrafficIR(global_rules, local)
+    return TrafficIR(global_rules, local, backend)
 
 
 # -- SecurityPolicy -----------------------------------------------------------------------
@@ -822,6 +801,7 @@ def attach(
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
     traffic = build_each(btps, resources, listeners, rejections, build_traffic)
+    merged: dict[tuple[str, str], TrafficIR | None] = {}
     security = build_each(
         sps,
         resources,
@@ -846,10 +826,14 @@ def attach(
         for route in lst.routes:
             rule = rule_name(resources, route)
             if (w := winner(btps, lst, route, rule)) is not None:
-                if w.key in traffic:
-                    t = traffic[w.key]
+                t = traffic.get(w.key)
+                if t is not None and w.spec.get("mergeType") is not None:
+                    t = merged_traffic(w, btps, lst, route, rule, merged, rejections)
+                if t is not None:
                     route.global_rate_limit = t.global_rules
                     route.local_rate_limit = t.local
+                    if t.backend is not None and not t.backend.empty:
+                        route.traffic = t.backend
                 else:
                     fail_closed(route)
             if (w := winner(sps, lst, route, rule)) is not None:
@@ -863,6 +847,70 @@ def attach(
                 else:
                     fail_closed(route)
     return chains
+
+
+def merge_patch(base: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (Envoy Gateway's JSONMerge; its StrategicMerge gives the
+    same result for the BackendTrafficPolicy fields, whose lists have no merge keys)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def merged_traffic(
+    policy: Resource,
+    btps: list[Resource],
+    listener: Listener,
+    route: Route,
+    rule: str | None,
+    cache: dict[tuple[str, str], TrafficIR | None],
+    rejections: Rejections,
+) -> TrafficIR | None:
+    """A route policy with ``mergeType`` merged onto the Gateway's (or listener's) policy,
+    as Envoy Gateway merges them; None when the merged policy is invalid."""
+    parents = [
+        p for p in btps if p is not policy and (specificity(p, listener, route, rule) or 9) <= 2
+    ]
+    parent = winner(parents, listener, route, rule)
+    if parent is None or rejections.rejected(parent):
+        return build_traffic(policy) if not rejections.rejected(policy) else None
+    key = (policy.key, parent.key)
+    if key not in cache:
+        if policy.spec.get("rateLimit") is not None and parent.spec.get("rateLimit") is not None:
+            rejections.add(
+                policy,
+                unsupported(
+                    policy.spec.req("mergeType"),
+                    policy,
+                    "merging two policies' rate limits is not translated",
+                ),
+            )
+            cache[key] = None
+            return None
+        keep = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
+        mine = {k: v for k, v in policy.spec.value.items() if k != "mergeType"}
+        doc = dict(policy.node.value)
+        doc["spec"] = merge_patch(keep, mine)
+        merged_res = Resource(
+            policy.kind,
+            policy.namespace,
+            policy.name,
+            policy.created,
+            Node(doc, policy.node.file, policy.node.path),
+            policy.annotations,
+        )
+        try:
+            cache[key] = build_traffic(merged_res)
+        except ConfigError as exc:
+            rejections.add(policy, exc)
+            cache[key] = None
+    return cache[key]
 
 
 def fail_closed(route: Route) -> None:

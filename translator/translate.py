@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from . import envoy as envoy_out
+from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
 from .gatewayapi import BackendResolver, build_listeners, build_routes
 from .policies import SecretFiles, attach
@@ -117,6 +118,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     )
     bootstrap = config.to_dict()
     apply_client_traffic(bootstrap, client)
+    apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
         files[f"ratelimit/{name}"] = dump(cfg)

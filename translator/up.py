@@ -56,6 +56,9 @@ TOKEN_SECONDS = 3600
 DEMO_ISSUER = "https://outrider.example"
 DEMO_AUDIENCE = "demo"
 SIDECARS = ("ratelimit", "extauth", "extproc")
+#: How long a process may take to become ready: a hang guard, not a speed expectation (a
+#: process that exits is reported at once). A busy machine starts Python services slowly.
+READY_SECONDS = 180.0
 
 
 @dataclass
@@ -450,8 +453,8 @@ class UpCommand:
             "echo", [py, "-m", "services.common.echo", "--listen", f"127.0.0.1:{echo_port}"]
         )
         if redis is not None:
-            stack.wait_until(redis, lambda: _redis_ping(rport), 10)
-        stack.wait_until(echo, lambda: _http_ok(f"http://127.0.0.1:{echo_port}/"), 15)
+            stack.wait_until(redis, lambda: _redis_ping(rport), READY_SECONDS)
+        stack.wait_until(echo, lambda: _http_ok(f"http://127.0.0.1:{echo_port}/"), READY_SECONDS)
 
         # Translate: the route backends go to this machine, the first Gateway port to --port
         # and the others to free ports.
@@ -508,7 +511,9 @@ class UpCommand:
             starting.append((stack.start(name, argv), admin))
             admins[name] = admin
         for child, admin in starting:
-            stack.wait_until(child, lambda a=admin: _http_ok(f"http://127.0.0.1:{a}/readyz"), 30)
+            stack.wait_until(
+                child, lambda a=admin: _http_ok(f"http://127.0.0.1:{a}/readyz"), READY_SECONDS
+            )
 
         # Envoy
         envoy = stack.start(
@@ -527,7 +532,9 @@ class UpCommand:
             ],
         )
         stack.wait_until(
-            envoy, lambda: _http_ok(f"http://127.0.0.1:{envoy_admin}/ready", b"LIVE"), 30
+            envoy,
+            lambda: _http_ok(f"http://127.0.0.1:{envoy_admin}/ready", b"LIVE"),
+            READY_SECONDS,
         )
 
         demo_key_used = key if has_demo_jwt else None

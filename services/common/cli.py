@@ -240,6 +240,24 @@ class ServiceCommand:
             help="N worker processes, worker i listening on <listen path>-i.sock "
             "(unix listeners only; Envoy balances over N pipe endpoints)",
         )
+        parser.add_argument(
+            "--max-requests",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="replace a worker gracefully after about N gRPC calls (0: never; "
+            "unix listeners; runs the worker supervisor even for one worker)",
+        )
+        parser.add_argument(
+            "--max-rss",
+            type=non_negative_int,
+            default=0,
+            metavar="MIB",
+            help="replace a worker gracefully once its resident memory exceeds MIB (0: never)",
+        )
+        # Set by the worker supervisor for its workers: the pipe a worker asks for its
+        # replacement on.
+        parser.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
         add_logging_arguments(parser)
         self.factory.add_arguments(parser)
 
@@ -270,12 +288,16 @@ class ServiceCommand:
             drain_timeout=args.drain_timeout,
             reload_interval=args.reload_interval,
             socket_mode=args.socket_mode,
+            max_requests=args.max_requests,
+            max_rss_mib=args.max_rss,
+            supervisor_fd=args.supervisor_fd,
         )
 
     def run(self, args: argparse.Namespace) -> int:
         setup_logging(args.log_level, args.log_format)
         install_event_loop(args.event_loop)
-        if args.workers > 1:
+        recycling = args.max_requests > 0 or args.max_rss > 0
+        if args.supervisor_fd is None and (args.workers > 1 or recycling):
             return self.run_workers(args)
         registry = CollectorRegistry()
         service = self.factory.create(args, registry)
@@ -289,7 +311,8 @@ class ServiceCommand:
         extra = self.factory.worker_addresses(args)
         if any(not a.is_unix for a in (*options.listen, *extra.values())):
             flags = ", ".join(("--listen", *extra))
-            raise UsageError(f"--workers needs unix: addresses for {flags} (one socket per worker)")
+            why = "--workers" if args.workers > 1 else "--max-requests/--max-rss"
+            raise UsageError(f"{why} needs unix: addresses for {flags} (one socket per worker)")
         # Validate the config once up front: a bad config exits 2 before any worker starts.
         if args.config is not None:
             self.factory.create(args, CollectorRegistry()).load_config(args.config)

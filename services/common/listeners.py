@@ -144,7 +144,9 @@ def prepare_unix_path(path: str) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     if not p.exists() and not p.is_symlink():
         return
-    if not p.is_socket():
+    # A symlink is how the worker supervisor publishes a worker's socket; a dangling one
+    # (its worker gone) is stale like a dead socket.
+    if not p.is_socket() and not p.is_symlink():
         raise ListenError(f"unix:{path}: exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(0.5)

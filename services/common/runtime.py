@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -65,6 +67,12 @@ class RuntimeOptions:
     reload_interval: float = 1.0
     readiness_interval: float = 1.0
     socket_mode: int | None = None
+    #: Ask the supervisor for a replacement after this many gRPC calls (0: never).
+    max_requests: int = 0
+    #: ... or once resident memory exceeds this many MiB (0: never).
+    max_rss_mib: int = 0
+    #: The pipe to the worker supervisor (``--workers``/recycling), or None.
+    supervisor_fd: int | None = None
 
 
 class RuntimeMetrics:
@@ -112,6 +120,72 @@ class AsyncioTasks(Collector):
         ]
 
 
+#: With --max-requests/--max-rss, the age after which a connection is asked (GOAWAY) to
+#: reconnect; gRPC adds up to 10 % jitter. The supervisor waits this long after pointing
+#: a socket at a replacement before it stops the old worker.
+RECYCLE_CONNECTION_AGE = 5.0
+
+
+class CallCounter(grpc.aio.ServerInterceptor):
+    """Counts gRPC calls (installed only with ``--max-requests``: it costs one await a call)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self.calls += 1
+        return await continuation(details)
+
+
+def resident_mib() -> float:
+    """This process's resident memory in MiB (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+class Recycler:
+    """``--max-requests`` / ``--max-rss``: when a limit is reached, ask the supervisor once.
+
+    The supervisor starts a replacement, points the socket at it, then sends this
+    process SIGTERM: it drains like any stop. The request limit gets up to 10 %
+    random jitter so workers started together are not all replaced together.
+    """
+
+    def __init__(self, options: RuntimeOptions, counter: CallCounter | None) -> None:
+        self.options = options
+        self.counter = counter
+        self.max_requests = options.max_requests
+        if self.max_requests:
+            self.max_requests += random.randint(0, self.max_requests // 10)
+        self.requested = False
+
+    def reason(self) -> str | None:
+        o = self.options
+        calls = self.counter.calls if self.counter is not None else 0
+        if self.max_requests and calls >= self.max_requests:
+            return f"served {calls} calls (--max-requests {o.max_requests})"
+        if o.max_rss_mib and (rss := resident_mib()) > o.max_rss_mib:
+            return f"resident memory {rss:.0f} MiB (--max-rss {o.max_rss_mib})"
+        return None
+
+    def check(self) -> None:
+        if self.requested or self.options.supervisor_fd is None:
+            return
+        reason = self.reason()
+        if reason is None:
+            return
+        self.requested = True
+        log.info("%s: asking the supervisor for a replacement", reason)
+        try:
+            os.write(self.options.supervisor_fd, f"recycle {reason}\n".encode())
+        except OSError as exc:
+            log.error("cannot reach the supervisor (%s); serving on", exc)
+
+
 class Runtime:
     def __init__(self, service: Service, options: RuntimeOptions, registry: CollectorRegistry):
         self.service = service
@@ -123,6 +197,7 @@ class Runtime:
         self._health = HealthServicer()
         self._config_error: str = ""
         self._serving: bool | None = None
+        self._recycler: Recycler | None = None
 
     # -- readiness --------------------------------------------------------------
     async def readiness(self) -> Readiness:
@@ -150,6 +225,8 @@ class Runtime:
                 await self._publish_health()
             except Exception:
                 log.exception("readiness check failed")
+            if self._recycler is not None:
+                self._recycler.check()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.options.readiness_interval)
 
@@ -247,14 +324,28 @@ class Runtime:
             self.options.tls.check()  # unreadable since the flags were checked: exit 1
         self.registry.register(AsyncioTasks(asyncio.get_running_loop()))
         await self.service.start(config)
+        counter = CallCounter() if self.options.max_requests else None
+        if self.options.max_requests or self.options.max_rss_mib:
+            self._recycler = Recycler(self.options, counter)
+        recycled: list[tuple[str, int]] = []
+        if self._recycler is not None:
+            # A worker that may be replaced makes its clients reconnect now and then, while
+            # it keeps serving: once the supervisor points the socket at the replacement,
+            # every client moves there without a call refused (see workers.py).
+            recycled = [
+                ("grpc.max_connection_age_ms", int(RECYCLE_CONNECTION_AGE * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.options.drain_timeout * 1000)),
+            ]
         server = grpc.aio.server(
+            interceptors=[counter] if counter is not None else None,
             options=[
+                *recycled,
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ]
+            ],
         )
         self.service.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -20,6 +20,7 @@ types, and verifiers reach I/O only through the objects they are built with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,6 +33,8 @@ from .config import ExtauthConfig, Policy
 
 log = logging.getLogger("outrider.extauth")
 
+#: Allow decisions remembered per policy (see ``CompiledPolicy._allowed``).
+ALLOW_CACHE_ENTRIES = 4096
 #: Namespace Envoy files ext_authz dynamic metadata under (for the ratelimit metadata action).
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 
@@ -72,6 +75,9 @@ class Decision:
     body: str = ""
     dynamic_metadata: Mapping[str, Any] = field(default_factory=dict)
     detail: str = ""  # for logs; never holds a credential
+    #: This same object is handed out again (a policy's constant denial, an allow built
+    #: from reusable identities): transports may keep what they build from it.
+    reusable: bool = False
 
     @staticmethod
     def deny(
@@ -80,6 +86,8 @@ class Decision:
         message: str,
         headers: Sequence[tuple[str, str]] = (),
         detail: str = "",
+        *,
+        reusable: bool = False,
     ) -> Decision:
         body = json.dumps({"error": _STATUS_TEXT.get(status, "Denied"), "message": message})
         return Decision(
@@ -89,6 +97,7 @@ class Decision:
             response_headers=(("content-type", "application/json"), *headers),
             body=body,
             detail=detail or message,
+            reusable=reusable,
         )
 
 
@@ -119,6 +128,9 @@ class Identity:
     query_params_to_remove: list[str] = field(default_factory=list)
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The authenticator hands out this same object again for the same credential (and
+    #: nothing in it depends on the request): decisions built from it may be reused.
+    reusable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +198,12 @@ class CompiledPolicy:
             headers |= step.authenticator.identity_headers
         self.identity_headers = frozenset(headers)
         self._identity_headers_sorted = tuple(sorted(headers))
+        #: Allow decisions by the identities they were built from: authenticators hand
+        #: out the same (read-only) Identity for the same credential (a cached token, a
+        #: user, an API client), so a repeated credential reuses its decision, and the
+        #: transport its prebuilt response. The identities are kept with the decision:
+        #: their ids cannot be reused while the entry lives.
+        self._allowed: dict[tuple[int, ...], tuple[tuple[Identity, ...], Decision]] = {}
 
     async def evaluate(self, req: CheckRequest, now: float) -> Decision:
         ctx = AuthContext(self.name, now)
@@ -204,7 +222,18 @@ class CompiledPolicy:
                     "access denied by policy",
                     detail=f"authorization {verdict.reason} (rule {verdict.rule or '-'})",
                 )
-        return self._allow(ctx)
+        identities = tuple(ctx.identities.values())
+        if not all(i.reusable for i in identities):
+            return self._allow(ctx)
+        key = tuple(map(id, identities))
+        entry = self._allowed.get(key)
+        if entry is not None:
+            return entry[1]
+        decision = dataclasses.replace(self._allow(ctx), reusable=True)
+        if len(self._allowed) >= ALLOW_CACHE_ENTRIES:
+            del self._allowed[next(iter(self._allowed))]  # the oldest
+        self._allowed[key] = (identities, decision)
+        return decision
 
     def _upstream_view(self, req: CheckRequest, ctx: AuthContext) -> dict[str, str]:
         """The headers as the upstream will see them, which header rules match against.

@@ -18,11 +18,14 @@ Every error names the file, the path inside it and what was expected.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from services.common.configfile import ConfigError, Node, config_files, read_yaml_files
@@ -181,9 +184,63 @@ def _timing(node: Node) -> Processor:
     return TimingProcessor(TimingSettings(header, metric))
 
 
+def load_module_afresh(name: str, directory: Path | None = None) -> ModuleType:
+    """Import ``name`` from its source now, not from ``sys.modules`` or a stale .pyc.
+
+    Every config load (start, SIGHUP, a changed file) runs the plugin's current code.
+    The module is compiled from its source file (a .pyc written in the same second as
+    an edit could look fresh); with a plugin ``path``, the modules previously loaded
+    from that directory are dropped first so the plugin's own helpers load afresh too.
+    A module that fails to load leaves ``sys.modules`` as it was.
+    """
+    dropped: dict[str, ModuleType] = {}
+    if directory is not None:
+        root = directory.resolve()
+        for mod_name, mod in list(sys.modules.items()):
+            file = getattr(mod, "__file__", None)
+            if mod_name == "services" or mod_name.startswith("services.") or not file:
+                continue  # never Outrider itself (its Processor class must stay one class)
+            if Path(file).resolve().is_relative_to(root):
+                dropped[mod_name] = sys.modules.pop(mod_name)
+    previous = sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        origin = spec.origin or ""
+        if isinstance(spec.loader, importlib.machinery.SourceFileLoader) and origin.endswith(".py"):
+            code = compile(Path(origin).read_bytes(), origin, "exec", dont_inherit=True)
+            exec(code, module.__dict__)
+        else:
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        if previous is not None:
+            sys.modules[name] = previous
+        sys.modules.update(dropped)
+        raise
+    return module
+
+
+def plugin_files(chains: Mapping[str, Chain]) -> tuple[Path, ...]:
+    """The source files of the ``python`` processors' modules (watched like the config)."""
+    files: dict[Path, None] = {}
+    for chain in chains.values():
+        for p in chain.processors:
+            module = sys.modules.get(type(p).__module__)
+            file = getattr(module, "__file__", None)
+            if p.name.startswith("python:") and file:
+                files[Path(file)] = None
+    return tuple(files)
+
+
 def _python(node: Node) -> Processor:
     node.mapping(allowed=("object", "options", "path"))
     path_node = node.get("path")
+    directory = Path(".")
     if path_node is not None:
         # A directory to import the plugin from, relative to the config file.
         directory = Path(node.file).parent / path_node.str(nonempty=True)
@@ -197,7 +254,7 @@ def _python(node: Node) -> Processor:
     if not sep or not module_name or not attr:
         raise obj.expected('"package.module:Class"')
     try:
-        module = importlib.import_module(module_name)
+        module = load_module_afresh(module_name, directory if path_node is not None else None)
     except Exception as exc:
         raise obj.error(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     cls: Any = module
@@ -301,4 +358,6 @@ def load(path: Path, metrics: JsonMetrics | None = None) -> ExtprocConfig:
     config = parse_documents(docs, metrics)
     if not config.chains:
         raise ConfigError(str(path), "chains", "expected at least one chain")
-    return ExtprocConfig(config.chains, config.described, tuple(config_files(path)))
+    return ExtprocConfig(
+        config.chains, config.described, (*config_files(path), *plugin_files(config.chains))
+    )

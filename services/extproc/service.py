@@ -150,9 +150,12 @@ class ExtprocService:
         return extproc_config.load(path, self.metrics)
 
     def config_files(self, path: Path) -> list[Path]:
+        """The config files, and the plugin modules the config in force loaded: editing a
+        plugin reloads it like editing the config does."""
         from services.common.configfile import config_files
 
-        return config_files(path)
+        plugins = self._config.files if self._config is not None else ()
+        return [*config_files(path), *(f for f in plugins if f.suffix == ".py")]
 
     async def start(self, config: ExtprocConfig) -> None:
         self.apply_config(config)

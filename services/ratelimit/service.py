@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from services.common.cli import non_negative_int, positive_float, positive_int
 from services.common.configfile import config_files
@@ -50,6 +51,9 @@ def ratio(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number from 0 to 1")
     return value
+
+
+REDIS_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05)
 
 
 def store_label(name: str, *, per_second: bool = False) -> str:
@@ -179,6 +183,18 @@ class LimitStatsCollector(Collector):
             label = store_label(per_second.name, per_second=True)
             healthy.add_metric([label], 1 if per_second.healthy else 0)
         yield healthy
+        latency = HistogramMetricFamily(
+            "outrider_ratelimit_redis_pipeline_seconds",
+            "Redis round trip of one call's commands (Redis Cluster: of one batch of calls).",
+            labels=["store"],
+        )
+        for label, histogram in list(self.service.redis_latency.items()):
+            latency.add_metric(
+                [label],
+                [(floatToGoString(b), n) for b, n in histogram.cumulative()],
+                histogram.sum,
+            )
+        yield latency
 
 
 class RateLimitService:
@@ -203,13 +219,8 @@ class RateLimitService:
         self.xds: XdsConfigSource | None = None
         if args.config_xds:
             self.xds = XdsConfigSource(xds_options(args), rls_conf.TYPE_URL, self.parse_xds)
-        self.redis_latency = Histogram(
-            "outrider_ratelimit_redis_pipeline_seconds",
-            "Redis round trip of one call's commands (Redis Cluster: of one batch of calls).",
-            labelnames=["store"],
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05),
-            registry=metrics,
-        )
+        #: outrider_ratelimit_redis_pipeline_seconds by store label (LimitStatsCollector)
+        self.redis_latency: dict[str, st.LatencyHistogram] = {}
         metrics.register(LimitStatsCollector(self))
         self._stats_text = LimitStatsText()
         self.servicer = transport.RateLimitServicer(
@@ -250,7 +261,9 @@ class RateLimitService:
             url,
             timeout=self.args.redis_timeout,
             max_inflight=self.args.redis_connections,
-            observe=self.redis_latency.labels(label).observe,
+            observe=self.redis_latency.setdefault(
+                label, st.LatencyHistogram(REDIS_LATENCY_BUCKETS)
+            ).observe,
         )
         await store.start()
         log.info(

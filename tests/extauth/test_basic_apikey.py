@@ -250,3 +250,30 @@ async def test_password_checks_are_bounded(tmp_path: Path) -> None:
         )  # fmt: skip
         # Once the pool is free again, checks go through.
         assert (await h.check(request(headers={"authorization": basic_header("u", "pw")}))).allow
+
+
+async def test_repeated_credentials_reuse_their_decision_and_only_theirs(tmp_path: Path) -> None:
+    """An API client found in the same place gets the same allow decision object (the
+    transport keeps its response); another client, or a sanitized cookie whose remainder
+    depends on the request, gets its own."""
+    config = config_from(
+        tmp_path,
+        apikey_policy(credentials={"client-a": "key-aaaaaaaa", "client-b": "key-bbbbbbbb"}),
+    )
+    async with EngineHarness(config) as h:
+        a1 = await h.check(request(headers={"x-api-key": "key-aaaaaaaa"}))
+        b1 = await h.check(request(headers={"x-api-key": "key-bbbbbbbb"}))
+        a2 = await h.check(request(headers={"x-api-key": "key-aaaaaaaa"}))
+        c1 = await h.check(request(headers={"cookie": "t=1; apikey=key-aaaaaaaa"}))
+        c2 = await h.check(request(headers={"cookie": "t=2; apikey=key-aaaaaaaa"}))
+        m1 = await h.check(request())
+        m2 = await h.check(request())
+    assert a1 is a2
+    assert a1.reusable
+    assert dict(a1.upstream_headers) == {"x-client-id": "client-a"}
+    assert dict(b1.upstream_headers) == {"x-client-id": "client-b"}
+    assert dict(c1.upstream_headers)["cookie"] == "t=1"
+    assert dict(c2.upstream_headers)["cookie"] == "t=2"
+    assert not c1.reusable
+    assert m1 is m2  # the policy's constant denial
+    assert (m1.status, m1.reason) == (401, "apikey_missing")

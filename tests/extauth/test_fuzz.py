@@ -18,9 +18,10 @@ from services.extauth.authn.basic import parse_basic
 from services.extauth.authn.extract import (
     cookie_value,
     find_credential,
+    parse_cookies,
     prefixed_value,
     query_value,
-    without_cookie,
+    without_cookies,
 )
 from services.extauth.config import HeaderSource, TokenSources
 from services.extauth.transport.http import split_policy_path
@@ -39,7 +40,8 @@ def test_parsers_never_raise(value: str, name: str) -> None:
     cookie_value(value, name)
     query_value(value, name)
     prefixed_value(value, name)
-    without_cookie(value, name)
+    without_cookies(value, (name,))
+    parse_cookies(value)
     parse_basic(value)
     split_policy_path(value)
     find_credential(
@@ -56,7 +58,7 @@ def test_cookie_roundtrip(others: list[tuple[str, str]], name: str, value: str) 
     crumbs = [f"{k}={v}" for k, v in others] + [f"{name}={value}"]
     header = "; ".join(crumbs)
     assert cookie_value(header, name.strip()) == value.strip()
-    stripped = without_cookie(header, name.strip())
+    stripped = without_cookies(header, (name.strip(),))
     assert cookie_value(stripped, name.strip()) is None
 
 

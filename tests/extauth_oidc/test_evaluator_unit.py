@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from services.common.configfile import parse_yaml
+from services.extauth.authn.extract import parse_cookies
 from services.extauth.core import AuthContext, CheckRequest, Missing, Rejected
 from services.extauth.oidc.config import parse_oidc
 from services.extauth.oidc.flow import OidcAuthenticator
-from services.extauth.oidc.session import LOGIN_PURPOSE, parse_cookie_header
+from services.extauth.oidc.session import LOGIN_PURPOSE
 
 BROWSER = {"accept": "text/html,*/*;q=0.8"}
 
@@ -141,11 +142,45 @@ async def test_callback_without_login_cookie(make: Any) -> None:
 async def test_logout_without_session_goes_home(make: Any) -> None:
     a = make()
     cookie = "__Host-outrider-session=1.garbage; other=1"
-    result = await _check(a, _req("/logout", headers={"cookie": cookie}))
+    same_origin = {"cookie": cookie, "origin": "https://app.example.com"}
+    result = await _check(a, _req("/logout", method="POST", headers=same_origin))
     assert isinstance(result, Rejected)
     assert result.decision.status == 302
     headers = result.decision.response_headers
     assert ("location", "/") in headers
     cleared = [v for k, v in headers if k == "set-cookie"]
     assert any(v.startswith("__Host-outrider-session=;") and "Max-Age=0" in v for v in cleared)
-    assert parse_cookie_header(cookie)["other"] == "1"
+    assert parse_cookies(cookie)["other"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "status"),
+    [
+        ("GET", {}, 405),  # a link or a cross-site navigation: the confirmation page
+        ("HEAD", {}, 405),
+        ("POST", {"origin": "https://evil.example"}, 403),
+        ("POST", {"origin": "null"}, 403),
+        ("POST", {"origin": "http://app.example.com"}, 403),  # another scheme, another origin
+        ("POST", {"origin": "https://app.example.com.evil.example"}, 403),
+        ("POST", {"sec-fetch-site": "cross-site"}, 403),
+        ("POST", {"sec-fetch-site": "same-site"}, 403),
+        ("POST", {"origin": "https://app.example.com"}, 302),
+        ("POST", {"origin": "https://app.example.com:443"}, 302),
+        ("POST", {"sec-fetch-site": "same-origin"}, 302),
+        ("POST", {}, 302),  # neither header: not a browser's form post
+    ],
+)
+async def test_logout_only_on_a_same_origin_post(
+    make: Any, method: str, headers: dict[str, str], status: int
+) -> None:
+    a = make()
+    result = await _check(a, _req("/logout", method=method, headers=headers))
+    assert isinstance(result, Rejected)
+    assert result.decision.status == status
+    cookies = [v for k, v in result.decision.response_headers if k == "set-cookie"]
+    if status == 302:
+        assert cookies  # cleared
+    else:
+        assert not cookies  # nothing touched
+    if status == 405:
+        assert '<form method="post" action="/logout">' in result.decision.body

@@ -81,8 +81,19 @@ async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv], 
     page = await anonymous.fetch(f"{env.app}/data", headers={"x-requested-with": "XMLHttpRequest"})
     assert page.status == 401
 
-    # Logout: cookies cleared, RP-initiated logout at the provider with id_token_hint.
+    # Logout is a same-origin POST: a GET (a link, or another site's navigation) gets a
+    # page with the button, another site's POST is refused; the session survives both.
     page = await browser.fetch(f"{env.app}/logout")
+    assert page.status == 405
+    assert '<form method="post" action="/logout">' in page.body
+    page = await browser.fetch(
+        f"{env.app}/logout", method="POST", headers={"origin": "https://evil.example"}
+    )
+    assert page.status == 403
+    assert not page.set_cookies
+    assert (await browser.fetch(f"{env.app}/still-in", headers=API)).status == 200
+    # Logout: cookies cleared, RP-initiated logout at the provider with id_token_hint.
+    page = await browser.fetch(f"{env.app}/logout", method="POST", headers={"origin": env.app})
     assert page.status == 302
     location = page.headers["location"]
     assert location.startswith(env.provider.issuer + "/session/end?")
@@ -399,7 +410,8 @@ async def test_redis_sessions_are_small_and_revocable(
     browser2 = env.browser()
     assert (await browser2.navigate(f"{env.app}/r/home")).status == 200
     assert len(list(redis.scan_iter("outrider:oidc:session:*"))) == 1
-    assert (await browser2.fetch(f"{env.app}/r/logout")).status == 302
+    logout = await browser2.fetch(f"{env.app}/r/logout", method="POST", headers={"origin": env.app})
+    assert logout.status == 302
     assert list(redis.scan_iter("outrider:oidc:session:*")) == []
 
 

@@ -11,6 +11,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.extauth.authn.extract import parse_cookies
 from services.extauth.oidc.config import CookieSettings
 from services.extauth.oidc.session import (
     CHUNK_CHARS,
@@ -20,7 +21,6 @@ from services.extauth.oidc.session import (
     Session,
     join_chunks,
     mint_cookie_session,
-    parse_cookie_header,
     set_chunked,
     split_chunks,
 )
@@ -112,7 +112,7 @@ def test_split_chunks_bounds() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=200))
 def test_cookie_header_parser_never_raises(header: str) -> None:
-    parsed = parse_cookie_header(header)
+    parsed = parse_cookies(header)
     join_chunks("__Host-s", parsed)
 
 

@@ -228,3 +228,22 @@ def test_header_ops_fold_like_envoy_applies_them() -> None:
         ("d", "5", False),
         ("d", "6", True),
     ]
+
+
+def test_plugin_modules_are_watched_like_the_config(tmp_path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.extproc.service import ExtprocService
+
+    (tmp_path / "plugins").mkdir()
+    module = tmp_path / "plugins" / "watched_plugin.py"
+    module.write_text(
+        "from services.extproc.api import Processor\n\nclass P(Processor):\n    pass\n"
+    )
+    config = tmp_path / "chains.yaml"
+    config.write_text(
+        'chains: {default: [{python: {path: plugins, object: "watched_plugin:P"}}]}\n'
+    )
+    service = ExtprocService(CollectorRegistry())
+    service.apply_config(service.load_config(config))
+    assert service.config_files(config) == [config, module]

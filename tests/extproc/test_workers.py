@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import http.client
 import json
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.harness.procs import http_get
 
@@ -72,3 +79,76 @@ def test_workers_each_serve_a_socket_and_are_restarted(
     assert ep.wait(20) == 0
     for p in paths:
         assert not Path(p).exists()
+
+
+def _traffic(port: int, stop: threading.Event) -> list[int | str]:
+    """GETs over one keep-alive connection until ``stop``; statuses (or errors)."""
+    out: list[int | str] = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                raw = resp.read()
+                if resp.status != 200:
+                    out.append(f"{resp.status} {raw[:100]!r}")
+                    continue
+                ok = json.loads(raw)["headers"].get("x-added") == "yes"
+                out.append(200 if ok else "x-added missing")
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                out.append(type(exc).__name__)
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    finally:
+        conn.close()
+    return out
+
+
+def _replacements(ep: Any) -> float:
+    _, metrics = ep.get("/metrics")
+    for line in metrics.splitlines():
+        if line.startswith('outrider_worker_replacements_total{result="success"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_requests_replaces_workers_without_a_failed_request(
+    outrider, envoy, echo_upstream, sockdir: Path, tmp_path: Path, workers: int
+) -> None:
+    config = tmp_path / "chains.yaml"
+    config.write_text(CHAINS)
+    base = sockdir / "extproc.sock"
+    ep = outrider(
+        "extproc", "--config", str(config), "--listen", f"unix:{base}",
+        "--workers", str(workers), "--max-requests", "100",
+    )  # fmt: skip
+    paths = [str(base)] if workers == 1 else [str(sockdir / f"extproc-{i}.sock") for i in (0, 1)]
+    for p in paths:
+        assert Path(p).is_symlink(), p
+        assert Path(p).is_socket(), p
+    env_config, port = envoy_config(paths, echo_upstream.port)
+    envoy(env_config)
+    first = {int(p) for p in os.popen(f"pgrep -P {ep.proc.pid}").read().split()}
+    stop = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(_traffic, port, stop) for _ in range(4)]
+        try:
+            # Traffic runs until every first worker was replaced, drained and exited:
+            # the whole swap happens under load.
+            deadline = time.monotonic() + 90
+            while True:
+                children = {int(p) for p in os.popen(f"pgrep -P {ep.proc.pid}").read().split()}
+                if _replacements(ep) >= workers and not children & first:
+                    break
+                assert time.monotonic() < deadline, (children, first, ep.output()[-3000:])
+                time.sleep(0.2)
+        finally:
+            stop.set()
+        statuses = [s for c in clients for s in c.result()]
+    assert len(statuses) > 200 * workers
+    assert statuses == [200] * len(statuses), collections.Counter(statuses)
+    ep.signal(signal.SIGTERM)
+    assert ep.wait(30) == 0
+    assert sorted(os.listdir(sockdir)) == []

@@ -32,6 +32,8 @@ OVERLAYS = {
 BASES = sorted(p.parent for p in (K8S / "base").glob("*/kustomization.yaml"))
 GATEWAY_OVERLAYS = ("envoy-gateway", "redis-cluster")
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+#: schema validation is CPU-bound: past the default 120 s when the machine is busy
+pytestmark = pytest.mark.timeout(600)
 
 needs_crds = pytest.mark.skipif(
     not checks.CRD_DIR.is_dir(),

@@ -73,6 +73,7 @@ RATE_LIMIT_SCHEMA = {
 }
 
 
+@pytest.mark.timeout(600)  # CPU-bound: minutes when the machine is busy
 def test_envoy_gateway_config(resources: list[dict[str, Any]]) -> None:
     config = config_of(resources)
     assert config["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"

@@ -88,7 +88,7 @@ async def run(service: RateLimitService, registry: Any, mode: str, seconds: floa
 
     async def decide(due: float) -> None:
         parsed = rls_pb2.RateLimitRequest.FromString(payload)
-        (await servicer.ShouldRateLimit(parsed, None)).SerializeToString()
+        await servicer.should_rate_limit_wire(parsed, None)
         latencies.append(loop.time() - due)
 
     async def decider() -> None:

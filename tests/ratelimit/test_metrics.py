@@ -87,3 +87,25 @@ async def test_rendering_many_rows_lets_the_event_loop_run() -> None:
     await worker
     assert turns >= st.MAX_KEYS // LimitStatsText.CHUNK - 1
     assert text.count("\n") == 6 * (st.MAX_KEYS + 2)
+
+
+async def test_redis_round_trip_histogram(tmp_path: Path) -> None:
+    """The plain-number histogram is exposed as a Prometheus histogram (cumulative)."""
+    registry = CollectorRegistry()
+    service = await _service(tmp_path, registry)
+    histogram = service.redis_latency.setdefault("redis", st.LatencyHistogram((0.001, 0.01)))
+    for value in (0.0005, 0.001, 0.002, 0.5):
+        histogram.observe(value)
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        if family.name == "outrider_ratelimit_redis_pipeline_seconds"
+        for s in family.samples
+        if s.labels.get("store") == "redis"
+    }
+    assert samples["outrider_ratelimit_redis_pipeline_seconds_bucket", "0.001"] == 2
+    assert samples["outrider_ratelimit_redis_pipeline_seconds_bucket", "0.01"] == 3
+    assert samples["outrider_ratelimit_redis_pipeline_seconds_bucket", "+Inf"] == 4
+    assert samples["outrider_ratelimit_redis_pipeline_seconds_count", None] == 4
+    assert abs(samples["outrider_ratelimit_redis_pipeline_seconds_sum", None] - 0.5035) < 1e-9
+    await service.stop()

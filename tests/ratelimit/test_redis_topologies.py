@@ -37,7 +37,7 @@ def _request(value: str) -> list[Descriptor]:
 
 
 async def _exercise(url: str) -> None:
-    store = open_store(url, timeout=1.0)
+    store = open_store(url, timeout=10.0)  # a bound: a TLS handshake on a busy machine
     await store.start()
     try:
         assert store.healthy, store.last_error
@@ -212,7 +212,7 @@ async def test_wrong_password_and_db_from_url(redis_server: Any) -> None:
     with redis_server.client() as c:
         c.config_set("requirepass", "s3cret")
     config = parse_texts([("t.yaml", CONFIG)])
-    wrong = open_store(f"redis://:nope@127.0.0.1:{redis_server.port}", timeout=1.0)
+    wrong = open_store(f"redis://:nope@127.0.0.1:{redis_server.port}", timeout=10.0)
     try:
         with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid"):
             await Limiter(config, wrong).should_rate_limit("topo", _request("w")[:1], 1)
@@ -227,7 +227,7 @@ async def test_wrong_password_and_db_from_url(redis_server: Any) -> None:
 
 async def test_script_cache_flushed(redis_server: Any) -> None:
     """After SCRIPT FLUSH (a restart, a failover) the NOSCRIPT calls are sent again as EVAL."""
-    store = open_store(redis_server.url, timeout=1.0)
+    store = open_store(redis_server.url, timeout=10.0)
     await store.start()
     try:
         limiter = Limiter(

@@ -18,7 +18,7 @@ from tests.translator.eg_conformance import DATA, envoy_validate, inputs, run
 
 #: inputs of the sample known to pass; raise it as the translator grows (never lower it to
 #: make a change pass)
-FLOOR = 27
+FLOOR = 30
 SAMPLE = 4
 VALIDATE = 3
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.timeout(900)  # CPU-bound: minutes when the machine is busy
 def test_envoy_gateway_policy_inputs(tmp_path: Path) -> None:
     results = run(inputs()[::SAMPLE], tmp_path, validate=False)
     for r in results:

@@ -151,7 +151,7 @@ def translate(tmp_path: Path, security: dict[str, Any]) -> subprocess.CompletedP
             "--backend", "default/echo=127.0.0.1:8080",
             "--extauth-mode", "http",
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO, capture_output=True, text=True, timeout=300,  # a bound, not a measure
     )  # fmt: skip
 
 
@@ -207,7 +207,7 @@ def test_http_mode_needs_target_envoy_and_the_sidecar(tmp_path: Path) -> None:
                 sys.executable, "-m", "services.common.cli", "translate",
                 "-f", str(src), "-o", str(tmp_path / "out"), "--extauth-mode", "http", *extra,
             ],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
+            cwd=REPO, capture_output=True, text=True, timeout=300,  # a bound, not a measure
         )  # fmt: skip
         assert result.returncode == 2, result.stderr
         assert "--extauth-mode http applies to --target envoy with --auth sidecar" in result.stderr

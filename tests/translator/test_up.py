@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -109,15 +108,15 @@ def outrider_up(*args: str) -> Iterator[Up]:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 90
+        # No deadline of its own: a busy machine may take minutes to start everything
+        # (`up` bounds each start itself, and pytest-timeout bounds the test).
         while not up.ready.wait(0.5):
             assert proc.poll() is None, "outrider up exited early:\n" + up.text
-            assert time.monotonic() < deadline, "no guide printed:\n" + up.text
         yield up
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rc = proc.wait(30)
+            rc = proc.wait(120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
@@ -127,7 +126,7 @@ def outrider_up(*args: str) -> Iterator[Up]:
     assert "outrider up: stopped" in up.text
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(900)
 def test_up_ratelimit_mode_rlqs() -> None:
     port = free_port()
     workdir = None
@@ -161,7 +160,7 @@ def strip_separators(text: str) -> str:
     return re.sub(r"[ +-]|%20", "", text)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("extauth_mode", ["grpc", "http"])
 def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
     port = free_port()
@@ -278,7 +277,7 @@ spec:
 """
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(900)
 def test_up_with_your_own_file(tmp_path: Path) -> None:
     """3: the printed curls reach every route (Host from `hostnames`, the listener's
     hostname, method and header matches), Services and Backends go to the echo upstream

@@ -27,7 +27,7 @@ from ..core import (
     Missing,
     Rejected,
 )
-from .extract import find_credential, without_cookie
+from .extract import find_credential, without_cookies
 
 MAX_KEY_BYTES = 4096
 
@@ -44,6 +44,13 @@ class APIKeyAuthenticator:
         }
         self.identity_headers = frozenset(
             [config.forward_client_id_header] if config.forward_client_id_header else []
+        )
+        self._identities: dict[tuple[str, str, str], Authenticated] = {}
+        self._missing = Missing(
+            Decision.deny(401, "apikey_missing", "an API key is required", reusable=True)
+        )
+        self._invalid = Rejected(
+            Decision.deny(401, "apikey_invalid", "invalid API key", reusable=True)
         )
 
     def _digest(self, key: str) -> bytes:
@@ -67,12 +74,23 @@ class APIKeyAuthenticator:
             if found is not None:
                 break
         if found is None:
-            return Missing(Decision.deny(401, "apikey_missing", "an API key is required"))
+            return self._missing
         kind, name, key = found
         client = self._lookup(key) if len(key) <= MAX_KEY_BYTES else None
         if client is None:
-            return Rejected(Decision.deny(401, "apikey_invalid", "invalid API key"))
-        identity = Identity(method="apiKeyAuth", principal=client, metadata={"client_id": client})
+            return self._invalid
+        # The same client found in the same place gets the same (read-only) identity;
+        # only a sanitized cookie depends on the rest of the request.
+        per_request = self.config.sanitize and kind == "cookie"
+        cached = None if per_request else self._identities.get((client, kind, name))
+        if cached is not None:
+            return cached
+        identity = Identity(
+            method="apiKeyAuth",
+            principal=client,
+            metadata={"client_id": client},
+            reusable=not per_request,
+        )
         if self.config.forward_client_id_header:
             identity.upstream_headers.append((self.config.forward_client_id_header, client))
         if self.config.sanitize:
@@ -81,12 +99,16 @@ class APIKeyAuthenticator:
             elif kind == "param":
                 identity.query_params_to_remove.append(name)
             else:
-                rest = without_cookie(req.headers.get("cookie", ""), name)
+                rest = without_cookies(req.headers.get("cookie", ""), (name,))
                 if rest:
                     identity.upstream_headers.append(("cookie", rest))
                 else:
                     identity.headers_to_remove.append("cookie")
-        return Authenticated(identity)
+        result = Authenticated(identity)
+        if not per_request:
+            # bounded: clients times the places the policy looks for keys
+            self._identities[(client, kind, name)] = result
+        return result
 
     async def close(self) -> None:
         return None

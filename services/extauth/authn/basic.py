@@ -154,10 +154,20 @@ class BasicAuthenticator:
         self.cache_ttl = cache_ttl
         self._cache_key = os.urandom(32)
         self._cache: dict[bytes, float] = {}
+        self._identities: dict[str, Identity] = {}
         self.identity_headers = frozenset(
             [config.forward_username_header] if config.forward_username_header else []
         )
         self._challenge = (("www-authenticate", f'Basic realm="{policy}", charset="UTF-8"'),)
+        self._missing = Missing(
+            Decision.deny(
+                401,
+                "basic_missing",
+                "credentials are required",
+                self._challenge,
+                reusable=True,
+            )
+        )
 
     def _deny(
         self, result: type[Missing] | type[Rejected], reason: str, message: str
@@ -169,17 +179,26 @@ class BasicAuthenticator:
         return hmac.new(self._cache_key, material, hashlib.sha256).digest()
 
     def _identity(self, user: str) -> Identity:
-        headers = []
-        if self.config.forward_username_header:
-            headers.append((self.config.forward_username_header, user))
-        return Identity(
-            method="basicAuth", principal=user, upstream_headers=headers, metadata={"user": user}
-        )
+        """The user's identity: one object per user, handed out again (read-only)."""
+        identity = self._identities.get(user)
+        if identity is None:
+            headers = []
+            if self.config.forward_username_header:
+                headers.append((self.config.forward_username_header, user))
+            identity = Identity(
+                method="basicAuth",
+                principal=user,
+                upstream_headers=headers,
+                metadata={"user": user},
+                reusable=True,
+            )
+            self._identities[user] = identity  # bounded by the users of the file
+        return identity
 
     async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult:
         raw = req.headers.get("authorization")
         if raw is None or not raw.strip().lower().startswith("basic"):
-            return self._deny(Missing, "basic_missing", "credentials are required")
+            return self._missing
         creds = parse_basic(raw)
         if creds is None:
             return self._deny(Rejected, "basic_malformed", "malformed credentials")

@@ -6,7 +6,7 @@ return ``None`` for anything malformed, and are fuzzed with hypothesis.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from urllib.parse import parse_qsl
 
 from ..config import TokenSources
@@ -41,28 +41,42 @@ def query_value(path: str, name: str) -> str | None:
     return None
 
 
-def cookie_value(cookie_header: str | None, name: str) -> str | None:
-    """The value of cookie ``name`` in a ``Cookie`` header (RFC 6265 syntax), or None."""
+def parse_cookies(cookie_header: str | None) -> dict[str, str]:
+    """The cookies of a request ``Cookie`` header (RFC 6265 syntax): name → value.
+
+    The one cookie parser of extauth (credentials in cookies, OIDC sessions): the first
+    occurrence of a name wins, a value in double quotes loses them, crumbs without ``=``
+    are skipped, and at most ``MAX_COOKIES`` crumbs are read.
+    """
+    cookies: dict[str, str] = {}
     if not cookie_header:
-        return None
+        return cookies
     for count, crumb in enumerate(cookie_header.split(";")):
         if count >= MAX_COOKIES:
-            return None
-        key, sep, value = crumb.strip().partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            return value
-    return None
+            break
+        name, sep, value = crumb.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies.setdefault(name, value)
+    return cookies
 
 
-def without_cookie(cookie_header: str, name: str) -> str:
-    """``cookie_header`` with every ``name=`` crumb removed (for ``sanitize``)."""
+def cookie_value(cookie_header: str | None, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header, or None."""
+    return parse_cookies(cookie_header).get(name)
+
+
+def without_cookies(cookie_header: str, names: Collection[str]) -> str:
+    """``cookie_header`` with every crumb named in ``names`` removed (``sanitize``, and
+    OIDC's own cookies kept from the upstream)."""
     kept = [
         c.strip()
         for c in cookie_header.split(";")
-        if c.strip() and c.strip().partition("=")[0].strip() != name
+        if c.strip() and c.partition("=")[0].strip() not in names
     ]
     return "; ".join(kept)
 

@@ -109,6 +109,12 @@ class JWTAuthenticator:
         self._cache: dict[bytes, _Verified] = {}
         self._observe_cache = observe_cache or (lambda hit: None)
         self._challenge = f'Bearer realm="{policy}"'
+        self._missing_result = Missing(
+            Decision.deny(
+                401, "jwt_missing", "a bearer token is required",
+                [("www-authenticate", self._challenge)], reusable=True,
+            )
+        )  # fmt: skip
 
     # -- results --------------------------------------------------------------------
     def _reject(self, reason: str, message: str) -> Rejected:
@@ -116,12 +122,7 @@ class JWTAuthenticator:
         return Rejected(Decision.deny(401, reason, message, [("www-authenticate", header)]))
 
     def _missing(self) -> Missing:
-        return Missing(
-            Decision.deny(
-                401, "jwt_missing", "a bearer token is required",
-                [("www-authenticate", self._challenge)],
-            )
-        )  # fmt: skip
+        return self._missing_result
 
     def _identity(self, provider: JWTProvider, claims: Mapping[str, Any], token: str) -> Identity:
         headers: list[tuple[str, str]] = []
@@ -147,6 +148,7 @@ class JWTAuthenticator:
             claims=claims,
             upstream_headers=headers,
             metadata={"jwt_provider": provider.name, "claims": metadata_claims},
+            reusable=True,  # handed out again from the verified-token cache
         )
 
     # -- cache ----------------------------------------------------------------------

@@ -6,8 +6,9 @@ One :class:`OidcAuthenticator` per policy with an ``oidc`` section. On each chec
   opened, its state compared and spent, the code exchanged, the ID token validated,
   the session cookie set, and the browser sent back where it started — all in a
   *denied* ext_authz response (302 + ``Set-Cookie``), so the upstream never sees it;
-- ``logoutPath`` clears the cookies and sends the browser to the provider's
-  ``end_session_endpoint`` (RP-initiated logout with ``id_token_hint``);
+- ``logoutPath``, on a same-origin POST, clears the cookies and sends the browser to the
+  provider's ``end_session_endpoint`` (RP-initiated logout with ``id_token_hint``); a GET
+  gets a page whose button posts it, a cross-site POST 403 (logout CSRF);
 - a valid session authenticates the request (refreshing an expiring access token first,
   new cookies on the allowed response), and the upstream gets the identity headers;
 - anything else is unauthenticated: browsers are redirected to the provider, API
@@ -35,6 +36,7 @@ import jwt as pyjwt
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from redis.exceptions import RedisError
 
+from services.extauth.authn.extract import parse_cookies, without_cookies
 from services.extauth.authn.jwks import JWKSRegistry
 from services.extauth.authn.jwt import header_value
 from services.extauth.authz import claim_at
@@ -69,7 +71,6 @@ from services.extauth.oidc.session import (
     clear_cookie,
     digest,
     join_chunks,
-    parse_cookie_header,
     set_chunked,
     set_cookie,
 )
@@ -204,12 +205,12 @@ class OidcAuthenticator:
     # -- entry point --------------------------------------------------------------
     async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult:
         path = req.path.split("?", 1)[0]
-        cookies = parse_cookie_header(req.headers.get("cookie", ""))
+        cookies = parse_cookies(req.headers.get("cookie"))
         try:
             if path == self.cfg.redirect_path:
                 return await self._callback(req, cookies, ctx.now)
             if path == self.cfg.logout_path:
-                return await self._logout(cookies)
+                return await self._logout(req, cookies)
             jwt_identity = ctx.identities.get("jwt")
             if self.cfg.pass_through_auth_header and jwt_identity is not None:
                 return Authenticated(self._pass_through(req, jwt_identity))
@@ -311,7 +312,7 @@ class OidcAuthenticator:
         # The upstream never sees Outrider's own cookies (sealed tokens are not its business).
         own = self._own_cookie_names(cookies)
         if own:
-            kept = self._cookie_header_without(req.headers.get("cookie", ""), own)
+            kept = without_cookies(req.headers.get("cookie", ""), own)
             if kept:
                 upstream.append(("cookie", kept))
             else:
@@ -347,15 +348,6 @@ class OidcAuthenticator:
             or n.startswith(names.session_name + "-")
             or n.startswith(names.login_name + ".")
         }
-
-    @staticmethod
-    def _cookie_header_without(header: str, names: set[str]) -> str:
-        kept = []
-        for part in header.split(";"):
-            name = part.strip().partition("=")[0]
-            if part.strip() and name not in names:
-                kept.append(part.strip())
-        return "; ".join(kept)
 
     # -- unauthenticated ----------------------------------------------------------
     def _wants_redirect(self, req: CheckRequest) -> bool:
@@ -609,7 +601,60 @@ class OidcAuthenticator:
         return {k: v for k, v in claims.items() if k not in dropped}
 
     # -- logout -------------------------------------------------------------------
-    async def _logout(self, cookies: Mapping[str, str]) -> AuthResult:
+    def _same_origin(self, req: CheckRequest) -> bool:
+        """Whether a logout POST comes from the app's own pages (CSRF defence).
+
+        Browsers send ``Origin`` on every POST: it must be the request's own origin or
+        ``redirectURL``'s. Without ``Origin``, ``Sec-Fetch-Site`` (when sent) must say
+        same-origin or none (typed in); a request with neither header is not a browser's
+        form post (a script or an API client), which a CSRF cannot forge.
+        """
+        origin = req.headers.get("origin")
+        if origin is None:
+            return req.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not _HOST_PORT.fullmatch(parts.netloc):
+            return False  # "null" (sandboxed or privacy-sensitive contexts), or garbage
+        theirs = (parts.scheme, _netloc(parts.scheme, parts.netloc))
+        return theirs in (self._request_origin(req), self._app_origin)
+
+    def _logout_page(self) -> Decision:
+        """The answer to a GET of the logout path: a page whose button posts the logout."""
+        path = html.escape(self.cfg.logout_path, quote=True)
+        body = (
+            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Sign out</title></head>'
+            f'<body><form method="post" action="{path}"><button type="submit">Sign out'
+            "</button></form></body></html>"
+        )
+        return Decision(
+            allow=False,
+            reason="oidc_logout_confirm",
+            status=405,
+            response_headers=(
+                ("content-type", "text/html; charset=utf-8"),
+                ("allow", "POST"),
+                _NO_STORE,
+            ),
+            body=body,
+            detail="oidc logout needs a POST",
+        )
+
+    async def _logout(self, req: CheckRequest, cookies: Mapping[str, str]) -> AuthResult:
+        # A GET would let any page log the user out (top-level navigations carry SameSite=Lax
+        # cookies): only a same-origin POST logs out.
+        if req.method != "POST":
+            return Rejected(self._logout_page())
+        if not self._same_origin(req):
+            log.warning("policy %s: cross-site logout refused", self.policy)
+            return Rejected(
+                _html_denial(
+                    403,
+                    "oidc_logout_cross_site",
+                    "Sign-out refused",
+                    "The sign-out request did not come from this site.",
+                    [],
+                )
+            )
         name = self.cfg.cookies.session_name
         sealed = join_chunks(name, cookies)
         session = None if sealed is None else await self.store.load(sealed)

@@ -123,20 +123,6 @@ class CookieSealer:
 # -- cookies on the wire ------------------------------------------------------------
 
 
-def parse_cookie_header(header: str) -> dict[str, str]:
-    """Cookies from a request ``Cookie`` header; the first occurrence of a name wins."""
-    cookies: dict[str, str] = {}
-    for part in header.split(";"):
-        name, sep, value = part.strip().partition("=")
-        if not sep or not name:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        cookies.setdefault(name, value)
-    return cookies
-
-
 def split_chunks(value: str) -> list[str]:
     pieces = [value[i : i + CHUNK_CHARS] for i in range(0, len(value), CHUNK_CHARS)] or [""]
     if len(pieces) > MAX_CHUNKS:

@@ -19,30 +19,45 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
+#: the per-route context extension that says Envoy wrote the client address in the header
+CLIENT_ADDRESS_EXTENSION = "client_address"
+CLIENT_ADDRESS_HEADER = "x-outrider-client-address"
+
 Decide = Callable[[CheckRequest, str], Awaitable[Decision]]
 
 
 def request_from_proto(request: external_auth_pb2.CheckRequest) -> CheckRequest:
     attrs = request.attributes
     http = attrs.request.http
+    headers: Mapping[str, str]
     if http.headers:
-        headers = dict(http.headers)  # Envoy's header names are already lower-case
+        # Envoy's header names are already lower-case. The proto map itself, not a copy:
+        # it is a read-only Mapping for the check (lookups are C calls; a dict() copy
+        # costs more than the lookups a check makes).
+        headers = http.headers
     else:
         # encode_raw_headers: values arrive in raw_value; repeated names are joined like
         # Envoy joins them in the ``headers`` map.
-        headers = {}
+        joined: dict[str, str] = {}
         for h in http.header_map.headers:
             name = h.key.lower()
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-            headers[name] = f"{headers[name]},{value}" if name in headers else value
+            joined[name] = f"{joined[name]},{value}" if name in joined else value
+        headers = joined
+    source = attrs.source.address.socket_address.address
+    if attrs.context_extensions.get(CLIENT_ADDRESS_EXTENSION) == "header":
+        # Envoy's own client address (after X-Forwarded-For / custom-header detection, which
+        # attributes.source, the TCP peer, ignores), in a header the translator's Envoy
+        # config overwrites before ext_authz; only trusted when the route says so.
+        source = headers.get(CLIENT_ADDRESS_HEADER, source)
     return CheckRequest(
         method=http.method or headers.get(":method", ""),
         path=http.path or headers.get(":path", ""),
         host=http.host or headers.get(":authority", ""),
         scheme=http.scheme or headers.get(":scheme", ""),
         headers=headers,
-        source_address=attrs.source.address.socket_address.address,
-        context_extensions=dict(attrs.context_extensions),
+        source_address=source,
+        context_extensions=attrs.context_extensions,  # read-only too
         request_id=http.id,
     )
 
@@ -108,15 +123,35 @@ def response_to_proto(decision: Decision) -> external_auth_pb2.CheckResponse:
     return response
 
 
+#: Responses kept for decisions that come back (see ``AuthorizationServicer``).
+RESPONSE_CACHE_ENTRIES = 4096
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    """``Check``. The core hands out the same :class:`Decision` object (``reusable``) for
+    a repeated credential (a cached token's, a user's, an API client's allow; a policy's
+    constant denials), so its response proto is built once and reused, keyed by the
+    decision object (kept alive with it, so its id is not reused while the entry lives)."""
+
     def __init__(self, decide: Decide) -> None:
         self._decide = decide
+        self._responses: dict[int, tuple[Decision, external_auth_pb2.CheckResponse]] = {}
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         decision = await self._decide(request_from_proto(request), "grpc")
-        return response_to_proto(decision)
+        if not decision.reusable:
+            return response_to_proto(decision)
+        entry = self._responses.get(id(decision))
+        if entry is not None and entry[0] is decision:
+            return entry[1]
+        response = response_to_proto(decision)
+        responses = self._responses
+        if len(responses) >= RESPONSE_CACHE_ENTRIES:
+            del responses[next(iter(responses))]  # the oldest
+        responses[id(decision)] = (decision, response)
+        return response
 
 
 def register(server: grpc.aio.Server, decide: Decide) -> None:

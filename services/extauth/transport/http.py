@@ -182,6 +182,8 @@ MAX_HEADERS = 256
 #: Requests parsed but not yet answered on one connection before it stops reading: a
 #: client that pipelines without reading the answers is not buffered without bound.
 MAX_QUEUED = 32
+#: Encoded answers kept for reusable decisions.
+ANSWER_CACHE_ENTRIES = 4096
 
 
 class _CheckProtocol(asyncio.Protocol):
@@ -286,9 +288,7 @@ class _CheckProtocol(asyncio.Protocol):
                 # draining, or after an upgrade: the last answer closes the connection
                 last = self._server.draining or self._upgraded
                 close = message.should_close or (last and not self._queue)
-                answer = response_from_decision(
-                    decision, head=message.method == "HEAD", close=close
-                )
+                answer = self._server.answer(decision, head=message.method == "HEAD", close=close)
                 self._reply(answer, close=close)
         except Exception:
             log.exception("HTTP ext_authz check failed")
@@ -323,9 +323,25 @@ class HTTPAuthzServer:
         self.address = address
         self.decide = decide
         self.connections: set[_CheckProtocol] = set()
+        self._answers: dict[tuple[int, bool, bool], tuple[Decision, bytes]] = {}
         self.draining = False
         self._drained = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
+
+    def answer(self, decision: Decision, *, head: bool, close: bool) -> bytes:
+        """The encoded answer; kept for a ``reusable`` decision (the core hands the same
+        object out again for a repeated credential), keyed by the object, kept alive."""
+        if not decision.reusable:
+            return response_from_decision(decision, head=head, close=close)
+        key = (id(decision), head, close)
+        entry = self._answers.get(key)
+        if entry is not None and entry[0] is decision:
+            return entry[1]
+        encoded = response_from_decision(decision, head=head, close=close)
+        if len(self._answers) >= ANSWER_CACHE_ENTRIES:
+            del self._answers[next(iter(self._answers))]  # the oldest
+        self._answers[key] = (decision, encoded)
+        return encoded
 
     def connection_closed(self, connection: _CheckProtocol) -> None:
         self.connections.discard(connection)

@@ -143,6 +143,10 @@ def _encode(ops: list[Op]) -> tuple[bytes, int]:
 
 
 def _results(ops: list[Op], replies: list[Any]) -> list[Any]:
+    if len(replies) == 2 and len(ops) == 1 and ops[0][0] == FIXED:  # the common call
+        if isinstance(replies[0], Exception) or isinstance(replies[1], Exception):
+            raise StoreUnavailable(f"Redis error: {replies[0]} / {replies[1]}")
+        return [replies[0]]
     out: list[Any] = []
     i = 0
     for op in ops:

@@ -6,6 +6,8 @@ them to Prometheus through a collector that reads them at scrape time.
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass, field
 
 TOTAL_HITS = 0
@@ -56,3 +58,30 @@ class StatsTable:
                     return row
             row = self.by_key[key] = [0, 0, 0, 0, 0, 0]
         return row
+
+
+class LatencyHistogram:
+    """A histogram as plain numbers (one ``bisect`` and two additions per observation;
+    prometheus_client's takes two locks and walks the buckets: ~5 times the CPU on the hot
+    path). Exposed to Prometheus by the service's collector at scrape time."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        #: per bucket (not cumulative); the last one is +Inf
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations up to it) per bucket, the last bound infinite."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out

@@ -1,0 +1,244 @@
+"""ClientTrafficPolicy, BackendTrafficPolicy and EnvoyExtensionPolicy features through the
+real Envoy: the translated config in front of a test upstream (and the extauth sidecar).
+
+- the client IP taken from ``X-Forwarded-For`` (ClientTrafficPolicy ``clientIPDetection``)
+  is what a ``sourceCIDR`` rate limit and a ``clientCIDRs`` authorization rule see;
+- a retry turns the upstream's first 503 into a 200 (two upstream calls);
+- a request timeout answers 504 before the slow upstream does;
+- a circuit breaker (one connection, one request) sheds concurrent requests with 503;
+- a Lua filter from an EnvoyExtensionPolicy adds a response header;
+- an EnvoyPatchPolicy adds a response header to the listener's route configuration.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.procs import free_port
+from translator.translate import Options, translate
+
+POLICIES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - name: retry
+      matches: [{path: {type: PathPrefix, value: /retry}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: slow
+      matches: [{path: {type: PathPrefix, value: /slow}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: breaker
+      matches: [{path: {type: PathPrefix, value: /breaker}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: limited
+      matches: [{path: {type: PathPrefix, value: /limited}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: lua
+      matches: [{path: {type: PathPrefix, value: /lua}}]
+      backendRefs: [{name: up, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: admin, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /admin}}]
+      backendRefs: [{name: up, port: 80}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: behind-lb, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  clientIPDetection:
+    xForwardedFor: {numTrustedHops: 1}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: retry, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: retry}]
+  retry:
+    numRetries: 2
+    retryOn: {triggers: [5xx]}
+    perRetry: {backOff: {baseInterval: 10ms, maxInterval: 50ms}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: slow, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: slow}]
+  timeout:
+    http: {requestTimeout: 300ms}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: breaker, namespace: default}
+spec:
+  targetRefs:
+    - {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: breaker}
+  circuitBreaker: {maxConnections: 1, maxParallelRequests: 1, maxPendingRequests: 1}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: limited, namespace: default}
+spec:
+  targetRefs:
+    - {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: limited}
+  rateLimit:
+    type: Local
+    local:
+      rules:
+        - clientSelectors: [{sourceCIDR: {type: Exact, value: 203.0.113.0/24}}]
+          limit: {requests: 1, unit: Hour}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: admin, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: admin}]
+  authorization:
+    defaultAction: Deny
+    rules: [{action: Allow, principal: {clientCIDRs: [203.0.113.0/24]}}]
+"""
+
+
+class Upstream:
+    """A loopback HTTP server: ``/retry*`` answers 503 to its first call, ``/slow`` and
+    ``/breaker`` take ``DELAY`` seconds; it counts the calls per path."""
+
+    DELAY = 1.5
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with outer.lock:
+                    outer.calls[self.path] += 1
+                    n = outer.calls[self.path]
+                if self.path.startswith(("/slow", "/breaker")):
+                    time.sleep(outer.DELAY)
+                status = 503 if self.path.startswith("/retry") and n == 1 else 200
+                body = b"ok"
+                self.send_response(status)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path,
+    sockdir: Path,
+    outrider: Callable[..., Any],
+    envoy: Callable[..., Any],
+) -> Iterator[dict[str, Any]]:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICIES)
+    port = free_port()
+    with Upstream() as upstream:
+        sockets = {"extauth": str(sockdir / "extauth.sock")}
+        out = translate(
+            [policies],
+            Options(
+                backends={"up": ("127.0.0.1", upstream.port)},
+                sockets={**Options().sockets, **sockets},
+                listen_address="127.0.0.1",
+                admin_port=free_port(),
+                port_map={8080: port},
+                secrets_dir=tmp_path / "out" / "secrets",
+            ),
+        )
+        assert not out.rejections, [str(r) for r in out.rejections]
+        out.write(tmp_path / "out")
+        outrider(
+            "extauth",
+            "--config", str(tmp_path / "out" / "extauth.yaml"),
+            "--listen", f"unix:{sockets['extauth']}",
+        )  # fmt: skip
+        proxy = envoy((tmp_path / "out" / "envoy.yaml").read_text())
+        yield {"base": f"http://127.0.0.1:{port}", "upstream": upstream, "envoy": proxy}
+
+
+def test_policies_behave(stack: dict[str, Any]) -> None:
+    base, upstream = stack["base"], stack["upstream"]
+    inside = {"x-forwarded-for": "203.0.113.7"}
+    outside = {"x-forwarded-for": "198.51.100.9"}
+
+    # client IP from X-Forwarded-For reaches the authorization rule (extauth's clientCIDRs)
+    assert get(f"{base}/admin", inside)[0] == 200
+    assert get(f"{base}/admin", outside)[0] == 403
+    assert get(f"{base}/admin")[0] == 403  # the loopback peer itself is not allowed
+
+    # ... and the sourceCIDR rate limit: one an hour for 203.0.113.0/24, others unlimited
+    assert get(f"{base}/limited", inside)[0] == 200
+    assert get(f"{base}/limited", inside)[0] == 429
+    assert [get(f"{base}/limited", outside)[0] for _ in range(3)] == [200, 200, 200]
+
+    # retry: the upstream's first 503 is retried
+    assert get(f"{base}/retry/1")[0] == 200
+    assert upstream.calls["/retry/1"] == 2
+
+    # request timeout: 504 from Envoy, long before the upstream's answer
+    started = time.monotonic()
+    assert get(f"{base}/slow")[0] == 504
+    assert time.monotonic() - started < Upstream.DELAY
+
+    # circuit breaker: one connection and one pending request; the rest is shed with 503
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda i: get(f"{base}/breaker/{i}"), range(5)))
+    shed = [h for status, h in results if status == 503]
+    assert shed, results
+    assert all(h.get("x-envoy-overloaded") == "true" for h in shed), shed
+    assert any(status == 200 for status, _ in results), results

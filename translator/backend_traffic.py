@@ -1,0 +1,751 @@
+"""BackendTrafficPolicy beyond rate limits → route and cluster settings (Envoy Gateway's).
+
+The mapping is Envoy Gateway's xDS translator (``internal/xds/translator``): ``retry`` →
+the route's ``retry_policy`` (Envoy Gateway's defaults: ``connect-failure,refused-stream,
+unavailable,cancelled,retriable-status-codes`` on 503, 2 retries, previous-hosts predicate);
+``timeout.http.requestTimeout`` / ``streamIdleTimeout`` / ``maxStreamDuration`` → the route;
+``loadBalancer``, ``circuitBreaker``, ``healthCheck``, ``tcpKeepalive``, ``connection``,
+``proxyProtocol``, ``useClientProtocol``, ``dns``, ``timeout.tcp.connectTimeout`` and the
+connection timeouts → the cluster; ``faultInjection``, ``compression``/``compressor`` and
+``requestBuffer`` → HTTP filters switched on per route; ``httpUpgrade`` → the route's
+``upgrade_configs``.
+
+A route with cluster settings gets its own clusters, named as Envoy Gateway names them
+(``httproute/<ns>/<name>/rule/<r>``; ``.../backend/<i>`` for each of several backends), so
+two routes to one Service can be set differently.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.configfile import Node
+
+from .gatewayapi import check_fields
+from .model import Listener
+from .quantity import duration_s, envoy_duration, quantity
+from .resources import Resource, error_at, unsupported
+
+T = "type.googleapis.com/envoy."
+#: BackendTrafficPolicy fields this module translates (rateLimit: policies.py / ratelimit.py)
+FIELDS = (
+    "loadBalancer",
+    "retry",
+    "proxyProtocol",
+    "tcpKeepalive",
+    "healthCheck",
+    "circuitBreaker",
+    "timeout",
+    "connection",
+    "dns",
+    "http2",
+    "faultInjection",
+    "useClientProtocol",
+    "routingType",
+    "compression",
+    "compressor",
+    "httpUpgrade",
+    "requestBuffer",
+)
+UNSUPPORTED = {
+    "responseOverride": "custom responses are not translated yet",
+    "telemetry": "per-backend telemetry is not translated",
+    "admissionControl": "admission control is not translated",
+    "bandwidthLimit": "bandwidth limits are not translated",
+    "targetSelectors": "target selectors need cluster labels",
+}
+RETRY_TRIGGERS = {
+    "5xx": "5xx",
+    "gateway-error": "gateway-error",
+    "reset": "reset",
+    "reset-before-request": "reset-before-request",
+    "connect-failure": "connect-failure",
+    "retriable-4xx": "retriable-4xx",
+    "refused-stream": "refused-stream",
+    "retriable-status-codes": "retriable-status-codes",
+    "cancelled": "cancelled",
+    "deadline-exceeded": "deadline-exceeded",
+    "internal": "internal",
+    "resource-exhausted": "resource-exhausted",
+    "unavailable": "unavailable",
+}
+COMPRESSORS = {
+    "Gzip": ("gzip", "compression.gzip.compressor.v3.Gzip"),
+    "Brotli": ("brotli", "compression.brotli.compressor.v3.Brotli"),
+    "Zstd": ("zstd", "compression.zstd.compressor.v3.Zstd"),
+}
+F_FAULT = "envoy.filters.http.fault"
+F_BUFFER = "envoy.filters.http.buffer"
+
+
+@dataclass
+class Traffic:
+    """What one BackendTrafficPolicy sets, as fragments of Envoy's config."""
+
+    route: dict[str, Any] = field(default_factory=dict)  # merged into the route's action
+    cluster: dict[str, Any] = field(default_factory=dict)  # merged into its clusters
+    common_http: dict[str, Any] = field(default_factory=dict)  # clusters' protocol options
+    use_client_protocol: bool = False
+    service_routing: bool = False  # routingType Service: the Service's cluster IP
+    http2: dict[str, Any] = field(default_factory=dict)  # upstream HTTP/2 options
+    #: filter name → (listener-level filter config, per-route config)
+    filters: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def has_cluster_settings(self) -> bool:
+        return bool(
+            self.cluster
+            or self.common_http
+            or self.use_client_protocol
+            or self.http2
+            or self.service_routing
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.route or self.has_cluster_settings or self.filters)
+
+
+def _d(node: Node, res: Resource, what: str) -> str:
+    return envoy_duration(duration_s(node, res, what))
+
+
+def _percent(node: Node | None) -> dict[str, Any]:
+    value = 100.0 if node is None else float(node.value)
+    return {"numerator": round(value * 10000), "denominator": "MILLION"}
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def _load_balancer(lb: Node, res: Resource, t: Traffic) -> None:
+    check_fields(
+        lb,
+        res,
+        ("type", "consistentHash", "slowStart"),
+        {
+            "zoneAware": "zone-aware routing is not translated",
+            "endpointOverride": "endpoint overrides are not translated",
+            "backendUtilization": "backend utilization is not translated",
+        },
+    )
+    kind = lb.req("type").str(
+        choices=("RoundRobin", "LeastRequest", "Random", "ConsistentHash", "BackendUtilization")
+    )
+    if kind == "BackendUtilization":
+        raise unsupported(lb.req("type"), res, "BackendUtilization load balancing")
+    slow = None
+    if (ss := lb.get("slowStart")) is not None:
+        check_fields(ss, res, ("window",))
+        if (w := ss.get("window")) is not None:
+            slow = {"slow_start_config": {"slow_start_window": _d(w, res, "SlowStart window")}}
+    if kind == "RoundRobin":
+        t.cluster["lb_policy"] = "ROUND_ROBIN"
+        if slow:
+            t.cluster["round_robin_lb_config"] = slow
+    elif kind == "LeastRequest":
+        t.cluster["lb_policy"] = "LEAST_REQUEST"
+        if slow:
+            t.cluster["least_request_lb_config"] = slow
+    elif kind == "Random":
+        t.cluster["lb_policy"] = "RANDOM"
+    else:
+        ch = check_fields(
+            lb.req("consistentHash"),
+            res,
+            ("type", "header", "headers", "cookie", "queryParams", "tableSize"),
+        )
+        t.cluster["lb_policy"] = "MAGLEV"
+        if (ts := ch.get("tableSize")) is not None:
+            size = ts.int(minimum=1)
+            if size > 5000011 or not _is_prime(size):
+                raise error_at(
+                    ts, res, f"LoadBalancer: ConsistentHash: invalid TableSize value {size}"
+                )
+            t.cluster["maglev_lb_config"] = {"table_size": size}
+        ctype = ch.req("type").str(
+            choices=("SourceIP", "Header", "Headers", "Cookie", "QueryParams")
+        )
+        if ctype == "SourceIP":
+            hashes: list[dict[str, Any]] = [{"connection_properties": {"source_ip": True}}]
+        elif ctype == "Header":
+            hashes = [{"header": {"header_name": ch.req("header").req("name").str(nonempty=True)}}]
+        elif ctype == "Headers":
+            hashes = [
+                {"header": {"header_name": h.req("name").str(nonempty=True)}}
+                for h in ch.req("headers").list()
+            ]
+        elif ctype == "QueryParams":
+            hashes = [
+                {"query_parameter": {"name": q.req("name").str(nonempty=True)}}
+                for q in ch.req("queryParams").list()
+            ]
+        else:
+            c = check_fields(ch.req("cookie"), res, ("name", "ttl", "attributes"))
+            cookie: dict[str, Any] = {"name": c.req("name").str(nonempty=True)}
+            if (ttl := c.get("ttl")) is not None:
+                cookie["ttl"] = _d(ttl, res, "Cookie TTL")
+            if (attrs := c.get("attributes")) is not None:
+                cookie["attributes"] = [
+                    {"name": k, "value": v} for k, v in sorted(attrs.str_map().items())
+                ]
+            hashes = [{"cookie": cookie}]
+        t.route["hash_policy"] = hashes
+
+
+def _circuit_breaker(cb: Node, res: Resource, t: Traffic) -> None:
+    check_fields(
+        cb,
+        res,
+        (
+            "maxConnections",
+            "maxPendingRequests",
+            "maxParallelRequests",
+            "maxParallelRetries",
+            "maxRequestsPerConnection",
+            "perEndpoint",
+        ),
+    )
+    threshold: dict[str, Any] = {}
+    for key, target in (
+        ("maxConnections", "max_connections"),
+        ("maxPendingRequests", "max_pending_requests"),
+        ("maxParallelRequests", "max_requests"),
+        ("maxParallelRetries", "max_retries"),
+    ):
+        if (n := cb.get(key)) is not None:
+            value = n.int()
+            if not 0 <= value <= 2**32 - 1:
+                raise error_at(
+                    n, res, f"CircuitBreaker: invalid {key[0].upper()}{key[1:]} value {value}"
+                )
+            threshold[target] = value
+    breakers: dict[str, Any] = {"thresholds": [threshold]}
+    if (pe := cb.get("perEndpoint")) is not None:
+        check_fields(pe, res, ("maxConnections",))
+        if (n := pe.get("maxConnections")) is not None:
+            breakers["per_host_thresholds"] = [{"max_connections": n.int(minimum=0)}]
+    t.cluster["circuit_breakers"] = breakers
+    if (n := cb.get("maxRequestsPerConnection")) is not None:
+        t.common_http["max_requests_per_connection"] = n.int(minimum=0)
+
+
+def _timeout(to: Node, res: Resource, t: Traffic) -> None:
+    check_fields(to, res, ("tcp", "http"))
+    if (tcp := to.get("tcp")) is not None:
+        check_fields(tcp, res, ("connectTimeout",))
+        if (n := tcp.get("connectTimeout")) is not None:
+            t.cluster["connect_timeout"] = _d(n, res, "Timeout: ConnectTimeout")
+    if (http := to.get("http")) is not None:
+        check_fields(
+            http,
+            res,
+            (
+                "connectionIdleTimeout",
+                "maxConnectionDuration",
+                "requestTimeout",
+                "maxStreamDuration",
+                "streamIdleTimeout",
+            ),
+        )
+        if (n := http.get("connectionIdleTimeout")) is not None:
+            t.common_http["idle_timeout"] = _d(n, res, "Timeout: ConnectionIdleTimeout")
+        if (n := http.get("maxConnectionDuration")) is not None:
+            t.common_http["max_connection_duration"] = _d(n, res, "Timeout: MaxConnectionDuration")
+        if (n := http.get("requestTimeout")) is not None:
+            t.route["timeout"] = _d(n, res, "Timeout: RequestTimeout")
+        if (n := http.get("streamIdleTimeout")) is not None:
+            t.route["idle_timeout"] = _d(n, res, "Timeout: StreamIdleTimeout")
+        if (n := http.get("maxStreamDuration")) is not None:
+            t.route["max_stream_duration"] = {
+                "max_stream_duration": _d(n, res, "Timeout: MaxStreamDuration")
+            }
+
+
+def _retry(r: Node, res: Resource, t: Traffic) -> None:
+    check_fields(
+        r,
+        res,
+        ("numRetries", "numAttemptsPerPriority", "retryOn", "perRetry"),
+        {"retryBudget": "retry budgets are not translated"},
+    )
+    policy: dict[str, Any] = {
+        "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        "retriable_status_codes": [503],
+        "num_retries": 2,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": T + "extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+    }
+    if (n := r.get("numRetries")) is not None:
+        policy["num_retries"] = n.int(minimum=0)
+    if (n := r.get("numAttemptsPerPriority")) is not None and n.int() > 0:
+        policy["retry_priority"] = {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": T + "extensions.retry.priority.previous_priorities.v3."
+                "PreviousPrioritiesConfig",
+                "update_frequency": n.int(),
+            },
+        }
+    if (on := r.get("retryOn")) is not None:
+        check_fields(on, res, ("triggers", "httpStatusCodes"))
+        if (tr := on.get("triggers")) is not None and tr.list():
+            triggers = []
+            for item in tr.list():
+                name = item.str(choices=tuple(RETRY_TRIGGERS))
+                triggers.append(RETRY_TRIGGERS[name])
+            policy["retry_on"] = ",".join(triggers)
+        codes = on.get("httpStatusCodes")
+        policy["retriable_status_codes"] = (
+            [c.int(minimum=100, maximum=599) for c in codes.list()] if codes is not None else []
+        )
+        if not policy["retriable_status_codes"]:
+            del policy["retriable_status_codes"]
+    if (pr := r.get("perRetry")) is not None:
+        # Envoy Gateway decodes field names case-insensitively (encoding/json): backoff too
+        check_fields(pr, res, ("timeout", "backOff", "backoff"))
+        if (n := pr.get("timeout")) is not None:
+            policy["per_try_timeout"] = _d(n, res, "Retry: perRetry timeout")
+        if (bo := pr.get("backOff") or pr.get("backoff")) is not None:
+            check_fields(bo, res, ("baseInterval", "maxInterval"))
+            back: dict[str, Any] = {}
+            base = mx = None
+            if (n := bo.get("baseInterval")) is not None:
+                base = duration_s(n, res, "Retry: baseInterval")
+                if base == 0:
+                    raise error_at(n, res, "Retry: baseInterval cannot be set to 0s")
+                back["base_interval"] = envoy_duration(base)
+            if (n := bo.get("maxInterval")) is not None:
+                mx = duration_s(n, res, "Retry: maxInterval")
+                if mx == 0:
+                    raise error_at(n, res, "Retry: maxInterval cannot be set to 0s")
+                if base is not None and base > mx:
+                    raise error_at(n, res, "Retry: maxInterval cannot be less than baseInterval")
+                back["max_interval"] = envoy_duration(mx)
+            if back:
+                if "base_interval" not in back:  # Envoy requires it; its default is 25 ms
+                    back["base_interval"] = "0.025s"
+                policy["retry_back_off"] = back
+    t.route["retry_policy"] = policy
+
+
+def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
+    check_fields(hc, res, ("active", "passive", "panicThreshold"))
+    if (pt := hc.get("panicThreshold")) is not None:
+        t.cluster["common_lb_config"] = {
+            "healthy_panic_threshold": {"value": float(pt.int(minimum=0, maximum=100))}
+        }
+    if (a := hc.get("active")) is not None:
+        check_fields(
+            a,
+            res,
+            (
+                "type",
+                "timeout",
+                "interval",
+                "unhealthyThreshold",
+                "healthyThreshold",
+                "http",
+                "tcp",
+                "grpc",
+            ),
+        )
+        kind = a.req("type").str(choices=("HTTP", "TCP", "GRPC"))
+        check: dict[str, Any] = {
+            "timeout": _d(a.get("timeout") or Node("1s", a.file), res, "HealthCheck timeout"),
+            "interval": _d(a.get("interval") or Node("3s", a.file), res, "HealthCheck interval"),
+            "unhealthy_threshold": a.opt_int("unhealthyThreshold", 3, minimum=0),
+            "healthy_threshold": a.opt_int("healthyThreshold", 1, minimum=0),
+        }
+        if kind == "HTTP":
+            h = check_fields(
+                a.req("http"),
+                res,
+                ("path", "method", "expectedStatuses", "expectedResponse", "hostname"),
+            )
+            hcfg: dict[str, Any] = {"path": h.req("path").str(nonempty=True)}
+            if (m := h.get("method")) is not None:
+                hcfg["method"] = m.str(nonempty=True).upper()
+            if (st := h.get("expectedStatuses")) is not None:
+                hcfg["expected_statuses"] = [
+                    {"start": s.int(minimum=100, maximum=599), "end": s.int() + 1}
+                    for s in st.list()
+                ]
+            if (hn := h.get("hostname")) is not None:
+                hcfg["host"] = hn.str()
+            if (er := h.get("expectedResponse")) is not None:
+                hcfg["receive"] = [_payload(er, res)]
+            check["http_health_check"] = hcfg
+        elif kind == "TCP":
+            tc = check_fields(a.get("tcp") or Node({}, a.file), res, ("send", "receive"))
+            tcfg: dict[str, Any] = {}
+            if (s := tc.get("send")) is not None:
+                tcfg["send"] = _payload(s, res)
+            if (r := tc.get("receive")) is not None:
+                tcfg["receive"] = [_payload(r, res)]
+            check["tcp_health_check"] = tcfg
+        else:
+            g = check_fields(a.get("grpc") or Node({}, a.file), res, ("service",))
+            check["grpc_health_check"] = (
+                {"service_name": g.opt_str("service")} if g.get("service") is not None else {}
+            )
+        t.cluster["health_checks"] = [check]
+    if (p := hc.get("passive")) is not None:
+        check_fields(
+            p,
+            res,
+            (
+                "splitExternalLocalOriginErrors",
+                "interval",
+                "consecutiveLocalOriginFailures",
+                "consecutiveGatewayErrors",
+                "consecutive5XxErrors",
+                "baseEjectionTime",
+                "maxEjectionPercent",
+            ),
+        )
+        od: dict[str, Any] = {}
+        if p.get("splitExternalLocalOriginErrors") is not None:
+            od["split_external_local_origin_errors"] = p.opt_bool("splitExternalLocalOriginErrors")
+        for key, target in (("interval", "interval"), ("baseEjectionTime", "base_ejection_time")):
+            if (n := p.get(key)) is not None:
+                od[target] = _d(n, res, f"HealthCheck passive {key}")
+        for key, target in (
+            ("consecutiveLocalOriginFailures", "consecutive_local_origin_failure"),
+            ("consecutiveGatewayErrors", "consecutive_gateway_failure"),
+            ("consecutive5XxErrors", "consecutive_5xx"),
+            ("maxEjectionPercent", "max_ejection_percent"),
+        ):
+            if (n := p.get(key)) is not None:
+                od[target] = n.int(minimum=0)
+        t.cluster["outlier_detection"] = od
+
+
+def _payload(p: Node, res: Resource) -> dict[str, Any]:
+    check_fields(p, res, ("type", "text", "binary"))
+    if p.req("type").str(choices=("Text", "Binary")) == "Text":
+        return {"text": p.req("text").str().encode().hex()}
+    import base64
+
+    return {"text": base64.b64decode(p.req("binary").str()).hex()}
+
+
+def _compression(items: Node, res: Resource, t: Traffic) -> None:
+    for item in items.list():
+        check_fields(
+            item, res, ("type", "gzip", "brotli", "zstd", "minContentLength", "chooseFirst")
+        )
+        kind = item.req("type").str(choices=tuple(COMPRESSORS))
+        short, type_url = COMPRESSORS[kind]
+        listener_cfg: dict[str, Any] = {
+            "@type": T + "extensions.filters.http.compressor.v3.Compressor",
+            "compressor_library": {
+                "name": short,
+                "typed_config": {"@type": T + "extensions." + type_url},
+            },
+        }
+        if (n := item.get("minContentLength")) is not None:
+            listener_cfg["response_direction_config"] = {
+                "common_config": {"min_content_length": quantity(n, res, "minContentLength")}
+            }
+        t.filters[f"envoy.filters.http.compressor.{short}"] = (
+            listener_cfg,
+            {
+                "@type": T + "extensions.filters.http.compressor.v3.CompressorPerRoute",
+                "overrides": {"response_direction_config": {}},
+            },
+        )
+
+
+def build(btp: Resource) -> Traffic:
+    """The route and cluster settings of one BackendTrafficPolicy (raises when invalid)."""
+    spec = btp.spec
+    t = Traffic()
+    for key, child in spec.items():
+        if key in UNSUPPORTED:
+            raise unsupported(child, btp, UNSUPPORTED[key])
+    if (n := spec.get("loadBalancer")) is not None:
+        _load_balancer(n, btp, t)
+    if (n := spec.get("circuitBreaker")) is not None:
+        _circuit_breaker(n, btp, t)
+    if (n := spec.get("timeout")) is not None:
+        _timeout(n, btp, t)
+    if (n := spec.get("retry")) is not None:
+        _retry(n, btp, t)
+    if (n := spec.get("healthCheck")) is not None:
+        _health_check(n, btp, t)
+    if (n := spec.get("tcpKeepalive")) is not None:
+        check_fields(n, btp, ("probes", "idleTime", "interval"))
+        ka: dict[str, Any] = {}
+        if (p := n.get("probes")) is not None:
+            ka["keepalive_probes"] = p.int(minimum=0)
+        if (p := n.get("idleTime")) is not None:
+            ka["keepalive_time"] = int(duration_s(p, btp, "TCPKeepalive: IdleTime"))
+        if (p := n.get("interval")) is not None:
+            ka["keepalive_interval"] = int(duration_s(p, btp, "TCPKeepalive: Interval"))
+        t.cluster["upstream_connection_options"] = {"tcp_keepalive": ka}
+    if (n := spec.get("connection")) is not None:
+        check_fields(
+            n,
+            btp,
+            ("bufferLimit",),
+            {"socketBufferLimit": "not translated", "preconnect": "not translated"},
+        )
+        if (b := n.get("bufferLimit")) is not None:
+            value = quantity(b, btp, "BackendConnection: BufferLimit")
+            if not 0 <= value <= 2**32 - 1:
+                raise error_at(
+                    b, btp, f"BackendConnection: BufferLimit value {b.value} is out of range"
+                )
+            t.cluster["per_connection_buffer_limit_bytes"] = value
+    if (n := spec.get("proxyProtocol")) is not None:
+        check_fields(n, btp, ("version",))
+        version = n.req("version").str(choices=("V1", "V2"))
+        t.cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.upstream_proxy_protocol",
+            "typed_config": {
+                "@type": T + "extensions.transport_sockets.proxy_protocol.v3."
+                "ProxyProtocolUpstreamTransport",
+                "config": {"version": version},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.raw_buffer",
+                    "typed_config": {
+                        "@type": T + "extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+                    },
+                },
+            },
+        }
+    if (n := spec.get("routingType")) is not None:
+        t.service_routing = n.str(choices=("Service", "Endpoint")) == "Service"
+    if spec.opt_bool("useClientProtocol"):
+        t.use_client_protocol = True
+    if (n := spec.get("dns")) is not None:
+        check_fields(n, btp, ("dnsRefreshRate", "respectDnsTtl", "lookupFamily"))
+        if (r := n.get("dnsRefreshRate")) is not None:
+            t.cluster["dns_refresh_rate"] = _d(r, btp, "DNS refresh rate")
+        if n.get("respectDnsTtl") is not None:
+            t.cluster["respect_dns_ttl"] = n.opt_bool("respectDnsTtl")
+        if (f := n.get("lookupFamily")) is not None:
+            t.cluster["dns_lookup_family"] = {
+                "IPv4": "V4_ONLY",
+                "IPv6": "V6_ONLY",
+                "IPv4Preferred": "V4_PREFERRED",
+                "IPv6Preferred": "AUTO",
+                "IPv4AndIPv6": "ALL",
+            }[f.str(choices=("IPv4", "IPv6", "IPv4Preferred", "IPv6Preferred", "IPv4AndIPv6"))]
+    if (n := spec.get("http2")) is not None:
+        check_fields(
+            n,
+            btp,
+            (
+                "initialStreamWindowSize",
+                "initialConnectionWindowSize",
+                "maxConcurrentStreams",
+                "onInvalidMessage",
+            ),
+        )
+        for key, target in (
+            ("initialStreamWindowSize", "initial_stream_window_size"),
+            ("initialConnectionWindowSize", "initial_connection_window_size"),
+        ):
+            if (v := n.get(key)) is not None:
+                size = quantity(v, btp, f"HTTP2: {key}")
+                if not 65535 <= size <= 2147483647:
+                    raise error_at(v, btp, f"HTTP2: {key} must be between 65535 and 2147483647")
+                t.http2[target] = size
+        if (v := n.get("maxConcurrentStreams")) is not None:
+            t.http2["max_concurrent_streams"] = v.int(minimum=1)
+        if (v := n.get("onInvalidMessage")) is not None:
+            t.http2["override_stream_error_on_invalid_http_message"] = (
+                v.str(choices=("TerminateConnection", "TerminateStream")) == "TerminateStream"
+            )
+    if (n := spec.get("faultInjection")) is not None:
+        check_fields(n, btp, ("delay", "abort"))
+        fault: dict[str, Any] = {"@type": T + "extensions.filters.http.fault.v3.HTTPFault"}
+        if (d := n.get("delay")) is not None:
+            check_fields(d, btp, ("fixedDelay", "percentage"))
+            fault["delay"] = {
+                "fixed_delay": _d(d.req("fixedDelay"), btp, "fixedDelay"),
+                "percentage": _percent(d.get("percentage")),
+            }
+        if (a := n.get("abort")) is not None:
+            check_fields(a, btp, ("httpStatus", "grpcStatus", "percentage"))
+            abort: dict[str, Any] = {"percentage": _percent(a.get("percentage"))}
+            if (s := a.get("httpStatus")) is not None:
+                abort["http_status"] = s.int(minimum=200, maximum=599)
+            elif (s := a.get("grpcStatus")) is not None:
+                abort["grpc_status"] = s.int(minimum=0)
+            else:
+                raise error_at(a, btp, "expected httpStatus or grpcStatus")
+            fault["abort"] = abort
+        if "delay" not in fault and "abort" not in fault:
+            raise error_at(n, btp, "expected delay or abort")
+        t.filters[F_FAULT] = ({"@type": fault["@type"]}, fault)
+    for key in ("compression", "compressor"):
+        if (n := spec.get(key)) is not None:
+            _compression(n, btp, t)
+    upgrades = spec.get("httpUpgrade")
+    if upgrades is not None:
+        configs = []
+        for u in upgrades.list():
+            check_fields(u, btp, ("type",), {"connect": "CONNECT settings are not translated"})
+            configs.append({"upgrade_type": u.req("type").str(nonempty=True)})
+        t.route["upgrade_configs"] = configs
+    if (n := spec.get("requestBuffer")) is not None:
+        if upgrades is not None:
+            raise error_at(
+                n, btp, "RequestBuffer: requestBuffer cannot be used together with httpUpgrade"
+            )
+        check_fields(n, btp, ("limit",))
+        limit = quantity(n.req("limit"), btp, "RequestBuffer: limit")
+        t.filters[F_BUFFER] = (
+            {"@type": T + "extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": limit},
+            {
+                "@type": T + "extensions.filters.http.buffer.v3.BufferPerRoute",
+                "buffer": {"max_request_bytes": limit},
+            },
+        )
+    return t
+
+
+def _rule_prefix(route_name: str) -> str:
+    return route_name.split("/match/", 1)[0]
+
+
+def apply_backend_traffic(
+    bootstrap: dict[str, Any],
+    listeners: list[Listener],
+    service_ips: dict[str, tuple[str, int]],
+) -> None:
+    """Write each route's BackendTrafficPolicy settings into the generated bootstrap.
+    ``service_ips``: Service cluster name → (cluster IP, port), for ``routingType: Service``."""
+    by_route = {r.name: r.traffic for lst in listeners for r in lst.routes if r.traffic}
+    if not by_route:
+        return
+    resources = bootstrap["static_resources"]
+    clusters = {c["name"]: c for c in resources.get("clusters", [])}
+    for listener in resources.get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for f in chain["filters"]:
+                if not f["name"].endswith("http_connection_manager"):
+                    continue
+                hcm = f["typed_config"]
+                used: set[str] = set()
+                for vhost in hcm["route_config"]["virtual_hosts"]:
+                    for route in vhost["routes"]:
+                        t = by_route.get(route.get("name"))
+                        if t is None or "route" not in route:
+                            continue
+                        _apply_route(route, t, clusters, used, service_ips)
+                _add_filters(hcm, [t for t in by_route.values() if t.filters], used)
+    resources["clusters"] = [clusters[k] for k in sorted(clusters)]
+
+
+def _apply_route(
+    route: dict[str, Any],
+    t: Traffic,
+    clusters: dict[str, Any],
+    used: set[str],
+    service_ips: dict[str, tuple[str, int]],
+) -> None:
+    action = route["route"]
+    for key, value in t.route.items():
+        action[key] = copy.deepcopy(value)
+    for name, (_, per_route) in t.filters.items():
+        used.add(name)
+        route.setdefault("typed_per_filter_config", {})[name] = {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "config": per_route,
+        }
+    if not t.has_cluster_settings:
+        return
+    prefix = _rule_prefix(route["name"])
+    if "cluster" in action:
+        action["cluster"] = _own_cluster(clusters, action["cluster"], prefix, t, service_ips)
+    elif "weighted_clusters" in action:
+        for i, wc in enumerate(action["weighted_clusters"]["clusters"]):
+            wc["name"] = _own_cluster(clusters, wc["name"], f"{prefix}/backend/{i}", t, service_ips)
+
+
+def _own_cluster(
+    clusters: dict[str, Any],
+    base: str,
+    name: str,
+    t: Traffic,
+    service_ips: dict[str, tuple[str, int]],
+) -> str:
+    if name in clusters:
+        return name
+    c = copy.deepcopy(clusters[base])
+    c["name"] = name
+    if "load_assignment" in c:
+        c["load_assignment"]["cluster_name"] = name
+    if t.service_routing and base in service_ips:
+        ip, port = service_ips[base]
+        c["type"] = "STATIC"
+        c["load_assignment"]["endpoints"] = [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": ip, "port_value": port}}
+                        }
+                    }
+                ]
+            }
+        ]
+    c.update(copy.deepcopy(t.cluster))
+    key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    options = c.setdefault("typed_extension_protocol_options", {})
+    po = options.get(key) or {
+        "@type": "type.googleapis.com/" + key,
+        "explicit_http_config": {"http_protocol_options": {}},
+    }
+    h2 = "http2_protocol_options" in (po.get("explicit_http_config") or {})
+    if t.use_client_protocol:
+        po.pop("explicit_http_config", None)
+        po["use_downstream_protocol_config"] = {
+            "http_protocol_options": {},
+            "http2_protocol_options": dict(t.http2),
+        }
+    elif h2 and t.http2:
+        po["explicit_http_config"]["http2_protocol_options"].update(t.http2)
+    if t.common_http:
+        po.setdefault("common_http_protocol_options", {}).update(t.common_http)
+    if t.use_client_protocol or t.common_http or h2:
+        options[key] = po
+    if not options:
+        del c["typed_extension_protocol_options"]
+    clusters[name] = c
+    return name
+
+
+def _add_filters(hcm: dict[str, Any], traffic: list[Traffic], used: set[str]) -> None:
+    """The listener-level filters the routes switch on, before the router, disabled."""
+    filters = hcm["http_filters"]
+    names = {f["name"] for f in filters}
+    for t in traffic:
+        for name, (listener_cfg, _) in t.filters.items():
+            if name in used and name not in names:
+                filters.insert(
+                    len(filters) - 1,
+                    {"name": name, "typed_config": copy.deepcopy(listener_cfg), "disabled": True},
+                )
+                names.add(name)
