@@ -11,7 +11,7 @@ RUN_STAMP := $(VENV)/.installed-run
 BENCH_STAMP := $(VENV)/.installed-bench
 PYTEST_WORKERS ?= auto
 
-.PHONY: install system-deps redis up test lint format bench clean
+.PHONY: install system-deps redis bench-deps up test lint format bench scaling chaos clean
 
 # Everything: what `make test` needs (a superset of `make up` and `make bench`).
 install: $(STAMP) system-deps
@@ -73,8 +73,30 @@ format: $(STAMP)
 test: install lint
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-bench: $(BENCH_STAMP) redis
+# The C load generators the benchmarks quote (wrk through Envoy, h2load for gRPC
+# service capacity): Debian packages, installed when missing.
+bench-deps:
+	@missing=""; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+bench: $(BENCH_STAMP) redis bench-deps
 	$(PY) -m loadtests.run $(if $(SCENARIO),--scenario $(SCENARIO)) $(if $(QUICK),--quick)
+
+# Service capacity for 1, 2 and 4 workers (h2load over each worker's socket).
+scaling: $(BENCH_STAMP) redis bench-deps
+	$(PY) -m loadtests.scaling $(if $(QUICK),--quick)
+
+# Faults under load through real Envoy (bounded, loopback only): results in
+# loadtests/results/chaos.json, the table in docs/reliability.md. Needs the test harness
+# (Redis Cluster, the OpenID provider), hence the full install.
+chaos: install
+	$(PY) -m loadtests.chaos $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))
+	$(PY) -m loadtests.reliability
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

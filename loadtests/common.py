@@ -19,7 +19,6 @@ Locust's distributed mode: workers send their status counts to the master with
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,11 +27,11 @@ from typing import Any
 
 import gevent
 import locust.stats
-import psutil
 from locust import events
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from .procs import cpu_seconds, watched
 from .stats import fine_bucket, histogram_to_json, percentiles
 
 # Locust rounds every response time with this module-level function before it goes into
@@ -130,30 +129,6 @@ def paced_wait_time() -> Callable[[Any], float]:
     return wait_time
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a process and its children (``--workers``, Locust workers)."""
-    try:
-        proc = psutil.Process(pid)
-        total = 0.0
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                continue
-        return total
-    except psutil.NoSuchProcess:
-        return None
-
-
-def _watched(spec: str) -> dict[str, int]:
-    out = {"loadgen": os.getpid()}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, pid = item.rpartition(":")
-        out[name] = int(pid)
-    return out
-
-
 class _Recorder:
     """Status counts, the measured window and CPU snapshots, kept per Locust process."""
 
@@ -169,14 +144,14 @@ class _Recorder:
         self.window_start = time.time()
         self.cpu_start = {}
         for name, pid in self.watched.items():
-            cpu = _cpu_seconds(pid)
+            cpu = cpu_seconds(pid)
             if cpu is not None:
                 self.cpu_start[name] = cpu
 
     def cpu_delta(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, start in self.cpu_start.items():
-            now = _cpu_seconds(self.watched[name])
+            now = cpu_seconds(self.watched[name])
             if now is not None:
                 out[name] = round(now - start, 4)
         return out
@@ -209,7 +184,7 @@ def _merge_statuses(client_id: str, data: dict[str, Any]) -> None:
 
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
-    _recorder.watched = _watched(option(environment, "outrider_cpu", "") or "")
+    _recorder.watched = watched(option(environment, "outrider_cpu", "") or "")
     _recorder.reset()
     _recorder.written = False
     if isinstance(environment.runner, WorkerRunner):

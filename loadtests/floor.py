@@ -55,11 +55,13 @@ def _set_bench_header() -> ext_proc_pb2.CommonResponse:
 
 
 class ConstantProcessor:
-    """The extproc-headers chain's replies, constant: what the native header_mutation does.
+    """The extproc-headers chain's replies, constant: what the native header_mutation does
+    (and, for extproc-json, the buffered request body answered unchanged).
 
     Served the way Outrider serves it (the fastest grpc.aio can): registered stream-unary
-    with serialized replies, the response-headers reply returned so grpc.aio sends it with
-    the OK status in one batch, ending the stream (see services/extproc/grpc.py).
+    with serialized replies, the last phase's reply (response headers; the request body
+    when response headers are skipped, as in extproc-json) returned so grpc.aio sends it
+    with the OK status in one batch, ending the stream (see services/extproc/grpc.py).
     """
 
     _request = ext_proc_pb2.ProcessingResponse()
@@ -67,8 +69,11 @@ class ConstantProcessor:
     _request.request_headers.response.header_mutation.remove_headers.append("x-remove-me")
     _response = ext_proc_pb2.ProcessingResponse()
     _response.response_headers.response.CopyFrom(_set_bench_header())
+    _body = ext_proc_pb2.ProcessingResponse()
+    _body.request_body.response.SetInParent()
     REQUEST = _request.SerializeToString()
     RESPONSE = _response.SerializeToString()
+    BODY = _body.SerializeToString()
 
     async def Process(self, request_iterator: Any, context: Any) -> bytes:
         while (msg := await context.read()) is not grpc.aio.EOF:
@@ -77,6 +82,8 @@ class ConstantProcessor:
                 await context.write(self.REQUEST)
             elif kind == "response_headers":
                 return self.RESPONSE
+            elif kind == "request_body":
+                return self.BODY
             else:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{kind} not handled")
         return b""

@@ -21,6 +21,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from .envoy_configs import JWT_AUDIENCE, JWT_ISSUER
 
+JSON_BODY_BYTES = 10 * 1024
 TOKENS = 50
 BASIC_USERS = 50
 API_KEYS = 50
@@ -83,3 +84,23 @@ def generate(lifetime_s: int = 24 * 3600) -> Material:
         htpasswd_sha=htpasswd,
         api_keys=keys,
     )
+
+
+def json_body(size: int = JSON_BODY_BYTES) -> bytes:
+    """A JSON document of exactly ``size`` bytes with a card number to redact (extproc-json)."""
+    doc: dict[str, object] = {
+        "card": {"number": "4111111111111111", "holder": "Ada Lovelace"},
+        "items": [],
+        "note": "",
+    }
+    items: list[dict[str, object]] = doc["items"]  # type: ignore[assignment]
+    while len(json.dumps(doc)) < size - 64:
+        items.append({"sku": f"sku-{len(items):05d}", "qty": len(items) % 7 + 1})
+    doc["note"] = "x" * (size - len(json.dumps(doc)))
+    body = json.dumps(doc).encode()
+    assert len(body) == size, len(body)
+    return body
+
+
+JSON_BODY = json_body()
+JSON_HEADERS = {"content-type": "application/json"}

@@ -35,13 +35,15 @@ INTRO = """\
   `loadtests/envoy_configs.py`, `loadtests/scenarios.py`; each is checked with
   `envoy --mode validate` before it starts. Every front Envoy runs with
   `--concurrency 1`.
-- **References** (role `reference`, not Outrider). `grpc-floor` puts a grpc.aio server
-  on uvloop that answers every call with a constant reply where the sidecar would be
-  (`loadtests/floor.py`): the most any grpc.aio service can do on this machine, so the
-  gap between it and an Outrider setup is what Outrider's own code costs, and the gap
-  between it and the native twin is the price of a gRPC hop into Python. `envoy-floor`
-  (JWT and Basic scenarios) answers Envoy's HTTP ext_authz calls with another Envoy
-  (C++, `direct_response` 200 on a Unix socket): the cost of the out-of-process hop alone.
+- **References** (role `reference`, not Outrider): the fastest server of each protocol
+  in the sidecar's place, in every scenario of that protocol. `grpc-floor` is a grpc.aio
+  server on uvloop answering every call with a constant reply built once
+  (`loadtests/floor.py`): the most any grpc.aio service can do here, so the gap between
+  it and an Outrider gRPC setup is what Outrider's own code costs, and the gap between it
+  and the native twin is the price of a gRPC hop into Python. `envoy-floor` answers
+  Envoy's HTTP ext_authz calls with another Envoy (C++, `direct_response` 200 on a Unix
+  socket): the floor of every HTTP-mode setup. The floors allow everything and limit
+  nothing.
 - **Upstream.** A second Envoy answering every request with a fixed
   `direct_response` (`{"ok":true}`). It costs every setup the same few microseconds (its
   CPU is in the JSON) and, unlike the Python echo upstream, never becomes the bottleneck;
@@ -50,11 +52,20 @@ INTRO = """\
   nothing); the load goes to one after the other, A B C A B C …, for several rounds.
   Figures are medians over the rounds; capacity ratios are medians of rps, and the
   per-round ratios (adjacent runs, so machine drift cancels) are in the JSON.
-- **Capacity** (saturation): Locust `FastHttpUser`s with no wait time.
-  **Latency tax**: the same at a constant rate (a quarter of the slowest setup's
-  saturation, 50-300 req/s), p50/p99 of the Outrider setup minus `baseline`.
-  **Service capacity**: a gRPC Locust user (grpcio with
-  `grpc.experimental.gevent.init_gevent()`) drives the sidecar directly.
+- **Capacity** (saturation), two load generators in the same alternating rounds: each
+  setup gets a Locust run (`FastHttpUser`s, no wait time), then a **wrk** run (C, one
+  thread, 32 connections, `loadtests/wrk.py`). The headline ratios are wrk's: one Locust
+  process tops out near one core before an Envoy worker does, so its `baseline` and
+  native rows measure Locust, not Envoy. wrk checks every response too: a generated Lua
+  script cycles through a pool of the scenario's requests (the same credentials, keys
+  and bodies as the locustfile), counts every status and, for header mutation, checks
+  the added response header on every 200; statuses that are right only for some
+  requests (429 for the hot rate limit keys) are checked in aggregate (never more than
+  hot requests were sent; a limiter must refuse all but what the limit lets through).
+  **Latency tax**: Locust at a constant rate (a quarter of the slowest setup's Locust
+  saturation, 50-300 req/s), p50/p99 of the setup minus `baseline`.
+  **Service capacity**: `loadtests/scaling.py` (h2load, see *Scaling*) and, per
+  scenario, a gRPC Locust user (grpcio with `grpc.experimental.gevent.init_gevent()`).
 - **Latency resolution.** Locust rounds response times to whole milliseconds; the
   locustfiles replace that bucketing (`loadtests/common.py`) with 0.01 ms buckets below
   10 ms, and percentiles come from the full histogram of each run, never from the rounded
@@ -62,14 +73,15 @@ INTRO = """\
 - **CPU.** Each run records the CPU seconds of every process (Envoy, upstream, sidecar,
   Redis, Locust itself) over exactly the measured window (`/proc` via psutil);
   *µs/req* is CPU time per request, *util* is the share of one core.
+- **Load generator CPU.** wrk's own CPU time is read from `/proc/PID/stat` when it has
+  exited but is not yet reaped (its final user + system time) and divided by the run's
+  duration: a row whose load generator sat above 90 % of a core is flagged ⚠, and a
+  ratio involving it is not a server figure. Locust's is measured the same way (psutil).
 - **Two cores only.** Load generator, Envoy, upstream, sidecar and Redis share 2 cores and
   nothing is pinned: pinning would hand a whole core to a process that needs a fraction
-  of one. One Locust process cannot saturate Envoy alone, so the `baseline` and native
-  figures are **load-generator bound** (watch the *loadgen util* column near
-  100 % and Envoy far below it): they understate Envoy's own capacity, which makes the
-  sidecar/native ratios optimistic. The CPU columns give the machine-independent view:
-  *est. capacity* = 10⁶ / (µs/req of the busiest single-threaded server process, Envoy or
-  the sidecar) is what that process could serve with a core of its own.
+  of one. The CPU columns give the machine-independent view: *est. capacity* = 10⁶ /
+  (µs/req of the busiest single-threaded server process, Envoy or the sidecar) is what
+  that process could serve with a core of its own.
 - **Correctness first.** Before measuring, each setup answers one request (200), the auth
   setups refuse one without credentials, and both rate limiters must return 429 for a hot
   key; during the runs every response is checked (status, and for header mutation the
@@ -88,8 +100,11 @@ USAGE = """\
 ## Running
 
 ```
-make bench                                  # every scenario, ≤ 20 min
-make bench SCENARIO=extauth-jwt QUICK=1     # one scenario, about a minute
+make bench                                  # every scenario (installs wrk, h2load)
+make bench SCENARIO=extauth-jwt QUICK=1     # one scenario, about two minutes
+make scaling                                # service capacity for 1, 2, 4 workers
+python -m loadtests.run --rounds 3 --seconds 3 --no-service --scenario ratelimit
+python -m loadtests.run --no-wrk ...        # Locust only (ratios load-generator bound)
 python -m loadtests.report                  # redraw this page from stored results
 python -m loadtests.run --profile           # py-spy each sidecar under load (pip install py-spy)
 python -m loadtests.run --nice -5 ...       # on a shared machine (root): less noise
@@ -146,6 +161,40 @@ def _rows(summary: dict[str, Any], mode: str) -> dict[str, dict[str, Any]]:
     return summary.get(mode, {})
 
 
+def _pct(util: float | None) -> float | None:
+    return None if util is None else util * 100
+
+
+def wrk_percentile(res: dict[str, Any], setup: str, name: str) -> float | None:
+    """Median over wrk's rounds of its own latency percentile, in ms."""
+    from .stats import median
+
+    return median(
+        r["latency_us"][name] / 1000
+        for r in res["runs"]
+        if r["mode"] == "wrk" and r["setup"] == setup and name in r.get("latency_us", {})
+    )
+
+
+def wrk_failure_reasons(res: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, dict[str, int]] = {}
+    for r in res["runs"]:
+        if r["mode"] == "wrk":
+            for why, n in r.get("failure_reasons", {}).items():
+                out.setdefault(r["setup"], {})[why] = out.get(r["setup"], {}).get(why, 0) + n
+    return {s: ", ".join(f"{k}: {v}" for k, v in d.items()) for s, d in out.items()}
+
+
+def scaling_section(results_dir: Path) -> list[str]:
+    """Service capacity for 1, 2, N workers (``loadtests/scaling.py`` → scaling.json)."""
+    path = results_dir / "scaling.json"
+    if not path.exists():
+        return []
+    from .scaling import report_lines
+
+    return report_lines(json.loads(path.read_text()))
+
+
 def estimated_capacity(row: dict[str, Any]) -> float | None:
     """10⁶ / µs per request of the busiest single-threaded server process (Envoy, sidecar)."""
     costs = [row.get(f"cpu_us_per_req.{p}") for p in ("envoy", "sidecar")]
@@ -153,47 +202,139 @@ def estimated_capacity(row: dict[str, Any]) -> float | None:
     return 1e6 / max(costs) if costs else None
 
 
+LOADGEN_BOUND = 0.90  # as loadtests/wrk.py (not imported: the report needs no wrk)
+
+
+def _util(summary: dict[str, Any], mode: str, setup: str | None) -> float | None:
+    if setup is None:
+        return None
+    return _rows(summary, mode).get(setup, {}).get("cpu_util.loadgen")
+
+
+def _ratio(summary: dict[str, Any], mode: str, a: str, b: str | None) -> float | None:
+    if b is None:
+        return None
+    ra = _rows(summary, mode).get(a, {}).get("rps")
+    rb = _rows(summary, mode).get(b, {}).get("rps")
+    return ra / rb if ra and rb else None
+
+
+def _flagged(value: float | None, *utils: float | None) -> str:
+    """A ratio, with ⚠ when a load generator sat above 90 % of a core on either side."""
+    text = _fmt(value, ".2f")
+    if value is not None and any(u is not None and u > LOADGEN_BOUND for u in utils):
+        text += " ⚠"
+    return text
+
+
+def _native(res: dict[str, Any]) -> str | None:
+    natives = [s for s, role in res["setups"].items() if role == "native"]
+    if natives:
+        return natives[0]
+    return "baseline" if "baseline" in res["setups"] else None
+
+
+def _goal_cells(res: dict[str, Any], setup: str, versus: str | None) -> str:
+    for c in res["comparisons"]:
+        if c["setup"] == setup and c["versus"] == versus and c.get("goal"):
+            return f"{c['goal']} {_met(c['met'])}"
+    return ""
+
+
+def headline_table(results: list[dict[str, Any]]) -> list[str]:
+    """Capacity ratios: wrk's (the C client) first, Locust's beside, against the native
+    twin and against the fastest server of the same protocol; loadgen-bound rows flagged."""
+    lines = [
+        "## Headline: capacity",
+        "",
+        "Requests/s at saturation through Envoy (`--concurrency 1`), medians over rounds, "
+        "every setup of a scenario in the same alternating rounds. **wrk** (C, one thread, "
+        "32 connections) is the figure to quote; Locust's, measured in the same rounds, is "
+        "beside it. *Floor* is the fastest server of the setup's protocol in the sidecar's "
+        "place: `grpc-floor` (zero-work grpc.aio) for gRPC, `envoy-floor` (Envoy answering "
+        "ext_authz itself) for Envoy's HTTP ext_authz mode. ⚠ marks a ratio where the load "
+        "generator of either row sat above 90 % of a core: that row measured the client, "
+        "not the server. *loadgen CPU* is wrk's share of a core (this row / its native "
+        "twin / its floor), from `/proc/PID/stat`.",
+        "",
+        "| scenario | setup | ÷ native, wrk | ÷ native, Locust | ÷ floor, wrk "
+        "| ÷ floor, Locust | native / floor | wrk loadgen CPU | goals | failures (wrk + Locust) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        summary = res["summary"]
+        native = _native(res)
+        floors = res.get("floors", {})
+        for setup, role in res["setups"].items():
+            if role not in ("outrider", "reference"):
+                continue
+            floor = floors.get(setup)
+            w_utils = [_util(summary, "wrk", x) for x in (setup, native, floor)]
+            l_utils = [_util(summary, "saturation", x) for x in (setup, native, floor)]
+            goal_native, goal_floor = (
+                _goal_cells(res, setup, native),
+                _goal_cells(res, setup, floor),
+            )
+            goals = "; ".join(
+                [f"÷ native {goal_native}"] * bool(goal_native)
+                + [f"÷ floor {goal_floor}"] * bool(goal_floor)
+            )
+            failures = sum(
+                int(_rows(summary, mode).get(setup, {}).get("failures") or 0)
+                for mode in ("wrk", "saturation")
+            )
+            requests = sum(
+                int(_rows(summary, mode).get(setup, {}).get("requests") or 0)
+                for mode in ("wrk", "saturation")
+            )
+            cpu = " / ".join(_fmt(u * 100 if u is not None else None, ".0f", " %") for u in w_utils)
+            lines.append(
+                f"| {res['scenario']} | {setup} | "
+                f"{_flagged(_ratio(summary, 'wrk', setup, native), w_utils[0], w_utils[1])} | "
+                f"{_flagged(_ratio(summary, 'saturation', setup, native), *l_utils[:2])} | "
+                f"{_flagged(_ratio(summary, 'wrk', setup, floor), w_utils[0], w_utils[2])} | "
+                f"{_flagged(_ratio(summary, 'saturation', setup, floor), l_utils[0], l_utils[2])}"
+                f" | {native or '—'} / {floor or '—'} | {cpu} | {goals} | "
+                f"{failures}/{requests} |"
+            )
+    lines.append("")
+    return lines
+
+
 def goals_table(results: list[dict[str, Any]]) -> list[str]:
-    """Each goal with the measured figure; capacity also with its CPU-based estimate."""
+    """Every goal with the measured figure (wrk's ratio where wrk ran) and the p99 taxes."""
     lines = [
         "## Goals",
         "",
-        "Capacity ratios: *measured* is the DESIGN.md figure (requests/s at saturation, medians,",
-        "same run); *CPU estimate* compares what the busiest server process could serve on a",
-        "core of its own (see above) and is the stricter view while the load generator limits",
-        "`baseline` and the native twins. Taxes are p99 at a fixed rate, Outrider minus",
-        "`baseline`; a negative tax means the difference is below this machine's noise.",
+        "Capacity ratios are wrk's where wrk ran (Locust's otherwise, marked), medians of "
+        "rps with the per-round ratios of adjacent runs. Taxes are p99 at a fixed rate "
+        "(Locust, constant throughput), the setup minus `baseline`; a negative tax means the "
+        "difference is below this machine's noise.",
         "",
-        "| scenario | figure | measured | CPU estimate | goal | measured vs goal "
-        "| estimate vs goal |",
+        "| scenario | figure | measured | rounds | Locust | goal | met |",
         "|---|---|---|---|---|---|---|",
     ]
     for res in results:
-        sat = _rows(res["summary"], "saturation")
         for c in res["comparisons"]:
-            est = None
-            a, b = sat.get(c["setup"]), sat.get(c["versus"])
-            if a and b:
-                ea, eb = estimated_capacity(a), estimated_capacity(b)
-                est = ea / eb if ea and eb else None
-            goal = c["goal"]
-            est_met = None
-            if goal is not None and est is not None:
-                est_met = est >= float(goal.split()[-1])
-            rounds = ", ".join(f"{r:.2f}" for r in c.get("per_round", []))
+            source = c.get("source", "locust")
+            rounds = c.get("per_round_wrk") if source == "wrk" else c.get("per_round", [])
+            bound = c.get("loadgen_bound_wrk" if source == "wrk" else "loadgen_bound_locust")
+            measured = _fmt(c["ratio"], ".2f") + (" (Locust)" if source != "wrk" else "")
+            if bound:
+                measured += f" ⚠ loadgen-bound: {', '.join(bound)}"
             lines.append(
-                f"| {res['scenario']} | capacity {c['setup']} ÷ {c['versus']} | "
-                f"{_fmt(c['ratio'], '.2f')} (rounds: {rounds}) | {_fmt(est, '.2f')} | "
-                f"{goal or 'none set'} | "
-                f"{_met(c['met'])} | {_met(est_met)} |"
+                f"| {res['scenario']} | capacity {c['setup']} ÷ {c['versus']} | {measured} | "
+                f"{', '.join(f'{r:.2f}' for r in rounds or [])} | "
+                f"{_fmt(c.get('ratio_locust', c['ratio']), '.2f')} | "
+                f"{c['goal'] or 'none set'} | {_met(c['met'])} |"
             )
         for t in res["taxes"]:
             if res["setups"].get(t["setup"]) not in ("outrider", "reference"):
                 continue
             lines.append(
                 f"| {res['scenario']} | p99 latency tax {t['setup']} (p50 "
-                f"{_fmt(t['p50_us'], '+.0f', ' µs')}) | {_fmt(t['p99_us'], '+.0f', ' µs')} | | "
-                f"{t['goal'] or 'none set'} | {_met(t['met'])} | |"
+                f"{_fmt(t['p50_us'], '+.0f', ' µs')}) | {_fmt(t['p99_us'], '+.0f', ' µs')} | | | "
+                f"{t['goal'] or 'none set'} | {_met(t['met'])} |"
             )
     lines.append("")
     return lines
@@ -223,25 +364,39 @@ def scenario_section(
     if res.get("notes"):
         lines += [res["notes"], ""]
     sat, fixed = _rows(res["summary"], "saturation"), _rows(res["summary"], "fixed")
+    wrk_rows = _rows(res["summary"], "wrk")
     lines += [
-        "| setup | role | req/s (saturation) | sat. p99 ms | est. capacity req/s | "
-        "Envoy µs/req | sidecar µs/req | Redis µs/req | loadgen util | fixed p50 ms | "
+        "| setup | role | req/s wrk | wrk p99 ms | wrk loadgen | req/s Locust | Locust loadgen "
+        "| est. capacity req/s | Envoy µs/req | sidecar µs/req | Redis µs/req | fixed p50 ms | "
         "fixed p99 ms | failures |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setup, role in res["setups"].items():
-        s, f = sat.get(setup, {}), fixed.get(setup, {})
-        failures = (s.get("failures") or 0) + (f.get("failures") or 0)
-        requests = (s.get("requests") or 0) + (f.get("requests") or 0)
+        s, f, w = sat.get(setup, {}), fixed.get(setup, {}), wrk_rows.get(setup, {})
+        # CPU per request from wrk's runs where it ran: they are the saturated ones
+        cpu_row = w or s
+        failures = sum(int(r.get("failures") or 0) for r in (s, f, w))
+        requests = sum(int(r.get("requests") or 0) for r in (s, f, w))
         lines.append(
-            f"| {setup} | {role} | {_fmt(s.get('rps'))} | {_fmt(s.get('p99'), '.2f')} | "
-            f"{_fmt(estimated_capacity(s))} | {_fmt(s.get('cpu_us_per_req.envoy'))} | "
-            f"{_fmt(s.get('cpu_us_per_req.sidecar'))} | {_fmt(s.get('cpu_us_per_req.redis'))} | "
-            f"{_fmt((s.get('cpu_util.loadgen') or 0) * 100, '.0f', ' %')} | "
+            f"| {setup} | {role} | {_fmt(w.get('rps'))} | "
+            f"{_fmt(wrk_percentile(res, setup, 'p99'), '.2f')} | "
+            f"{_fmt(_pct(w.get('cpu_util.loadgen')), '.0f', ' %')} | {_fmt(s.get('rps'))} | "
+            f"{_fmt(_pct(s.get('cpu_util.loadgen')), '.0f', ' %')} | "
+            f"{_fmt(estimated_capacity(cpu_row))} | {_fmt(cpu_row.get('cpu_us_per_req.envoy'))} | "
+            f"{_fmt(cpu_row.get('cpu_us_per_req.sidecar'))} | "
+            f"{_fmt(cpu_row.get('cpu_us_per_req.redis'))} | "
             f"{_fmt(f.get('p50'), '.2f')} | {_fmt(f.get('p99'), '.2f')} | "
             f"{failures}/{requests} |"
         )
     lines.append("")
+    reasons = wrk_failure_reasons(res)
+    if reasons:
+        lines += [
+            "wrk's failed checks: "
+            + "; ".join(f"{setup}: {why}" for setup, why in reasons.items())
+            + ".",
+            "",
+        ]
     service = _rows(res["summary"], "service")
     if service:
         lines += [
@@ -402,7 +557,13 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = DOC) -> Path:
     plot_dir = out.parent / PLOTS
     for res in results:
         plot(res, plot_dir)
-    lines = [INTRO, *machine_section(results), *goals_table(results)]
+    lines = [
+        INTRO,
+        *machine_section(results),
+        *headline_table(results),
+        *goals_table(results),
+        *scaling_section(results_dir),
+    ]
     for res in results:
         lines += scenario_section(res, plot_dir, out.parent, results_dir)
     lines.append(USAGE)

@@ -47,7 +47,9 @@ import yaml
 from services.common.listeners import free_port
 
 from . import envoy_configs as ec
+from . import wrk
 from .material import Material, generate
+from .procs import snapshot, stop_on_sigterm, watched
 from .scenarios import REPO, SCENARIOS, Scenario, Setup
 from .stats import (
     RunStats,
@@ -73,6 +75,9 @@ class Plan:
     fixed_users: int
     service_rounds: int
     service_users: int
+    wrk: bool = True  # also drive every saturation run with wrk (the C load generator)
+    wrk_threads: int = 1
+    wrk_connections: int = 32
 
     @staticmethod
     def full() -> Plan:
@@ -320,7 +325,9 @@ class Stack:
                     await browser.close()
             return cookies
 
-        cookies = [] if running.setup.role == "baseline" else asyncio.run(login_all())
+        # Envoy alone and the references allow everything: nothing to log in to
+        skip = running.setup.role in ("baseline", "reference")
+        cookies = [] if skip else asyncio.run(login_all())
         data = self.run_dir / f"data-{running.setup.name}.json"
         data.write_text(json.dumps({"session_cookies": cookies}))
         return data
@@ -484,6 +491,77 @@ def describe(doc: dict[str, Any]) -> str:
     )
 
 
+def wrk_saturation(
+    scenario: Scenario,
+    stack: Stack,
+    running: Running,
+    material: Material,
+    data_file: Path,
+    plan: Plan,
+    run_dir: Path,
+    rnd: int,
+) -> tuple[RunStats, dict[str, Any]]:
+    """One wrk run at saturation against one setup; every response checked (``wrk.py``)."""
+    assert scenario.wrk is not None
+    data = json.loads((running.data or data_file).read_text())
+    spec = scenario.wrk(material, data, running.setup.role)
+    processes = watched(stack.cpu_spec(running), loadgen=False)
+    name = running.setup.name
+    result = wrk.run(
+        running.url + "/",
+        spec,
+        seconds=plan.seconds,
+        threads=plan.wrk_threads,
+        connections=plan.wrk_connections,
+        work_dir=run_dir,
+        name=f"wrk-{rnd}-{name}",
+        cpu_of=lambda: snapshot(processes),
+    )
+    reasons = wrk.failures(result.doc, spec, plan.wrk_connections)
+    cpu = {**result.cpu_seconds, "loadgen": round(result.loadgen_cpu, 4)}
+    stats = RunStats(
+        setup=name,
+        mode="wrk",
+        round=rnd,
+        requests=int(result.doc["requests"]),
+        failures=sum(reasons.values()),
+        seconds=result.seconds,
+        histogram={},
+        cpu_seconds=cpu,
+    )
+    raw = {
+        "setup": name,
+        "mode": "wrk",
+        "round": rnd,
+        "requests": stats.requests,
+        "failures": stats.failures,
+        "failure_reasons": reasons,
+        "seconds": result.seconds,
+        "statuses": result.doc["statuses"],
+        "sent": result.doc["sent"],
+        "socket_errors": result.doc["errors"],
+        "latency_us": result.doc["latency_us"],
+        "cpu_seconds": cpu,
+        "loadgen_util": round(result.loadgen_util, 3),
+        "command": f"wrk -t{plan.wrk_threads} -c{plan.wrk_connections} -d{plan.seconds:g}s "
+        f"-s <generated pool and checks> {running.url}/",
+    }
+    return stats, raw
+
+
+def describe_wrk(raw: dict[str, Any]) -> str:
+    lat = raw["latency_us"]
+    seconds = raw["seconds"] or 1.0
+    cpu = " ".join(f"{k}={v / seconds * 100:.0f}%" for k, v in raw["cpu_seconds"].items())
+    bound = "  LOADGEN-BOUND" if raw["loadgen_util"] > wrk.LOADGEN_BOUND else ""
+    why = f" {raw['failure_reasons']}" if raw["failure_reasons"] else ""
+    return (
+        f"{raw['requests'] / seconds:7.0f} req/s  p50 {lat.get('p50', 0) / 1000:.2f} ms  "
+        f"p99 {lat.get('p99', 0) / 1000:.2f} ms  failures {raw['failures']}/{raw['requests']}"
+        f"{why}  cpu {cpu}{bound}"
+    )
+
+
 def run_stats(setup: str, mode: str, rnd: int, doc: dict[str, Any]) -> RunStats:
     return RunStats(
         setup=setup,
@@ -611,7 +689,21 @@ def run_scenario(
                     progress(
                         f"{scenario.name} {mode} {rnd}/{plan.rounds} {name:<16} {describe(doc)}"
                     )
+                    if mode == "saturation" and use_wrk:
+                        # the C client right after Locust, same round: same machine state
+                        stats, raw = wrk_saturation(
+                            scenario, stack, running, material, data_file, plan, run_dir, rnd
+                        )
+                        runs.append(stats)
+                        raw_runs.append(raw)
+                        progress(
+                            f"{scenario.name} wrk {rnd}/{plan.rounds} {name:<16} "
+                            f"{describe_wrk(raw)}"
+                        )
 
+        use_wrk = plan.wrk and scenario.wrk is not None
+        if plan.wrk and not use_wrk:
+            progress(f"{scenario.name}: no wrk request pool defined; Locust only")
         measure("saturation", 0.0, plan.saturation_users)
         sat = summarize(runs)["saturation"]
         slowest = min(float(row["rps"] or 0) for row in sat.values())
@@ -758,22 +850,11 @@ def build_result(
     fixed_rate: float,
 ) -> dict[str, Any]:
     summary = summarize(runs)
-    comparisons = []
-    for comp in scenario.comparisons:
-        sat = summary.get("saturation", {})
-        if comp.setup not in sat or comp.versus not in sat:
-            continue
-        value = ratio(sat[comp.setup]["rps"], sat[comp.versus]["rps"])  # type: ignore[arg-type]
-        comparisons.append(
-            {
-                "setup": comp.setup,
-                "versus": comp.versus,
-                "ratio": value,
-                "per_round": paired_ratios(runs, "saturation", comp.setup, comp.versus),
-                "goal": comp.goal.describe() if comp.goal else None,
-                "met": comp.goal.met(value) if comp.goal else None,
-            }
-        )
+    comparisons = [
+        comparison_row(summary, runs, comp.setup, comp.versus, comp.goal)
+        for comp in scenario.comparisons
+        if comp.setup in summary.get("saturation", {}) and comp.versus in summary["saturation"]
+    ]
     taxes = []
     for setup in summary.get("fixed", {}):
         if setup == "baseline":
@@ -801,10 +882,58 @@ def build_result(
         "plan": asdict(plan),
         "fixed_rate": fixed_rate,
         "setups": {s.name: s.role for s in scenario.setups if s.name in {r.setup for r in runs}},
+        "floors": {
+            s.name: scenario.floor_of(s.name)
+            for s in scenario.setups
+            if s.name in {r.setup for r in runs} and scenario.floor_of(s.name)
+        },
         "summary": summary,
         "comparisons": comparisons,
         "taxes": taxes,
         "runs": raw_runs,
+    }
+
+
+def loadgen_util(summary: dict[str, Any], mode: str, setup: str) -> float | None:
+    row = summary.get(mode, {}).get(setup)
+    return None if row is None else row.get("cpu_util.loadgen")
+
+
+def comparison_row(
+    summary: dict[str, Any], runs: list[RunStats], setup: str, versus: str, goal: Any
+) -> dict[str, Any]:
+    """Capacity ``setup / versus`` from Locust and from wrk, with whether either load
+    generator was the bottleneck (above ``wrk.LOADGEN_BOUND`` of a core) on either side."""
+
+    def rps(mode: str, name: str) -> float | None:
+        row = summary.get(mode, {}).get(name)
+        return None if row is None else row["rps"]
+
+    def bound(mode: str) -> list[str]:
+        return [
+            name
+            for name in (setup, versus)
+            if (loadgen_util(summary, mode, name) or 0.0) > wrk.LOADGEN_BOUND
+        ]
+
+    locust_ratio = ratio(rps("saturation", setup), rps("saturation", versus))
+    wrk_ratio = ratio(rps("wrk", setup), rps("wrk", versus))
+    # the headline is wrk's where it ran (not load-generator bound by construction, and
+    # flagged when it was); Locust's otherwise
+    value = wrk_ratio if wrk_ratio is not None else locust_ratio
+    return {
+        "setup": setup,
+        "versus": versus,
+        "ratio": value,
+        "source": "wrk" if wrk_ratio is not None else "locust",
+        "ratio_wrk": wrk_ratio,
+        "ratio_locust": locust_ratio,
+        "per_round_wrk": paired_ratios(runs, "wrk", setup, versus),
+        "per_round": paired_ratios(runs, "saturation", setup, versus),
+        "loadgen_bound_wrk": bound("wrk"),
+        "loadgen_bound_locust": bound("saturation"),
+        "goal": goal.describe() if goal else None,
+        "met": goal.met(value) if goal else None,
     }
 
 
@@ -813,7 +942,18 @@ def headline(result: dict[str, Any]) -> list[str]:
     for c in result["comparisons"]:
         r = c["ratio"]
         lines.append(
-            f"capacity {c['setup']} / {c['versus']} = {r:.2f}"
+            f"capacity {c['setup']} / {c['versus']} = {r:.2f} ({c['source']}"
+            + (
+                f"; Locust {c['ratio_locust']:.2f}"
+                if c["source"] == "wrk" and c["ratio_locust"] is not None
+                else ""
+            )
+            + (
+                f"; LOADGEN-BOUND {', '.join(c['loadgen_bound_wrk'])}"
+                if c["loadgen_bound_wrk"]
+                else ""
+            )
+            + ")"
             + (f" (goal {c['goal']})" if c["goal"] else "")
             if r is not None
             else f"capacity {c['setup']} / {c['versus']}: no data"
@@ -842,6 +982,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run the whole benchmark (every process it starts) at this niceness; a negative "
         "value (root only) keeps other work on a shared machine from adding noise",
     )
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default: the plan's)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per run")
+    parser.add_argument(
+        "--no-service",
+        action="store_true",
+        help="skip the Locust gRPC service-capacity runs (loadtests/scaling.py measures "
+        "service capacity with h2load)",
+    )
+    parser.add_argument(
+        "--no-wrk",
+        action="store_true",
+        help="Locust only (no C load generator); the ratios are then load-generator bound",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -858,6 +1011,17 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan.full()
     if args.saturation_users:
         plan = replace(plan, saturation_users=args.saturation_users)
+    if args.rounds:
+        plan = replace(plan, rounds=args.rounds)
+    if args.seconds:
+        plan = replace(plan, seconds=args.seconds)
+    if args.no_service:
+        plan = replace(plan, service_rounds=0)
+    if args.no_wrk:
+        plan = replace(plan, wrk=False)
+    elif not args.profile and wrk.available() is None:
+        parser.error("wrk is not installed: `make bench` installs it, or pass --no-wrk")
+    stop_on_sigterm()
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every child
     names = args.scenario or list(SCENARIOS)

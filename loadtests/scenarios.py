@@ -9,15 +9,16 @@ issues set (see docs/benchmarks.md).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import envoy_configs as ec
-from .material import Material
+from .material import JSON_BODY, JSON_HEADERS, Material
 from .stats import Goal
+from .wrk import Limited, WrkRequest, WrkSpec
 
 REPO = Path(__file__).resolve().parent.parent
 LOCUSTFILES = Path(__file__).resolve().parent / "locustfiles"
@@ -102,9 +103,21 @@ class Scenario:
     notes: str = ""
     tls: bool = False  # front Envoys listen with TLS (cookies marked Secure need it)
     login: bool = False  # non-baseline setups need a browser login first (OIDC sessions)
+    #: the same requests for wrk (the C load generator): (material, --outrider-data
+    #: contents of the setup, setup role) → pool and checks; None: Locust only
+    wrk: Callable[[Material, dict[str, Any], str], WrkSpec] | None = None
 
     def setup(self, name: str) -> Setup:
         return next(s for s in self.setups if s.name == name)
+
+    def floor_of(self, name: str) -> str | None:
+        """The reference of the same protocol as setup ``name``: ``envoy-floor`` for an HTTP
+        ext_authz setup, ``grpc-floor`` for a gRPC one (None when the scenario has none)."""
+        setup = self.setup(name)
+        if setup.sidecar is None or setup.role == "reference":
+            return None
+        floor = "envoy-floor" if setup.sidecar.http else "grpc-floor"
+        return floor if any(s.name == floor for s in self.setups) else None
 
     def missing_services(self) -> list[str]:
         return sorted(
@@ -153,6 +166,21 @@ def _global_ratelimit(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyPar
     )
 
 
+def _ratelimit_wrk(_m: Material, _data: dict[str, Any], role: str) -> WrkSpec:
+    """The locustfile's mix: 90 % over 100 ordinary keys, 10 % over the 5 hot ones."""
+    ordinary = [WrkRequest("ordinary", (("x-user", f"u-{i % 100}"),)) for i in range(180)]
+    hot = [WrkRequest("hot", (("x-user", f"hot-{i % ec.HOT_USERS}"),)) for i in range(20)]
+    return WrkSpec(
+        tuple(ordinary + hot),
+        limited=Limited(
+            429,
+            "hot",
+            allowed_per_second=ec.HOT_USERS * ec.HOT_LIMIT_PER_SECOND,
+            enforce=role in ("native", "outrider"),
+        ),
+    )
+
+
 RATELIMIT = Scenario(
     name="ratelimit",
     locustfile=LOCUSTFILES / "ratelimit.py",
@@ -180,12 +208,16 @@ RATELIMIT = Scenario(
         Comparison("outrider-redis", "local_ratelimit", Goal("ratio_min", 0.5)),
         Comparison("outrider-memory", "local_ratelimit", None),
         Comparison("grpc-floor", "local_ratelimit", None),
+        # issue 15: own code at the floor (Redis: the round trip is real work on 2 cores)
+        Comparison("outrider-redis", "grpc-floor", Goal("ratio_min", 0.75)),
+        Comparison("outrider-memory", "grpc-floor", Goal("ratio_min", 0.85)),
     ),
     notes=FLOOR_NOTE + " It limits nothing: the hot keys get 200s from it.",
     p99_tax_goals={
         "outrider-redis": Goal("tax_max_us", 1000),
         "outrider-memory": Goal("tax_max_us", 1000),
     },
+    wrk=_ratelimit_wrk,
 )
 
 
@@ -194,6 +226,15 @@ def _rate_limit_quota(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyPar
         http_filters=[ec.rate_limit_quota_filter()],
         clusters=[ec.grpc_uds_cluster("outrider_ratelimit", sock)],
     )
+
+
+def _rlqs_wrk(m: Material, data: dict[str, Any], role: str) -> WrkSpec:
+    """The ratelimit pool; RLQS buckets are assigned after Envoy's first usage reports, so
+    only the native twin must refuse all but the limit in aggregate here (the smoke check
+    has made sure RLQS limits the hot keys; a 429 beyond the hot requests still fails)."""
+    spec = _ratelimit_wrk(m, data, role)
+    assert spec.limited is not None
+    return replace(spec, limited=replace(spec.limited, enforce=role == "native"))
 
 
 RATELIMIT_RLQS = Scenario(
@@ -231,6 +272,7 @@ RATELIMIT_RLQS = Scenario(
         "outrider-rls": Goal("tax_max_us", 1000),
         "outrider-rlqs": Goal("tax_max_us", 1000),
     },
+    wrk=_rlqs_wrk,
 )
 
 # ---------------------------------------------------------------- extauth
@@ -299,18 +341,44 @@ ENVOY_FLOOR_NOTE = (
 )
 
 
+def _credential_headers(kind: str, data: dict[str, Any]) -> list[tuple[tuple[str, str], ...]]:
+    """One header set per credential of ``--outrider-data`` (what the locustfiles send)."""
+    import base64
+
+    if kind == "jwt":
+        return [(("authorization", f"Bearer {t}"),) for t in data["jwt_tokens"]]
+    if kind == "basic":
+        return [
+            (("authorization", "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode()),)
+            for u, p in data["basic_users"]
+        ]
+    if kind == "apikey":
+        return [(("x-api-key", k),) for k in data["api_keys"]]
+    if kind == "oidc":
+        return [(("cookie", c),) for c in data.get("session_cookies", [])] or [()]
+    raise ValueError(f"no credentials for {kind!r}")
+
+
+def _auth_wrk(kind: str) -> Callable[[Material, dict[str, Any], str], WrkSpec]:
+    def spec(_m: Material, data: dict[str, Any], _role: str) -> WrkSpec:
+        return WrkSpec(tuple(WrkRequest(kind, h) for h in _credential_headers(kind, data)))
+
+    return spec
+
+
+def _auth_floors(policy: str, grpc_call: str) -> tuple[Setup, Setup]:
+    """The fastest server of each protocol where the extauth sidecar would be."""
+    return (
+        Setup("grpc-floor", "reference", _ext_authz(policy), _floor("extauth", grpc_call)),
+        Setup("envoy-floor", "reference", _ext_authz_http(policy), ENVOY_AUTHZ_FLOOR),
+    )
+
+
 def _extauth_scenario(
     name: str, policy: str, native_name: str, native: Callable[[Material], dict], summary: str,
     goal: Goal | None,
 ) -> Scenario:  # fmt: skip
-    floor = (
-        (
-            Setup("grpc-floor", "reference", _ext_authz(policy), _floor("extauth", name)),
-            Setup("envoy-floor", "reference", _ext_authz_http(policy), ENVOY_AUTHZ_FLOOR),
-        )
-        if goal
-        else ()
-    )
+    floor = _auth_floors(policy, name)
     return Scenario(
         name=name,
         locustfile=LOCUSTFILES / f"{name.replace('-', '_')}.py",
@@ -336,16 +404,22 @@ def _extauth_scenario(
             Comparison("outrider", native_name, goal),
             Comparison("outrider-http", native_name, goal),
             *(Comparison(f.name, native_name, None) for f in floor),
+            # issue 15: the gRPC mode at ≥ 0.85 of the zero-work grpc.aio server
+            Comparison("outrider", "grpc-floor", Goal("ratio_min", 0.85)),
+            Comparison("outrider-http", "envoy-floor", None),
         ),
         notes=(
             "`outrider` is the gRPC mode, `outrider-http` the same sidecar in Envoy's HTTP "
-            "ext_authz mode (`--http-listen`, docs/extauth.md)."
-            + (" " + FLOOR_NOTE + " It allows every request. " + ENVOY_FLOOR_NOTE if floor else "")
+            "ext_authz mode (`--http-listen`, docs/extauth.md). "
+            + FLOOR_NOTE
+            + " It allows every request. "
+            + ENVOY_FLOOR_NOTE
         ),
         p99_tax_goals={
             "outrider": Goal("tax_max_us", 1000),
             "outrider-http": Goal("tax_max_us", 1000),
         },
+        wrk=_auth_wrk(policy),
     )
 
 
@@ -396,6 +470,20 @@ def _ext_proc(chain: str, request_body: str, response_headers: bool, workers: in
     return parts
 
 
+def _extproc_headers_wrk(_m: Material, _data: dict[str, Any], role: str) -> WrkSpec:
+    headers = (("x-remove-me", "secret"), ("x-request-kind", "bench"))
+    return WrkSpec(
+        (WrkRequest("headers", headers),),
+        # Envoy alone does not mutate: the header is checked on every other setup
+        response_header=None if role == "baseline" else (ec.BENCH_HEADER, "1"),
+    )
+
+
+def _extproc_json_wrk(_m: Material, _data: dict[str, Any], _role: str) -> WrkSpec:
+    headers = tuple(JSON_HEADERS.items())
+    return WrkSpec((WrkRequest("json-10k", headers, "POST", "/", JSON_BODY),))
+
+
 EXTPROC_HEADERS = Scenario(
     name="extproc-headers",
     locustfile=LOCUSTFILES / "extproc_headers.py",
@@ -430,8 +518,11 @@ EXTPROC_HEADERS = Scenario(
         Comparison("outrider", "header_mutation", Goal("ratio_min", 0.4)),
         Comparison("outrider-workers2", "header_mutation", None),
         Comparison("grpc-floor", "header_mutation", None),
+        Comparison("outrider", "grpc-floor", Goal("ratio_min", 0.85)),
+        Comparison("outrider-workers2", "grpc-floor", None),
     ),
     p99_tax_goals={"outrider": Goal("tax_max_us", 1500)},
+    wrk=_extproc_headers_wrk,
     notes="`outrider-workers2` runs `outrider extproc --workers 2` (two processes, one socket "
     "each, Envoy balancing over both): on this 2-core machine they compete with Envoy and the "
     "load generator, so it shows the cost of the supervisor layout more than real scaling. "
@@ -450,10 +541,24 @@ EXTPROC_JSON = Scenario(
             _ext_proc("json", "BUFFERED", False),
             Sidecar("extproc", "extproc.yaml", _extproc_files, grpc_call="extproc-json"),
         ),
+        Setup(
+            "grpc-floor",
+            "reference",
+            _ext_proc("json", "BUFFERED", False),
+            _floor("extproc", "extproc-json"),
+        ),
     ),
-    comparisons=(Comparison("outrider", "baseline", None),),
+    comparisons=(
+        Comparison("outrider", "baseline", None),
+        Comparison("grpc-floor", "baseline", None),
+        Comparison("outrider", "grpc-floor", None),
+    ),
     p99_tax_goals={},
-    notes="Envoy has no native JSON redaction filter, so the comparison is with Envoy alone.",
+    wrk=_extproc_json_wrk,
+    notes="Envoy has no native JSON redaction filter, so the comparison is with Envoy alone. "
+    + FLOOR_NOTE
+    + " Here it answers the request headers and the buffered body with constant replies "
+    "(no redaction).",
 )
 
 # ---------------------------------------------------------------- OIDC sessions
@@ -537,10 +642,14 @@ OIDC_SESSION = Scenario(
             _oidc_ext_authz_http,
             Sidecar("extauth", "extauth.yaml", _oidc_files, http=True),
         ),
+        Setup("grpc-floor", "reference", _oidc_ext_authz, _floor("extauth", "extauth-oidc")),
+        Setup("envoy-floor", "reference", _oidc_ext_authz_http, ENVOY_AUTHZ_FLOOR),
     ),
     comparisons=(
         Comparison("outrider", "oauth2", None),
         Comparison("outrider-http", "oauth2", None),
+        Comparison("outrider", "grpc-floor", None),
+        Comparison("outrider-http", "envoy-floor", None),
     ),
     p99_tax_goals={
         "outrider": Goal("tax_max_us", 1000),
@@ -549,9 +658,11 @@ OIDC_SESSION = Scenario(
     notes="All setups terminate TLS (the session cookies are Secure). Envoy's oauth2 "
     "checks an HMAC over its cookies; Outrider decrypts its AES-GCM session cookie. "
     "`outrider` is the gRPC mode, `outrider-http` Envoy's HTTP ext_authz mode, both "
-    "logged in through their own transport.",
+    "logged in through their own transport. The floors (no login: they allow every "
+    "request) are the fastest gRPC and HTTP ext_authz servers in the same place.",
     tls=True,
     login=True,
+    wrk=_auth_wrk("oidc"),
 )
 
 SCENARIOS: dict[str, Scenario] = {

@@ -182,6 +182,7 @@ class Route:
     security: Security | None = None
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
+    luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
 
 
 @dataclass

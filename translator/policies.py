@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from services.common.configfile import ConfigError, Node
 
-from . import backend_traffic
+from . import backend_traffic, extension
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -83,11 +83,9 @@ SP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
     "mergeType": "policy merging is not translated",
 }
-EEP_FIELDS = ("targetRef", "targetRefs", "extProc")
+EEP_FIELDS = ("targetRef", "targetRefs", "extProc", "lua", "wasm")  # lua, wasm: extension.py
 EEP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
-    "wasm": "Wasm extensions are not translated",
-    "lua": "Lua extensions are not translated",
     "dynamicModule": "dynamic modules are not translated",
 }
 
@@ -816,7 +814,14 @@ def attach(
         rejections,
         lambda p: build_ext_procs(p, resources, resolver, chains),
     )
-    for kind in ("EnvoyPatchPolicy", "BackendTLSPolicy"):
+    luas = build_each(
+        [p for p in eeps if p.key in procs],
+        resources,
+        listeners,
+        rejections,
+        lambda p: extension.build_luas(p, resources),
+    )
+    for kind in ("BackendTLSPolicy",):
         for p in resources.of(kind):
             rejections.add(
                 p,
@@ -842,8 +847,9 @@ def attach(
                 else:
                     fail_closed(route)
             if (w := winner(eeps, lst, route, rule)) is not None:
-                if w.key in procs:
+                if w.key in procs and w.key in luas:
                     route.ext_procs = procs[w.key]
+                    route.luas = luas[w.key]
                 else:
                     fail_closed(route)
     return chains

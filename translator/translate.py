@@ -12,7 +12,9 @@ import yaml
 from . import envoy as envoy_out
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
+from .extension import apply_luas
 from .gatewayapi import BackendResolver, build_listeners, build_routes
+from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
@@ -98,7 +100,9 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
-        out = gateway_manifests(resources, listeners, chains, secret_files)
+        out = gateway_manifests(
+            resources, listeners, chains, secret_files, ratelimit_mode=options.ratelimit_mode
+        )
         out.rejections = list(rejections.items)
         return out
     config = envoy_out.build(
@@ -117,6 +121,8 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     bootstrap = config.to_dict()
     apply_client_traffic(bootstrap, client)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
+    apply_luas(bootstrap, listeners)
+    apply_patches(bootstrap, resources, rejections)
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
         files[f"ratelimit/{name}"] = dump(cfg)

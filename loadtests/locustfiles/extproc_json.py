@@ -8,33 +8,13 @@ items; the chain buffers the body and redacts the field before it goes upstream.
 
 from __future__ import annotations
 
-import json
-
 from locust import FastHttpUser, task
 
 from loadtests.common import paced_wait_time
+from loadtests.material import JSON_BODY, JSON_HEADERS
 
-BODY_BYTES = 10 * 1024
-
-
-def json_body(size: int = BODY_BYTES) -> bytes:
-    """A JSON document of exactly ``size`` bytes with a card number to redact."""
-    doc: dict[str, object] = {
-        "card": {"number": "4111111111111111", "holder": "Ada Lovelace"},
-        "items": [],
-        "note": "",
-    }
-    items: list[dict[str, object]] = doc["items"]  # type: ignore[assignment]
-    while len(json.dumps(doc)) < size - 64:
-        items.append({"sku": f"sku-{len(items):05d}", "qty": len(items) % 7 + 1})
-    doc["note"] = "x" * (size - len(json.dumps(doc)))
-    body = json.dumps(doc).encode()
-    assert len(body) == size, len(body)
-    return body
-
-
-BODY = json_body()
-HEADERS = {"content-type": "application/json"}
+BODY = JSON_BODY
+HEADERS = JSON_HEADERS
 
 
 class JsonBodyClient(FastHttpUser):

@@ -36,8 +36,8 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from locust import User, events, task
 
 from loadtests.common import load_data, option, paced_wait_time
-from loadtests.locustfiles.extproc_json import BODY as JSON_BODY
 from loadtests.locustfiles.ratelimit import HOT_SHARE, HOT_USERS, ORDINARY_USERS
+from loadtests.material import JSON_BODY
 
 grpc_gevent.init_gevent()
 

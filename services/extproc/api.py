@@ -117,6 +117,10 @@ class Processor:
     response_body: ClassVar[BodyNeed] = BodyNeed.NONE
     mutates_body: ClassVar[bool] = True
     max_buffer_bytes: int = 8 * 1024 * 1024
+    #: False when the processor never reads header values (the hooks' ``headers``,
+    #: ``ctx.request_headers``/``response_headers``): a chain of such processors skips
+    #: decoding Envoy's headers (they arrive as ``{}``).
+    reads_headers: bool = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: Mapping[str, Any] = options or {}

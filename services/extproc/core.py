@@ -251,6 +251,8 @@ class Chain:
     response_body_procs: tuple[Processor, ...] = ()
     request_trailer_procs: tuple[Processor, ...] = ()
     response_trailer_procs: tuple[Processor, ...] = ()
+    #: Some processor reads header values: the transport decodes Envoy's headers.
+    reads_headers: bool = True
 
     @classmethod
     def build(cls, name: str, processors: tuple[Processor, ...], fail_open: bool = False) -> Chain:
@@ -269,6 +271,7 @@ class Chain:
             ),
             request_trailer_procs=having("on_request_trailers"),
             response_trailer_procs=having("on_response_trailers"),
+            reads_headers=any(p.reads_headers for p in processors),
         )
 
     @property

@@ -8,6 +8,7 @@ ProcessingResponses. The per-route chain comes from the gRPC initial metadata
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -98,25 +99,44 @@ def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def stream_options(msg: pb.ProcessingRequest) -> StreamOptions:
+    """The stream's options; one shared (frozen) object per distinct protocol_config."""
     if not msg.HasField("protocol_config"):
-        return StreamOptions()
+        return _options(None)
     pc = msg.protocol_config
+    return _options(
+        (
+            pc.request_body_mode,
+            pc.response_body_mode,
+            pc.send_body_without_waiting_for_header_response,
+        )
+    )
+
+
+@functools.lru_cache(maxsize=64)  # enum values: a handful of combinations exist
+def _options(key: tuple[int, int, bool] | None) -> StreamOptions:
+    if key is None:
+        return StreamOptions()
     return StreamOptions(
-        request_body_mode=BodyMode(pc.request_body_mode),
-        response_body_mode=BodyMode(pc.response_body_mode),
-        send_body_without_waiting=pc.send_body_without_waiting_for_header_response,
+        request_body_mode=BodyMode(key[0]),
+        response_body_mode=BodyMode(key[1]),
+        send_body_without_waiting=key[2],
         known=True,
     )
 
 
-def to_event(msg: pb.ProcessingRequest) -> tuple[str, HeadersEvent | BodyEvent | TrailersEvent]:
+def to_event(
+    msg: pb.ProcessingRequest, decode_headers: bool = True
+) -> tuple[str, HeadersEvent | BodyEvent | TrailersEvent]:
+    """``decode_headers=False``: header maps arrive as ``{}`` (no processor reads them)."""
     kind = msg.WhichOneof("request")
     if kind == "request_headers":
         h = msg.request_headers
-        return kind, HeadersEvent(Phase.REQUEST, header_dict(h.headers), h.end_of_stream)
+        headers = header_dict(h.headers) if decode_headers else {}
+        return kind, HeadersEvent(Phase.REQUEST, headers, h.end_of_stream)
     if kind == "response_headers":
         h = msg.response_headers
-        return kind, HeadersEvent(Phase.RESPONSE, header_dict(h.headers), h.end_of_stream)
+        headers = header_dict(h.headers) if decode_headers else {}
+        return kind, HeadersEvent(Phase.RESPONSE, headers, h.end_of_stream)
     if kind == "request_body":
         b = msg.request_body
         return kind, BodyEvent(Phase.REQUEST, b.body, b.end_of_stream)
@@ -321,6 +341,7 @@ class ExternalProcessorServicer:
         read = context.read
         write = context.write
         encode = self._responses.encode
+        decode = chain.reads_headers
         try:
             while True:
                 msg = await read()
@@ -330,7 +351,7 @@ class ExternalProcessorServicer:
                     # observability mode), so the last message is an empty one.
                     return NO_REPLY
                 try:
-                    kind, event = to_event(msg)
+                    kind, event = to_event(msg, decode)
                 except ProtocolViolation as exc:
                     metrics.message("invalid")
                     raise exc

@@ -197,6 +197,10 @@ class HeadersProcessor(Processor):
         self.response = response
         self._request_const = self._constant(request)
         self._response_const = self._constant(response)
+        # Constant values read nothing; templates may read headers (or the request id).
+        self.reads_headers = (bool(request) and self._request_const is None) or (
+            bool(response) and self._response_const is None
+        )
 
     @staticmethod
     def _constant(rules: HeaderRules) -> Mutation | None:

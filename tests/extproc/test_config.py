@@ -247,3 +247,23 @@ def test_plugin_modules_are_watched_like_the_config(tmp_path) -> None:
     service = ExtprocService(CollectorRegistry())
     service.apply_config(service.load_config(config))
     assert service.config_files(config) == [config, module]
+
+
+def test_chains_of_constant_header_values_skip_decoding_headers() -> None:
+    from services.common.configfile import parse_yaml
+    from services.extproc.config import parse_documents
+
+    config = parse_documents(
+        parse_yaml(
+            """
+chains:
+  constant: [{headers: {request: {set: {x-a: "1"}, remove: [x-b]}, response: {set: {x-c: "2"}}}}]
+  template: [{headers: {request: {set: {x-p: "${request.path}"}}}}]
+  plugin: [{python: {object: "tests.extproc.plugins:Trailers"}}]
+""",
+            "t.yaml",
+        )
+    )
+    assert not config.chains["constant"].reads_headers
+    assert config.chains["template"].reads_headers
+    assert config.chains["plugin"].reads_headers

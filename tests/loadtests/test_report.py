@@ -20,11 +20,12 @@ def test_report_from_recorded_results(tmp_path: Path) -> None:
     text = doc.read_text()
     recorded = json.loads((DATA / "extauth-jwt-quick.json").read_text())
     (comparison,) = recorded["comparisons"]
-    assert f"| capacity outrider ÷ jwt_authn | {comparison['ratio']:.2f} (rounds: " in text
+    # results from before wrk ran: Locust's ratio, marked as such
+    assert f"| capacity outrider ÷ jwt_authn | {comparison['ratio']:.2f} (Locust) |" in text
     tax = next(t for t in recorded["taxes"] if t["setup"] == "outrider")
     assert f"{tax['p99_us']:+.0f} µs" in text
     sat = recorded["summary"]["saturation"]
-    assert f"| outrider | outrider | {sat['outrider']['rps']:.0f} |" in text
+    assert f"| outrider | outrider | — | — | — | {sat['outrider']['rps']:.0f} |" in text
     assert f"{estimated_capacity(sat['outrider']):.0f}" in text
     assert "quick run" in text
     assert "Prose about the profile." in text
@@ -36,3 +37,51 @@ def test_estimated_capacity_uses_the_busiest_process() -> None:
     assert estimated_capacity(row) == 2500.0
     assert estimated_capacity({"cpu_us_per_req.envoy": 50.0}) == 20000.0
     assert estimated_capacity({}) is None
+
+
+def _result(wrk_rps: dict[str, float], locust_rps: dict[str, float], wrk_util: float) -> dict:
+    """A minimal results document: three setups measured by wrk and Locust."""
+    from loadtests.run import comparison_row
+
+    roles = {"baseline": "baseline", "native": "native", "outrider": "outrider"}
+    roles["grpc-floor"] = "reference"
+    summary = {
+        "wrk": {
+            s: {"rps": r, "cpu_util.loadgen": wrk_util if s == "native" else 0.1,
+                "requests": 100, "failures": 0}
+            for s, r in wrk_rps.items()
+        },
+        "saturation": {
+            s: {"rps": r, "cpu_util.loadgen": 0.99, "requests": 10, "failures": 0}
+            for s, r in locust_rps.items()
+        },
+    }  # fmt: skip
+    comps = [comparison_row(summary, [], "outrider", "native", None)]
+    return {
+        "scenario": "extauth-jwt", "summary_text": "t", "notes": "", "quick": False,
+        "command": "c", "started": "2026-12-03T11:30:00", "machine": {
+            "cpu": "x", "cores": 2, "memory_gb": 1, "kernel": "k", "python": "3", "envoy": "e",
+            "loadavg_at_start": [0.1, 0.1, 0.1],
+        },
+        "plan": {"rounds": 1, "seconds": 1, "warmup": 1, "saturation_users": 1, "fixed_users": 1},
+        "fixed_rate": 50, "setups": roles, "floors": {"outrider": "grpc-floor"},
+        "summary": summary, "comparisons": comps, "taxes": [], "runs": [],
+    }  # fmt: skip
+
+
+def test_headline_quotes_wrk_with_locust_beside_and_flags_a_bound_loadgen(tmp_path: Path) -> None:
+    from loadtests.report import headline_table
+
+    rps = {"baseline": 20000.0, "native": 16000.0, "outrider": 4000.0, "grpc-floor": 5000.0}
+    locust = {"baseline": 12000.0, "native": 11000.0, "outrider": 3300.0, "grpc-floor": 4400.0}
+    res = _result(rps, locust, wrk_util=0.5)
+    assert res["comparisons"][0]["ratio"] == 0.25  # wrk's, not Locust's 0.30
+    assert res["comparisons"][0]["source"] == "wrk"
+    text = "\n".join(headline_table([res]))
+    # ÷ native by wrk, then Locust (⚠: Locust sat at 99 %), ÷ floor by wrk and Locust
+    assert (
+        "| extauth-jwt | outrider | 0.25 | 0.30 ⚠ | 0.80 | 0.75 ⚠ | native / grpc-floor |" in text
+    )
+    bound = "\n".join(headline_table([_result(rps, locust, wrk_util=0.95)]))
+    assert "| extauth-jwt | outrider | 0.25 ⚠ |" in bound
+    assert _result(rps, locust, wrk_util=0.95)["comparisons"][0]["loadgen_bound_wrk"] == ["native"]

@@ -430,9 +430,8 @@ async def test_workers_share_one_limit_through_redis(
         "--config", str(tmp_path),
         "--listen", f"unix:{sockdir / 'rl.sock'}",
         "--redis-url", redis_server.url,
-        # what is under test is sharing, not latency: the 15 ms default is too tight for 60
-        # concurrent calls on a busy 2-core machine (UNAVAILABLE under load)
-        "--redis-timeout", "5",
+        # what is tested is the sharing: a Redis slowed by a busy machine is not a failure
+        "--redis-timeout", "1",
         "--workers", "2",
         env={"OUTRIDER_PREFIX": "wk_"},
     )  # fmt: skip

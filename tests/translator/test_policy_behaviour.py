@@ -6,7 +6,8 @@ real Envoy: the translated config in front of a test upstream (and the extauth s
 - a retry turns the upstream's first 503 into a 200 (two upstream calls);
 - a request timeout answers 504 before the slow upstream does;
 - a circuit breaker (one connection, one request) sheds concurrent requests with 503;
-- a Lua filter from an EnvoyExtensionPolicy adds a response header;
+- Lua filters from an EnvoyExtensionPolicy (inline and from a ConfigMap) answer and add a
+  response header;
 - an EnvoyPatchPolicy adds a response header to the listener's route configuration.
 """
 
@@ -122,6 +123,43 @@ spec:
   authorization:
     defaultAction: Deny
     rules: [{action: Allow, principal: {clientCIDRs: [203.0.113.0/24]}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: lua-code, namespace: default}
+data:
+  lua: |
+    function envoy_on_response(response_handle)
+      response_handle:headers():add("x-lua", "from-configmap")
+    end
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: lua, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: lua}]
+  lua:
+    - type: Inline
+      inline: |
+        function envoy_on_request(request_handle)
+          request_handle:respond({[":status"] = "418", ["x-lua"] = "inline"}, "teapot")
+        end
+    - type: ValueRef
+      valueRef: {kind: ConfigMap, name: lua-code}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyPatchPolicy
+metadata: {name: patch, namespace: default}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}
+  type: JSONPatch
+  jsonPatches:
+    - type: type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+      name: default/eg/http
+      operation:
+        op: add
+        path: /response_headers_to_add
+        value: [{header: {key: x-patched, value: "yes"}}]
 """
 
 
@@ -234,6 +272,14 @@ def test_policies_behave(stack: dict[str, Any]) -> None:
     started = time.monotonic()
     assert get(f"{base}/slow")[0] == 504
     assert time.monotonic() - started < Upstream.DELAY
+
+    # Lua: the inline script answers 418 itself, the ConfigMap one marks the response;
+    # the EnvoyPatchPolicy's header is on every response of the route configuration
+    status, headers = get(f"{base}/lua")
+    assert status == 418, headers
+    assert "from-configmap" in headers.get("x-lua", ""), headers
+    assert upstream.calls["/lua"] == 0
+    assert get(f"{base}/retry/2")[1].get("x-patched") == "yes"
 
     # circuit breaker: one connection and one pending request; the rest is shed with 503
     with ThreadPoolExecutor(5) as pool:
