@@ -102,13 +102,6 @@ class TranslateCommand:
                 file=sys.stderr,
             )
             return 2
-        if args.ratelimit_mode == "rlqs" and args.target == "gateway":
-            print(
-                "outrider translate: --ratelimit-mode rlqs applies to --target envoy only "
-                "(see docs/translator.md, --ratelimit-mode rlqs)",
-                file=sys.stderr,
-            )
-            return 2
         options = Options(
             target=args.target,
             auth=args.auth,

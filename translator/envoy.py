@@ -634,8 +634,7 @@ def build(
                         rules = list(route.global_rate_limit)
                         # RLS keeps only what the quota filter cannot express
                         limits.by_domain = quota.add_route(lst.name, route.name, rules)
-                        add_filter(48, rlqs.F_SET_FILTER_STATE, rlqs.route_state(""), disabled=True)
-                        per_filter[rlqs.F_SET_FILTER_STATE] = _enable(rlqs.route_state(route.name))
+                        add_filter(48, rlqs.F_SET_FILTER_STATE, rlqs.route_state())
                     for domain, rate_limits in limits.by_domain.items():
                         shared = domain != lst.name
                         fname = f"{F_RATELIMIT}/{domain}" if shared else F_RATELIMIT

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from . import rlqs
 from .model import Listener
 from .policies import OUTRIDER_EXTPROC_BACKEND, SecretFiles
 from .ratelimit import DomainConfigs
@@ -246,6 +247,7 @@ def gateway_manifests(
     listeners: list[Listener],
     chains: dict[str, Any],
     secret_files: SecretFiles,
+    ratelimit_mode: str = "rls",
 ) -> Output:
     gateways = resources.of("Gateway")
     namespaces = sorted({g.namespace for g in gateways}) or ["default"]
@@ -380,6 +382,9 @@ def gateway_manifests(
         _backend("extproc", ns),
     ]
     infra += [_ratelimit_patch(g.namespace, g.name) for g in gateways if domains.domains]
+    if ratelimit_mode == "rlqs":  # the quota filters instead of Envoy Gateway's RLS filter
+        quota_patches = (rlqs.gateway_patch(g.namespace, g.name, listeners) for g in gateways)
+        infra += [p for p in quota_patches if p is not None]
     configs = [
         _config_map("outrider-ratelimit", ns, ratelimit_data),
         _config_map(

@@ -12,9 +12,11 @@ Envoy enforces the token bucket it is assigned locally.
   that selects it, as with RLS, while a matcher list stops at its first match. Each
   filter holds the rule of that number of every route (a request has one route).
 - Scoped per route: the quota filter does not take per-route config in Envoy 1.40, so
-  ``set_filter_state`` (switched on per route) writes the route's name into the filter
-  state ``outrider.rlqs.route`` and every matcher requires it; a route without global
-  limits writes nothing and matches nothing. Clients cannot set filter state.
+  ``set_filter_state`` on the listener writes the name of the route a request took
+  (``%ROUTE_NAME%``) into the filter state ``outrider.rlqs.route`` and every matcher
+  requires its route's name. Clients cannot set filter state.
+- ``--target gateway``: an ``EnvoyPatchPolicy`` per Gateway adds those filters to the
+  listeners Envoy Gateway builds and removes its RLS filters (:func:`gateway_patch`).
 - Conditions: headers (value match or ``Distinct``: the header value goes into the
   bucket id), query parameters, methods (any of), path, source CIDR (``Distinct``: the
   client address goes into the bucket id), each ``invert``-able as Envoy Gateway's.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
+from typing import Any
 
 import betterproto2
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -79,8 +82,9 @@ from envoy_data_plane.xds.type.matcher.v3 import (
     StringMatcher,
 )
 
-from .model import CIDRMatch, RateLimitRule, StringMatch
+from .model import CIDRMatch, Listener, RateLimitRule, StringMatch
 from .ratelimit import MASKED_REMOTE_ADDRESS, REMOTE_ADDRESS, _cidr_value, rule_actions, rule_key
+from .resources import TranslateError
 
 F_RLQS = "envoy.filters.http.rate_limit_quota"
 F_SET_FILTER_STATE = "envoy.filters.http.set_filter_state"
@@ -261,15 +265,16 @@ def rule_matcher(
     return MatcherMatcherListFieldMatcher(predicate=_all([on_route, *predicates]), on_match=action)
 
 
-def route_state(route: str) -> SetFilterStateConfig:
-    """The per-route ``set_filter_state`` config that names the route for the matchers."""
+def route_state() -> SetFilterStateConfig:
+    """``set_filter_state`` on the listener: the name of the route the request took
+    (``%ROUTE_NAME%``) into the filter state the matchers read."""
     return SetFilterStateConfig(
         on_request_headers=[
             FilterStateValue(
                 object_key=ROUTE_STATE,
                 factory_key="envoy.string",
                 format_string=SubstitutionFormatString(
-                    text_format_source=DataSource(inline_string=route)
+                    text_format_source=DataSource(inline_string="%ROUTE_NAME%")
                 ),
             )
         ]
@@ -327,3 +332,91 @@ class QuotaFilters:
             )
             for (domain, name), entries in self.matchers.items()
         ]
+
+
+# ---------------------------------------------------------------- --target gateway
+
+F_RATELIMIT = "envoy.filters.http.ratelimit"
+F_ROUTER = "envoy.filters.http.router"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+#: Envoy Gateway's cluster for its rate limit service, pointed at the sidecar's socket
+EG_RATELIMIT_CLUSTER = "ratelimit_cluster"
+
+
+def _by_name(name: str) -> str:
+    return f"$..http_filters[?(@.name=='{name}')]"
+
+
+def _filter_dict(name: str, config: betterproto2.Message) -> dict[str, Any]:
+    return {"name": name, "typed_config": _any(config).to_dict(casing=betterproto2.Casing.SNAKE)}
+
+
+def gateway_patch(namespace: str, gateway: str, listeners: list[Listener]) -> dict[str, Any] | None:
+    """An ``EnvoyPatchPolicy`` that turns Envoy Gateway's global rate limits on one
+    Gateway into quota filters: on each of its Envoy listeners (named after the first
+    Gateway listener of a port, as Envoy Gateway names them), ``set_filter_state`` and the
+    quota filters go in before the router, and the ``ratelimit`` filters (whose route
+    ``rate_limits`` nothing reads then) are removed. None when no route has global limits.
+
+    Raises :class:`TranslateError` for a rule only RLS can express (it would lose its
+    filter)."""
+    by_port: dict[int, list[Listener]] = {}
+    for lst in listeners:
+        if (lst.gateway_ns, lst.gateway_name) == (namespace, gateway):
+            by_port.setdefault(lst.port, []).append(lst)
+    patches: list[dict[str, Any]] = []
+    for _, group in sorted(by_port.items()):
+        quota = QuotaFilters(EG_RATELIMIT_CLUSTER)
+        rls_filters: set[str] = set()
+        for lst in group:
+            for route in lst.routes:
+                if not route.global_rate_limit:
+                    continue
+                rules = list(route.global_rate_limit)
+                for rule in rules:
+                    if (why := rls_only(rule)) is not None:
+                        raise TranslateError(
+                            f"BackendTrafficPolicy {rule.policy}",
+                            "spec.rateLimit.global.rules",
+                            f"--target gateway --ratelimit-mode rlqs: a rule with {why} "
+                            "needs the RLS filter, which this mode removes; use "
+                            "--ratelimit-mode rls",
+                        )
+                quota.add_route(lst.name, route.name, rules)
+                rls_filters.add(F_RATELIMIT)
+                rls_filters.update(f"{F_RATELIMIT}/{r.policy}" for r in rules if r.shared)
+        if not quota.matchers:
+            continue
+        name = group[0].name
+        filters = [_filter_dict(F_SET_FILTER_STATE, route_state())]
+        filters += [_filter_dict(n, c) for n, c in quota.filters()]
+        for f in filters:  # each inserted before the router: they keep their order
+            patches.append(
+                {
+                    "type": LISTENER_TYPE,
+                    "name": name,
+                    "operation": {"op": "add", "jsonPath": _by_name(F_ROUTER), "value": f},
+                }
+            )
+        for rls in sorted(rls_filters):
+            patches.append(
+                {
+                    "type": LISTENER_TYPE,
+                    "name": name,
+                    "operation": {"op": "remove", "jsonPath": _by_name(rls)},
+                }
+            )
+    if not patches:
+        return None
+    return {
+        "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+        "kind": "EnvoyPatchPolicy",
+        "metadata": {"name": f"outrider-rlqs-{gateway}", "namespace": namespace},
+        "spec": {
+            "targetRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway},
+            "type": "JSONPatch",
+            # after outrider-ratelimit-<gateway>, which points ratelimit_cluster at the socket
+            "priority": 1,
+            "jsonPatches": patches,
+        },
+    }

@@ -100,7 +100,9 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
-        out = gateway_manifests(resources, listeners, chains, secret_files)
+        out = gateway_manifests(
+            resources, listeners, chains, secret_files, ratelimit_mode=options.ratelimit_mode
+        )
         out.rejections = list(rejections.items)
         return out
     config = envoy_out.build(

@@ -4,6 +4,7 @@ with a real OpenID provider (panva's oidc-provider) as a separate process."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import signal
@@ -109,6 +110,11 @@ async def test_full_login_identity_and_logout(oidc_env: Callable[..., OidcEnv], 
     page = await browser.fetch(location)
     assert page.status == 200, page.body[:300]
 
+    # The ID token's keys were fetched by the service's one JWKS client (the registry
+    # /config reports), not a second one inside the OIDC code.
+    jwks_state = json.loads(env.extauth.get("/config")[1])["config"]["jwks"]
+    assert any(uri.startswith(env.provider.issuer) for uri in jwks_state), jwks_state
+    assert all(state["loaded"] for state in jwks_state.values())
     # Every check went through the transport under test.
     metrics = env.extauth.get("/metrics")[1]
     other = "grpc" if mode == "http" else "http"

@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import copy
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,13 +23,15 @@ import yaml
 
 from services.ratelimit.config import parse_texts
 from services.ratelimit.core.quota import resolve
+from tests.harness.envoy import bootstrap, grpc_uds_cluster, validate
+from tests.harness.envoy import route as envoy_route
 from tests.harness.procs import free_port
 from tests.harness.rlqs import PacedLoad
 from tests.translator.envoy_validate import envoy_validate
 from tests.translator.test_ratelimit_conformance import CASES, DATA, _rule
 from translator.ratelimit import DomainConfigs, rule_descriptor
-from translator.resources import load_resources
-from translator.rlqs import F_RLQS, rls_only, rule_bucket
+from translator.resources import TranslateError, load_resources
+from translator.rlqs import F_RLQS, gateway_patch, rls_only, rule_bucket
 from translator.translate import Options, translate, translate_resources
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,12 +127,6 @@ def test_cli_flag(tmp_path: Path) -> None:
     assert F_RLQS in (tmp_path / "envoy.yaml").read_text()
     with pytest.raises(SystemExit):
         parser.parse_args(["-f", "x", "-o", "y", "--ratelimit-mode", "quota"])
-    gateway = parser.parse_args(
-        ["-f", str(REPO / "examples"), "-o", str(tmp_path / "k8s"), "--target", "gateway",
-         "--ratelimit-mode", "rlqs"]
-    )  # fmt: skip
-    assert COMMAND.run(gateway) == 2
-    assert not (tmp_path / "k8s").exists()
 
 
 POLICIES = """apiVersion: gateway.networking.k8s.io/v1
@@ -226,3 +225,155 @@ def test_translated_config_through_real_envoy(
     # alice's, bob's and the POST bucket (Envoy 1.40 shares one stream between filters
     # of one domain)
     assert "outrider_ratelimit_rlqs_buckets 3.0" in metrics
+
+
+# ------------------------------------------------------------ --target gateway
+
+
+XDS = REPO.parent / "shared" / "conformance" / "envoy-gateway" / "xds" / "translator" / "testdata"
+XDS_CASES = (
+    sorted(
+        p.stem
+        for p in (XDS / "in" / "xds-ir").glob("*ratelimit*.yaml")
+        if "global:" in p.read_text()
+    )
+    if XDS.is_dir()
+    else []
+)
+
+
+#: run through ``envoy --mode validate`` too (own and shared rules, headers, CIDRs)
+VALIDATED = {"ratelimit-multi-global-shared", "ratelimit-headers-and-cidr", "ratelimit-sourceip"}
+
+
+def json_path_pointers(doc: Any, expr: str) -> list[str]:
+    """The one JSONPath form the patch uses, ``$..http_filters[?(@.name=='X')]`` (RFC 9535),
+    as the JSON pointers Envoy Gateway resolves it to."""
+    m = re.fullmatch(r"\$\.\.(\w+)\[\?\(@\.name=='([^']+)'\)\]", expr)
+    assert m, expr
+    key, name = m.groups()
+    out: list[str] = []
+
+    def walk(node: Any, pointer: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                here = f"{pointer}/{k.replace('~', '~0').replace('/', '~1')}"
+                if k == key and isinstance(v, list):
+                    out.extend(
+                        f"{here}/{i}"
+                        for i, item in enumerate(v)
+                        if isinstance(item, dict) and item.get("name") == name
+                    )
+                walk(v, here)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{pointer}/{i}")
+
+    walk(doc, "")
+    return out
+
+
+def apply_patches(policy: dict[str, Any], name: str, listener: dict[str, Any]) -> dict[str, Any]:
+    import jsonpatch
+
+    out = copy.deepcopy(listener)
+    for entry in policy["spec"]["jsonPatches"]:
+        if entry["name"] != name:
+            continue
+        op = dict(entry["operation"])
+        pointers = json_path_pointers(out, op.pop("jsonPath"))
+        assert pointers, f"{entry} selects nothing: Envoy Gateway would reject the policy"
+        for pointer in pointers:
+            out = jsonpatch.JsonPatch([{**op, "path": pointer}]).apply(out)
+    return out
+
+
+def http_filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    hcm = listener["default_filter_chain"]["filters"][0]["typed_config"]
+    return hcm["http_filters"]
+
+
+@pytest.mark.skipif(not XDS.is_dir(), reason=f"{XDS} is absent (../shared beside the repo)")
+@pytest.mark.parametrize("case", XDS_CASES)
+def test_gateway_patch_on_envoy_gateways_own_listeners(case: str, tmp_path: Path) -> None:
+    """The EnvoyPatchPolicy of ``--target gateway --ratelimit-mode rlqs`` applied to the
+    listeners Envoy Gateway generates for its own global rate limit test cases: the RLS
+    filters are gone, set_filter_state and the quota filters sit before the router, and
+    the result is an HTTP filter chain the real Envoy accepts."""
+    from tests.k8s.checks import proto_names
+
+    ir = yaml.safe_load((XDS / "in" / "xds-ir" / f"{case}.yaml").read_text())
+    listeners = []
+    for lst in ir["http"]:
+        routes = []
+        for ir_route in lst.get("routes") or ():
+            glob = ((ir_route.get("traffic") or {}).get("rateLimit") or {}).get("global")
+            rules = tuple(_rule(r) for r in glob["rules"]) if glob else ()
+            routes.append(SimpleNamespace(name=ir_route["name"], global_rate_limit=rules))
+        listeners.append(
+            SimpleNamespace(
+                name=lst["name"], gateway_ns="ns", gateway_name="gw", port=lst["port"],
+                routes=routes,
+            )
+        )  # fmt: skip
+    if any(rls_only(r) for lst in listeners for rt in lst.routes for r in rt.global_rate_limit):
+        with pytest.raises(TranslateError, match="needs the RLS filter"):
+            gateway_patch("ns", "gw", listeners)
+        return
+    policy = gateway_patch("ns", "gw", listeners)
+    assert policy is not None
+    eg = yaml.safe_load((XDS / "out" / "xds-ir" / f"{case}.listeners.yaml").read_text())
+    for listener in (proto_names(doc) for doc in eg):
+        patched = apply_patches(policy, listener["name"], listener)
+        names = [f["name"] for f in http_filters(patched)]
+        assert not any(n.startswith("envoy.filters.http.ratelimit") for n in names), names
+        if names == [f["name"] for f in http_filters(listener)]:
+            continue  # a listener without global limits
+        assert names[-1] == "envoy.filters.http.router"
+        quota = [n for n in names if n.startswith(F_RLQS)]
+        assert quota
+        assert names.index("envoy.filters.http.set_filter_state") < names.index(quota[0])
+        if case not in VALIDATED:
+            continue
+        # the filters as the real Envoy reads them (a static listener, the same chain)
+        config = bootstrap(
+            free_port(),
+            free_port(),
+            routes=[envoy_route("/", "ratelimit_cluster")],
+            http_filters=http_filters(patched)[:-1],
+            clusters=[grpc_uds_cluster("ratelimit_cluster", "/tmp/rl.sock")],
+        )
+        ok, output = validate(config, tmp_path)
+        assert ok, output
+
+
+def test_gateway_target_with_rlqs(tmp_path: Path) -> None:
+    import argparse
+
+    from translator.cli import COMMAND
+
+    (tmp_path / "in.yaml").write_text(POLICIES)
+    parser = argparse.ArgumentParser()
+    COMMAND.add_arguments(parser)
+    args = parser.parse_args(
+        ["-f", str(tmp_path / "in.yaml"), "-o", str(tmp_path / "k8s"), "--target", "gateway",
+         "--ratelimit-mode", "rlqs"]
+    )  # fmt: skip
+    assert COMMAND.run(args) == 0
+    docs = list(yaml.safe_load_all((tmp_path / "k8s" / "outrider.yaml").read_text()))
+    patches = [d for d in docs if d["kind"] == "EnvoyPatchPolicy"]
+    names = {d["metadata"]["name"] for d in patches}
+    assert names == {"outrider-ratelimit-gw", "outrider-rlqs-gw"}
+    # a rule with a cost needs the RLS filter this mode removes: refused, exit 2
+    (tmp_path / "cost.yaml").write_text(
+        POLICIES.replace(
+            "limit: {requests: 3, unit: Second}",
+            "limit: {requests: 3, unit: Second}\n"
+            "          cost: {request: {from: Number, number: 2}}",
+        )
+    )
+    args = parser.parse_args(
+        ["-f", str(tmp_path / "cost.yaml"), "-o", str(tmp_path / "k8s2"), "--target", "gateway",
+         "--ratelimit-mode", "rlqs"]
+    )  # fmt: skip
+    assert COMMAND.run(args) == 2

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
@@ -127,34 +127,50 @@ def response_to_proto(decision: Decision) -> external_auth_pb2.CheckResponse:
 RESPONSE_CACHE_ENTRIES = 4096
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """``Check``. The core hands out the same :class:`Decision` object (``reusable``) for
-    a repeated credential (a cached token's, a user's, an API client's allow; a policy's
-    constant denials), so its response proto is built once and reused, keyed by the
-    decision object (kept alive with it, so its id is not reused while the entry lives)."""
+class AuthorizationServicer:
+    """``Check``, served by :meth:`check_wire` as encoded bytes (no response serializer).
+
+    The core hands out the same :class:`Decision` object (``reusable``) for a repeated
+    credential (a cached token's, a user's, an API client's allow; a policy's constant
+    denials), so its response is encoded once and reused, keyed by the decision object
+    (kept alive with it, so its id is not reused while the entry lives)."""
 
     def __init__(self, decide: Decide) -> None:
         self._decide = decide
-        self._responses: dict[int, tuple[Decision, external_auth_pb2.CheckResponse]] = {}
+        self._responses: dict[int, tuple[Decision, bytes]] = {}
 
-    async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
+    async def check_wire(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None
+    ) -> bytes:
         decision = await self._decide(request_from_proto(request), "grpc")
         if not decision.reusable:
-            return response_to_proto(decision)
+            return response_to_proto(decision).SerializeToString()
         entry = self._responses.get(id(decision))
         if entry is not None and entry[0] is decision:
             return entry[1]
-        response = response_to_proto(decision)
+        encoded = response_to_proto(decision).SerializeToString()
         responses = self._responses
         if len(responses) >= RESPONSE_CACHE_ENTRIES:
             del responses[next(iter(responses))]  # the oldest
-        responses[id(decision)] = (decision, response)
-        return response
+        responses[id(decision)] = (decision, encoded)
+        return encoded
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext | None
+    ) -> external_auth_pb2.CheckResponse:
+        """The answer as a message (for callers in the process; the server sends bytes)."""
+        return external_auth_pb2.CheckResponse.FromString(await self.check_wire(request, context))
 
 
 def register(server: grpc.aio.Server, decide: Decide) -> None:
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(decide), server
-    )
+    """As ``add_AuthorizationServicer_to_server``, but the handler returns the encoded
+    response (no response serializer)."""
+    servicer = AuthorizationServicer(decide)
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.check_wire,
+            request_deserializer=external_auth_pb2.CheckRequest.FromString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
