@@ -487,12 +487,12 @@ def progress(message: str) -> None:
 
 def _cluster(run_dir: Path) -> tuple[list[Any], str]:
     """3 masters + 3 replicas on loopback (cluster-node-timeout 2 s)."""
+    from tests.harness.procs import free_port
     from tests.harness.redis import RedisServer
-    from tests.ratelimit.test_redis_topologies import _cluster_port
 
     nodes = [
         RedisServer(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                    port=_cluster_port()).start()
+                    port=free_port(also=(10000,))).start()  # with its cluster bus port
         for _ in range(6)
     ]  # fmt: skip
     subprocess.run(
@@ -630,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="shorter phases (2 s / 4 s)")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other experiments already in --out (re-run some, keep the rest)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     all_exps = experiments()
@@ -664,6 +669,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{res['recovery_after_heal_s']} s, slowest {res['slowest_s']} s, "
             f"answered {res['answered_during_fault']} {res['notes']}"
         )
+    if args.merge and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        rerun = {r["name"] for r in results}
+        kept = [r for r in previous["experiments"] if r["name"] not in rerun]
+        order = [e.name for e in all_exps]
+        results = sorted(
+            kept + results, key=lambda r: order.index(r["name"]) if r["name"] in order else 99
+        )
+        started = dt.datetime.fromisoformat(previous["started"])
     doc = {
         "command": " ".join(["python", "-m", "loadtests.chaos", *(argv or sys.argv[1:])]),
         "started": started.isoformat(timespec="seconds"),
