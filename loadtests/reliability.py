@@ -54,7 +54,7 @@ def soak_lines(soaks: list[dict[str, Any]]) -> list[str]:
         "run and over its second half (warm-up excluded); the goal is flat: at most "
         f"{FLAT_MIB_PER_MIN:g} MiB/min over the second half.",
         "",
-        "| service (scenario / setup) | date | minutes | rate req/s (asked / got) | failed "
+        "| service (scenario / setup) | ended (UTC) | minutes | rate req/s (asked / got) | failed "
         "| RSS first → last (max) MiB | RSS slope MiB/min, whole / 2nd half | open files first "
         "→ last | tasks max, slope/min 2nd half | load avg at start | flat? |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -68,7 +68,7 @@ def soak_lines(soaks: list[dict[str, Any]]) -> list[str]:
         load = s["machine"].get("loadavg_at_start", [])
         lines.append(
             f"| {s['scenario']} / {s['setup']} | {s['date'][:16].replace('T', ' ')} | "
-            f"{s['minutes']:g} | {s['rate']:g} / {s['requests_per_second']:g} | "
+            f"{s['minutes']:g} | {s['rate'] or 'saturation'} / {s['requests_per_second']:g} | "
             f"{s['failures']}/{s['requests']} | {rss['first']:.1f} → {rss['last']:.1f} "
             f"({rss['max']:.1f}) | {_fmt(slope['whole'])} / {_fmt(half)} | "
             f"{fds['first']} → {fds['last']} | {tasks['max']}, "
