@@ -122,7 +122,8 @@ class AsyncioTasks(Collector):
 
 #: With --max-requests/--max-rss, the age after which a connection is asked (GOAWAY) to
 #: reconnect; gRPC adds up to 10 % jitter. The supervisor waits this long after pointing
-#: a socket at a replacement before it stops the old worker.
+#: a socket at a replacement, plus the connections' grace (--drain-timeout), before it
+#: stops the old worker.
 RECYCLE_CONNECTION_AGE = 5.0
 
 

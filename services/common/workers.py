@@ -378,9 +378,11 @@ class Supervisor:
 
     async def _retire(self, old: Worker) -> None:
         # The old worker keeps serving while each client's connection reaches its maximum
-        # age (GOAWAY, then a new connection through the name, to the new worker); only
-        # then is it stopped, so no call races a refusing server.
-        await asyncio.sleep(RECYCLE_CONNECTION_AGE * 1.1 + 1)
+        # age (GOAWAY, then a new connection through the name, to the new worker) and its
+        # grace (drain_timeout) runs out, so every connection it had is gone; only then is
+        # it stopped, so no call races a refusing server (stopping at the age alone lost a
+        # request on a loaded machine, where a client's reconnect lags its GOAWAY).
+        await asyncio.sleep(RECYCLE_CONNECTION_AGE * 1.1 + self.options.drain_timeout + 1)
         old.signal(signal.SIGTERM)
 
     async def _retry(self, old: Worker, reason: str) -> None:
