@@ -90,6 +90,7 @@ class Traffic:
     use_client_protocol: bool = False
     service_routing: bool = False  # routingType Service: the Service's cluster IP
     http2: dict[str, Any] = field(default_factory=dict)  # upstream HTTP/2 options
+    health_check_port: int | None = None  # active health check overrides.port
     #: filter name → (listener-level filter config, per-route config)
     filters: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
 
@@ -101,6 +102,7 @@ class Traffic:
             or self.use_client_protocol
             or self.http2
             or self.service_routing
+            or self.health_check_port is not None
         )
 
     @property
@@ -115,6 +117,16 @@ def _d(node: Node, res: Resource, what: str) -> str:
 def _percent(node: Node | None) -> dict[str, Any]:
     value = 100.0 if node is None else float(node.value)
     return {"numerator": round(value * 10000), "denominator": "MILLION"}
+
+
+def _fraction(node: Node, res: Resource) -> float:
+    """A Gateway API ``Fraction`` (numerator / denominator, default 100) as a percentage."""
+    check_fields(node, res, ("numerator", "denominator"))
+    num = node.req("numerator").int(minimum=0)
+    den = node.opt_int("denominator", 100, minimum=1) or 100
+    if num > den:
+        raise error_at(node, res, f"numerator {num} is greater than denominator {den}")
+    return num * 100 / den
 
 
 def _is_prime(n: int) -> bool:
@@ -214,6 +226,7 @@ def _circuit_breaker(cb: Node, res: Resource, t: Traffic) -> None:
             "maxParallelRetries",
             "maxRequestsPerConnection",
             "perEndpoint",
+            "retryBudget",
         ),
     )
     threshold: dict[str, Any] = {}
@@ -230,6 +243,12 @@ def _circuit_breaker(cb: Node, res: Resource, t: Traffic) -> None:
                     n, res, f"CircuitBreaker: invalid {key[0].upper()}{key[1:]} value {value}"
                 )
             threshold[target] = value
+    if (rb := cb.get("retryBudget")) is not None:
+        check_fields(rb, res, ("percent", "minRetryConcurrency"))
+        budget: dict[str, Any] = {"budget_percent": {"value": _fraction(rb.req("percent"), res)}}
+        if (n := rb.get("minRetryConcurrency")) is not None:
+            budget["min_retry_concurrency"] = n.int(minimum=0, maximum=2**32 - 1)
+        threshold["retry_budget"] = budget
     breakers: dict[str, Any] = {"thresholds": [threshold]}
     if (pe := cb.get("perEndpoint")) is not None:
         check_fields(pe, res, ("maxConnections",))
@@ -346,6 +365,96 @@ def _retry(r: Node, res: Resource, t: Traffic) -> None:
     t.route["retry_policy"] = policy
 
 
+def _status_ranges(statuses: list[int]) -> list[dict[str, int]]:
+    """Envoy Gateway's ``buildHTTPStatusRange``: sorted, deduplicated, runs merged."""
+    ranges: list[dict[str, int]] = []
+    for code in sorted(set(statuses)):
+        if ranges and ranges[-1]["end"] == code:
+            ranges[-1]["end"] = code + 1
+        else:
+            ranges.append({"start": code, "end": code + 1})
+    return ranges
+
+
+def _active_health_check(a: Node, res: Resource, t: Traffic) -> None:
+    check_fields(
+        a,
+        res,
+        (
+            "type",
+            "timeout",
+            "interval",
+            "initialJitter",
+            "unhealthyThreshold",
+            "healthyThreshold",
+            "http",
+            "tcp",
+            "grpc",
+            "overrides",
+        ),
+        {"healthCheckLog": "health check event logs are not translated"},
+    )
+    kind = a.req("type").str(choices=("HTTP", "TCP", "GRPC"))
+    check: dict[str, Any] = {
+        "timeout": _d(a.get("timeout") or Node("1s", a.file), res, "HealthCheck timeout"),
+        "interval": _d(a.get("interval") or Node("3s", a.file), res, "HealthCheck interval"),
+        "unhealthy_threshold": a.opt_int("unhealthyThreshold", 3, minimum=0),
+        "healthy_threshold": a.opt_int("healthyThreshold", 1, minimum=0),
+    }
+    if (j := a.get("initialJitter")) is not None:
+        check["initial_jitter"] = _d(j, res, "HealthCheck initialJitter")
+    if kind == "HTTP":
+        h = check_fields(
+            a.req("http"),
+            res,
+            (
+                "path",
+                "method",
+                "expectedStatuses",
+                "retriableStatuses",
+                "expectedResponse",
+                "requestBody",
+                "hostname",
+            ),
+        )
+        hcfg: dict[str, Any] = {"path": h.req("path").str(nonempty=True)}
+        if (m := h.get("method")) is not None:
+            hcfg["method"] = m.str(nonempty=True).upper()
+        for key, target, default in (
+            ("expectedStatuses", "expected_statuses", [200]),  # Envoy Gateway's default
+            ("retriableStatuses", "retriable_statuses", []),
+        ):
+            st = h.get(key)
+            codes = [s.int(minimum=100, maximum=599) for s in st.list()] if st is not None else []
+            if codes or default:
+                hcfg[target] = _status_ranges(codes or default)
+        if (hn := h.get("hostname")) is not None:
+            hcfg["host"] = hn.str()
+        if (er := h.get("expectedResponse")) is not None:
+            hcfg["receive"] = [_payload(er, res)]
+        if (rb := h.get("requestBody")) is not None:
+            hcfg["send"] = _payload(rb, res)
+        check["http_health_check"] = hcfg
+    elif kind == "TCP":
+        tc = check_fields(a.get("tcp") or Node({}, a.file), res, ("send", "receive"))
+        tcfg: dict[str, Any] = {}
+        if (s := tc.get("send")) is not None:
+            tcfg["send"] = _payload(s, res)
+        if (r := tc.get("receive")) is not None:
+            tcfg["receive"] = [_payload(r, res)]
+        check["tcp_health_check"] = tcfg
+    else:
+        g = check_fields(a.get("grpc") or Node({}, a.file), res, ("service",))
+        check["grpc_health_check"] = (
+            {"service_name": g.opt_str("service")} if g.get("service") is not None else {}
+        )
+    if (o := a.get("overrides")) is not None:
+        check_fields(o, res, ("port",))
+        # Envoy Gateway: each endpoint's health_check_config.port_value
+        t.health_check_port = o.req("port").int(minimum=1, maximum=65535)
+    t.cluster["health_checks"] = [check]
+
+
 def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
     check_fields(hc, res, ("active", "passive", "panicThreshold"))
     if (pt := hc.get("panicThreshold")) is not None:
@@ -353,60 +462,7 @@ def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
             "healthy_panic_threshold": {"value": float(pt.int(minimum=0, maximum=100))}
         }
     if (a := hc.get("active")) is not None:
-        check_fields(
-            a,
-            res,
-            (
-                "type",
-                "timeout",
-                "interval",
-                "unhealthyThreshold",
-                "healthyThreshold",
-                "http",
-                "tcp",
-                "grpc",
-            ),
-        )
-        kind = a.req("type").str(choices=("HTTP", "TCP", "GRPC"))
-        check: dict[str, Any] = {
-            "timeout": _d(a.get("timeout") or Node("1s", a.file), res, "HealthCheck timeout"),
-            "interval": _d(a.get("interval") or Node("3s", a.file), res, "HealthCheck interval"),
-            "unhealthy_threshold": a.opt_int("unhealthyThreshold", 3, minimum=0),
-            "healthy_threshold": a.opt_int("healthyThreshold", 1, minimum=0),
-        }
-        if kind == "HTTP":
-            h = check_fields(
-                a.req("http"),
-                res,
-                ("path", "method", "expectedStatuses", "expectedResponse", "hostname"),
-            )
-            hcfg: dict[str, Any] = {"path": h.req("path").str(nonempty=True)}
-            if (m := h.get("method")) is not None:
-                hcfg["method"] = m.str(nonempty=True).upper()
-            if (st := h.get("expectedStatuses")) is not None:
-                hcfg["expected_statuses"] = [
-                    {"start": s.int(minimum=100, maximum=599), "end": s.int() + 1}
-                    for s in st.list()
-                ]
-            if (hn := h.get("hostname")) is not None:
-                hcfg["host"] = hn.str()
-            if (er := h.get("expectedResponse")) is not None:
-                hcfg["receive"] = [_payload(er, res)]
-            check["http_health_check"] = hcfg
-        elif kind == "TCP":
-            tc = check_fields(a.get("tcp") or Node({}, a.file), res, ("send", "receive"))
-            tcfg: dict[str, Any] = {}
-            if (s := tc.get("send")) is not None:
-                tcfg["send"] = _payload(s, res)
-            if (r := tc.get("receive")) is not None:
-                tcfg["receive"] = [_payload(r, res)]
-            check["tcp_health_check"] = tcfg
-        else:
-            g = check_fields(a.get("grpc") or Node({}, a.file), res, ("service",))
-            check["grpc_health_check"] = (
-                {"service_name": g.opt_str("service")} if g.get("service") is not None else {}
-            )
-        t.cluster["health_checks"] = [check]
+        _active_health_check(a, res, t)
     if (p := hc.get("passive")) is not None:
         check_fields(
             p,
@@ -419,6 +475,8 @@ def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
                 "consecutive5XxErrors",
                 "baseEjectionTime",
                 "maxEjectionPercent",
+                "failurePercentageThreshold",
+                "alwaysEjectOneEndpoint",
             ),
         )
         od: dict[str, Any] = {}
@@ -431,10 +489,20 @@ def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
             ("consecutiveLocalOriginFailures", "consecutive_local_origin_failure"),
             ("consecutiveGatewayErrors", "consecutive_gateway_failure"),
             ("consecutive5XxErrors", "consecutive_5xx"),
-            ("maxEjectionPercent", "max_ejection_percent"),
+            ("failurePercentageThreshold", "failure_percentage_threshold"),
         ):
             if (n := p.get(key)) is not None:
                 od[target] = n.int(minimum=0)
+        # Envoy enforces gateway-failure and failure-percentage ejection at 0 % by default;
+        # Envoy Gateway sets 100 % when the policy asks for them.
+        if "consecutive_gateway_failure" in od:
+            od["enforcing_consecutive_gateway_failure"] = 100
+        if "failure_percentage_threshold" in od:
+            od["enforcing_failure_percentage"] = 100
+        if (n := p.get("maxEjectionPercent")) is not None and n.int(minimum=0) > 0:
+            od["max_ejection_percent"] = n.int()
+        if p.get("alwaysEjectOneEndpoint") is not None:
+            od["always_eject_one_host"] = p.opt_bool("alwaysEjectOneEndpoint")
         t.cluster["outlier_detection"] = od
 
 
@@ -559,6 +627,7 @@ def build(btp: Resource) -> Traffic:
                 "initialConnectionWindowSize",
                 "maxConcurrentStreams",
                 "onInvalidMessage",
+                "connectionKeepalive",
             ),
         )
         for key, target in (
@@ -576,6 +645,19 @@ def build(btp: Resource) -> Traffic:
             t.http2["override_stream_error_on_invalid_http_message"] = (
                 v.str(choices=("TerminateConnection", "TerminateStream")) == "TerminateStream"
             )
+        if (v := n.get("connectionKeepalive")) is not None:
+            check_fields(v, btp, ("interval", "timeout", "intervalJitter", "idleInterval"))
+            keepalive: dict[str, Any] = {}
+            for key, target in (
+                ("interval", "interval"),
+                ("timeout", "timeout"),
+                ("idleInterval", "connection_idle_interval"),
+            ):
+                if (d := v.get(key)) is not None:
+                    keepalive[target] = _d(d, btp, f"ConnectionKeepalive.{key[0].upper()}{key[1:]}")
+            if (j := v.get("intervalJitter")) is not None:
+                keepalive["interval_jitter"] = {"value": float(j.int(minimum=0, maximum=100))}
+            t.http2["connection_keepalive"] = keepalive
     if (n := spec.get("faultInjection")) is not None:
         check_fields(n, btp, ("delay", "abort"))
         fault: dict[str, Any] = {"@type": T + "extensions.filters.http.fault.v3.HTTPFault"}
@@ -712,6 +794,10 @@ def _own_cluster(
             }
         ]
     c.update(copy.deepcopy(t.cluster))
+    if t.health_check_port is not None:
+        for locality in c.get("load_assignment", {}).get("endpoints", []):
+            for ep in locality.get("lb_endpoints", []):
+                ep["endpoint"]["health_check_config"] = {"port_value": t.health_check_port}
     key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     options = c.setdefault("typed_extension_protocol_options", {})
     po = options.get(key) or {
