@@ -48,12 +48,12 @@ FIELDS = (
     "compressor",
     "httpUpgrade",
     "requestBuffer",
+    "admissionControl",
+    "bandwidthLimit",
 )
 UNSUPPORTED = {
     "responseOverride": "custom responses are not translated yet",
     "telemetry": "per-backend telemetry is not translated",
-    "admissionControl": "admission control is not translated",
-    "bandwidthLimit": "bandwidth limits are not translated",
     "targetSelectors": "target selectors need cluster labels",
 }
 RETRY_TRIGGERS = {
@@ -76,6 +76,34 @@ COMPRESSORS = {
     "Brotli": ("brotli", "compression.brotli.compressor.v3.Brotli"),
     "Zstd": ("zstd", "compression.zstd.compressor.v3.Zstd"),
 }
+PATH_SPECIFIERS = (
+    "prefix",
+    "path",
+    "safe_regex",
+    "path_separated_prefix",
+    "path_match_policy",
+)
+GRPC_CODES = {
+    "Ok": 0,
+    "Cancelled": 1,
+    "Unknown": 2,
+    "InvalidArgument": 3,
+    "DeadlineExceeded": 4,
+    "NotFound": 5,
+    "AlreadyExists": 6,
+    "PermissionDenied": 7,
+    "ResourceExhausted": 8,
+    "FailedPrecondition": 9,
+    "Aborted": 10,
+    "OutOfRange": 11,
+    "Unimplemented": 12,
+    "Internal": 13,
+    "Unavailable": 14,
+    "DataLoss": 15,
+    "Unauthenticated": 16,
+}
+BANDWIDTH_UNITS = {"Second": 1, "Minute": 60, "Hour": 3600}
+F_BANDWIDTH = "envoy.filters.http.bandwidth_limit"
 F_FAULT = "envoy.filters.http.fault"
 F_BUFFER = "envoy.filters.http.buffer"
 
@@ -91,6 +119,8 @@ class Traffic:
     service_routing: bool = False  # routingType Service: the Service's cluster IP
     http2: dict[str, Any] = field(default_factory=dict)  # upstream HTTP/2 options
     health_check_port: int | None = None  # active health check overrides.port
+    connect_match: bool = False  # an httpUpgrade CONNECT: the route matches CONNECT requests
+    upstream_filters: list[dict[str, Any]] = field(default_factory=list)  # cluster's HTTP filters
     #: filter name → (listener-level filter config, per-route config)
     filters: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
 
@@ -103,6 +133,7 @@ class Traffic:
             or self.http2
             or self.service_routing
             or self.health_check_port is not None
+            or bool(self.upstream_filters)
         )
 
     @property
@@ -542,6 +573,106 @@ def _compression(items: Node, res: Resource, t: Traffic) -> None:
         )
 
 
+def _admission_control(ac: Node, res: Resource, t: Traffic) -> None:
+    """Envoy's admission_control as an upstream HTTP filter of the route's clusters
+    (Envoy Gateway's ``buildUpstreamAdmissionControlFilter``)."""
+    check_fields(
+        ac,
+        res,
+        (
+            "samplingWindow",
+            "minSuccessRate",
+            "rejectionAggression",
+            "minRequestRate",
+            "maxRejectionPercent",
+            "successCriteria",
+        ),
+    )
+    cfg: dict[str, Any] = {
+        "@type": T + "extensions.filters.http.admission_control.v3.AdmissionControl",
+        "enabled": {"default_value": True, "runtime_key": "admission_control.enabled"},
+    }
+    if (n := ac.get("samplingWindow")) is not None:
+        cfg["sampling_window"] = _d(n, res, "AdmissionControl samplingWindow")
+    if (n := ac.get("minSuccessRate")) is not None:
+        cfg["sr_threshold"] = {
+            "default_value": {"value": float(n.int(minimum=1, maximum=100))},
+            "runtime_key": "admission_control.sr_threshold",
+        }
+    if (n := ac.get("rejectionAggression")) is not None:
+        cfg["aggression"] = {
+            "default_value": float(n.int(minimum=1)),
+            "runtime_key": "admission_control.aggression",
+        }
+    if (n := ac.get("minRequestRate")) is not None:
+        cfg["rps_threshold"] = {
+            "default_value": n.int(minimum=0, maximum=2**32 - 1),
+            "runtime_key": "admission_control.rps_threshold",
+        }
+    if (n := ac.get("maxRejectionPercent")) is not None:
+        cfg["max_rejection_probability"] = {
+            "default_value": {"value": float(n.int(minimum=0, maximum=100))},
+            "runtime_key": "admission_control.max_rejection_probability",
+        }
+    criteria: dict[str, Any] = {}
+    if (sc := ac.get("successCriteria")) is not None:
+        check_fields(sc, res, ("http", "grpc"))
+        if (h := sc.get("http")) is not None:
+            check_fields(h, res, ("statusCodes",))
+            codes = [c.int(minimum=100, maximum=599) for c in h.req("statusCodes").list()]
+            if codes:
+                criteria["http_criteria"] = {
+                    "http_success_status": [{"start": c, "end": c + 1} for c in codes]
+                }
+        if (g := sc.get("grpc")) is not None:
+            check_fields(g, res, ("statusCodes",))
+            names = [c.str(choices=tuple(GRPC_CODES)) for c in g.req("statusCodes").list()]
+            if names:
+                criteria["grpc_criteria"] = {"grpc_success_status": [GRPC_CODES[c] for c in names]}
+    cfg["success_criteria"] = criteria
+    t.upstream_filters.append({"name": "envoy.filters.http.admission_control", "typed_config": cfg})
+
+
+def _bandwidth_limit(bl: Node, res: Resource, t: Traffic) -> None:
+    """Envoy's bandwidth_limit, one filter per direction, switched on per route (Envoy
+    Gateway's ``envoy.filters.http.bandwidth_limit/request`` and ``/response``)."""
+    check_fields(bl, res, ("request", "response"))
+    bw = T + "extensions.filters.http.bandwidth_limit.v3.BandwidthLimit"
+    prefix = "http_bandwidth_limiter"
+    for direction, mode in (("request", "REQUEST"), ("response", "RESPONSE")):
+        if (d := bl.get(direction)) is None:
+            continue
+        check_fields(
+            d, res, ("limit", "responseTrailers") if direction == "response" else ("limit",)
+        )
+        lim = check_fields(d.req("limit"), res, ("value", "unit"))
+        value = quantity(lim.req("value"), res, f"{direction} limit")
+        unit = lim.req("unit").str(choices=tuple(BANDWIDTH_UNITS))
+        kibps = value // (BANDWIDTH_UNITS[unit] * 1024)
+        if kibps == 0:
+            raise error_at(
+                lim,
+                res,
+                f"{direction}: bandwidth limit of {value} bytes per {unit} is below the "
+                "minimum of 1 KiB/s",
+            )
+        per_route: dict[str, Any] = {
+            "@type": bw,
+            "stat_prefix": prefix,
+            "enable_mode": mode,
+            "limit_kbps": kibps,
+        }
+        if (tr := d.get("responseTrailers")) is not None:
+            check_fields(tr, res, ("prefix",))
+            per_route["enable_response_trailers"] = True
+            if tr.get("prefix") is not None:
+                per_route["response_trailer_prefix"] = tr.req("prefix").str()
+        t.filters[f"{F_BANDWIDTH}/{direction}"] = (
+            {"@type": bw, "stat_prefix": prefix, "enable_mode": "DISABLED"},
+            per_route,
+        )
+
+
 def build(btp: Resource) -> Traffic:
     """The route and cluster settings of one BackendTrafficPolicy (raises when invalid)."""
     spec = btp.spec
@@ -573,9 +704,20 @@ def build(btp: Resource) -> Traffic:
         check_fields(
             n,
             btp,
-            ("bufferLimit",),
-            {"socketBufferLimit": "not translated", "preconnect": "not translated"},
+            ("bufferLimit", "preconnect"),
+            {"socketBufferLimit": "Envoy Gateway does not translate it for backends either"},
         )
+        if (pc := n.get("preconnect")) is not None:
+            check_fields(pc, btp, ("perEndpointPercent", "predictivePercent"))
+            policy: dict[str, Any] = {}
+            for key, target in (
+                ("perEndpointPercent", "per_upstream_preconnect_ratio"),
+                ("predictivePercent", "predictive_preconnect_ratio"),
+            ):
+                if (v := pc.get(key)) is not None:
+                    policy[target] = v.int(minimum=100, maximum=300) / 100
+            if policy:
+                t.cluster["preconnect_policy"] = policy
         if (b := n.get("bufferLimit")) is not None:
             value = quantity(b, btp, "BackendConnection: BufferLimit")
             if not 0 <= value <= 2**32 - 1:
@@ -658,6 +800,10 @@ def build(btp: Resource) -> Traffic:
             if (j := v.get("intervalJitter")) is not None:
                 keepalive["interval_jitter"] = {"value": float(j.int(minimum=0, maximum=100))}
             t.http2["connection_keepalive"] = keepalive
+    if (n := spec.get("admissionControl")) is not None:
+        _admission_control(n, btp, t)
+    if (n := spec.get("bandwidthLimit")) is not None:
+        _bandwidth_limit(n, btp, t)
     if (n := spec.get("faultInjection")) is not None:
         check_fields(n, btp, ("delay", "abort"))
         fault: dict[str, Any] = {"@type": T + "extensions.filters.http.fault.v3.HTTPFault"}
@@ -687,8 +833,18 @@ def build(btp: Resource) -> Traffic:
     if upgrades is not None:
         configs = []
         for u in upgrades.list():
-            check_fields(u, btp, ("type",), {"connect": "CONNECT settings are not translated"})
-            configs.append({"upgrade_type": u.req("type").str(nonempty=True)})
+            check_fields(u, btp, ("type", "connect"))
+            kind = u.req("type").str(nonempty=True)
+            cfg: dict[str, Any] = {"upgrade_type": kind}
+            if kind.upper() == "CONNECT":
+                # Envoy Gateway: a CONNECT upgrade replaces the route's path match with
+                # Envoy's CONNECT matcher; terminate: Envoy ends the tunnel itself
+                t.connect_match = True
+            if (c := u.get("connect")) is not None:
+                check_fields(c, btp, ("terminate",))
+                if kind == "CONNECT" and c.opt_bool("terminate"):
+                    cfg["connect_config"] = {}
+            configs.append(cfg)
         t.route["upgrade_configs"] = configs
     if (n := spec.get("requestBuffer")) is not None:
         if upgrades is not None:
@@ -697,6 +853,13 @@ def build(btp: Resource) -> Traffic:
             )
         check_fields(n, btp, ("limit",))
         limit = quantity(n.req("limit"), btp, "RequestBuffer: limit")
+        if not 0 <= limit <= 2**32 - 1:
+            raise error_at(
+                n.req("limit"),
+                btp,
+                f"RequestBuffer: limit value {n.req('limit').value} is out of range, "
+                f"must be between 0 and {2**32 - 1}",
+            )
         t.filters[F_BUFFER] = (
             {"@type": T + "extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": limit},
             {
@@ -750,6 +913,11 @@ def _apply_route(
     action = route["route"]
     for key, value in t.route.items():
         action[key] = copy.deepcopy(value)
+    if t.connect_match:
+        match = route["match"]
+        for key in PATH_SPECIFIERS:
+            match.pop(key, None)
+        match["connect_matcher"] = {}
     for name, (_, per_route) in t.filters.items():
         used.add(name)
         route.setdefault("typed_per_filter_config", {})[name] = {
@@ -815,7 +983,17 @@ def _own_cluster(
         po["explicit_http_config"]["http2_protocol_options"].update(t.http2)
     if t.common_http:
         po.setdefault("common_http_protocol_options", {}).update(t.common_http)
-    if t.use_client_protocol or t.common_http or h2:
+    if t.upstream_filters:
+        po["http_filters"] = [
+            *copy.deepcopy(t.upstream_filters),
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                },
+            },
+        ]
+    if t.use_client_protocol or t.common_http or h2 or t.upstream_filters:
         options[key] = po
     if not options:
         del c["typed_extension_protocol_options"]

@@ -27,6 +27,10 @@ CASES = (
     "backendtrafficpolicy-with-healthcheck",
     "backendtrafficpolicy-with-healthcheck-overrides",
     "backendtrafficpolicy-http2-keepalive",
+    "backendtrafficpolicy-admission-control",
+    "backendtrafficpolicy-with-bandwidth-limit",
+    "backendtrafficpolicy-with-preconnect",
+    "backendtrafficpolicy-connect-terminate",
 )
 RES = Resource("Test", "t", "t", "", Node({}, "t"))
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
@@ -146,6 +150,36 @@ def test_settings_mean_what_envoy_gateway_means(case: str, tmp_path: Path) -> No
             for c in names:
                 compare_http2(h2, clusters[c])
             compared += 1
+        if (ac := traffic.get("admissionControl")) is not None:
+            for c in names:
+                compare_admission_control(ac, clusters[c])
+            compared += 1
+        if (bl := traffic.get("bandwidthLimit")) is not None:
+            compare_bandwidth_limit(bl, routes[name])
+            compared += 1
+        pre = (traffic.get("backendConnection") or {}).get("preconnect")
+        if pre is not None:
+            for c in names:
+                policy = clusters[c]["preconnect_policy"]
+                for ours, theirs in (
+                    ("per_upstream_preconnect_ratio", "perEndpointPercent"),
+                    ("predictive_preconnect_ratio", "predictivePercent"),
+                ):
+                    expected = pre.get(theirs)
+                    assert policy.get(ours) == (None if expected is None else expected / 100)
+            compared += 1
+        if (upgrades := traffic.get("httpUpgrade")) is not None:
+            configs = action["upgrade_configs"]
+            assert [u["upgrade_type"] for u in configs] == [u["type"] for u in upgrades]
+            for ours, theirs in zip(configs, upgrades, strict=True):
+                terminate = (theirs.get("connect") or {}).get("terminate", False)
+                assert ("connect_config" in ours) == (theirs["type"] == "CONNECT" and terminate)
+            connect = any(u["type"].upper() == "CONNECT" for u in upgrades)
+            match = routes[name]["match"]
+            assert ("connect_matcher" in match) == connect
+            if connect:
+                assert not {"prefix", "path", "safe_regex", "path_separated_prefix"} & set(match)
+            compared += 1
     assert compared, f"nothing compared in {case}"
 
 
@@ -245,3 +279,53 @@ def compare_http2(h2: dict[str, Any], cluster: dict[str, Any]) -> None:
     assert secs(mine.get("timeout")) == secs(ka.get("timeout"))
     assert secs(mine.get("connection_idle_interval")) == secs(ka.get("idleInterval"))
     assert (mine.get("interval_jitter") or {}).get("value") == ka.get("intervalJitter")
+
+
+GRPC = {"Ok": 0, "Cancelled": 1, "DeadlineExceeded": 4, "Unavailable": 14, "Internal": 13}
+
+
+def compare_admission_control(ac: dict[str, Any], cluster: dict[str, Any]) -> None:
+    """The upstream admission_control filter, as Envoy Gateway's
+    ``buildAdmissionControlConfig``, before the upstream codec."""
+    options = cluster["typed_extension_protocol_options"]
+    po = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    first, codec = po["http_filters"]
+    assert first["name"] == "envoy.filters.http.admission_control"
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    cfg = first["typed_config"]
+    assert cfg["enabled"]["default_value"] is True
+    assert secs(cfg.get("sampling_window")) == secs(ac.get("samplingWindow"))
+    for ours, theirs in (
+        ("sr_threshold", "minSuccessRate"),
+        ("max_rejection_probability", "maxRejectionPercent"),
+    ):
+        value = (cfg.get(ours) or {}).get("default_value", {}).get("value")
+        assert value == ac.get(theirs), ours
+    assert (cfg.get("aggression") or {}).get("default_value") == ac.get("rejectionAggression")
+    assert (cfg.get("rps_threshold") or {}).get("default_value") == ac.get("minRequestRate")
+    criteria = ac.get("successCriteria") or {}
+    http = (criteria.get("http") or {}).get("statusCodes") or []
+    assert statuses(
+        cfg["success_criteria"].get("http_criteria", {}).get("http_success_status")
+    ) == set(http)
+    grpc = (criteria.get("grpc") or {}).get("statusCodes") or []
+    assert cfg["success_criteria"].get("grpc_criteria", {}).get("grpc_success_status", []) == [
+        GRPC[c] for c in grpc
+    ]
+
+
+def compare_bandwidth_limit(bl: dict[str, Any], route: dict[str, Any]) -> None:
+    """One bandwidth_limit filter per direction, enabled on the route with its KiB/s."""
+    per_filter = route.get("typed_per_filter_config", {})
+    for direction, mode in (("request", "REQUEST"), ("response", "RESPONSE")):
+        name = f"envoy.filters.http.bandwidth_limit/{direction}"
+        if (theirs := bl.get(direction)) is None:
+            assert name not in per_filter
+            continue
+        cfg = per_filter[name]["config"]
+        assert cfg["enable_mode"] == mode
+        assert cfg["limit_kbps"] == theirs["limitKibps"]
+        trailers = theirs.get("responseTrailers")
+        assert bool(cfg.get("enable_response_trailers")) == (trailers is not None)
+        if trailers is not None:
+            assert cfg.get("response_trailer_prefix") == trailers.get("prefix")
