@@ -314,12 +314,16 @@ def _cost(node: Node | None, res: Resource) -> RateLimitCost | None:
 def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = False) -> RateLimitRule:
     allowed = ("clientSelectors", "limit", "cost", "shadowMode", "shared", "xRateLimitHeaders")
     check_fields(rule, res, allowed)
-    limit = check_fields(
-        rule.req("limit"),
-        res,
-        ("requests", "unit"),
-        {"fromMetadata": "limits from metadata are not translated"},
-    )
+    limit = check_fields(rule.req("limit"), res, ("requests", "unit", "fromMetadata"))
+    limit_metadata = None
+    if (md := limit.get("fromMetadata")) is not None:
+        if local:
+            raise unsupported(md, res, "fromMetadata applies to global rate limits")
+        check_fields(md, res, ("namespace", "key"))
+        limit_metadata = (
+            md.req("namespace").str(nonempty=True),
+            md.req("key").str(nonempty=True),
+        )
     fields: dict[str, Any] = {
         "header_matches": [],
         "query_matches": [],
@@ -331,9 +335,12 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
         _selector_matches(sel, res, fields)
     cost = rule.get("cost")
     if cost is not None:
-        if local:
-            raise unsupported(cost, res, "cost applies to global rate limits")
         check_fields(cost, res, ("request", "response"))
+        if local and cost.get("response") is not None:
+            # Envoy Gateway's CRD: the local filter counts when the request arrives
+            raise error_at(
+                cost.req("response"), res, "response cost is not supported for Local Rate Limits"
+            )
     if local:
         for key in ("shared",):
             if rule.get(key) is not None:
@@ -352,6 +359,7 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
         shadow_mode=rule.opt_bool("shadowMode", False),
         shared=rule.opt_bool("shared", False),
         x_ratelimit_headers=rule.opt_str("xRateLimitHeaders", choices=("Off", "DraftVersion03")),
+        limit_metadata=limit_metadata,
     )
 
 

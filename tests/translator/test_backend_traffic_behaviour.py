@@ -6,6 +6,7 @@ test upstreams (an HTTP server and a TCP echo server).
 - ``faultInjection.abort``: Envoy answers with the status without calling the upstream;
 - ``mergeType: StrategicMerge``: a route's local rate limit rules join its Gateway's, so
   both policies' rules limit the route;
+- a local rate limit rule's ``cost.request``: each request takes that many tokens;
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ spec:
     - name: merged
       matches: [{path: {type: PathPrefix, value: /merged}}]
       backendRefs: [{name: up, port: 80}]
+    - name: costly
+      matches: [{path: {type: PathPrefix, value: /costly}}]
+      backendRefs: [{name: up, port: 80}]
     - name: plain
       matches: [{path: {type: PathPrefix, value: /}}]
       backendRefs: [{name: up, port: 80}]
@@ -95,6 +99,19 @@ spec:
       rules:
         - clientSelectors: [{headers: [{name: x-user, value: one}]}]
           limit: {requests: 1, unit: Hour}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: costly, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: costly}]
+  rateLimit:
+    type: Local
+    local:
+      rules:
+        - clientSelectors: [{headers: [{name: x-user, type: Distinct}]}]
+          limit: {requests: 10, unit: Hour}
+          cost: {request: {from: Number, number: 4}}
 """
 
 
@@ -178,3 +195,7 @@ def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
         assert get(f"{base}/merged", {"x-user": user})[0] == 200
         assert get(f"{base}/merged", {"x-user": user})[0] == 429
     assert [get(f"{base}/merged")[0] for _ in range(3)] == [200, 200, 200]
+
+    # local cost: 4 tokens a request out of 10 an hour, per user: the third is refused
+    assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(3)] == [200, 200, 429]
+    assert get(f"{base}/costly", {"x-user": "bob"})[0] == 200

@@ -440,3 +440,69 @@ def test_merged_rate_limits_are_envoy_gateways(case: str, tmp_path: Path) -> Non
                 assert expected in found, (r["name"], found)
                 compared += 1
     assert compared
+
+
+def test_limit_from_metadata_and_costs_are_envoy_gateways(tmp_path: Path) -> None:
+    """``limit.fromMetadata`` → each of the rule's Envoy rate limits overrides its limit
+    from that dynamic metadata (Envoy Gateway's ``buildRateLimitOverride``), request and
+    response costs → ``hits_addend`` (the response one on stream end) — per route, as in
+    Envoy Gateway's IR."""
+    case = "backendtrafficpolicy-with-ratelimit"
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    routes = all_routes(yaml.safe_load(out.files["envoy.yaml"]))
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                rules = (((r.get("traffic") or {}).get("rateLimit") or {}).get("global") or {}).get(
+                    "rules"
+                ) or []
+                if not rules:
+                    continue
+                expected = []
+                for rule in rules:
+                    md = rule["limit"].get("fromMetadata")
+                    limit = (
+                        None
+                        if md is None
+                        else {
+                            "dynamic_metadata": {
+                                "metadata_key": {
+                                    "key": md["namespace"],
+                                    "path": [{"key": md["key"]}],
+                                }
+                            }
+                        }
+                    )
+                    for cost, on_done in (("requestCost", False), ("responseCost", True)):
+                        c = rule.get(cost)
+                        if c is None and on_done:
+                            continue
+                        hits = None
+                        if c is not None:
+                            hits = (
+                                {"number": c["number"]}
+                                if "number" in c
+                                else {"format": c["format"]}
+                            )
+                        # one Envoy rate limit per listed method, as Envoy Gateway
+                        expected += [(limit, hits, on_done)] * max(
+                            1, len(rule.get("methodMatches") or ())
+                        )
+                candidates = []
+                for route in routes[r["name"]]:
+                    ours = [
+                        c
+                        for n, cfg in route["typed_per_filter_config"].items()
+                        if n.startswith("envoy.filters.http.ratelimit")
+                        for c in cfg.get("config", cfg)["rate_limits"]
+                    ]
+                    found = [
+                        (c.get("limit"), c.get("hits_addend"), bool(c.get("apply_on_stream_done")))
+                        for c in ours
+                    ]
+                    candidates.append(sorted(map(repr, found)))
+                assert sorted(map(repr, expected)) in candidates, r["name"]
+                compared += 1
+    assert compared
