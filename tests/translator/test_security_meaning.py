@@ -244,3 +244,52 @@ def test_patch_policy_is_programmed_as_envoy_gateway(tmp_path: Path) -> None:
     listener = yaml.safe_load(out.files["envoy.yaml"])["static_resources"]["listeners"][0]
     assert listener["per_connection_buffer_limit_bytes"] == 2048
     assert "ignore_global_conn_limit" not in listener
+
+
+MERGE_CASES = (
+    "securitypolicy-with-merge",
+    "securitypolicy-with-merge-jwt-cors",
+    "securitypolicy-with-merge-multi-listener",
+    "securitypolicy-with-merge-multi-gateway-same-listener",
+)
+SIDECAR_FEATURES = {"jwt", "basicAuth", "apiKeyAuth", "oidc", "authorization"}
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merged_policy_has_envoy_gateways_features(case: str, tmp_path: Path) -> None:
+    """``mergeType``: each route gets what Envoy Gateway's IR gives it after merging the
+    route policy onto its listener's or Gateway's — the same features, the CORS origins
+    of the policy that set them, the extAuth service of the policy that owns it."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    by_listener = {
+        lst["name"]: envoy_routes({"static_resources": {"listeners": [lst]}})
+        for lst in envoy["static_resources"]["listeners"]
+    }
+    extauth = yaml.safe_load(out.files.get("extauth.yaml", "policies: {}"))["policies"]
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                security = r.get("security") or {}
+                ours = by_listener[lst["name"]][r["name"]].get("typed_per_filter_config", {})
+                sidecar: set[str] = set()
+                for name, cfg in ours.items():
+                    if name == "envoy.filters.http.ext_authz":
+                        ctx = cfg["config"]["check_settings"]["context_extensions"]
+                        sidecar = set(extauth[ctx["policy"]])
+                assert sidecar == SIDECAR_FEATURES & set(security), r["name"]
+                if (ea := security.get("extAuth")) is not None:
+                    assert F_EXTAUTHZ + ea["name"] in ours, r["name"]
+                else:
+                    assert not any(n.startswith(F_EXTAUTHZ) for n in ours), r["name"]
+                if (cors := security.get("cors")) is not None:
+                    policy = ours["envoy.filters.http.cors"]
+                    exact = {m.get("exact") for m in policy["allow_origin_string_match"]}
+                    assert {o["exact"] for o in cors["allowOrigins"] if "exact" in o} <= exact
+                else:
+                    assert "envoy.filters.http.cors" not in ours
+                compared += 1
+    assert compared
