@@ -465,11 +465,12 @@ def build_security(
     resolver: BackendResolver,
     secret_files: SecretFiles,
     owners: dict[str, Resource] | None = None,
-    name: str | None = None,
+    policy_name: str | None = None,
 ) -> Security:
     """``owners``: for a merged policy (``mergeType``), the policy each top-level field came
     from, whose namespace its references resolve in and whose name its resources take (Envoy
-    Gateway's ``securityPolicyOwners``); ``name``: the extauth policy name (default ns/name)."""
+    Gateway's ``securityPolicyOwners``); ``policy_name``: the extauth policy name (default
+    ``namespace/name``)."""
     owners = owners or {}
     spec = check_fields(sp.spec, sp, SP_FIELDS, SP_UNSUPPORTED)
     policy: dict[str, Any] = {}
@@ -601,7 +602,7 @@ def build_security(
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
     return Security(
-        policy=name or sp.key,
+        policy=policy_name or sp.key,
         sidecar=policy or None,
         external=external,
         cors=cors,
