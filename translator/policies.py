@@ -94,6 +94,9 @@ EEP_UNSUPPORTED = {
 }
 
 
+TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute")
+
+
 @dataclass(frozen=True)
 class Target:
     kind: str  # Gateway or HTTPRoute
@@ -114,9 +117,9 @@ def targets(policy: Resource) -> list[Target]:
     for ref in refs:
         check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))
         kind = ref.req("kind").str()
-        if kind not in ("Gateway", "HTTPRoute", "GRPCRoute"):
+        if kind not in TARGET_KINDS:
             raise unsupported(
-                ref.req("kind"), policy, f"target kind {kind}; Gateway, HTTPRoute, GRPCRoute are"
+                ref.req("kind"), policy, f"target kind {kind}; {', '.join(TARGET_KINDS)} are"
             )
         group = ref.opt_str("group", GATEWAY_GROUP)
         if group != GATEWAY_GROUP:

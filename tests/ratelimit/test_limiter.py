@@ -500,6 +500,51 @@ def test_memory_store_is_bounded_evicting_the_earliest_expiry() -> None:
     assert store.evictions == 0  # an expired counter made room, nothing live was lost
 
 
+def test_memory_store_evicts_by_expiry_not_by_age() -> None:
+    """Past the bound, the counter nearest its end goes, whatever was written first."""
+    from services.ratelimit.core.algorithms import FIXED
+
+    clock = Clock()
+    store = MemoryStore(clock, max_keys=2)
+    store.apply_now([(FIXED, "day", 1, 86400)])
+    store.apply_now([(FIXED, "minute", 1, 60)])
+    store.apply_now([(FIXED, "hour", 1, 3600)])
+    assert set(store.data) == {"day", "hour"}
+    assert store.evictions == 1
+    # the day counter kept its count
+    assert store.apply_now([(FIXED, "day", 1, 86400)]) == [2]
+
+
+@pytest.mark.parametrize("room", [2, 100])
+def test_memory_store_keeps_a_token_bucket_whose_expiry_moved_on(room: int) -> None:
+    """A bucket used again lives on past the second it was first filed under: neither an
+    eviction (``room`` 2) nor the sweep (``room`` 100) may take it for one that ends
+    then, which would refill it."""
+    from services.ratelimit.core.algorithms import FIXED, TOKEN
+
+    clock = Clock()
+    store = MemoryStore(clock, max_keys=room)
+
+    def take() -> None:  # a bucket of 2 tokens, refilled over 100 s
+        store.apply_now([(TOKEN, "bucket", 1, 2, 100_000, int(clock.now * 1000))])
+
+    start = clock.now
+    take()  # filed under start + 101, when it would end unused
+    clock.now = start + 50
+    take()  # it now ends at start + 151
+    state = store.data["bucket"]
+    store.apply_now([(FIXED, "short", 1, 100)])  # ends at start + 150
+    clock.now = start + 60
+    store.apply_now([(FIXED, "new", 1, 3600)])
+    if room == 2:  # full: the counter nearest its end went
+        assert set(store.data) == {"bucket", "new"}
+        assert store.evictions == 1
+    clock.now = start + 120  # past start + 101, before start + 151
+    store.apply_now([(FIXED, "new", 1, 3600)])  # a sweep comes by
+    assert store.data["bucket"] == state
+    assert store.evictions == (1 if room == 2 else 0)
+
+
 async def _lagging_loop(url: str) -> None:
     import time
 
