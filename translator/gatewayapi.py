@@ -22,6 +22,12 @@ GATEWAY_SPEC_UNSUPPORTED = {
     "allowedListeners": "ListenerSets are not translated",
 }
 LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
+#: listener protocol → the route kinds it takes (Gateway API's defaults)
+LISTENER_PROTOCOLS = {
+    "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "TCP": ("TCPRoute",),
+    "UDP": ("UDPRoute",),
+}
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
 RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts")
 GRPC_RULE_FIELDS = ("name", "matches", "filters", "backendRefs")
@@ -310,9 +316,11 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
                 raise error_at(item.req("name"), gw, f"duplicate listener name {name!r}")
             seen.add(name)
             proto = item.req("protocol")
-            if proto.str() != "HTTP":
+            if proto.str() not in LISTENER_PROTOCOLS:
                 raise unsupported(
-                    proto, gw, f"protocol {proto.str()}: only HTTP listeners are translated"
+                    proto,
+                    gw,
+                    f"protocol {proto.str()}: HTTP, TCP and UDP listeners are translated",
                 )
             hostname = item.opt_str("hostname")
             listeners.append(
@@ -323,6 +331,7 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
                     section=name,
                     port=item.req("port").int(minimum=1, maximum=65535),
                     hostname=hostname,
+                    protocol=proto.str(),
                 )
             )
             allowed = item.get("allowedRoutes")
@@ -496,6 +505,7 @@ def build_routes(
                 and lst.gateway_name == gw_name
                 and (section is None or lst.section == section)
                 and (port is None or lst.port == port)
+                and hr.kind in LISTENER_PROTOCOLS.get(lst.protocol, (hr.kind,))
                 and _allows(lst, gw, hr)
             ]
             if section is not None and not matched:

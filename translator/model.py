@@ -194,6 +194,7 @@ class Route:
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
 
 
 @dataclass
@@ -207,3 +208,4 @@ class Listener:
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
+    protocol: str = "HTTP"  # or TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
