@@ -479,7 +479,7 @@ def build_security(
     policy: dict[str, Any] = {}
     native: dict[str, Any] = {}
     if (j := spec.get("jwt")) is not None:
-        check_fields(j, sp, ("providers", "optional"))
+        check_fields(j, sp, ("providers", "optional", "failOpen"))
         providers = []
         for p in j.req("providers").list():
             check_fields(
@@ -527,7 +527,15 @@ def build_security(
         policy["jwt"] = {
             "providers": providers,
             **({"optional": j.req("optional").bool()} if j.get("optional") is not None else {}),
+            **({"failOpen": j.req("failOpen").bool()} if j.get("failOpen") is not None else {}),
         }
+        if j.get("optional") is not None and j.get("failOpen") is not None:
+            raise error_at(
+                j,
+                sp,
+                "optional and failOpen cannot both be set; failOpen already tolerates a "
+                "missing JWT",
+            )
         native["jwt"] = policy["jwt"]
     if (b := spec.get("basicAuth")) is not None:
         check_fields(b, sp, ("users", "forwardUsernameHeader"))
