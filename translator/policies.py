@@ -23,6 +23,7 @@ from envoy_data_plane.envoy.type.v3 import StatusCode
 from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic, extension, extservice
+from .csrf import build_csrf
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -81,6 +82,7 @@ SP_FIELDS = (
     "extAuth",
     "cors",
     "mergeType",
+    "csrf",
 )
 SP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
@@ -612,8 +614,10 @@ def build_security(
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
+    csrf = build_csrf(c, sp) if (c := spec.get("csrf")) is not None else None
     return Security(
         policy=policy_name or sp.key,
+        csrf=csrf,
         sidecar=policy or None,
         external=external,
         cors=cors,
