@@ -80,11 +80,13 @@ SP_FIELDS = (
     "authorization",
     "extAuth",
     "cors",
+    "mergeType",
 )
 SP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
-    "mergeType": "policy merging is not translated",
 }
+#: SecurityPolicy fields whose references resolve in the policy that gave them (merging)
+SP_OWNED = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "extAuth", "authorization")
 EEP_FIELDS = ("targetRef", "targetRefs", "extProc", "lua", "wasm")  # lua, wasm: extension.py
 EEP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
@@ -461,8 +463,18 @@ def _plain(node: Node) -> Any:
 
 
 def build_security(
-    sp: Resource, resources: ResourceSet, resolver: BackendResolver, secret_files: SecretFiles
+    sp: Resource,
+    resources: ResourceSet,
+    resolver: BackendResolver,
+    secret_files: SecretFiles,
+    owners: dict[str, Resource] | None = None,
+    policy_name: str | None = None,
 ) -> Security:
+    """``owners``: for a merged policy (``mergeType``), the policy each top-level field came
+    from, whose namespace its references resolve in and whose name its resources take (Envoy
+    Gateway's ``securityPolicyOwners``); ``policy_name``: the extauth policy name (default
+    ``namespace/name``)."""
+    owners = owners or {}
     spec = check_fields(sp.spec, sp, SP_FIELDS, SP_UNSUPPORTED)
     policy: dict[str, Any] = {}
     native: dict[str, Any] = {}
@@ -499,12 +511,13 @@ def build_security(
                 check_fields(lj, sp, ("type", "inline", "valueRef"))
                 if (vr := lj.get("valueRef")) is not None:
                     check_fields(vr, sp, ("group", "kind", "name"))
-                    cm = resources.get("ConfigMap", sp.namespace, vr.req("name").str())
+                    jwt_ns = owners.get("jwt", sp).namespace
+                    cm = resources.get("ConfigMap", jwt_ns, vr.req("name").str())
                     if cm is None:
                         raise error_at(
                             vr.req("name"),
                             sp,
-                            f"no ConfigMap {sp.namespace}/{vr.req('name').str()} in the input",
+                            f"no ConfigMap {jwt_ns}/{vr.req('name').str()} in the input",
                         )
                     data = cm.node.value.get("data") or {}
                     if "jwks" not in data:
@@ -518,7 +531,9 @@ def build_security(
         native["jwt"] = policy["jwt"]
     if (b := spec.get("basicAuth")) is not None:
         check_fields(b, sp, ("users", "forwardUsernameHeader"))
-        htpasswd = _secret_value(resources, sp, b.req("users"), (".htpasswd",))
+        htpasswd = _secret_value(
+            resources, owners.get("basicAuth", sp), b.req("users"), (".htpasswd",)
+        )
         policy["basicAuth"] = {"htpasswd": htpasswd}
         if (f := b.get("forwardUsernameHeader")) is not None:
             policy["basicAuth"]["forwardUsernameHeader"] = f.str()
@@ -529,9 +544,10 @@ def build_security(
         for ref in a.req("credentialRefs").list():
             check_fields(ref, sp, ("group", "kind", "name", "namespace"))
             name = ref.req("name").str(nonempty=True)
-            secret = resources.get("Secret", sp.namespace, name)
+            key_ns = owners.get("apiKeyAuth", sp).namespace
+            secret = resources.get("Secret", key_ns, name)
             if secret is None:
-                raise error_at(ref.req("name"), sp, f"no Secret {sp.namespace}/{name} in the input")
+                raise error_at(ref.req("name"), sp, f"no Secret {key_ns}/{name} in the input")
             creds.append(resources.secret_data(secret))
         policy["apiKeyAuth"] = {"credentials": creds, "extractFrom": a.req("extractFrom").value}
         for k in ("forwardClientIDHeader", "sanitize"):
@@ -539,6 +555,7 @@ def build_security(
                 policy["apiKeyAuth"][k] = v.value
         native["apiKeyAuth"] = policy["apiKeyAuth"]
     if (o := spec.get("oidc")) is not None:
+        o_sp = owners.get("oidc", sp)
         oidc = dict(o.value)
         check_fields(
             o.req("provider"),
@@ -550,14 +567,14 @@ def build_security(
             },
         )
         if (ref := o.get("clientIDRef")) is not None:
-            oidc["clientID"] = _secret_value(resources, sp, ref, ("client-id",)).strip()
+            oidc["clientID"] = _secret_value(resources, o_sp, ref, ("client-id",)).strip()
             del oidc["clientIDRef"]
-        secret = _secret_value(resources, sp, o.req("clientSecret"), ("client-secret",))
+        secret = _secret_value(resources, o_sp, o.req("clientSecret"), ("client-secret",))
         del oidc["clientSecret"]
         oidc["clientSecretFile"] = secret_files.add(
-            f"{sp.namespace}_{sp.name}_client-secret", secret
+            f"{o_sp.namespace}_{o_sp.name}_client-secret", secret
         )
-        cookie_file = f"{sp.namespace}_{sp.name}_cookie-secret"
+        cookie_file = f"{o_sp.namespace}_{o_sp.name}_cookie-secret"
         oidc["cookieSecretFile"] = secret_files.add_generated(
             cookie_file, lambda: secrets.token_hex(32) + "\n"
         )
@@ -583,12 +600,12 @@ def build_security(
         native["authorization"] = policy["authorization"]
     external = None
     if (e := spec.get("extAuth")) is not None:
-        external = _ext_auth(e, sp, resolver, resources)
+        external = _ext_auth(e, owners.get("extAuth", sp), resolver, resources)
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
     return Security(
-        policy=sp.key,
+        policy=policy_name or sp.key,
         sidecar=policy or None,
         external=external,
         cors=cors,
@@ -849,6 +866,11 @@ def attach(
     eeps = resources.of("EnvoyExtensionPolicy")
     traffic = build_each(btps, resources, listeners, rejections, build_traffic)
     merged: dict[tuple[str, str], TrafficIR | None] = {}
+    merged_sec: dict[tuple[str, str], Security | None] = {}
+
+    def build_merged(res: Resource, owners: dict[str, Resource], name: str) -> Security:
+        return build_security(res, resources, resolver, secret_files, owners, name)
+
     security = build_each(
         sps,
         resources,
@@ -891,8 +913,13 @@ def attach(
                 else:
                     fail_closed(route)
             if (w := winner(sps, lst, route, rule)) is not None:
-                if w.key in security:
-                    route.security = security[w.key]
+                sec = security.get(w.key)
+                if sec is not None and w.spec.get("mergeType") is not None:
+                    sec = merged_security(
+                        w, sps, lst, route, rule, merged_sec, rejections, build_merged
+                    )
+                if sec is not None:
+                    route.security = sec
                 else:
                     fail_closed(route)
             if (w := winner(eeps, lst, route, rule)) is not None:
@@ -965,6 +992,64 @@ def merged_traffic(
         except ConfigError as exc:
             rejections.add(policy, exc)
             cache[key] = None
+    return cache[key]
+
+
+def merged_security(
+    policy: Resource,
+    sps: list[Resource],
+    listener: Listener,
+    route: Route,
+    rule: str | None,
+    cache: dict[tuple[str, str], Security | None],
+    rejections: Rejections,
+    build: Callable[[Resource, dict[str, Resource], str], Security],
+) -> Security | None:
+    """A route's SecurityPolicy with ``mergeType`` merged onto the policy of the Gateway
+    listener it is reached through (else the Gateway's), as Envoy Gateway merges them: the
+    route policy's fields patched onto the parent's (``StrategicMerge`` and ``JSONMerge``
+    agree here: SecurityPolicy lists have no merge keys but ``contextExtensions``, which is
+    not translated), each field's references resolved in the policy that gave it. None when
+    the merged policy is invalid (the route policy is then rejected)."""
+    own = specificity(policy, listener, route, rule) or 0
+    parents = [
+        p
+        for p in sps
+        if p is not policy
+        and (specificity(p, listener, route, rule) or 9) <= 2
+        and not rejections.rejected(p)
+    ]
+    parent = winner(parents, listener, route, rule) if own >= 3 else None
+    key = (policy.key, parent.key if parent is not None else "")
+    if key in cache:
+        return cache[key]
+    if parent is None:
+        return build(policy, {}, policy.key)
+    mine = {k: v for k, v in policy.spec.value.items() if k != "mergeType"}
+    base = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
+    doc = dict(policy.node.value)
+    doc["spec"] = merge_patch(base, mine)
+    merged_res = Resource(
+        policy.kind,
+        policy.namespace,
+        policy.name,
+        policy.created,
+        Node(doc, policy.node.file, policy.node.path),
+        policy.annotations,
+    )
+    owners = {
+        f: (policy if policy.spec.get(f) is not None else parent)
+        for f in SP_OWNED
+        if doc["spec"].get(f) is not None
+    }
+    try:
+        cache[key] = build(merged_res, owners, f"{policy.key}+{parent.key}")
+    except ConfigError as exc:
+        rejections.add(
+            policy,
+            TranslateError(exc.file, exc.path, f"error merging with {parent.ref}: {exc.message}"),
+        )
+        cache[key] = None
     return cache[key]
 
 

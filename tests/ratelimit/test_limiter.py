@@ -342,6 +342,21 @@ async def test_token_bucket_refills(make_limiter: Any) -> None:
     assert decision.statuses[0].reset_seconds == 15
 
 
+@pytest.mark.parametrize("hits", [5, 2**32, 2**63 - 1, 2**64 - 1])
+async def test_token_bucket_refuses_a_request_larger_than_the_bucket_with_a_bounded_reset(
+    make_limiter: Any, hits: int
+) -> None:
+    """A descriptor's hits_addend (a uint64) beyond the bucket: refused, the bucket left as
+    it was, and the reset within the window (it overflowed Redis's integers into a
+    negative number that broke the response encoder: gRPC UNKNOWN on every such call)."""
+    limiter = await make_limiter()
+    decision = await limiter.should_rate_limit("test-domain", [d("bucket", "big", hits=hits)], 0)
+    status = decision.statuses[0]
+    assert status.code == OVER_LIMIT
+    assert 0 <= status.reset_seconds <= 60  # 4 a minute: full again within the minute
+    assert await codes(limiter, d("bucket", "big"), 5) == [OK] * 4 + [OVER_LIMIT]
+
+
 async def test_local_cache_answers_over_limit(make_limiter: Any) -> None:
     limiter = await make_limiter()
     assert await codes(limiter, d("key3", "lc"), 4) == [OK] + [OVER_LIMIT] * 3
