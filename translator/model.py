@@ -54,6 +54,8 @@ class RateLimitRule:
     shadow_mode: bool = False
     shared: bool = False
     x_ratelimit_headers: str | None = None  # Envoy Gateway xRateLimitHeaders: Off, DraftVersion03
+    #: limit.fromMetadata (namespace, key): a per-request limit from dynamic metadata
+    limit_metadata: tuple[str, str] | None = None
 
     @property
     def policy(self) -> str:

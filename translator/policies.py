@@ -319,12 +319,16 @@ def _cost(node: Node | None, res: Resource) -> RateLimitCost | None:
 def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = False) -> RateLimitRule:
     allowed = ("clientSelectors", "limit", "cost", "shadowMode", "shared", "xRateLimitHeaders")
     check_fields(rule, res, allowed)
-    limit = check_fields(
-        rule.req("limit"),
-        res,
-        ("requests", "unit"),
-        {"fromMetadata": "limits from metadata are not translated"},
-    )
+    limit = check_fields(rule.req("limit"), res, ("requests", "unit", "fromMetadata"))
+    limit_metadata = None
+    if (md := limit.get("fromMetadata")) is not None:
+        if local:
+            raise unsupported(md, res, "fromMetadata applies to global rate limits")
+        check_fields(md, res, ("namespace", "key"))
+        limit_metadata = (
+            md.req("namespace").str(nonempty=True),
+            md.req("key").str(nonempty=True),
+        )
     fields: dict[str, Any] = {
         "header_matches": [],
         "query_matches": [],
@@ -336,9 +340,12 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
         _selector_matches(sel, res, fields)
     cost = rule.get("cost")
     if cost is not None:
-        if local:
-            raise unsupported(cost, res, "cost applies to global rate limits")
         check_fields(cost, res, ("request", "response"))
+        if local and cost.get("response") is not None:
+            # Envoy Gateway's CRD: the local filter counts when the request arrives
+            raise error_at(
+                cost.req("response"), res, "response cost is not supported for Local Rate Limits"
+            )
     if local:
         for key in ("shared",):
             if rule.get(key) is not None:
@@ -357,6 +364,7 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
         shadow_mode=rule.opt_bool("shadowMode", False),
         shared=rule.opt_bool("shared", False),
         x_ratelimit_headers=rule.opt_str("xRateLimitHeaders", choices=("Off", "DraftVersion03")),
+        limit_metadata=limit_metadata,
     )
 
 
@@ -932,8 +940,8 @@ def attach(
 
 
 def merge_patch(base: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (Envoy Gateway's JSONMerge; its StrategicMerge gives the
-    same result for the BackendTrafficPolicy fields, whose lists have no merge keys)."""
+    """RFC 7386 JSON merge patch (Envoy Gateway's ``JSONMerge``): maps merge, lists and
+    values are replaced, ``null`` removes."""
     if not isinstance(patch, dict):
         return patch
     out = dict(base) if isinstance(base, dict) else {}
@@ -943,6 +951,63 @@ def merge_patch(base: Any, patch: Any) -> Any:
         else:
             out[key] = merge_patch(out.get(key), value)
     return out
+
+
+#: BackendTrafficPolicy spec lists Envoy Gateway declares ``patchStrategy: merge`` (with
+#: their ``patchMergeKey``); every other list is replaced by a strategic merge too.
+BTP_MERGE_KEYS = {"httpUpgrade": "type", "compression": "type", "compressor": "type"}
+
+
+def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Kubernetes' strategic merge patch of a BackendTrafficPolicy spec (Envoy Gateway's
+    ``StrategicMerge``): as a JSON merge patch, except that the lists in
+    ``BTP_MERGE_KEYS`` merge item by item on their key — the patch's items first (merged
+    with the base's item of the same key), then the base's other items."""
+    out = merge_patch(base, patch)
+    for key, merge_key in BTP_MERGE_KEYS.items():
+        mine, theirs = patch.get(key), base.get(key)
+        if not isinstance(mine, list) or not isinstance(theirs, list):
+            continue
+        keys = {item.get(merge_key) for item in mine if isinstance(item, dict)}
+        merged = []
+        for item in mine:
+            match = next(
+                (
+                    b
+                    for b in theirs
+                    if isinstance(b, dict)
+                    and isinstance(item, dict)
+                    and b.get(merge_key) == item.get(merge_key)
+                ),
+                None,
+            )
+            merged.append(merge_patch(match, item) if match is not None else item)
+        merged += [b for b in theirs if not isinstance(b, dict) or b.get(merge_key) not in keys]
+        out[key] = merged
+    return out
+
+
+def merge_rate_limits(gateway: TrafficIR, route: TrafficIR, merge_type: str) -> TrafficIR:
+    """Envoy Gateway's merge of two policies' rate limits, done on its IR
+    (``translateBackendTrafficPolicyForRouteWithMerge``): ``JSONMerge`` replaces the
+    gateway's global rules and local limit by the route's where it has them;
+    ``StrategicMerge`` joins the rules by name (the route's first, each keeping its own
+    policy's name, so shared rules keep their domain), and the route's local default wins."""
+    if merge_type == "JSONMerge":
+        glob = route.global_rules or gateway.global_rules
+        local = route.local if route.local is not None else gateway.local
+        return TrafficIR(glob, local)
+    names = {r.name for r in route.global_rules}
+    glob = route.global_rules + tuple(r for r in gateway.global_rules if r.name not in names)
+    local = route.local if route.local is not None else gateway.local
+    if route.local is not None and gateway.local is not None:
+        names = {r.name for r in route.local.rules}
+        local = LocalRateLimit(
+            route.local.requests,
+            route.local.unit,
+            route.local.rules + tuple(r for r in gateway.local.rules if r.name not in names),
+        )
+    return TrafficIR(glob, local)
 
 
 def merged_traffic(
@@ -964,21 +1029,15 @@ def merged_traffic(
         return build_traffic(policy) if not rejections.rejected(policy) else None
     key = (policy.key, parent.key)
     if key not in cache:
-        if policy.spec.get("rateLimit") is not None and parent.spec.get("rateLimit") is not None:
-            rejections.add(
-                policy,
-                unsupported(
-                    policy.spec.req("mergeType"),
-                    policy,
-                    "merging two policies' rate limits is not translated",
-                ),
-            )
-            cache[key] = None
-            return None
+        merge_type = policy.spec.req("mergeType").str(choices=("StrategicMerge", "JSONMerge"))
         keep = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
         mine = {k: v for k, v in policy.spec.value.items() if k != "mergeType"}
         doc = dict(policy.node.value)
-        doc["spec"] = merge_patch(keep, mine)
+        doc["spec"] = (
+            strategic_merge(keep, mine)
+            if merge_type == "StrategicMerge"
+            else merge_patch(keep, mine)
+        )
         merged_res = Resource(
             policy.kind,
             policy.namespace,
@@ -988,7 +1047,14 @@ def merged_traffic(
             policy.annotations,
         )
         try:
-            cache[key] = build_traffic(merged_res)
+            merged = build_traffic(merged_res)
+            if parent.spec.get("rateLimit") is not None:
+                # the rate limits merge as Envoy Gateway's IR, each rule under its policy
+                limits = build_traffic(parent)
+                if policy.spec.get("rateLimit") is not None:
+                    limits = merge_rate_limits(limits, build_traffic(policy), merge_type)
+                merged = TrafficIR(limits.global_rules, limits.local, merged.backend)
+            cache[key] = merged
         except ConfigError as exc:
             rejections.add(policy, exc)
             cache[key] = None
