@@ -9,7 +9,8 @@ Like Authorino, a policy is a short pipeline of small evaluators:
    :class:`Rejected` (a credential was presented and is bad; always final).
    Every configured method is required (Envoy Gateway runs one filter per method),
    except ``jwt`` with ``optional: true`` and ``jwt`` next to ``oidc``, where the
-   OIDC login is the alternative for requests without a bearer token.
+   OIDC login is the alternative for requests without a bearer token; ``jwt`` with
+   ``failOpen: true`` denies neither a missing nor a bad token (no identity then).
 2. **authorization** — Envoy Gateway's ordered rules (``authz.py``).
 3. **response** — upstream identity headers (client-supplied copies removed),
    response headers, dynamic metadata; or the denial.
@@ -190,6 +191,8 @@ class Authenticator(Protocol):
 class Step:
     authenticator: Authenticator
     required: bool
+    #: neither a missing nor a bad credential denies (JWT ``failOpen``)
+    fail_open: bool = False
 
 
 class CompiledPolicy:
@@ -219,6 +222,8 @@ class CompiledPolicy:
             result = await step.authenticator.authenticate(req, ctx)
             if isinstance(result, Authenticated):
                 ctx.identities[result.identity.method] = result.identity
+            elif step.fail_open:
+                continue
             elif isinstance(result, Rejected) or step.required:
                 return result.decision
         if self.authorizer is not None:

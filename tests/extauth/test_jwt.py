@@ -11,6 +11,7 @@ from pathlib import Path
 import jwt as pyjwt
 import pytest
 
+from services.common.configfile import ConfigError
 from tests.extauth.helpers import (
     AUDIENCE,
     ISSUER,
@@ -211,6 +212,33 @@ async def test_optional_lets_anonymous_through_but_not_bad_tokens(
     assert anonymous.allow
     assert "x-user" in anonymous.headers_to_remove
     assert not bad.allow
+
+
+async def test_fail_open_lets_missing_and_bad_tokens_through(
+    tmp_path: Path, rsa1: SigningKey
+) -> None:
+    """Envoy Gateway's ``failOpen``: neither a missing nor a bad token denies; a good one
+    still authenticates and forwards its claims; a client's own identity header is removed."""
+    policy = jwt_policy(jwks(rsa1))
+    policy["p"]["jwt"]["failOpen"] = True
+    config = config_from(tmp_path, policy)
+    async with EngineHarness(config) as h:
+        anonymous = await h.check(request(headers={"x-user": "forged"}))
+        bad = await h.check(request(headers={**bearer("a.b.c"), "x-user": "forged"}))
+        good = await h.check(request(headers=bearer(rsa1.sign(claims(sub="alice")))))
+    assert anonymous.allow
+    assert bad.allow
+    assert good.allow
+    assert "x-user" in anonymous.headers_to_remove
+    assert "x-user" in bad.headers_to_remove
+    assert dict(good.upstream_headers)["x-user"] == "alice"
+
+
+def test_fail_open_and_optional_are_exclusive(tmp_path: Path, rsa1: SigningKey) -> None:
+    policy = jwt_policy(jwks(rsa1))
+    policy["p"]["jwt"].update(optional=True, failOpen=True)
+    with pytest.raises(ConfigError, match="optional and failOpen cannot both be set"):
+        config_from(tmp_path, policy)
 
 
 async def test_remote_rotation_idp_down_and_cooldown(
