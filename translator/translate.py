@@ -14,6 +14,7 @@ from . import envoy as envoy_out
 from .backend_tls import backend_tls_policies, tls_for
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
+from .csrf import apply_csrf
 from .extension import apply_luas
 from .extservice import apply_services
 from .gatewayapi import BackendResolver, build_listeners, build_routes
@@ -136,6 +137,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
+    apply_csrf(bootstrap, listeners)
     apply_patches(bootstrap, resources, rejections)
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
