@@ -7,6 +7,8 @@ test upstreams (an HTTP server and a TCP echo server).
 - ``mergeType: StrategicMerge``: a route's local rate limit rules join its Gateway's, so
   both policies' rules limit the route;
 - a local rate limit rule's ``cost.request``: each request takes that many tokens;
+- ``responseOverride``: an upstream 503 becomes a 502 with an inline body and a header;
+  Envoy's own 418 (the fault above) gets a body from a ConfigMap;
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,9 @@ spec:
     - name: merged
       matches: [{path: {type: PathPrefix, value: /merged}}]
       backendRefs: [{name: up, port: 80}]
+    - name: override
+      matches: [{path: {type: PathPrefix, value: /retry-override}}]
+      backendRefs: [{name: up, port: 80}]
     - name: costly
       matches: [{path: {type: PathPrefix, value: /costly}}]
       backendRefs: [{name: up, port: 80}]
@@ -74,6 +81,33 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: fault}]
   faultInjection:
     abort: {httpStatus: 418, percentage: 100}
+  responseOverride:
+    - match: {statusCodes: [{type: Range, range: {start: 400, end: 499}}]}
+      source: Local
+      response:
+        contentType: text/html
+        body: {type: ValueRef, valueRef: {kind: ConfigMap, name: error-page}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: error-page, namespace: default}
+data:
+  response.body: "<p>teapot page</p>"
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: override, namespace: default}
+spec:
+  targetRefs:
+    - {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: override}
+  responseOverride:
+    - match: {statusCodes: [{value: 503}]}
+      source: Backend
+      response:
+        statusCode: 502
+        contentType: text/plain
+        body: {inline: upstream failed}
+        header: {set: [{name: x-overridden, value: "yes"}]}
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: BackendTrafficPolicy
@@ -140,6 +174,14 @@ class Echo(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
+def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
 def recv_until(sock: socket.socket, marker: bytes) -> bytes:
     data = b""
     while marker not in data:
@@ -199,3 +241,15 @@ def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
     # local cost: 4 tokens a request out of 10 an hour, per user: the third is refused
     assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(3)] == [200, 200, 429]
     assert get(f"{base}/costly", {"x-user": "bob"})[0] == 200
+
+    # response overrides: the upstream's 503 (its first answer on /retry*) becomes a 502
+    # with Outrider's body and header; Envoy's own 418 gets the ConfigMap's page
+    status, headers, body = fetch(f"{base}/retry-override/1")
+    assert (status, body) == (502, b"upstream failed"), (status, headers, body)
+    assert headers["content-type"] == "text/plain"
+    assert headers["x-overridden"] == "yes"
+    assert upstream.calls["/retry-override/1"] == 1
+    assert fetch(f"{base}/retry-override/1")[:3:2] == (200, b"ok")  # its second answer
+    status, headers, body = fetch(f"{base}/fault/y")
+    assert (status, body) == (418, b"<p>teapot page</p>"), (status, headers, body)
+    assert headers["content-type"] == "text/html"
