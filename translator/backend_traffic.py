@@ -854,7 +854,8 @@ def _override_response(
         "@type": "type.googleapis.com/envoy.extensions.http.custom_response."
         "local_response_policy.v3.LocalResponsePolicy"
     }
-    body = _response_body(b, res, resources, namespace) if (b := resp.get("body")) else None
+    b = resp.get("body")
+    body = _response_body(b, res, resources, namespace) if b is not None else None
     if body:
         typed["body_format"] = {"text_format": body}
     add: list[dict[str, Any]] = []
@@ -895,8 +896,9 @@ def _response_override(
     namespace: str,
 ) -> None:
     """Envoy's custom_response filter, one per policy (``.../backendtrafficpolicy/<ns>/
-    <name>``), first in the chain so it sees every local reply, switched on per route —
-    as Envoy Gateway's ``custom_response.go``."""
+    <name>``), first in the chain (Envoy Gateway's order), switched on per route — as
+    Envoy Gateway's ``custom_response.go``. It rewrites upstream responses and Envoy's
+    own local replies alike (``source`` tells them apart)."""
     policy = f"backendtrafficpolicy/{res.namespace}/{res.name}"
     matchers = []
     for index, ro in enumerate(items.list()):
@@ -1274,7 +1276,7 @@ def _add_filters(hcm: dict[str, Any], traffic: list[Traffic], used: set[str]) ->
                     "disabled": True,
                 }
                 if name.startswith(F_CUSTOM_RESPONSE + "/"):
-                    # first, as Envoy Gateway orders it: it sees every filter's local reply
+                    # first, as Envoy Gateway orders its filters
                     filters.insert(front, entry)
                     front += 1
                 else:

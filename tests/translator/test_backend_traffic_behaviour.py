@@ -8,7 +8,8 @@ test upstreams (an HTTP server and a TCP echo server).
   both policies' rules limit the route;
 - a local rate limit rule's ``cost.request``: each request takes that many tokens;
 - ``responseOverride``: an upstream 503 becomes a 502 with an inline body and a header;
-  Envoy's own 418 (the fault above) gets a body from a ConfigMap;
+  Envoy's own 418 (the fault above) gets a body from a ConfigMap, its local rate limit's
+  429 an inline one;
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ spec:
         - clientSelectors: [{headers: [{name: x-user, type: Distinct}]}]
           limit: {requests: 10, unit: Hour}
           cost: {request: {from: Number, number: 4}}
+  responseOverride:
+    - match: {statusCodes: [{value: 429}]}
+      response: {body: {inline: slow down}}
 """
 
 
@@ -174,9 +178,10 @@ class Echo(socketserver.ThreadingTCPServer):
         self.server_close()
 
 
-def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
@@ -239,7 +244,9 @@ def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
     assert [get(f"{base}/merged")[0] for _ in range(3)] == [200, 200, 200]
 
     # local cost: 4 tokens a request out of 10 an hour, per user: the third is refused
-    assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(3)] == [200, 200, 429]
+    assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(2)] == [200, 200]
+    # ... and the local rate limit's own 429 passes the response override: its body
+    assert fetch(f"{base}/costly", {"x-user": "ann"})[::2] == (429, b"slow down")
     assert get(f"{base}/costly", {"x-user": "bob"})[0] == 200
 
     # response overrides: the upstream's 503 (its first answer on /retry*) becomes a 502
