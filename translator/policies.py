@@ -23,6 +23,7 @@ from envoy_data_plane.envoy.type.v3 import StatusCode
 from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic, extension, extservice
+from .csrf import build_csrf
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -81,6 +82,7 @@ SP_FIELDS = (
     "extAuth",
     "cors",
     "mergeType",
+    "csrf",
 )
 SP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
@@ -491,7 +493,7 @@ def build_security(
     policy: dict[str, Any] = {}
     native: dict[str, Any] = {}
     if (j := spec.get("jwt")) is not None:
-        check_fields(j, sp, ("providers", "optional"))
+        check_fields(j, sp, ("providers", "optional", "failOpen"))
         providers = []
         for p in j.req("providers").list():
             check_fields(
@@ -539,7 +541,15 @@ def build_security(
         policy["jwt"] = {
             "providers": providers,
             **({"optional": j.req("optional").bool()} if j.get("optional") is not None else {}),
+            **({"failOpen": j.req("failOpen").bool()} if j.get("failOpen") is not None else {}),
         }
+        if j.get("optional") is not None and j.get("failOpen") is not None:
+            raise error_at(
+                j,
+                sp,
+                "optional and failOpen cannot both be set; failOpen already tolerates a "
+                "missing JWT",
+            )
         native["jwt"] = policy["jwt"]
     if (b := spec.get("basicAuth")) is not None:
         check_fields(b, sp, ("users", "forwardUsernameHeader"))
@@ -616,8 +626,10 @@ def build_security(
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
+    csrf = build_csrf(c, sp) if (c := spec.get("csrf")) is not None else None
     return Security(
         policy=policy_name or sp.key,
+        csrf=csrf,
         sidecar=policy or None,
         external=external,
         cors=cors,
