@@ -23,6 +23,7 @@ from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
+from .route_filters import apply_route_extras
 
 DEFAULT_SOCKETS = {
     "ratelimit": "/run/outrider/ratelimit.sock",
@@ -135,6 +136,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     )
     apply_client_traffic(bootstrap, client)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
+    apply_route_extras(bootstrap, listeners)
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
     apply_csrf(bootstrap, listeners)
