@@ -54,6 +54,8 @@ class RateLimitRule:
     shadow_mode: bool = False
     shared: bool = False
     x_ratelimit_headers: str | None = None  # Envoy Gateway xRateLimitHeaders: Off, DraftVersion03
+    #: limit.fromMetadata (namespace, key): a per-request limit from dynamic metadata
+    limit_metadata: tuple[str, str] | None = None
 
     @property
     def policy(self) -> str:
@@ -86,6 +88,9 @@ class Backend:
     endpoints: tuple[tuple[str, int], ...] = ()  # (host, port); port 0 for unix paths
     http2: bool = False
     tls: bool = False
+    #: several backendRefs in one cluster (an extAuth/extProc service, as Envoy Gateway
+    #: builds it): (locality name, weight, backend) each, endpoints unused
+    localities: tuple[tuple[str, int, Backend], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,14 @@ class ExternalAuth:
     headers_to_backend: tuple[str, ...]
     path_prefix: str = ""
     body_max_bytes: int | None = None
+    path_override: str = ""
+    headers_to_ext_auth: tuple[str, ...] = ()
+    status_on_error: int | None = None
+    recompute_route: bool | None = None
+    include_route_metadata: bool = False
+    authority: str = ""  # the first backendRef's host:port, Envoy Gateway's
+    retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
+    settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ class Route:
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
 
 
 @dataclass
@@ -196,3 +210,4 @@ class Listener:
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
+    protocol: str = "HTTP"  # or TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)

@@ -22,13 +22,13 @@ descriptors:
 """
 
 
-async def _service(tmp_path: Path, registry: CollectorRegistry) -> RateLimitService:
+async def _service(tmp_path: Path, registry: CollectorRegistry, *flags: str) -> RateLimitService:
     factory = Factory()
     parser = argparse.ArgumentParser()
     factory.add_arguments(parser)
     parser.add_argument("--config")  # a common flag (the runtime adds it)
     (tmp_path / "m.yaml").write_text(CONFIG)
-    service = factory.create(parser.parse_args(["--config", str(tmp_path)]), registry)
+    service = factory.create(parser.parse_args(["--config", str(tmp_path), *flags]), registry)
     await service.start(service.load_config(tmp_path / "m.yaml"))
     return service
 
@@ -62,6 +62,27 @@ async def test_per_limit_stats_text_is_valid_and_complete(tmp_path: Path) -> Non
     }
     assert events["calls"] == 6
     await service.stop()
+
+
+async def test_memory_max_keys_bounds_the_store_and_evictions_are_counted(
+    tmp_path: Path,
+) -> None:
+    registry = CollectorRegistry()
+    service = await _service(tmp_path, registry, "--memory-max-keys", "3")
+    assert service.limiter is not None
+    try:
+        for i in range(5):  # five clients, one counter each
+            descriptor = Descriptor((("remote_address", f"10.0.0.{i}"),))
+            await service.limiter.should_rate_limit("m", [descriptor], 1)
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+        }
+        assert samples["outrider_ratelimit_memory_keys"] == 3
+        assert samples["outrider_ratelimit_memory_evictions_total"] == 2
+    finally:
+        await service.stop()
 
 
 async def test_rendering_many_rows_lets_the_event_loop_run() -> None:
