@@ -144,7 +144,10 @@ def build_l4_routes(
         for ref in (rule.get("backendRefs") or Node([], rule.file)).list():
             check_fields(ref, res, ("group", "kind", "name", "namespace", "port", "weight"))
             weight = ref.opt_int("weight", 1, minimum=0) or 0
-            backends.append(WeightedBackend(resolver.resolve(ref, res), weight))
+            backend = resolver.resolve(ref, res)
+            if res.kind == "UDPRoute" and backend.kind == "unix":
+                raise error_at(ref, res, "a unix socket Backend cannot take UDP datagrams")
+            backends.append(WeightedBackend(backend, weight))
         attached: list[Listener] = []
         for parent in spec.req("parentRefs").list():
             for lst in _listeners_for(res, parent, listeners, gateways):
@@ -266,7 +269,7 @@ def attach_l4_policies(
             rule = rule_name(resources, route)
             live = [p for p in btps if not rejections.rejected(p)]
             if (w := winner(live, lst, route, rule)) is not None:
-                t = build_traffic(w).backend
+                t = build_traffic(w, resources).backend
                 if t is not None and not t.empty:
                     keys = TCP_CLUSTER_KEYS if lst.protocol == "TCP" else UDP_CLUSTER_KEYS
                     route.traffic = replace_traffic(t, keys)
@@ -450,29 +453,15 @@ def _udp_cluster(
     if len(live) == 1:
         return _own_cluster(clusters, live[0].backend, name, route.traffic, service_ips)
     kinds = {b.backend.kind for b in live}
-    if len(kinds) != 1 or "unix" in kinds:
-        raise TranslateError(
-            "",
-            "",
-            f"UDPRoute {route.route_ns}/{route.route_name}: backends of different kinds "
-            "(IP addresses and host names) in one UDP route are not supported",
-        )
-    merged = _dict(envoy_cluster(replace(live[0].backend, cluster=name, endpoints=())))
-    merged["load_assignment"]["endpoints"] = [
-        {
-            "lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-                for host, port in b.backend.endpoints
-            ],
-            "load_balancing_weight": b.weight,
-            "locality": {"sub_zone": f"backend/{i}"},
-        }
-        for i, b in enumerate(live)
-    ]
-    merged["common_lb_config"] = {"locality_weighted_lb_config": {}}
+    merged = Backend(
+        name,
+        "dns" if "dns" in kinds else "static",
+        localities=tuple((f"{name}/backend/{i}", b.weight, b.backend) for i, b in enumerate(live)),
+    )
+    cluster = _dict(envoy_cluster(merged))
     if route.traffic is not None:
-        merged.update(copy.deepcopy(route.traffic.cluster))
-    clusters[name] = merged
+        cluster.update(copy.deepcopy(route.traffic.cluster))
+    clusters[name] = cluster
     return name
 
 

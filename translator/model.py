@@ -142,6 +142,7 @@ class Security:
     native: dict[str, Any] = field(default_factory=dict)  # inputs for --auth native
     file: str = ""  # where the SecurityPolicy's spec is, for --auth native errors
     path: str = ""
+    csrf: dict[str, Any] | None = None  # the route's CsrfPolicy (envoy.filters.http.csrf)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import yaml
 from . import envoy as envoy_out
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
+from .csrf import apply_csrf
 from .extension import apply_luas
 from .extservice import apply_services
 from .gatewayapi import BackendResolver, build_listeners, build_routes
@@ -132,6 +133,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
+    apply_csrf(bootstrap, listeners)
     apply_patches(bootstrap, resources, rejections)
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():

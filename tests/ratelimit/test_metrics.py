@@ -3,7 +3,6 @@ decisions through while it runs."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.ratelimit.core import stats as st
 from services.ratelimit.core.limiter import Descriptor
-from services.ratelimit.service import Factory, LimitStatsText, RateLimitService
+from services.ratelimit.service import LimitStatsText, RateLimitService
+from tests.ratelimit.inprocess import start_service
 
 CONFIG = """domain: m
 descriptors:
@@ -23,14 +23,8 @@ descriptors:
 
 
 async def _service(tmp_path: Path, registry: CollectorRegistry, *flags: str) -> RateLimitService:
-    factory = Factory()
-    parser = argparse.ArgumentParser()
-    factory.add_arguments(parser)
-    parser.add_argument("--config")  # a common flag (the runtime adds it)
     (tmp_path / "m.yaml").write_text(CONFIG)
-    service = factory.create(parser.parse_args(["--config", str(tmp_path), *flags]), registry)
-    await service.start(service.load_config(tmp_path / "m.yaml"))
-    return service
+    return await start_service(tmp_path / "m.yaml", registry, *flags)
 
 
 async def test_per_limit_stats_text_is_valid_and_complete(tmp_path: Path) -> None:

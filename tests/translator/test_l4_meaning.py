@@ -312,3 +312,59 @@ spec:
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(envoy))
     envoy_validate(config)
+
+
+def test_weighted_backends(tmp_path: Path) -> None:
+    envoy = translated(
+        """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {name: tcp, protocol: TCP, port: 9000}
+    - {name: udp, protocol: UDP, port: 9000}
+---
+kind: Service
+metadata: {name: a, namespace: default}
+spec: {clusterIP: 10.0.0.1, ports: [{port: 53}]}
+---
+kind: Service
+metadata: {name: b, namespace: default}
+spec: {clusterIP: 10.0.0.2, ports: [{port: 53}]}
+---
+kind: TCPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: a, port: 53, weight: 1}, {name: b, port: 53, weight: 3}]}]
+---
+kind: UDPRoute
+metadata: {name: dns, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: a, port: 53, weight: 1}, {name: b, port: 53, weight: 3}]}]
+""",
+        tmp_path,
+    )
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    listeners = {lst["name"]: lst for lst in envoy["static_resources"]["listeners"]}
+    proxy = listeners["default/gw/tcp"]["filter_chains"][0]["filters"][-1]["typed_config"]
+    assert proxy["weighted_clusters"]["clusters"] == [
+        {"name": "service/default/a/53", "weight": 1},
+        {"name": "service/default/b/53", "weight": 3},
+    ]
+    udp = listeners["default/gw/udp"]["listener_filters"][0]["typed_config"]
+    name = udp["matcher"]["on_no_match"]["action"]["typed_config"]["cluster"]
+    assert name == "udproute/default/dns/rule/-1"
+    localities = clusters[name]["load_assignment"]["endpoints"]
+    assert [loc["load_balancing_weight"] for loc in localities] == [1, 3]
+    assert [
+        loc["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+        for loc in localities
+    ] == ["10.0.0.1", "10.0.0.2"]
+    assert "locality_weighted_lb_config" in clusters[name]["common_lb_config"]
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(envoy))
+    envoy_validate(config)
