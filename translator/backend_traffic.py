@@ -1222,7 +1222,10 @@ def _own_cluster(
                 ]
             }
         ]
+    inner = c.get("transport_socket")  # a BackendTLSPolicy's TLS
     c.update(copy.deepcopy(t.cluster))
+    if inner is not None and "transport_socket" in t.cluster:  # PROXY protocol, then TLS
+        c["transport_socket"]["typed_config"]["transport_socket"] = inner
     if t.health_check_port is not None:
         for locality in c.get("load_assignment", {}).get("endpoints", []):
             for ep in locality.get("lb_endpoints", []):
