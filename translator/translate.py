@@ -19,6 +19,7 @@ from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
+from .tls import apply_listener_tls, report_not_programmed
 
 DEFAULT_SOCKETS = {
     "ratelimit": "/run/outrider/ratelimit.sock",
@@ -100,6 +101,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     rejections = Rejections()
     chains = attach(resources, listeners, resolver, secret_files, rejections)
     client = attach_client_traffic(resources, listeners, rejections)
+    report_not_programmed(resources, listeners, rejections)
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
@@ -123,6 +125,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     )
     bootstrap = config.to_dict()
     apply_client_traffic(bootstrap, client)
+    apply_listener_tls(bootstrap, listeners, client, secret_files)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
