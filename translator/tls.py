@@ -27,6 +27,7 @@ SPKI and certificate hashes, subject alternative names, ``allowExpiredCertificat
 
 from __future__ import annotations
 
+import copy
 import datetime
 import re
 from dataclasses import dataclass, field
@@ -810,6 +811,7 @@ def apply_listener_tls(
     by_name = {x.name: x for x in listeners if x.tls is not None and x.not_programmed is None}
     out = TLSOutput()
     resources = bootstrap.setdefault("static_resources", {})
+    quic_listeners: list[dict[str, Any]] = []
     for listener in resources.get("listeners", []):
         inspector = False
         fingerprints: list[str] = []
@@ -829,8 +831,63 @@ def apply_listener_tls(
                 fingerprints += [f for f in ctls.fingerprints if f not in fingerprints]
         if inspector or fingerprints:
             listener.setdefault("listener_filters", []).append(tls_inspector(tuple(fingerprints)))
+        if quic := _quic_listener(listener, by_name, settings, files, out):
+            quic_listeners.append(quic)
+    resources["listeners"] = resources.get("listeners", []) + quic_listeners
     if out.secrets:
         resources.setdefault("secrets", []).extend(out.secrets.values())
+
+
+def _http3(s: Any) -> bool:
+    """A policy's ``http3`` takes effect on a TLS listener, unless it validates client
+    certificates (Envoy Gateway: Envoy has no client validation over QUIC yet)."""
+    return s is not None and s.http3 and not (s.tls is not None and s.tls.validation)
+
+
+def _quic_listener(
+    listener: dict[str, Any],
+    by_name: dict[str, Any],
+    settings: dict[str, Any],
+    files: Any,
+    out: TLSOutput,
+) -> dict[str, Any] | None:
+    """Envoy Gateway's HTTP/3: when a policy with ``http3`` applies to an HTTPS listener, the
+    port also gets a UDP (QUIC) listener ``<name>-quic`` with a filter chain per HTTPS
+    listener (HCM codec HTTP3, QUIC transport, ALPN h3), and every route on the port
+    advertises it with ``alt-svc: h3=":<port>"; ma=86400``."""
+    chains = [c for c in listener.get("filter_chains", []) if c.get("name", "") in by_name]
+    if not any(_http3(settings.get(c["name"])) for c in chains):
+        return None
+    port = listener["address"]["socket_address"]["port_value"]
+    gateway_port = by_name[chains[0]["name"]].port
+    alt_svc = {"header": {"key": "alt-svc", "value": f'h3=":{gateway_port}"; ma=86400'}}
+    quic_chains = []
+    for chain in chains:
+        for f in chain["filters"]:
+            if f["name"].endswith("http_connection_manager"):
+                for vhost in f["typed_config"]["route_config"].get("virtual_hosts", []):
+                    for route in vhost.get("routes", []):
+                        route.setdefault("response_headers_to_add", []).append(dict(alt_svc))
+        lst = by_name[chain["name"]]
+        s = settings.get(lst.name)
+        ctls = None if s is None else (s.tls or ClientTLS())
+        qc = copy.deepcopy(
+            {k: v for k, v in chain.items() if k != "transport_socket_connect_timeout"}
+        )
+        for f in qc["filters"]:
+            if f["name"].endswith("http_connection_manager"):
+                f["typed_config"]["codec_type"] = "HTTP3"
+                f["typed_config"]["http3_protocol_options"] = {}
+        qc["transport_socket"] = downstream_tls_context(lst.tls, ctls, files, out, quic=True)
+        quic_chains.append(qc)
+    address = dict(listener["address"]["socket_address"], protocol="UDP", port_value=port)
+    return {
+        "name": f"{listener['name']}-quic",
+        "address": {"socket_address": address},
+        "udp_listener_config": {"downstream_socket_config": {}, "quic_options": {}},
+        "drain_type": "MODIFY_ONLY",
+        "filter_chains": quic_chains,
+    }
 
 
 def report_not_programmed(resources: ResourceSet, listeners: list[Any], rejections: Any) -> None:
