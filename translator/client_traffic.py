@@ -83,6 +83,7 @@ class ClientSettings:
     listener_filters: list[dict[str, Any]] = field(default_factory=list)
     network_filters: list[dict[str, Any]] = field(default_factory=list)  # before the HCM
     hcm: dict[str, Any] = field(default_factory=dict)
+    tcp_proxy: dict[str, Any] = field(default_factory=dict)  # TCP listeners' tcp_proxy
     common_http: dict[str, Any] = field(default_factory=dict)  # common_http_protocol_options
     http_filters_first: list[dict[str, Any]] = field(default_factory=list)
     use_default_host: bool = False  # http1.http10.useDefaultHost: resolved per listener
@@ -203,8 +204,8 @@ def _timeout(t: Node, res: Resource, s: ClientSettings) -> None:
             tcp, res, ("idleTimeout", "tlsHandshakeTimeout", "connectionInspectionTimeout")
         )
         if (n := tcp.get("idleTimeout")) is not None:
-            # applies to TCP listeners (tcp_proxy), none on an HTTP one (as Envoy Gateway)
-            duration_s(n, res, "Timeout: invalid TCP IdleTimeout")
+            # TCP listeners' tcp_proxy; none on an HTTP one (as Envoy Gateway)
+            s.tcp_proxy["idle_timeout"] = _dur(n, res, "Timeout: TCP IdleTimeout")
         if (n := tcp.get("tlsHandshakeTimeout")) is not None:
             # the TLS filter chains' handshake deadline (none on plain HTTP)
             s.chain["transport_socket_connect_timeout"] = _dur(
@@ -739,8 +740,9 @@ def _default_host(listener: Listener, policy: Resource, node: Node) -> str:
 
 def attach_client_traffic(
     resources: ResourceSet, listeners: list[Listener], rejections: Rejections
-) -> dict[str, ClientSettings]:
-    """Envoy listener name (the first Gateway listener on its port) → the settings to apply.
+) -> dict[str, ClientSettings | None]:
+    """Envoy listener name (the first Gateway listener on its port) or HTTPS listener name (its
+    filter chain) → the settings to apply.
     Rejected policies are added to ``rejections``."""
     policies = sorted(resources.of(KIND), key=lambda p: p.created)
     errors: dict[str, ConfigError] = {}
@@ -764,7 +766,9 @@ def attach_client_traffic(
 
     def same_port(lst: Listener) -> list[Listener]:
         return [
-            o for o in listeners if o is not lst and o.port == lst.port and o.not_programmed is None
+            o
+            for o in listeners
+            if o is not lst and _port(o) == _port(lst) and o.not_programmed is None
         ]
 
     def tls_ok(p: Resource, lst: Listener) -> bool:
@@ -915,15 +919,17 @@ def attach_client_traffic(
             )
     # Envoy listeners: the plain HTTP listeners on one port share one filter chain (keyed by
     # the first one's name, the Envoy listener's); each HTTPS listener has its own (its name)
-    out: dict[str, ClientSettings] = {}
+    out: dict[str, ClientSettings | None] = {}  # an HTTPS listener without a policy: None
     groups: dict[object, list[Listener]] = {}
     for lst in listeners:
         if lst.not_programmed is None:
-            groups.setdefault(lst.port if lst.tls is None else lst.name, []).append(lst)
+            groups.setdefault(_port(lst) if lst.tls is None else lst.name, []).append(lst)
     for group in groups.values():
         keys = {claimed.get(id(x)) for x in group}
         key = keys.pop() if len(keys) == 1 else None
         if key is None:
+            if group[0].tls is not None:
+                out[group[0].name] = None
             continue
         settings = built[key]
         if settings.use_default_host:
@@ -946,6 +952,11 @@ def _listener_level(s: ClientSettings) -> bool:
     return bool(s.listener or s.socket_options or s.listener_filters)
 
 
+def _port(lst: Listener) -> tuple[bool, int]:
+    """The Envoy listener a Gateway listener shares: UDP ports are apart from TCP ones."""
+    return (lst.protocol == "UDP", lst.port)
+
+
 def _disable_ratelimit_headers(hcm: dict[str, Any]) -> None:
     """``headers.disableRateLimitHeaders``: no X-RateLimit-* headers from the global rate limit
     filters and the routes' local rate limits, as Envoy Gateway (a rule's own
@@ -960,11 +971,18 @@ def _disable_ratelimit_headers(hcm: dict[str, Any]) -> None:
                 local["enable_x_ratelimit_headers"] = "OFF"
 
 
-def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSettings]) -> None:
+def apply_client_traffic(
+    bootstrap: dict[str, Any], settings: dict[str, ClientSettings | None]
+) -> None:
     """Write each policy's settings into the generated bootstrap (a dict, as dumped): the
     Envoy listener's own from the policy of its first filter chain (Envoy Gateway builds the
-    listener from its first Gateway listener), the rest per filter chain."""
+    listener from its first Gateway listener), the rest per filter chain — an HTTPS
+    listener's chain (keyed by its name) takes its own policy's. UDP listeners take none (as
+    Envoy Gateway); TCP listeners' chains take the network filters and
+    ``timeout.tcp.idleTimeout`` (their ``tcp_proxy``)."""
     for listener in bootstrap.get("static_resources", {}).get("listeners", []):
+        if listener["address"]["socket_address"].get("protocol") == "UDP":
+            continue
         s = settings.get(listener.get("name"))
         if s is not None:
             listener.update(copy.deepcopy(s.listener))
@@ -975,14 +993,24 @@ def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSe
                     "listener_filters", []
                 )
         for chain in listener.get("filter_chains", []):
-            cs = settings.get(chain.get("name") or listener.get("name"))
+            name = chain.get("name", "")
+            cs = settings.get(name, s)  # an HTTPS chain: its own (None: no policy)
             if cs is not None:
                 _apply_chain(chain, cs)
 
 
 def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
     filters = chain["filters"]
-    hcm = next(f for f in filters if f["name"].endswith("http_connection_manager"))
+    hcm = next((f for f in filters if f["name"].endswith("http_connection_manager")), None)
+    if hcm is None:  # a TCP route's chain (l4.py)
+        proxy = filters[-1]["typed_config"]
+        if filters[-1]["name"].endswith("tcp_proxy"):
+            proxy.update(copy.deepcopy(s.tcp_proxy))
+        for nf in s.network_filters:
+            nf = copy.deepcopy(nf)
+            nf["typed_config"]["stat_prefix"] = proxy.get("stat_prefix", "tcp")
+            filters.insert(len(filters) - 1, nf)
+        return
     cfg = hcm["typed_config"]
     cfg.update(copy.deepcopy(s.hcm))
     if s.common_http:
@@ -997,5 +1025,5 @@ def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
         for nf in network:
             nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")
         chain["filters"] = network + filters
-    if chain.get("name"):  # a TLS filter chain
+    if chain.get("name"):  # an HTTPS listener's filter chain
         chain.update(copy.deepcopy(s.chain))

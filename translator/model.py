@@ -54,6 +54,8 @@ class RateLimitRule:
     shadow_mode: bool = False
     shared: bool = False
     x_ratelimit_headers: str | None = None  # Envoy Gateway xRateLimitHeaders: Off, DraftVersion03
+    #: limit.fromMetadata (namespace, key): a per-request limit from dynamic metadata
+    limit_metadata: tuple[str, str] | None = None
 
     @property
     def policy(self) -> str:
@@ -194,6 +196,7 @@ class Route:
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
 
 
 @dataclass
@@ -207,7 +210,7 @@ class Listener:
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
-    protocol: str = "HTTP"  # or HTTPS
+    protocol: str = "HTTP"  # or HTTPS; TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
     tls: Any = None  # tls.ListenerTLS: an HTTPS listener's certificates
     #: why Envoy Gateway would not program the listener (left out of the Envoy config)
     not_programmed: str | None = None

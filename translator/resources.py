@@ -41,6 +41,9 @@ SUPPORTED_KINDS = (
     "ClientTrafficPolicy",
     "EnvoyPatchPolicy",
     "BackendTLSPolicy",
+    "TCPRoute",
+    "UDPRoute",
+    "ServiceImport",
 )
 #: kinds accepted but without effect: they configure how a cluster deploys Envoy, not
 #: what Envoy does with a request (see docs/translator.md, "not applicable")

@@ -735,7 +735,7 @@ def resolve_conflicts(listeners: list[Any]) -> None:
     as Envoy Gateway does with ``mergeGateways`` (``validateConflictedMergedListeners``): a
     later Gateway's listener that repeats a port, protocol and hostname, or uses another
     protocol on a port an earlier Gateway's listener serves, is left out too."""
-    live = [x for x in listeners if x.not_programmed is None]
+    live = [x for x in listeners if x.not_programmed is None and x.protocol in ("HTTP", "HTTPS")]
     by_gateway: dict[tuple[str, str], list[Any]] = {}
     for x in live:
         by_gateway.setdefault((x.gateway_ns, x.gateway_name), []).append(x)
@@ -763,7 +763,7 @@ def resolve_conflicts(listeners: list[Any]) -> None:
                         )
     first: dict[int, Any] = {}
     taken: set[tuple[int, str, str | None]] = set()
-    for x in [x for x in listeners if x.not_programmed is None]:
+    for x in [x for x in live if x.not_programmed is None]:
         owner = first.setdefault(x.port, x)
         if owner.protocol != x.protocol:
             x.not_programmed = (

@@ -290,6 +290,13 @@ def check_https_url(node: Node, url: str) -> str:
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if "@" in parts.netloc:
+        # Credentials in the URL would be shown by /config, logs and the fetch metrics'
+        # uri label; the error does not quote the URL either.
+        raise node.error(
+            "expected a URL without user:password@ (credentials in it would show in "
+            "/config, logs and metrics)"
+        )
     if parts.scheme == "https" and host:
         return url
     if parts.scheme == "http" and host and is_loopback_host(host):
