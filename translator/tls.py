@@ -79,6 +79,40 @@ VALID_CIPHERS = frozenset(
         "TLS_RSA_WITH_AES_256_CBC_SHA",
     }
 )
+#: ECDH curve and signature algorithm names Envoy's TLS library accepts (checked against
+#: Envoy 1.40: anything else makes Envoy refuse the whole config, which Envoy Gateway lets
+#: through to a NACK; Outrider rejects the policy instead)
+ENVOY_CURVES = frozenset(
+    {
+        "P-256",
+        "prime256v1",
+        "P-384",
+        "secp384r1",
+        "P-521",
+        "secp521r1",
+        "X25519",
+        "x25519",
+        "X25519MLKEM768",
+        "MLKEM1024",
+    }
+)
+ENVOY_SIGALGS = frozenset(
+    {
+        "rsa_pkcs1_sha1",
+        "rsa_pkcs1_sha256",
+        "rsa_pkcs1_sha384",
+        "rsa_pkcs1_sha512",
+        "ecdsa_sha1",
+        "ecdsa_secp256r1_sha256",
+        "ecdsa_secp384r1_sha384",
+        "ecdsa_secp521r1_sha512",
+        "rsa_pss_rsae_sha256",
+        "rsa_pss_rsae_sha384",
+        "rsa_pss_rsae_sha512",
+        "ed25519",
+    }
+)
+_SIGALG_PAIR = re.compile(r"^(RSA|ECDSA|RSA-PSS|PSS)\+SHA(1|256|384|512)$")
 TLS_VERSIONS = {"Auto": "TLS_AUTO", "1.0": "TLSv1_0", "1.1": "TLSv1_1", "1.2": "TLSv1_2"}
 TLS_VERSIONS["1.3"] = "TLSv1_3"
 #: client validation mode → (require a certificate, accept an untrusted one)
@@ -486,9 +520,25 @@ def client_tls(node: Node | None, policy: Resource, resources: ResourceSet) -> C
             raise error_at(node.req("ciphers"), policy, f"TLS: unsupported cipher suite: {c}")
     kw["ciphers"] = tuple(ciphers)
     kw["ecdh_curves"] = tuple((node.get("ecdhCurves") or Node([], node.file)).str_list())
+    for c in kw["ecdh_curves"]:
+        if c not in ENVOY_CURVES:
+            raise error_at(
+                node.req("ecdhCurves"),
+                policy,
+                f"TLS: ECDH curve {c!r} is not one Envoy accepts "
+                f"({', '.join(sorted(ENVOY_CURVES))})",
+            )
     kw["signature_algorithms"] = tuple(
         (node.get("signatureAlgorithms") or Node([], node.file)).str_list()
     )
+    for a in kw["signature_algorithms"]:
+        if a not in ENVOY_SIGALGS and not _SIGALG_PAIR.match(a):
+            raise error_at(
+                node.req("signatureAlgorithms"),
+                policy,
+                f"TLS: signature algorithm {a!r} is not one Envoy accepts (e.g. "
+                "ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256, ed25519, ECDSA+SHA256)",
+            )
     if (a := node.get("alpnProtocols")) is not None:
         kw["alpn"] = tuple(a.str_list())
     kw["fingerprints"] = tuple(

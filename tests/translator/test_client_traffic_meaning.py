@@ -205,7 +205,6 @@ TLS_CASES = (
     "clienttrafficpolicy-mtls-cert-bundle-both-valid",
     "clienttrafficpolicy-mtls-dup-ca-refs",
     "clienttrafficpolicy-mtls-allow-expired-cert",
-    "clienttrafficpolicy-tls-settings",
     "clienttrafficpolicy-http3",
 )
 VERSIONS = {"1.0": "TLSv1_0", "1.1": "TLSv1_1", "1.2": "TLSv1_2", "1.3": "TLSv1_3"}
@@ -324,3 +323,15 @@ def test_tls_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
                     } in route["response_headers_to_add"]
         compared += 1
     assert compared
+
+
+def test_names_envoy_refuses_reject_the_policy(tmp_path: Path) -> None:
+    """Envoy Gateway passes ``ecdhCurves: [curve1]`` through (its Envoy then refuses the
+    listener); Outrider rejects the policy naming the field, so the config stays valid."""
+    out = translate(
+        [DATA / "clienttrafficpolicy-tls-settings.in.yaml"], Options(secrets_dir=tmp_path / "s")
+    )
+    (r,) = out.rejections
+    assert r.ref == "ClientTrafficPolicy envoy-gateway/target-gateway-1"
+    assert "tls.ecdhCurves" in str(r)
+    assert "'curve1' is not one Envoy accepts" in str(r)
