@@ -211,10 +211,12 @@ def _http2_options() -> dict[str, PAny]:
 
 
 def _addresses(backend: Backend) -> list[Address]:
-    if backend.kind == "unix":
-        return [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
+    """Endpoint addresses; a unix socket is its path with port 0."""
     return [
-        Address(socket_address=SocketAddress(address=h, port_value=p)) for h, p in backend.endpoints
+        Address(pipe=Pipe(path=h))
+        if backend.kind == "unix" or (p == 0 and h.startswith("/"))
+        else Address(socket_address=SocketAddress(address=h, port_value=p))
+        for h, p in backend.endpoints
     ]
 
 
@@ -507,9 +509,23 @@ def _ext_proc_filter(ep: ExtProc) -> ExternalProcessor:
                 untyped=list(ep.writable_namespaces)
             ),
         )
-    grpc_cluster = EXTPROC_CLUSTER if ep.backend is None else ep.backend.cluster
+    if ep.shadow_mode:
+        kw["observability_mode"] = True
+    if ep.status_on_error is not None:
+        kw["status_on_error"] = HttpStatus(code=StatusCode(ep.status_on_error))
+    if ep.backend is None:
+        service = _grpc(EXTPROC_CLUSTER)
+    else:  # a user's service: Envoy Gateway's (10 s call timeout, authority, retries)
+        service = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=ep.backend.cluster, authority=ep.authority
+            ),
+            timeout=_dur(EXTAUTH_TIMEOUT_MS),
+        )
+        if (retry := _retry_policy(ep.retry)) is not None:
+            service.retry_policy = retry
     return ExternalProcessor(
-        grpc_service=_grpc(grpc_cluster),
+        grpc_service=service,
         processing_mode=mode,
         failure_mode_allow=ep.fail_open,
         allow_mode_override=ep.allow_mode_override,

@@ -90,6 +90,7 @@ def service_backend(
     cluster_name: str,
     *,
     http2: bool,
+    what: str,
 ) -> Backend:
     """One cluster ``cluster_name`` for a service's backendRefs (a locality per ref)."""
     if not refs:
@@ -106,8 +107,13 @@ def service_backend(
         b = live[0][2]
         return Backend(cluster_name, b.kind, b.endpoints, http2 or b.http2, b.tls)
     kinds = {b.kind for _, _, b in live}
-    if "unix" in kinds and "dns" in kinds:
-        raise error_at(refs[0], res, "backendRefs mix unix sockets and host names")
+    if "dns" in kinds and len(kinds) > 1:  # Envoy Gateway: IP and unix are one type, FQDN another
+        raise error_at(
+            refs[0],
+            res,
+            f"{what}: external service destinations having multiple endpoint types are not "
+            "supported.",
+        )
     kind = "dns" if "dns" in kinds else "static"
     return Backend(cluster_name, kind, (), http2, False, tuple(live))
 
