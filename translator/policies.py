@@ -377,10 +377,14 @@ class TrafficIR:
     backend: backend_traffic.Traffic | None = None
 
 
-def build_traffic(btp: Resource) -> TrafficIR:
+def build_traffic(
+    btp: Resource,
+    resources: ResourceSet | None = None,
+    response_override_namespace: str | None = None,
+) -> TrafficIR:
     spec = check_fields(btp.spec, btp, BTP_FIELDS, BTP_UNSUPPORTED)
     spec.opt_str("mergeType", choices=("StrategicMerge", "JSONMerge"))
-    backend = backend_traffic.build(btp)
+    backend = backend_traffic.build(btp, resources, response_override_namespace)
     rl = spec.get("rateLimit")
     if rl is None:
         return TrafficIR((), None, backend)
@@ -934,7 +938,9 @@ def attach(
     btps = resources.of("BackendTrafficPolicy")
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
-    traffic = build_each(btps, resources, listeners, rejections, build_traffic)
+    traffic = build_each(
+        btps, resources, listeners, rejections, lambda p: build_traffic(p, resources)
+    )
     merged: dict[tuple[str, str], TrafficIR | None] = {}
     merged_sec: dict[tuple[str, str], Security | None] = {}
 
@@ -962,19 +968,13 @@ def attach(
         rejections,
         lambda p: extension.build_luas(p, resources),
     )
-    for kind in ("BackendTLSPolicy",):
-        for p in resources.of(kind):
-            rejections.add(
-                p,
-                error_at(p.node.get("kind") or p.node, p, f"{kind} is not supported yet"),
-            )
     for lst in listeners:
         for route in lst.routes:
             rule = rule_name(resources, route)
             if (w := winner(btps, lst, route, rule)) is not None:
                 t = traffic.get(w.key)
                 if t is not None and w.spec.get("mergeType") is not None:
-                    t = merged_traffic(w, btps, lst, route, rule, merged, rejections)
+                    t = merged_traffic(w, btps, lst, route, rule, merged, rejections, resources)
                 if t is not None:
                     route.global_rate_limit = t.global_rules
                     route.local_rate_limit = t.local
@@ -1080,15 +1080,17 @@ def merged_traffic(
     rule: str | None,
     cache: dict[tuple[str, str], TrafficIR | None],
     rejections: Rejections,
+    resources: ResourceSet | None = None,
 ) -> TrafficIR | None:
     """A route policy with ``mergeType`` merged onto the Gateway's (or listener's) policy,
-    as Envoy Gateway merges them; None when the merged policy is invalid."""
+    as Envoy Gateway merges them; None when the merged policy is invalid. ConfigMap bodies
+    of ``responseOverride`` resolve in the namespace of the policy the field came from."""
     parents = [
         p for p in btps if p is not policy and (specificity(p, listener, route, rule) or 9) <= 2
     ]
     parent = winner(parents, listener, route, rule)
     if parent is None or rejections.rejected(parent):
-        return build_traffic(policy) if not rejections.rejected(policy) else None
+        return build_traffic(policy, resources) if not rejections.rejected(policy) else None
     key = (policy.key, parent.key)
     if key not in cache:
         merge_type = policy.spec.req("mergeType").str(choices=("StrategicMerge", "JSONMerge"))
@@ -1109,12 +1111,13 @@ def merged_traffic(
             policy.annotations,
         )
         try:
-            merged = build_traffic(merged_res)
+            owner = policy if policy.spec.get("responseOverride") is not None else parent
+            merged = build_traffic(merged_res, resources, owner.namespace)
             if parent.spec.get("rateLimit") is not None:
                 # the rate limits merge as Envoy Gateway's IR, each rule under its policy
-                limits = build_traffic(parent)
+                limits = build_traffic(parent, resources)
                 if policy.spec.get("rateLimit") is not None:
-                    limits = merge_rate_limits(limits, build_traffic(policy), merge_type)
+                    limits = merge_rate_limits(limits, build_traffic(policy, resources), merge_type)
                 merged = TrafficIR(limits.global_rules, limits.local, merged.backend)
             cache[key] = merged
         except ConfigError as exc:

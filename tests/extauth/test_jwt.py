@@ -388,6 +388,37 @@ async def test_background_refresh_rotates_keys_and_drops_cached_tokens(
     assert (revoked.allow, revoked.reason) == (False, "jwt_unknown_kid")
 
 
+async def test_key_replaced_under_the_same_kid_ends_cached_tokens(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
+) -> None:
+    """The verified-token cache holds a token only while the key that verified it is in
+    the key set under the token's kid: a refetch of the same keys keeps it (a cache hit),
+    another key published under the same kid ends it at once (checked again, refused)."""
+    jwks_server.document = jwks(rsa1)
+    policy = jwt_policy(uri=jwks_server.uri)
+    policy["p"]["jwt"]["providers"][0]["remoteJWKS"]["cacheDuration"] = "1s"
+    config = config_from(tmp_path, policy)
+    old_token = rsa1.sign(claims())
+    hit = {"name": "outrider_extauth_credential_cache_total", "kind": "jwt", "result": "hit"}
+    async with EngineHarness(config, jwks_refetch_cooldown=3600.0) as h:
+        assert (await h.check(request(headers=bearer(old_token)))).allow  # verified
+        fetched = jwks_server.fetches
+        deadline = time.monotonic() + 10
+        while jwks_server.fetches == fetched:  # the background refresh: the same keys
+            assert time.monotonic() < deadline, "background refresh did not happen"
+            await asyncio.sleep(0.1)
+        hits = h.metric(**hit)
+        assert (await h.check(request(headers=bearer(old_token)))).allow
+        assert h.metric(**hit) == hits + 1  # still the cached verification
+        replaced = SigningKey(rsa1.kid, rsa2.private, rsa2.alg)  # same kid, another key
+        jwks_server.document = jwks(replaced)
+        while not (await h.check(request(headers=bearer(replaced.sign(claims()))))).allow:
+            assert time.monotonic() < deadline + 5, "background refresh did not happen"
+            await asyncio.sleep(0.1)
+        revoked = await h.check(request(headers=bearer(old_token)))
+    assert (revoked.allow, revoked.reason) == (False, "jwt_signature")
+
+
 async def test_idp_down_without_keys_does_not_fetch_per_check(
     tmp_path: Path, rsa1: SigningKey, jwks_server: JWKSServer
 ) -> None:

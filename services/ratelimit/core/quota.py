@@ -105,7 +105,7 @@ def _child(node: DescriptorNode, key: str, value: str) -> DescriptorNode | None:
     nxt = node.children.get(f"{key}_{value}")
     if nxt is None:
         for wkey, pattern, candidate in node.wildcards:
-            if wkey == key and pattern.fullmatch(value) is not None:
+            if wkey == key and pattern.fullmatch(value):
                 return candidate
         nxt = node.children.get(key)
     return nxt
