@@ -22,6 +22,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterCommonLbConfig,
     ClusterCommonLbConfigLocalityWeightedLbConfig,
     ClusterDiscoveryType,
+    ClusterTransportSocketMatch,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationRule,
@@ -38,6 +39,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     HttpUri,
     Locality,
+    Metadata,
     Pipe,
     RetryPolicy,
     SocketAddress,
@@ -123,6 +125,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as PAny
+from envoy_data_plane.google.protobuf import Struct
 
 from services.extauth.transport.http import (
     CLIENT_ADDRESS_HEADER,
@@ -259,14 +262,31 @@ def cluster(backend: Backend) -> Cluster:
     if backend.upstream_tls is not None:
         kwargs["transport_socket"] = upstream_tls_socket(backend.upstream_tls)
     if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
-        localities = [
-            LocalityLbEndpoints(
+        localities = []
+        matches = []
+        for i, (name, weight, b) in enumerate(backend.localities):
+            loc = LocalityLbEndpoints(
                 locality=Locality(region=name),
                 load_balancing_weight=weight,
                 lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in _addresses(b)],
             )
-            for name, weight, b in backend.localities
-        ]
+            if b.upstream_tls is not None:  # this backendRef's own TLS, matched by locality
+                match = f"{backend.cluster}/tls/{i}"
+                loc.metadata = Metadata(
+                    filter_metadata={
+                        "envoy.transport_socket_match": Struct.from_dict({"name": match})
+                    }
+                )
+                matches.append(
+                    ClusterTransportSocketMatch(
+                        name=match,
+                        match=Struct.from_dict({"name": match}),
+                        transport_socket=upstream_tls_socket(b.upstream_tls),
+                    )
+                )
+            localities.append(loc)
+        if matches:
+            kwargs["transport_socket_matches"] = matches
         kwargs["common_lb_config"] = ClusterCommonLbConfig(
             locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
         )

@@ -22,7 +22,7 @@ from services.common.configfile import Node
 from . import backend_traffic
 from .gatewayapi import BackendResolver, check_fields
 from .model import Backend, Listener
-from .resources import Resource, error_at, unsupported
+from .resources import Resource, error_at
 
 #: Envoy Gateway's ClusterSettings
 CLUSTER_SETTINGS = (
@@ -114,13 +114,9 @@ def service_backend(
             f"{what}: external service destinations having multiple endpoint types are not "
             "supported.",
         )
-    tls = {b.upstream_tls for _, _, b in live}
-    if len(tls) > 1:
-        raise unsupported(
-            refs[0], res, "backendRefs with different BackendTLSPolicies in one cluster"
-        )
     kind = "dns" if "dns" in kinds else "static"
-    return Backend(cluster_name, kind, (), http2, False, tuple(live), upstream_tls=tls.pop())
+    # each backendRef keeps its own BackendTLSPolicy: its locality's transport socket
+    return Backend(cluster_name, kind, (), http2, False, tuple(live))
 
 
 def apply_services(bootstrap: dict[str, Any], listeners: list[Listener]) -> None:

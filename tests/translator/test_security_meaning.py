@@ -310,8 +310,8 @@ def test_ext_proc_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> N
     """EnvoyExtensionPolicy ``extProc`` against ``envoyExtensions.extProcs`` of Envoy
     Gateway's IR: filter and cluster names, a weighted locality per backendRef, authority,
     fail open, message timeout, shadow mode, status on error, and ``backendSettings`` (the
-    service retry policy, connect timeout, circuit breaker, health checks) — upstream TLS
-    from a BackendTLSPolicy is not compared (that policy is rejected, and says so)."""
+    service retry policy, connect timeout, circuit breaker, health checks), and each
+    backendRef's upstream TLS (SNI) on its own locality."""
     out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
     envoy = yaml.safe_load(out.files["envoy.yaml"])
     clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
@@ -346,6 +346,22 @@ def test_ext_proc_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> N
                         for s in settings
                     )
                     assert _endpoints(cluster) == sorted(expected, key=lambda x: sorted(x[1]))
+                    # a backendRef's BackendTLSPolicy: its locality's own transport socket
+                    matches = {
+                        m["name"]: m["transport_socket"]
+                        for m in cluster.get("transport_socket_matches", [])
+                    }
+                    if len(settings) > 1:
+                        for s, loc in zip(
+                            settings, cluster["load_assignment"]["endpoints"], strict=True
+                        ):
+                            md = loc.get("metadata", {}).get("filter_metadata", {})
+                            name = md.get("envoy.transport_socket_match", {}).get("name")
+                            if "tls" not in s:
+                                assert name is None
+                                continue
+                            tls = matches[name]["typed_config"]
+                            assert tls["sni"] == s["tls"]["sni"]
                     traffic = ep.get("traffic") or {}
                     if (retry := traffic.get("retry")) is not None:
                         rp = grpc["retry_policy"]
