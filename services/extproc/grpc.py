@@ -277,7 +277,7 @@ class ResponseCache:
         else:
             return None
         ops = reply.headers
-        signature = tuple((n, k, tuple(v)) for n, (k, v) in ops.ops.items()) if ops else ()
+        signature = tuple([(n, k, *v) for n, (k, v) in ops.ops.items()]) if ops else ()
         return (type(reply), reply.phase, signature, *extra)
 
     def encode(self, reply: Reply) -> bytes:
@@ -367,7 +367,11 @@ class ExternalProcessorServicer:
                     core.add_attributes(
                         {k: v for s in msg.attributes.values() for k, v in struct_dict(s).items()}
                     )
-                if kind.endswith("headers") and msg.metadata_context.filter_metadata:
+                if (
+                    kind.endswith("headers")
+                    and msg.HasField("metadata_context")  # no wrapper objects when absent
+                    and msg.metadata_context.filter_metadata
+                ):
                     core.set_metadata(
                         {
                             ns: struct_dict(s)
