@@ -36,6 +36,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
+    Http1ProtocolOptions,
     Http2ProtocolOptions,
     HttpUri,
     Locality,
@@ -45,6 +46,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     SocketAddress,
     TransportSocket,
 )
+from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CoreHttpProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
@@ -127,6 +129,7 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as PAny
 from envoy_data_plane.google.protobuf import Struct
 
+from services.common.runtime import RECYCLE_CONNECTION_DURATION
 from services.extauth.transport.http import (
     CLIENT_ADDRESS_HEADER,
     METADATA_HEADER_PREFIX,
@@ -210,14 +213,22 @@ def _any(msg: betterproto2.Message) -> PAny:
     return PAny.pack(msg)
 
 
-def _http2_options() -> dict[str, PAny]:
+def _protocol_options(http2: bool, max_connection_duration: float | None) -> dict[str, PAny]:
+    explicit = (
+        HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        if http2
+        else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    )
+    common = (
+        CoreHttpProtocolOptions(
+            max_connection_duration=datetime.timedelta(seconds=max_connection_duration)
+        )
+        if max_connection_duration is not None
+        else None
+    )
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-            HttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions()
-                )
-            )
+            HttpProtocolOptions(explicit_http_config=explicit, common_http_protocol_options=common)
         )
     }
 
@@ -255,10 +266,15 @@ def upstream_tls_socket(tls: UpstreamTLS) -> TransportSocket:
     )
 
 
-def cluster(backend: Backend) -> Cluster:
+def cluster(backend: Backend, *, sidecar: bool = False) -> Cluster:
+    """The cluster of ``backend``; an Outrider ``sidecar``'s closes each connection after
+    ``RECYCLE_CONNECTION_DURATION``: Envoy, not the sidecar, ends connections, which is
+    what lets a sidecar run with --max-requests/--max-rss replace a worker without a
+    failed call (see services/common/runtime.py)."""
     kwargs: dict[str, Any] = {}
-    if backend.http2:
-        kwargs["typed_extension_protocol_options"] = _http2_options()
+    if backend.http2 or sidecar:
+        duration = RECYCLE_CONNECTION_DURATION if sidecar else None
+        kwargs["typed_extension_protocol_options"] = _protocol_options(backend.http2, duration)
     if backend.upstream_tls is not None:
         kwargs["transport_socket"] = upstream_tls_socket(backend.upstream_tls)
     if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
@@ -880,12 +896,12 @@ def build(
     ):
         if name in sidecars_used:
             clusters[cname] = cluster(
-                Backend(cname, "unix", ((options.sockets[name], 0),), http2=True)
+                Backend(cname, "unix", ((options.sockets[name], 0),), http2=True), sidecar=True
             )
     if "extauth-http" in sidecars_used:  # HTTP/1.1 to the sidecar's --http-listen
         socket = options.sockets["extauth-http"]
         clusters[EXTAUTH_HTTP_CLUSTER] = cluster(
-            Backend(EXTAUTH_HTTP_CLUSTER, "unix", ((socket, 0),), http2=False)
+            Backend(EXTAUTH_HTTP_CLUSTER, "unix", ((socket, 0),), http2=False), sidecar=True
         )
     for c in native_state.clusters:
         clusters.setdefault(c.name, c)
