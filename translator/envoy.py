@@ -22,6 +22,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterCommonLbConfig,
     ClusterCommonLbConfigLocalityWeightedLbConfig,
     ClusterDiscoveryType,
+    ClusterTransportSocketMatch,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationRule,
@@ -39,6 +40,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     HttpUri,
     Locality,
+    Metadata,
     Pipe,
     RetryPolicy,
     SocketAddress,
@@ -125,6 +127,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as PAny
+from envoy_data_plane.google.protobuf import Struct
 
 from services.common.runtime import RECYCLE_CONNECTION_DURATION
 from services.extauth.transport.http import (
@@ -231,10 +234,12 @@ def _protocol_options(http2: bool, max_connection_duration: float | None) -> dic
 
 
 def _addresses(backend: Backend) -> list[Address]:
-    if backend.kind == "unix":
-        return [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
+    """Endpoint addresses; a unix socket is its path with port 0."""
     return [
-        Address(socket_address=SocketAddress(address=h, port_value=p)) for h, p in backend.endpoints
+        Address(pipe=Pipe(path=h))
+        if backend.kind == "unix" or (p == 0 and h.startswith("/"))
+        else Address(socket_address=SocketAddress(address=h, port_value=p))
+        for h, p in backend.endpoints
     ]
 
 
@@ -273,14 +278,31 @@ def cluster(backend: Backend, *, sidecar: bool = False) -> Cluster:
     if backend.upstream_tls is not None:
         kwargs["transport_socket"] = upstream_tls_socket(backend.upstream_tls)
     if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
-        localities = [
-            LocalityLbEndpoints(
+        localities = []
+        matches = []
+        for i, (name, weight, b) in enumerate(backend.localities):
+            loc = LocalityLbEndpoints(
                 locality=Locality(region=name),
                 load_balancing_weight=weight,
                 lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in _addresses(b)],
             )
-            for name, weight, b in backend.localities
-        ]
+            if b.upstream_tls is not None:  # this backendRef's own TLS, matched by locality
+                match = f"{backend.cluster}/tls/{i}"
+                loc.metadata = Metadata(
+                    filter_metadata={
+                        "envoy.transport_socket_match": Struct.from_dict({"name": match})
+                    }
+                )
+                matches.append(
+                    ClusterTransportSocketMatch(
+                        name=match,
+                        match=Struct.from_dict({"name": match}),
+                        transport_socket=upstream_tls_socket(b.upstream_tls),
+                    )
+                )
+            localities.append(loc)
+        if matches:
+            kwargs["transport_socket_matches"] = matches
         kwargs["common_lb_config"] = ClusterCommonLbConfig(
             locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
         )
@@ -557,9 +579,23 @@ def _ext_proc_filter(ep: ExtProc) -> ExternalProcessor:
                 untyped=list(ep.writable_namespaces)
             ),
         )
-    grpc_cluster = EXTPROC_CLUSTER if ep.backend is None else ep.backend.cluster
+    if ep.shadow_mode:
+        kw["observability_mode"] = True
+    if ep.status_on_error is not None:
+        kw["status_on_error"] = HttpStatus(code=StatusCode(ep.status_on_error))
+    if ep.backend is None:
+        service = _grpc(EXTPROC_CLUSTER)
+    else:  # a user's service: Envoy Gateway's (10 s call timeout, authority, retries)
+        service = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=ep.backend.cluster, authority=ep.authority
+            ),
+            timeout=_dur(EXTAUTH_TIMEOUT_MS),
+        )
+        if (retry := _retry_policy(ep.retry)) is not None:
+            service.retry_policy = retry
     return ExternalProcessor(
-        grpc_service=_grpc(grpc_cluster),
+        grpc_service=service,
         processing_mode=mode,
         failure_mode_allow=ep.fail_open,
         allow_mode_override=ep.allow_mode_override,

@@ -359,15 +359,18 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
-        if unix and endpoints:
-            raise error_at(spec.req("endpoints"), backend, "mixes unix and network endpoints")
+        if unix and not all(_is_ip(h) for h, _ in endpoints):
+            raise error_at(
+                spec.req("endpoints"), backend, "mixes unix sockets and host names (fqdn)"
+            )
         cluster = f"backend/{namespace}/{name}"
-        if unix:
+        if unix and not endpoints:
             return self._store(Backend(cluster, "unix", tuple((p, 0) for p in unix), http2))
-        return self._cluster(cluster, endpoints, http2)
+        # IP addresses and unix sockets: one static cluster (a socket is port 0)
+        return self._cluster(cluster, [*endpoints, *((p, 0) for p in unix)], http2)
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
-        static = all(_is_ip(h) for h, _ in endpoints)
+        static = all(_is_ip(h) or p == 0 for h, p in endpoints)
         return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
 
     def _store(self, backend: Backend) -> Backend:

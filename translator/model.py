@@ -179,6 +179,11 @@ class ExtProc:
     allow_mode_override: bool
     accessible_namespaces: tuple[str, ...]
     writable_namespaces: tuple[str, ...]
+    shadow_mode: bool = False  # Envoy's observability_mode
+    status_on_error: int | None = None
+    authority: str = ""
+    retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
+    settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
 
 
 @dataclass
