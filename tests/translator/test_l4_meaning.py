@@ -368,3 +368,57 @@ spec:
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(envoy))
     envoy_validate(config)
+
+
+def test_policies_fill_a_tcp_route_field_by_field(tmp_path: Path) -> None:
+    """A Gateway's BackendTrafficPolicy fills what the route's own policy leaves unset
+    (Envoy Gateway's ``setIfNil`` for TCP routes); a UDP route takes only ``loadBalancer``
+    and ``dns``."""
+    envoy = translated(
+        """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {name: tcp, protocol: TCP, port: 9000}
+    - {name: udp, protocol: UDP, port: 9000}
+---
+kind: TCPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: svc, port: 80}]}]
+---
+kind: UDPRoute
+metadata: {name: dns, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: dns, port: 53}]}]
+---
+kind: BackendTrafficPolicy
+metadata: {name: gateway, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
+  circuitBreaker: {maxConnections: 7}
+  loadBalancer: {type: Random}
+  timeout: {tcp: {connectTimeout: 3s}}
+---
+kind: BackendTrafficPolicy
+metadata: {name: route, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: TCPRoute, name: app}]
+  loadBalancer: {type: ConsistentHash, consistentHash: {type: SourceIP}}
+""",
+        tmp_path,
+    )
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    tcp = clusters["tcproute/default/app/rule/-1"]
+    assert tcp["lb_policy"] == "MAGLEV"  # the route's policy
+    assert tcp["circuit_breakers"]["thresholds"][0]["max_connections"] == 7  # the Gateway's
+    assert tcp["connect_timeout"] == "3s"
+    udp = clusters["udproute/default/dns/rule/-1"]
+    assert udp["lb_policy"] == "RANDOM"
+    assert "circuit_breakers" not in udp
+    assert udp["connect_timeout"] == "1s"
