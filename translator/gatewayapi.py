@@ -30,6 +30,7 @@ LISTENER_PROTOCOLS = {
     "HTTP": ("HTTPRoute", "GRPCRoute"),
     "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TCP": ("TCPRoute",),
+    "TLS": ("TCPRoute",),  # TLS terminated by Envoy (l4.py); TLSRoute: not translated
     "UDP": ("UDPRoute",),
 }
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
@@ -403,7 +404,8 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
                 raise unsupported(
                     proto,
                     gw,
-                    f"protocol {proto.str()}: HTTP, HTTPS, TCP and UDP listeners are translated",
+                    f"protocol {proto.str()}: HTTP, HTTPS, TLS, TCP and UDP listeners are "
+                    "translated",
                 )
             hostname = item.opt_str("hostname")
             listener = Listener(

@@ -6,8 +6,10 @@ Envoy Gateway's rules (``internal/gatewayapi/route.go``, ``internal/xds/translat
   route attaches (``creationTimestamp``, then ``namespace/name``); backendRefs of weight 0
   carry no traffic. The route is named ``tcproute/<ns>/<name>`` (``udproute/...``).
 - A TCP listener is an Envoy listener whose filter chain ends in ``tcp_proxy`` (stat prefix
-  ``tcp-<port>``), to the backend's cluster or, for several, ``weighted_clusters``; with
-  no live backend the connection is closed at once. A UDP listener is a ``udp_proxy``
+  ``tcp-<port>``; a TLS listener with ``mode: Terminate``, ``tls-terminate-<port>``, its
+  chain named after the listener and given its certificates by ``tls.py``), to the
+  backend's cluster or, for several, ``weighted_clusters``; with no live backend the
+  connection is closed at once. A UDP listener is a ``udp_proxy``
   listener filter routing every datagram to the cluster (several backends: one cluster,
   ``udproute/<ns>/<name>/rule/-1``, with a weighted locality per backend).
 - Policies (most specific first, as ``policies.winner`` ranks them):
@@ -44,8 +46,8 @@ from .resources import Resource, ResourceSet, TranslateError, error_at, unsuppor
 
 T = "type.googleapis.com/envoy."
 #: route kind → the listener protocol it attaches to
-ROUTE_KINDS = {"TCPRoute": "TCP", "UDPRoute": "UDP"}
-PROTOCOLS = ("TCP", "UDP")
+ROUTE_KINDS = {"TCPRoute": ("TCP", "TLS"), "UDPRoute": ("UDP",)}
+PROTOCOLS = ("TCP", "TLS", "UDP")
 #: BackendTrafficPolicy cluster settings that apply to TCP / UDP routes (Envoy Gateway's
 #: ``applyTrafficFeatureToRoute``)
 #: BackendTrafficPolicy fields that apply to TCP / UDP routes (Envoy Gateway's
@@ -90,10 +92,12 @@ def _listeners_for(
     port = parent.opt_int("port")
     out = []
     for lst in listeners:
-        if (lst.gateway_ns, lst.gateway_name) != (ns, name) or lst.protocol != ROUTE_KINDS[
+        if (lst.gateway_ns, lst.gateway_name) != (ns, name) or lst.protocol not in ROUTE_KINDS[
             res.kind
         ]:
             continue
+        if lst.protocol == "TLS" and lst.tls is None:
+            continue  # TLS passthrough takes TLSRoutes (not translated)
         if (section is not None and lst.section != section) or (
             port is not None and lst.port != port
         ):
@@ -113,7 +117,7 @@ def _listeners_for(
         raise error_at(
             parent.req("sectionName"),
             res,
-            f"Gateway {ns}/{name} has no {ROUTE_KINDS[res.kind]} listener {section!r} "
+            f"Gateway {ns}/{name} has no {'/'.join(ROUTE_KINDS[res.kind])} listener {section!r} "
             "that allows this route",
         )
     return out
@@ -263,7 +267,7 @@ def attach_l4_policies(
             rule = rule_name(resources, route)
             live = [p for p in btps if not rejections.rejected(p)]
             route.traffic = _l4_traffic(live, lst, route, rule, resources)
-            if lst.protocol == "TCP":
+            if lst.protocol != "UDP":
                 live = [p for p in sps if not rejections.rejected(p)]
                 if (w := winner(live, lst, route, rule)) is not None:
                     route.tcp_authorization = _authorization(w, strict=_targets_tcp_route(w))
@@ -306,7 +310,7 @@ def _l4_traffic(
     """The BackendTrafficPolicy settings of a TCP or UDP route, filled field by field from
     the most specific policy that sets each (route rule, route, listener, Gateway; oldest
     first among equals), as Envoy Gateway's ``setIfNil``."""
-    fields = TCP_FIELDS if lst.protocol == "TCP" else {k: TCP_FIELDS[k] for k in UDP_FIELDS}
+    fields = TCP_FIELDS if lst.protocol != "UDP" else {k: TCP_FIELDS[k] for k in UDP_FIELDS}
     out = backend_traffic.Traffic()
     taken: set[str] = set()
     remaining = list(btps)
@@ -414,7 +418,11 @@ def _tcp_chain(
     clusters: dict[str, Any],
     service_ips: dict[str, tuple[str, int]],
 ) -> dict[str, Any]:
-    stat_prefix = f"tcp-{port}"
+    tls = lst.protocol == "TLS"
+    stat_prefix = f"tls-terminate-{port}" if tls else f"tcp-{port}"
+    # a TLS listener's chain is named after it: tls.apply_listener_tls gives it the
+    # listener's certificates and server names
+    chain_name = lst.name if tls else route_name(route)
     filters: list[dict[str, Any]] = []
     if route.tcp_authorization is not None:
         filters.append(_rbac(route.tcp_authorization, stat_prefix))
@@ -431,7 +439,7 @@ def _tcp_chain(
                 },
             }
         )
-        return {"name": route_name(route), "filters": filters}
+        return {"name": chain_name, "filters": filters}
     proxy: dict[str, Any] = {
         "@type": T + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": stat_prefix,
@@ -453,7 +461,7 @@ def _tcp_chain(
     if traffic is not None and traffic.route.get("source_ip_hash"):
         proxy["hash_policy"] = [{"source_ip": {}}]
     filters.append({"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy})
-    return {"name": route_name(route), "filters": filters}
+    return {"name": chain_name, "filters": filters}
 
 
 def _udp_cluster(
@@ -490,12 +498,12 @@ def add_listeners(
     clusters = {c["name"]: c for c in resources.get("clusters", [])}
     out = resources.setdefault("listeners", [])
     for lst in listeners:
-        if lst.protocol not in PROTOCOLS or not lst.routes:
-            continue
+        if lst.protocol not in PROTOCOLS or not lst.routes or lst.not_programmed is not None:
+            continue  # (a listener Envoy Gateway would not program: tls.py says why)
         route = lst.routes[0]
         port = port_map.get(lst.port, lst.port)
         address: dict[str, Any] = {"address": listen_address, "port_value": port}
-        if lst.protocol == "TCP":
+        if lst.protocol != "UDP":
             out.append(
                 {
                     "name": lst.name,
