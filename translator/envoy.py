@@ -364,7 +364,11 @@ def extauth_http_service(
     the policy's identity headers copied upstream and the check's metadata kept."""
     # Without a policy (the listener-level service, which routes override) the prefix must
     # not be /policy/: the client's own path would then name the policy.
-    prefix = POLICY_PREFIX + quote(policy, safe="") if policy else "/no-policy"
+    prefix = (
+        POLICY_PREFIX + quote(policy, safe="") + ";client_address=header"
+        if policy
+        else "/no-policy"
+    )
     response = AuthorizationResponse(
         # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself;
         # Set-Cookie carries OIDC's login state, its session, and a refresh's new session
@@ -683,12 +687,16 @@ def build(
     clusters: dict[str, Cluster] = {}
     sidecars_used: set[str] = set()
     envoy_listeners: list[Listener] = []
-    by_port: dict[int, list[ListenerIR]] = {}
+    # plain HTTP listeners on a port share one filter chain; each HTTPS listener has its own
+    # (Envoy Gateway's addHCMToXDSListener); a listener not programmed is left out
+    by_port: dict[tuple[int, str], list[ListenerIR]] = {}
     for lst in listeners:
-        if lst.protocol not in ("TCP", "UDP"):  # those are l4.py's
-            by_port.setdefault(lst.port, []).append(lst)
+        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP"):  # l4.py's
+            chain_key = lst.name if lst.tls is not None else ""
+            by_port.setdefault((lst.port, chain_key), []).append(lst)
+    by_envoy_port: dict[int, Listener] = {}
     native_state = native.NativeState()
-    for port, group in sorted(by_port.items()):
+    for (port, chain_name), group in sorted(by_port.items(), key=lambda kv: kv[0][0]):
         filters: dict[str, HttpFilter] = {}
         order: list[tuple[int, str]] = []
 
@@ -859,7 +867,7 @@ def build(
         http_filters = [filters[name] for _, name in sorted(order, key=lambda x: x[0])]
         http_filters.append(HttpFilter(name=F_ROUTER, typed_config=_any(Router())))
         hcm = HttpConnectionManager(
-            stat_prefix=f"http-{port}",
+            stat_prefix=f"{'https' if chain_name else 'http'}-{port}",
             route_config=RouteConfiguration(
                 name=first, virtual_hosts=virtual_hosts, ignore_port_in_host_matching=True
             ),
@@ -869,26 +877,28 @@ def build(
             merge_slashes=True,
             path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
         )
-        envoy_listeners.append(
-            Listener(
-                name=first,
-                address=Address(
-                    socket_address=SocketAddress(
-                        address=options.listen_address, port_value=options.port_map.get(port, port)
-                    )
-                ),
-                filter_chains=[
-                    FilterChain(
-                        filters=[
-                            Filter(
-                                name="envoy.filters.network.http_connection_manager",
-                                typed_config=_any(hcm),
-                            )
-                        ]
-                    )
-                ],
-            )
+        chain = FilterChain(
+            name=chain_name,
+            filters=[
+                Filter(
+                    name="envoy.filters.network.http_connection_manager",
+                    typed_config=_any(hcm),
+                )
+            ],
         )
+        if port in by_envoy_port:  # another HTTPS listener's filter chain on this port
+            by_envoy_port[port].filter_chains.append(chain)
+            continue
+        by_envoy_port[port] = Listener(
+            name=first,
+            address=Address(
+                socket_address=SocketAddress(
+                    address=options.listen_address, port_value=options.port_map.get(port, port)
+                )
+            ),
+            filter_chains=[chain],
+        )
+        envoy_listeners.append(by_envoy_port[port])
     for name, cname in (
         ("ratelimit", RATELIMIT_CLUSTER),
         ("extauth", EXTAUTH_CLUSTER),

@@ -215,6 +215,7 @@ class Route:
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
     tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
+    extras: Any = None  # route_filters.RouteExtras: retry, mirrors, HTTPRouteFilters
 
 
 @dataclass
@@ -228,4 +229,7 @@ class Listener:
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
-    protocol: str = "HTTP"  # or TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
+    protocol: str = "HTTP"  # or HTTPS; TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
+    tls: Any = None  # tls.ListenerTLS: an HTTPS listener's certificates
+    #: why Envoy Gateway would not program the listener (left out of the Envoy config)
+    not_programmed: str | None = None
