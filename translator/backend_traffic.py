@@ -1290,7 +1290,7 @@ def apply_backend_traffic(
     resources = bootstrap["static_resources"]
     clusters = {c["name"]: c for c in resources.get("clusters", [])}
     zones = {
-        wb.backend.cluster: getattr(wb.backend, "zones", ())
+        wb.backend.cluster: wb.backend.zones
         for lst in listeners
         for r in lst.routes
         for wb in r.backends

@@ -87,6 +87,8 @@ class BackendResolver:
     resources: ResourceSet
     overrides: dict[str, tuple[str, int]]
     clusters: dict[str, Backend] = field(default_factory=dict)
+    #: (address, port) → the zone its EndpointSlice or Backend endpoint names
+    zones: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def service_ips(self) -> dict[str, tuple[str, int]]:
         """Service cluster name → (cluster IP, port), for ``routingType: Service``."""
@@ -281,6 +283,8 @@ class BackendResolver:
                 for addr in ep.get("addresses") or ():
                     if (int(target),) and (str(addr), int(target)) not in out:
                         out.append((str(addr), int(target)))
+                        if ep.get("zone"):
+                            self.zones[(str(addr), int(target))] = str(ep["zone"])
         return out
 
     def _backend(
@@ -321,6 +325,8 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
+            if endpoints and (zone := ep.opt_str("zone")):
+                self.zones[endpoints[-1]] = zone
         if unix and endpoints:
             raise error_at(spec.req("endpoints"), backend, "mixes unix and network endpoints")
         cluster = f"backend/{namespace}/{name}"
@@ -330,7 +336,11 @@ class BackendResolver:
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
         static = all(_is_ip(h) for h, _ in endpoints)
-        return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
+        zones = tuple(self.zones.get(e, "") for e in endpoints)
+        kind = "static" if static else "dns"
+        return self._store(
+            Backend(name, kind, tuple(endpoints), http2, zones=zones if any(zones) else ())
+        )
 
     def _store(self, backend: Backend) -> Backend:
         self.clusters.setdefault(backend.cluster, backend)

@@ -807,3 +807,73 @@ def test_load_balancers_are_envoy_gateways(case: str, tmp_path: Path) -> None:
                             assert loc["load_balancing_weight"] == weights.get(zone, 1)
                 compared += 1
     assert compared
+
+
+ZONES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.0.0.1], zone: us-east-1a}
+  - {addresses: [10.0.0.2], zone: us-east-1b}
+  - {addresses: [10.0.0.3], zone: us-east-1a}
+  - {addresses: [10.0.0.4]}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: zones, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  loadBalancer:
+    type: RoundRobin
+    zoneAware:
+      weightedZones: [{zone: us-east-1a, weight: 70}, {zone: us-east-1b, weight: 30}]
+"""
+
+
+def test_weighted_zones_group_endpoints_by_their_zone(tmp_path: Path) -> None:
+    """The EndpointSlice's zones become the cluster's localities, weighted as
+    ``weightedZones`` says (a zone it does not list weighs 1), with locality-weighted
+    balancing — Envoy Gateway's ``buildWeightedZonalLocalities``."""
+    (tmp_path / "in.yaml").write_text(ZONES)
+    out = translate([tmp_path / "in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    (cluster,) = [
+        c
+        for c in envoy["static_resources"]["clusters"]
+        if c["name"] == "httproute/default/app/rule/0"
+    ]
+    assert "locality_weighted_lb_config" in cluster["common_lb_config"]
+    localities = {
+        loc["locality"]["zone"]: (
+            loc["load_balancing_weight"],
+            [e["endpoint"]["address"]["socket_address"]["address"] for e in loc["lb_endpoints"]],
+        )
+        for loc in cluster["load_assignment"]["endpoints"]
+    }
+    assert localities == {
+        "": (1, ["10.0.0.4"]),
+        "us-east-1a": (70, ["10.0.0.1", "10.0.0.3"]),
+        "us-east-1b": (30, ["10.0.0.2"]),
+    }
