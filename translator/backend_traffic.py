@@ -1398,6 +1398,7 @@ def _own_cluster(
                 ]
             }
         ]
+    inner = c.get("transport_socket")  # a BackendTLSPolicy's TLS
     c.update(copy.deepcopy(t.cluster))
     if t.locality is not None:
         c.setdefault("common_lb_config", {}).update(copy.deepcopy(t.locality))
@@ -1405,6 +1406,8 @@ def _own_cluster(
         c["load_assignment"]["endpoints"] = _zone_localities(
             c["load_assignment"]["endpoints"], t.zone_weights, (zones or {}).get(base, ())
         )
+    if inner is not None and "transport_socket" in t.cluster:  # PROXY protocol, then TLS
+        c["transport_socket"]["typed_config"]["transport_socket"] = inner
     if t.health_check_port is not None:
         for locality in c.get("load_assignment", {}).get("endpoints", []):
             for ep in locality.get("lb_endpoints", []):

@@ -29,6 +29,7 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     BackoffStrategy,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
@@ -40,6 +41,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Pipe,
     RetryPolicy,
     SocketAddress,
+    TransportSocket,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -102,6 +104,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
 )
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -123,7 +132,7 @@ from services.extauth.transport.http import (
 
 from . import native, rlqs
 from .gatewayapi import sort_key
-from .model import Backend, ExternalAuth, ExtProc, Route, Security, StringMatch
+from .model import Backend, ExternalAuth, ExtProc, Route, Security, StringMatch, UpstreamTLS
 from .model import Listener as ListenerIR
 from .ratelimit import DomainConfigs, local_rate_limit, string_matcher
 
@@ -218,10 +227,35 @@ def _addresses(backend: Backend) -> list[Address]:
     ]
 
 
+def upstream_tls_socket(tls: UpstreamTLS) -> TransportSocket:
+    """A BackendTLSPolicy's TLS to the backend: SNI, trusted CAs, the names the server's
+    certificate must carry (Envoy Gateway's ``UpstreamTlsContext``)."""
+    san_types = {"DNS": SubjectAltNameMatcherSanType.DNS, "URI": SubjectAltNameMatcherSanType.URI}
+    validation = CertificateValidationContext(
+        trusted_ca=DataSource(inline_string=tls.ca_pem)
+        if tls.ca_pem is not None
+        else DataSource(filename=tls.ca_file or ""),
+        match_typed_subject_alt_names=[
+            SubjectAltNameMatcher(san_type=san_types[t], matcher=StringMatcher(exact=value))
+            for t, value in tls.subject_alt_names
+        ],
+    )
+    return TransportSocket(
+        name="envoy.transport_sockets.tls",
+        typed_config=_any(
+            UpstreamTlsContext(
+                sni=tls.sni, common_tls_context=CommonTlsContext(validation_context=validation)
+            )
+        ),
+    )
+
+
 def cluster(backend: Backend) -> Cluster:
     kwargs: dict[str, Any] = {}
     if backend.http2:
         kwargs["typed_extension_protocol_options"] = _http2_options()
+    if backend.upstream_tls is not None:
+        kwargs["transport_socket"] = upstream_tls_socket(backend.upstream_tls)
     if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
         localities = [
             LocalityLbEndpoints(

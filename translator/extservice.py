@@ -14,7 +14,7 @@ per-try timeout or status codes, which only routes have).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.common.configfile import Node
@@ -22,7 +22,7 @@ from services.common.configfile import Node
 from . import backend_traffic
 from .gatewayapi import BackendResolver, check_fields
 from .model import Backend, Listener
-from .resources import Resource, error_at
+from .resources import Resource, error_at, unsupported
 
 #: Envoy Gateway's ClusterSettings
 CLUSTER_SETTINGS = (
@@ -104,12 +104,17 @@ def service_backend(
         raise error_at(refs[0], res, "every backendRef has weight 0")
     if len(live) == 1:
         b = live[0][2]
-        return Backend(cluster_name, b.kind, b.endpoints, http2 or b.http2, b.tls)
+        return replace(b, cluster=cluster_name, http2=http2 or b.http2)
     kinds = {b.kind for _, _, b in live}
     if "unix" in kinds and "dns" in kinds:
         raise error_at(refs[0], res, "backendRefs mix unix sockets and host names")
+    tls = {b.upstream_tls for _, _, b in live}
+    if len(tls) > 1:
+        raise unsupported(
+            refs[0], res, "backendRefs with different BackendTLSPolicies in one cluster"
+        )
     kind = "dns" if "dns" in kinds else "static"
-    return Backend(cluster_name, kind, (), http2, False, tuple(live))
+    return Backend(cluster_name, kind, (), http2, False, tuple(live), upstream_tls=tls.pop())
 
 
 def apply_services(bootstrap: dict[str, Any], listeners: list[Listener]) -> None:

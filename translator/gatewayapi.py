@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from services.common.configfile import Node
+from services.common.configfile import ConfigError, Node
 
-from .model import Backend, Listener, Route, StringMatch, WeightedBackend
+from .model import Backend, Listener, Route, StringMatch, UpstreamTLS, WeightedBackend
 from .resources import Resource, ResourceSet, error_at, unsupported
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -89,6 +90,9 @@ class BackendResolver:
     clusters: dict[str, Backend] = field(default_factory=dict)
     #: (address, port) → the zone its EndpointSlice or Backend endpoint names
     zones: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: (kind, namespace, name, port name or number) → the target's BackendTLSPolicy TLS
+    #: (``backend_tls.tls_for``); None: no BackendTLSPolicies
+    tls_lookup: Callable[[str, str, str, str | None], UpstreamTLS | None] | None = None
 
     def service_ips(self) -> dict[str, tuple[str, int]]:
         """Service cluster name → (cluster IP, port), for ``routingType: Service``."""
@@ -134,11 +138,37 @@ class BackendResolver:
         if service_in_input:
             self._check_service(ref, res)
         backend = self._resolve(ref, res)
+        if (tls := self._upstream_tls(ref, res)) is not None:
+            backend = replace(backend, upstream_tls=tls)
+            self.clusters[backend.cluster] = backend
         if http2 and not backend.http2:
-            return self._store(
-                Backend(f"{backend.cluster}/h2", backend.kind, backend.endpoints, True, backend.tls)
-            )
+            return self._store(replace(backend, cluster=f"{backend.cluster}/h2", http2=True))
         return backend
+
+    def _upstream_tls(self, ref: Node, res: Resource) -> UpstreamTLS | None:
+        """The BackendTLSPolicy of ``ref``'s target port (by the port's name for a Service or
+        ServiceImport, its number for a Backend, as Envoy Gateway matches ``sectionName``)."""
+        if self.tls_lookup is None:
+            return None
+        kind = ref.opt_str("kind", "Service") or "Service"
+        name = ref.req("name").str()
+        namespace = ref.opt_str("namespace", res.namespace) or res.namespace
+        port = ref.opt_int("port")
+        section = str(port) if port is not None and kind == "Backend" else None
+        if kind in ("Service", "ServiceImport") and (
+            target := self.resources.get(kind, namespace, name)
+        ):
+            for p in (target.spec.get("ports") or Node([], target.spec.file)).list():
+                if p.opt_int("port") == port:
+                    section = p.opt_str("name")
+        try:
+            return self.tls_lookup(kind, namespace, name, section)
+        except ConfigError as exc:
+            raise error_at(
+                ref,
+                res,
+                f"{kind} {namespace}/{name}: its BackendTLSPolicy is invalid: {exc.message}",
+            ) from None
 
     def _check_service(self, ref: Node, res: Resource) -> None:
         check_fields(ref, res, ("group", "kind", "name", "namespace", "port", "weight"))

@@ -80,6 +80,17 @@ class LocalRateLimit:
 
 
 @dataclass(frozen=True)
+class UpstreamTLS:
+    """TLS from Envoy to a backend (a BackendTLSPolicy, ``backend_tls.py``)."""
+
+    sni: str
+    ca_pem: str | None  # trusted CAs, PEM; None: ``ca_file``
+    ca_file: str | None  # the system trust store
+    subject_alt_names: tuple[tuple[str, str], ...]  # (DNS | URI, value) the server must have
+    policy: str  # namespace/name of the BackendTLSPolicy
+
+
+@dataclass(frozen=True)
 class Backend:
     """One upstream destination: a cluster Envoy can reach."""
 
@@ -92,6 +103,7 @@ class Backend:
     #: several backendRefs in one cluster (an extAuth/extProc service, as Envoy Gateway
     #: builds it): (locality name, weight, backend) each, endpoints unused
     localities: tuple[tuple[str, int, Backend], ...] = ()
+    upstream_tls: UpstreamTLS | None = None  # a BackendTLSPolicy's
 
 
 @dataclass(frozen=True)

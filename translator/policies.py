@@ -918,12 +918,6 @@ def attach(
         rejections,
         lambda p: extension.build_luas(p, resources),
     )
-    for kind in ("BackendTLSPolicy",):
-        for p in resources.of(kind):
-            rejections.add(
-                p,
-                error_at(p.node.get("kind") or p.node, p, f"{kind} is not supported yet"),
-            )
     for lst in listeners:
         for route in lst.routes:
             rule = rule_name(resources, route)

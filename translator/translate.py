@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import envoy as envoy_out
+from .backend_tls import backend_tls_policies, tls_for
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
 from .csrf import apply_csrf
@@ -95,12 +97,14 @@ def dump(data: Any) -> str:
 
 
 def translate_resources(resources: ResourceSet, options: Options) -> Output:
+    rejections = Rejections()
     resolver = BackendResolver(resources, options.backends)
+    if tls_policies := backend_tls_policies(resources, rejections):
+        resolver.tls_lookup = partial(tls_for, tls_policies)
     listeners = build_listeners(resources)
     build_routes(resources, listeners, resolver)
     build_l4_routes(resources, listeners, resolver)
     secret_files = SecretFiles(options.secrets_dir, {})
-    rejections = Rejections()
     chains = attach(resources, listeners, resolver, secret_files, rejections)
     attach_l4_policies(resources, listeners, rejections)
     client = attach_client_traffic(resources, listeners, rejections)
