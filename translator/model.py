@@ -99,11 +99,11 @@ class Backend:
     endpoints: tuple[tuple[str, int], ...] = ()  # (host, port); port 0 for unix paths
     http2: bool = False
     tls: bool = False
-    zones: tuple[str, ...] = ()  # each endpoint's zone ("" unknown); () when none is known
     #: several backendRefs in one cluster (an extAuth/extProc service, as Envoy Gateway
     #: builds it): (locality name, weight, backend) each, endpoints unused
     localities: tuple[tuple[str, int, Backend], ...] = ()
     upstream_tls: UpstreamTLS | None = None  # a BackendTLSPolicy's
+    zones: tuple[str, ...] = ()  # each endpoint's zone ("" unknown); () when none is known
 
 
 @dataclass(frozen=True)
