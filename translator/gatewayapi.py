@@ -28,6 +28,7 @@ LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
 #: listener protocol → the route kinds it takes (Gateway API's defaults)
 LISTENER_PROTOCOLS = {
     "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TCP": ("TCPRoute",),
     "UDP": ("UDPRoute",),
 }
@@ -81,6 +82,29 @@ def hostname_key(hostname: str) -> str:
     return hostname.replace(".", "_") if hostname != "*" else "*"
 
 
+def reference_granted(
+    resources: ResourceSet, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
+) -> bool:
+    """Whether a ReferenceGrant in ``to_ns`` lets ``from_kind`` in ``from_ns`` refer to it."""
+    for grant in resources.of("ReferenceGrant"):
+        if grant.namespace != to_ns:
+            continue
+        spec = grant.spec
+        froms = [
+            f
+            for f in (spec.get("from") or Node([], spec.file)).list()
+            if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
+        ]
+        tos = [
+            t
+            for t in (spec.get("to") or Node([], spec.file)).list()
+            if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
+        ]
+        if froms and tos:
+            return True
+    return False
+
+
 @dataclass
 class BackendResolver:
     """Turns backendRefs into clusters: ``--backend`` overrides, Backend and Service resources."""
@@ -110,23 +134,7 @@ class BackendResolver:
     def _granted(
         self, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
     ) -> bool:
-        for grant in self.resources.of("ReferenceGrant"):
-            if grant.namespace != to_ns:
-                continue
-            spec = grant.spec
-            froms = [
-                f
-                for f in (spec.get("from") or Node([], spec.file)).list()
-                if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
-            ]
-            tos = [
-                t
-                for t in (spec.get("to") or Node([], spec.file)).list()
-                if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
-            ]
-            if froms and tos:
-                return True
-        return False
+        return reference_granted(self.resources, from_kind, from_ns, to_kind, to_ns, to_name)
 
     def resolve(
         self, ref: Node, res: Resource, *, http2: bool = False, service_in_input: bool = False
@@ -355,17 +363,20 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
-            if endpoints and (zone := ep.opt_str("zone")):
+            if ep.get("unix") is None and (zone := ep.opt_str("zone")):
                 self.zones[endpoints[-1]] = zone
-        if unix and endpoints:
-            raise error_at(spec.req("endpoints"), backend, "mixes unix and network endpoints")
+        if unix and not all(_is_ip(h) for h, _ in endpoints):
+            raise error_at(
+                spec.req("endpoints"), backend, "mixes unix sockets and host names (fqdn)"
+            )
         cluster = f"backend/{namespace}/{name}"
-        if unix:
+        if unix and not endpoints:
             return self._store(Backend(cluster, "unix", tuple((p, 0) for p in unix), http2))
-        return self._cluster(cluster, endpoints, http2)
+        # IP addresses and unix sockets: one static cluster (a socket is port 0)
+        return self._cluster(cluster, [*endpoints, *((p, 0) for p in unix)], http2)
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
-        static = all(_is_ip(h) for h, _ in endpoints)
+        static = all(_is_ip(h) or p == 0 for h, p in endpoints)
         zones = tuple(self.zones.get(e, "") for e in endpoints)
         kind = "static" if static else "dns"
         return self._store(
@@ -386,12 +397,14 @@ def _is_ip(host: str) -> bool:
 
 
 def build_listeners(resources: ResourceSet) -> list[Listener]:
+    from .tls import ListenerNotProgrammed, listener_tls, resolve_conflicts  # tls builds on this
+
     listeners: list[Listener] = []
     for gw in resources.of("Gateway"):
         spec = check_fields(gw.spec, gw, GATEWAY_SPEC, GATEWAY_SPEC_UNSUPPORTED)
         seen: set[str] = set()
         for item in spec.req("listeners").list():
-            check_fields(item, gw, LISTENER_FIELDS, {"tls": "TLS termination is not translated"})
+            check_fields(item, gw, (*LISTENER_FIELDS, "tls"))
             name = item.req("name").str(nonempty=True)
             if name in seen:
                 raise error_at(item.req("name"), gw, f"duplicate listener name {name!r}")
@@ -401,26 +414,30 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
                 raise unsupported(
                     proto,
                     gw,
-                    f"protocol {proto.str()}: HTTP, TCP and UDP listeners are translated",
+                    f"protocol {proto.str()}: HTTP, HTTPS, TCP and UDP listeners are translated",
                 )
             hostname = item.opt_str("hostname")
-            listeners.append(
-                Listener(
-                    name=f"{gw.namespace}/{gw.name}/{name}",
-                    gateway_ns=gw.namespace,
-                    gateway_name=gw.name,
-                    section=name,
-                    port=item.req("port").int(minimum=1, maximum=65535),
-                    hostname=hostname,
-                    protocol=proto.str(),
-                )
+            listener = Listener(
+                name=f"{gw.namespace}/{gw.name}/{name}",
+                gateway_ns=gw.namespace,
+                gateway_name=gw.name,
+                section=name,
+                port=item.req("port").int(minimum=1, maximum=65535),
+                hostname=hostname,
+                protocol=proto.str(),
             )
+            try:
+                listener.tls = listener_tls(item, gw, resources, proto.str())
+            except ListenerNotProgrammed as exc:
+                listener.not_programmed = str(exc)
+            listeners.append(listener)
             allowed = item.get("allowedRoutes")
             if allowed is not None:
                 check_fields(allowed, gw, ("namespaces", "kinds"))
                 if (ns := allowed.get("namespaces")) is not None:
                     check_fields(ns, gw, ("from",), {"selector": "namespace labels are not known"})
                     ns.req("from").str(choices=("All", "Same"))
+    resolve_conflicts(listeners)
     return listeners
 
 
