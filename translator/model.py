@@ -103,6 +103,7 @@ class Backend:
     #: builds it): (locality name, weight, backend) each, endpoints unused
     localities: tuple[tuple[str, int, Backend], ...] = ()
     upstream_tls: UpstreamTLS | None = None  # a BackendTLSPolicy's
+    zones: tuple[str, ...] = ()  # each endpoint's zone ("" unknown); () when none is known
 
 
 @dataclass(frozen=True)
