@@ -824,7 +824,9 @@ def attach_client_traffic(
                 _fail_closed(lst)
                 continue
             others = [o for o in same_port(lst) if o.tls is None and lst.tls is None]
-            if others:
+            # Envoy Gateway's rule: plain listeners of the same Gateway share the settings
+            own = [o for o in others if (o.gateway_ns, o.gateway_name) == gateway_of(lst)]
+            if own:
                 note(
                     p,
                     error_at(
@@ -832,8 +834,22 @@ def attach_client_traffic(
                         p,
                         "ClientTrafficPolicy is being applied to multiple http (non "
                         "https) listeners ("
-                        + ", ".join(o.name for o in others)
+                        + ", ".join(o.name for o in own)
                         + ") on the same port, which is not allowed",
+                    ),
+                )
+                _fail_closed(lst)
+                continue
+            if others and not _empty(built[p.key]):  # Outrider: one Envoy for every Gateway
+                note(
+                    p,
+                    error_at(
+                        t.node,
+                        p,
+                        "Outrider runs one Envoy for every Gateway: "
+                        f"listener {lst.name} shares port {lst.port} with "
+                        + ", ".join(o.name for o in others)
+                        + ", which this policy does not apply to (not supported)",
                     ),
                 )
                 _fail_closed(lst)
@@ -890,6 +906,7 @@ def attach_client_traffic(
                     # an HTTPS listener has a filter chain of its own: only settings of the
                     # whole Envoy listener would reach the others
                     and (lst.tls is None or o.tls is None or _listener_level(built[p.key]))
+                    and not _empty(built[p.key])
                 ]
                 if foreign:
                     note(
@@ -945,6 +962,15 @@ def attach_client_traffic(
             settings = replace(settings, hcm={**settings.hcm, "http_protocol_options": h1})
         out[group[0].name] = settings
     return out
+
+
+def gateway_of(lst: Listener) -> tuple[str, str]:
+    return (lst.gateway_ns, lst.gateway_name)
+
+
+def _empty(s: ClientSettings) -> bool:
+    """A policy that sets nothing: it may reach listeners of other Gateways harmlessly."""
+    return s == ClientSettings(s.policy)
 
 
 def _listener_level(s: ClientSettings) -> bool:

@@ -335,3 +335,45 @@ def test_names_envoy_refuses_reject_the_policy(tmp_path: Path) -> None:
     assert r.ref == "ClientTrafficPolicy envoy-gateway/target-gateway-1"
     assert "tls.ecdhCurves" in str(r)
     assert "'curve1' is not one Envoy accepts" in str(r)
+
+
+SHARED_PORT = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: one, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: two, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: p, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: two, sectionName: http}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("settings", "rejected"), [("", False), ("  path: {disableMergeSlashes: true}\n", True)]
+)
+def test_a_policy_for_one_gateway_on_a_shared_port(
+    settings: str, rejected: bool, tmp_path: Path
+) -> None:
+    """Two Gateways' plain listeners on one port share Outrider's one HCM: a policy for one of
+    them that sets nothing is accepted (as Envoy Gateway, which runs an Envoy per Gateway);
+    one that sets something is rejected, saying why (it would reach the other Gateway)."""
+    src = tmp_path / "in.yaml"
+    src.write_text(SHARED_PORT + settings)
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    assert [r.ref for r in out.rejections] == (
+        ["ClientTrafficPolicy default/p"] if rejected else []
+    )
+    if rejected:
+        assert "Outrider runs one Envoy for every Gateway" in str(out.rejections[0])
