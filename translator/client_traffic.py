@@ -207,7 +207,7 @@ def _timeout(t: Node, res: Resource, s: ClientSettings) -> None:
             # TCP listeners' tcp_proxy; none on an HTTP one (as Envoy Gateway)
             s.tcp_proxy["idle_timeout"] = _dur(n, res, "Timeout: TCP IdleTimeout")
         if (n := tcp.get("tlsHandshakeTimeout")) is not None:
-            # the TLS filter chains' handshake deadline (none on plain HTTP)
+            # the filter chains' transport socket (TLS handshake) deadline
             s.chain["transport_socket_connect_timeout"] = _dur(
                 n, res, "Timeout: invalid TCP TLSHandshakeTimeout"
             )
@@ -1028,6 +1028,7 @@ def apply_client_traffic(
 def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
     filters = chain["filters"]
     hcm = next((f for f in filters if f["name"].endswith("http_connection_manager")), None)
+    chain.update(copy.deepcopy(s.chain))  # Envoy Gateway sets these on every filter chain
     if hcm is None:  # a TCP route's chain (l4.py)
         proxy = filters[-1]["typed_config"]
         if filters[-1]["name"].endswith("tcp_proxy"):
@@ -1051,5 +1052,3 @@ def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
         for nf in network:
             nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")
         chain["filters"] = network + filters
-    if chain.get("name"):  # an HTTPS listener's filter chain
-        chain.update(copy.deepcopy(s.chain))

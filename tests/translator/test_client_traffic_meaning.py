@@ -206,6 +206,7 @@ TLS_CASES = (
     "clienttrafficpolicy-mtls-dup-ca-refs",
     "clienttrafficpolicy-mtls-allow-expired-cert",
     "clienttrafficpolicy-http3",
+    "clienttrafficpolicy-mtls-client-verification",
 )
 VERSIONS = {"1.0": "TLSv1_0", "1.1": "TLSv1_1", "1.2": "TLSv1_2", "1.3": "TLSv1_3"}
 XFCC = {
@@ -215,6 +216,11 @@ XFCC = {
     "SanitizeSet": "SANITIZE_SET",
     "AlwaysForwardOnly": "ALWAYS_FORWARD_ONLY",
 }
+
+
+def ours_match(m: dict[str, Any]) -> dict[str, str]:
+    ((key, value),) = m.items()
+    return {"safeRegex": value["regex"]} if key == "safe_regex" else {key: value}
 
 
 def der_set(pem: str) -> set[bytes]:
@@ -244,8 +250,12 @@ def test_tls_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
         for c in lst["filter_chains"]:
             if c.get("name"):
                 (quic_chains if udp else chains)[c["name"]] = c
+        if lst["name"] not in chains and lst["filter_chains"] and not udp:
+            chains[lst["name"]] = lst["filter_chains"][0]  # a TLS listener's (TCP) first chain
     compared = 0
-    for ir in ir_listeners(DATA / f"{case}.out.yaml"):
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    tcp = [lst for ir in doc["xdsIR"].values() for lst in ir.get("tcp") or ()]
+    for ir in ir_listeners(DATA / f"{case}.out.yaml") + tcp:
         tls = ir.get("tls")
         if not tls or ir["name"] not in chains:
             continue
@@ -297,9 +307,27 @@ def test_tls_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
             assert (default.get("trust_chain_verification") == "ACCEPT_UNTRUSTED") is tls.get(
                 "acceptUntrusted", False
             )
+            assert default.get("verify_certificate_spki", []) == tls.get(
+                "verifyCertificateSpki", []
+            )
+            assert default.get("verify_certificate_hash", []) == tls.get(
+                "verifyCertificateHash", []
+            )
+            sans = [
+                (m.get("oid") or m["san_type"], ours_match(m["matcher"]))
+                for m in default.get("match_typed_subject_alt_names", [])
+            ]
+            assert sans == [
+                (m["name"], {k: m[k] for k in MATCH_KEYS if k in m})
+                for m in tls.get("matchTypedSubjectAltNames", [])
+            ]
         else:
             assert "require_client_certificate" not in ctx
         hcm = chain["filters"][-1]["typed_config"]
+        if chain["filters"][-1]["name"].endswith("tcp_proxy"):
+            assert "alpn_protocols" not in common or alpn
+            compared += 1
+            continue
         mode = ((ir.get("headers") or {}).get("xForwardedClientCert") or {}).get("mode")
         assert hcm.get("forward_client_cert_details", "SANITIZE") == XFCC.get(mode, "SANITIZE")
         if ir.get("hostnames", ["*"]) != ["*"]:
