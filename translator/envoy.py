@@ -364,7 +364,11 @@ def extauth_http_service(
     the policy's identity headers copied upstream and the check's metadata kept."""
     # Without a policy (the listener-level service, which routes override) the prefix must
     # not be /policy/: the client's own path would then name the policy.
-    prefix = POLICY_PREFIX + quote(policy, safe="") if policy else "/no-policy"
+    prefix = (
+        POLICY_PREFIX + quote(policy, safe="") + ";client_address=header"
+        if policy
+        else "/no-policy"
+    )
     response = AuthorizationResponse(
         # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself;
         # Set-Cookie carries OIDC's login state, its session, and a refresh's new session

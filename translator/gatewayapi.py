@@ -34,11 +34,10 @@ LISTENER_PROTOCOLS = {
     "TLS": ("TCPRoute",),  # mode Terminate (tls.py); Passthrough needs TLSRoute
 }
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
-RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts")
+RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts", "retry")
 GRPC_RULE_FIELDS = ("name", "matches", "filters", "backendRefs")
 RULE_UNSUPPORTED = {
     "sessionPersistence": "session persistence is not translated",
-    "retry": "retries are not translated",
 }
 
 
@@ -542,8 +541,8 @@ def _filters(rule: Node, res: Resource, route: dict[str, object]) -> None:
                 kind = path.req("type").str(choices=("ReplaceFullPath", "ReplacePrefixMatch"))
                 path.req("replaceFullPath" if kind == "ReplaceFullPath" else "replacePrefixMatch")
             route["rewrite"] = dict(body.value)
-        else:
-            raise unsupported(f.req("type"), res, f"HTTPRoute filter type {t}")
+        elif t not in ("RequestMirror", "ExtensionRef") or res.kind != "HTTPRoute":
+            raise unsupported(f.req("type"), res, f"{res.kind} filter type {t}")
 
 
 def _grpc_method(node: Node, res: Resource) -> StringMatch:
@@ -630,14 +629,14 @@ def build_routes(
                 "rewrite": None,
             }
             _filters(rule, hr, extra)
+            extras = None
+            if not grpc:
+                from .route_filters import rule_extras  # it builds on this module
+
+                extras = rule_extras(rule, hr, resources, resolver)
             timeout_ms = None
             if (t := rule.get("timeouts")) is not None:
-                check_fields(
-                    t,
-                    hr,
-                    ("request",),
-                    {"backendRequest": "backend request timeouts are not translated"},
-                )
+                check_fields(t, hr, ("request", "backendRequest"))
                 if (req := t.get("request")) is not None:
                     timeout_ms = _duration_ms(req, hr)
             matches = (rule.get("matches") or Node([], rule.file)).list()
@@ -703,9 +702,12 @@ def build_routes(
                                 method=method,
                                 backends=tuple(backends),
                                 timeout_ms=timeout_ms,
-                                direct_status=None
+                                direct_status=extras.direct_status
+                                if extras is not None and extras.direct_status is not None
+                                else None
                                 if extra["redirect"] or any(b.weight > 0 for b in backends)
                                 else 500,
+                                extras=extras,
                                 **extra,  # type: ignore[arg-type]
                             )
                         )

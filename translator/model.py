@@ -215,6 +215,7 @@ class Route:
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
     tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
+    extras: Any = None  # route_filters.RouteExtras: retry, mirrors, HTTPRouteFilters
 
 
 @dataclass

@@ -24,6 +24,7 @@ from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic, extension, extservice
 from .csrf import build_csrf
+from .envoyproxy import lua_validation
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -32,6 +33,7 @@ from .gatewayapi import (
     regex_checked,
     rule_name,
 )
+from .lua_check import LuaChecker
 from .model import (
     CIDRMatch,
     Cors,
@@ -938,6 +940,8 @@ def attach(
     btps = resources.of("BackendTrafficPolicy")
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
+    lua_level = lua_validation(resources)
+    lua_checker = LuaChecker() if any(p.spec.get("lua") is not None for p in eeps) else None
     traffic = build_each(
         btps, resources, listeners, rejections, lambda p: build_traffic(p, resources)
     )
@@ -966,7 +970,7 @@ def attach(
         resources,
         listeners,
         rejections,
-        lambda p: extension.build_luas(p, resources),
+        lambda p: extension.build_luas(p, resources, lua_checker, lua_level),
     )
     for lst in listeners:
         for route in lst.routes:

@@ -54,7 +54,9 @@ def envoy_routes(envoy: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def ir_routes(out_file: Path) -> dict[str, dict[str, Any]]:
     doc = yaml.load(out_file.read_text(), Loader=yaml.CSafeLoader)
     return {
-        r["name"]: r.get("traffic") or {}
+        # the route's own timeout (HTTPRoute timeouts) rides along: it wins over the policy's
+        # requestTimeout, as Envoy Gateway's getEffectiveRequestTimeout
+        r["name"]: {**(r.get("traffic") or {}), "route_timeout": r.get("timeout")}
         for ir in doc["xdsIR"].values()
         for lst in ir.get("http") or ()
         for r in lst.get("routes") or ()
@@ -111,7 +113,8 @@ def test_settings_mean_what_envoy_gateway_means(case: str, tmp_path: Path) -> No
             compared += 1
         if (timeout := traffic.get("timeout")) is not None:
             http, tcp = timeout.get("http") or {}, timeout.get("tcp") or {}
-            assert secs(action.get("timeout")) == secs(http.get("requestTimeout"))
+            expected = traffic["route_timeout"] or http.get("requestTimeout")
+            assert secs(action.get("timeout")) == secs(expected)
             assert secs(action.get("idle_timeout")) == secs(http.get("streamIdleTimeout"))
             assert secs(
                 (action.get("max_stream_duration") or {}).get("max_stream_duration")
