@@ -22,6 +22,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterCommonLbConfig,
     ClusterCommonLbConfigLocalityWeightedLbConfig,
     ClusterDiscoveryType,
+    ClusterTransportSocketMatch,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationRule,
@@ -39,6 +40,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     HttpUri,
     Locality,
+    Metadata,
     Pipe,
     RetryPolicy,
     SocketAddress,
@@ -125,6 +127,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as PAny
+from envoy_data_plane.google.protobuf import Struct
 
 from services.common.runtime import RECYCLE_CONNECTION_DURATION
 from services.extauth.transport.http import (
@@ -231,10 +234,12 @@ def _protocol_options(http2: bool, max_connection_duration: float | None) -> dic
 
 
 def _addresses(backend: Backend) -> list[Address]:
-    if backend.kind == "unix":
-        return [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
+    """Endpoint addresses; a unix socket is its path with port 0."""
     return [
-        Address(socket_address=SocketAddress(address=h, port_value=p)) for h, p in backend.endpoints
+        Address(pipe=Pipe(path=h))
+        if backend.kind == "unix" or (p == 0 and h.startswith("/"))
+        else Address(socket_address=SocketAddress(address=h, port_value=p))
+        for h, p in backend.endpoints
     ]
 
 
@@ -273,14 +278,31 @@ def cluster(backend: Backend, *, sidecar: bool = False) -> Cluster:
     if backend.upstream_tls is not None:
         kwargs["transport_socket"] = upstream_tls_socket(backend.upstream_tls)
     if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
-        localities = [
-            LocalityLbEndpoints(
+        localities = []
+        matches = []
+        for i, (name, weight, b) in enumerate(backend.localities):
+            loc = LocalityLbEndpoints(
                 locality=Locality(region=name),
                 load_balancing_weight=weight,
                 lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in _addresses(b)],
             )
-            for name, weight, b in backend.localities
-        ]
+            if b.upstream_tls is not None:  # this backendRef's own TLS, matched by locality
+                match = f"{backend.cluster}/tls/{i}"
+                loc.metadata = Metadata(
+                    filter_metadata={
+                        "envoy.transport_socket_match": Struct.from_dict({"name": match})
+                    }
+                )
+                matches.append(
+                    ClusterTransportSocketMatch(
+                        name=match,
+                        match=Struct.from_dict({"name": match}),
+                        transport_socket=upstream_tls_socket(b.upstream_tls),
+                    )
+                )
+            localities.append(loc)
+        if matches:
+            kwargs["transport_socket_matches"] = matches
         kwargs["common_lb_config"] = ClusterCommonLbConfig(
             locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
         )
@@ -342,7 +364,11 @@ def extauth_http_service(
     the policy's identity headers copied upstream and the check's metadata kept."""
     # Without a policy (the listener-level service, which routes override) the prefix must
     # not be /policy/: the client's own path would then name the policy.
-    prefix = POLICY_PREFIX + quote(policy, safe="") if policy else "/no-policy"
+    prefix = (
+        POLICY_PREFIX + quote(policy, safe="") + ";client_address=header"
+        if policy
+        else "/no-policy"
+    )
     response = AuthorizationResponse(
         # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself;
         # Set-Cookie carries OIDC's login state, its session, and a refresh's new session
@@ -557,9 +583,23 @@ def _ext_proc_filter(ep: ExtProc) -> ExternalProcessor:
                 untyped=list(ep.writable_namespaces)
             ),
         )
-    grpc_cluster = EXTPROC_CLUSTER if ep.backend is None else ep.backend.cluster
+    if ep.shadow_mode:
+        kw["observability_mode"] = True
+    if ep.status_on_error is not None:
+        kw["status_on_error"] = HttpStatus(code=StatusCode(ep.status_on_error))
+    if ep.backend is None:
+        service = _grpc(EXTPROC_CLUSTER)
+    else:  # a user's service: Envoy Gateway's (10 s call timeout, authority, retries)
+        service = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=ep.backend.cluster, authority=ep.authority
+            ),
+            timeout=_dur(EXTAUTH_TIMEOUT_MS),
+        )
+        if (retry := _retry_policy(ep.retry)) is not None:
+            service.retry_policy = retry
     return ExternalProcessor(
-        grpc_service=_grpc(grpc_cluster),
+        grpc_service=service,
         processing_mode=mode,
         failure_mode_allow=ep.fail_open,
         allow_mode_override=ep.allow_mode_override,
@@ -647,12 +687,16 @@ def build(
     clusters: dict[str, Cluster] = {}
     sidecars_used: set[str] = set()
     envoy_listeners: list[Listener] = []
-    by_port: dict[int, list[ListenerIR]] = {}
+    # plain HTTP listeners on a port share one filter chain; each HTTPS listener has its own
+    # (Envoy Gateway's addHCMToXDSListener); a listener not programmed is left out
+    by_port: dict[tuple[int, str], list[ListenerIR]] = {}
     for lst in listeners:
-        if lst.protocol not in ("TCP", "UDP"):  # those are l4.py's
-            by_port.setdefault(lst.port, []).append(lst)
+        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP"):  # l4.py's
+            chain_key = lst.name if lst.tls is not None else ""
+            by_port.setdefault((lst.port, chain_key), []).append(lst)
+    by_envoy_port: dict[int, Listener] = {}
     native_state = native.NativeState()
-    for port, group in sorted(by_port.items()):
+    for (port, chain_name), group in sorted(by_port.items(), key=lambda kv: kv[0][0]):
         filters: dict[str, HttpFilter] = {}
         order: list[tuple[int, str]] = []
 
@@ -823,7 +867,7 @@ def build(
         http_filters = [filters[name] for _, name in sorted(order, key=lambda x: x[0])]
         http_filters.append(HttpFilter(name=F_ROUTER, typed_config=_any(Router())))
         hcm = HttpConnectionManager(
-            stat_prefix=f"http-{port}",
+            stat_prefix=f"{'https' if chain_name else 'http'}-{port}",
             route_config=RouteConfiguration(
                 name=first, virtual_hosts=virtual_hosts, ignore_port_in_host_matching=True
             ),
@@ -833,26 +877,28 @@ def build(
             merge_slashes=True,
             path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
         )
-        envoy_listeners.append(
-            Listener(
-                name=first,
-                address=Address(
-                    socket_address=SocketAddress(
-                        address=options.listen_address, port_value=options.port_map.get(port, port)
-                    )
-                ),
-                filter_chains=[
-                    FilterChain(
-                        filters=[
-                            Filter(
-                                name="envoy.filters.network.http_connection_manager",
-                                typed_config=_any(hcm),
-                            )
-                        ]
-                    )
-                ],
-            )
+        chain = FilterChain(
+            name=chain_name,
+            filters=[
+                Filter(
+                    name="envoy.filters.network.http_connection_manager",
+                    typed_config=_any(hcm),
+                )
+            ],
         )
+        if port in by_envoy_port:  # another HTTPS listener's filter chain on this port
+            by_envoy_port[port].filter_chains.append(chain)
+            continue
+        by_envoy_port[port] = Listener(
+            name=first,
+            address=Address(
+                socket_address=SocketAddress(
+                    address=options.listen_address, port_value=options.port_map.get(port, port)
+                )
+            ),
+            filter_chains=[chain],
+        )
+        envoy_listeners.append(by_envoy_port[port])
     for name, cname in (
         ("ratelimit", RATELIMIT_CLUSTER),
         ("extauth", EXTAUTH_CLUSTER),

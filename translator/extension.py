@@ -12,29 +12,33 @@ policy's namespace, key ``lua`` (else its only key). The script must define
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.configfile import Node
 
 from .gatewayapi import check_fields
+from .lua_check import LuaChecker
 from .model import Listener
 from .resources import Resource, ResourceSet, error_at, unsupported
 
 LUA_TYPE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-_ENTRY = re.compile(r"\bfunction\s+envoy_on_(request|response)\s*\(")
 
 
 @dataclass(frozen=True)
 class Lua:
     filter_name: str
     code: str
+    #: ``filterContext``: what ``handle:filterContext()`` returns on the routes of the policy
+    filter_context: dict[str, Any] | None = None
 
 
-def build_luas(eep: Resource, resources: ResourceSet) -> tuple[Lua, ...]:
+def build_luas(
+    eep: Resource, resources: ResourceSet, checker: LuaChecker | None, level: str
+) -> tuple[Lua, ...]:
+    """``level``: the Lua validation level (translator/lua_check.py)."""
     spec = eep.spec
     if (wasm := spec.get("wasm")) is not None:
         for item in wasm.list():
@@ -48,7 +52,12 @@ def build_luas(eep: Resource, resources: ResourceSet) -> tuple[Lua, ...]:
         raise unsupported(wasm, eep, "Wasm extensions are not translated yet")
     out = []
     for i, item in enumerate((spec.get("lua") or Node([], spec.file)).list()):
-        check_fields(item, eep, ("type", "inline", "valueRef"))
+        check_fields(item, eep, ("type", "inline", "valueRef", "filterContext"))
+        context = None
+        if (fc := item.get("filterContext")) is not None:
+            if not isinstance(fc.value, dict):
+                raise fc.expected("a JSON object (key/value pairs)")
+            context = dict(fc.value)
         kind = item.req("type").str(choices=("Inline", "ValueRef"))
         if kind == "Inline":
             code = item.req("inline").str()
@@ -75,13 +84,30 @@ def build_luas(eep: Resource, resources: ResourceSet) -> tuple[Lua, ...]:
                     eep,
                     f"Lua: can't find the key lua in the referenced configmap {name}",
                 )
-        if not _ENTRY.search(code):
+        if "envoy_on_request" not in code and "envoy_on_response" not in code:
             raise error_at(
                 item,
                 eep,
-                "Lua: expected the script to define envoy_on_request or envoy_on_response",
+                "Lua: expected one of envoy_on_request() or envoy_on_response() to be defined",
             )
-        out.append(Lua(f"envoy.filters.http.lua/envoyextensionpolicy/{eep.key}/lua/{i}", code))
+        assert checker is not None  # made when any policy has lua
+        if (problem := checker.problem(code, level)) is not None:
+            why = (
+                f" (Envoy Gateway does not run scripts with Lua validation {level}, but Envoy "
+                "loads each script with the configuration and refuses the whole configuration "
+                "for one that fails to load)"
+                if level != "Strict"
+                else ""
+            )
+            raise error_at(
+                item,
+                eep,
+                f"Lua: validation failed for lua body in policy with name "
+                f"envoyextensionpolicy/{eep.key}/lua/{i}: {problem}{why}",
+            )
+        out.append(
+            Lua(f"envoy.filters.http.lua/envoyextensionpolicy/{eep.key}/lua/{i}", code, context)
+        )
     return tuple(out)
 
 
@@ -103,7 +129,14 @@ def apply_luas(bootstrap: dict[str, Any], listeners: list[Listener]) -> None:
                             used[lua.filter_name] = lua
                             route.setdefault("typed_per_filter_config", {})[lua.filter_name] = {
                                 "@type": FILTER_CONFIG,
+                                # the listener's default_source_code is this script; with a
+                                # filterContext, Envoy Gateway's LuaPerRoute carries only that
                                 "config": {
+                                    "@type": LUA_PER_ROUTE,
+                                    "filter_context": copy.deepcopy(lua.filter_context),
+                                }
+                                if lua.filter_context is not None
+                                else {
                                     "@type": LUA_PER_ROUTE,
                                     "source_code": {"inline_string": lua.code},
                                 },

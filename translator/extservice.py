@@ -22,7 +22,7 @@ from services.common.configfile import Node
 from . import backend_traffic
 from .gatewayapi import BackendResolver, check_fields
 from .model import Backend, Listener
-from .resources import Resource, error_at, unsupported
+from .resources import Resource, error_at
 
 #: Envoy Gateway's ClusterSettings
 CLUSTER_SETTINGS = (
@@ -90,6 +90,7 @@ def service_backend(
     cluster_name: str,
     *,
     http2: bool,
+    what: str,
 ) -> Backend:
     """One cluster ``cluster_name`` for a service's backendRefs (a locality per ref)."""
     if not refs:
@@ -106,15 +107,16 @@ def service_backend(
         b = live[0][2]
         return replace(b, cluster=cluster_name, http2=http2 or b.http2)
     kinds = {b.kind for _, _, b in live}
-    if "unix" in kinds and "dns" in kinds:
-        raise error_at(refs[0], res, "backendRefs mix unix sockets and host names")
-    tls = {b.upstream_tls for _, _, b in live}
-    if len(tls) > 1:
-        raise unsupported(
-            refs[0], res, "backendRefs with different BackendTLSPolicies in one cluster"
+    if "dns" in kinds and len(kinds) > 1:  # Envoy Gateway: IP and unix are one type, FQDN another
+        raise error_at(
+            refs[0],
+            res,
+            f"{what}: external service destinations having multiple endpoint types are not "
+            "supported.",
         )
     kind = "dns" if "dns" in kinds else "static"
-    return Backend(cluster_name, kind, (), http2, False, tuple(live), upstream_tls=tls.pop())
+    # each backendRef keeps its own BackendTLSPolicy: its locality's transport socket
+    return Backend(cluster_name, kind, (), http2, False, tuple(live))
 
 
 def apply_services(bootstrap: dict[str, Any], listeners: list[Listener]) -> None:

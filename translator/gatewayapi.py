@@ -28,15 +28,15 @@ LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
 #: listener protocol → the route kinds it takes (Gateway API's defaults)
 LISTENER_PROTOCOLS = {
     "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TCP": ("TCPRoute",),
     "UDP": ("UDPRoute",),
 }
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
-RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts")
+RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts", "retry")
 GRPC_RULE_FIELDS = ("name", "matches", "filters", "backendRefs")
 RULE_UNSUPPORTED = {
     "sessionPersistence": "session persistence is not translated",
-    "retry": "retries are not translated",
 }
 
 
@@ -81,6 +81,29 @@ def hostname_key(hostname: str) -> str:
     return hostname.replace(".", "_") if hostname != "*" else "*"
 
 
+def reference_granted(
+    resources: ResourceSet, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
+) -> bool:
+    """Whether a ReferenceGrant in ``to_ns`` lets ``from_kind`` in ``from_ns`` refer to it."""
+    for grant in resources.of("ReferenceGrant"):
+        if grant.namespace != to_ns:
+            continue
+        spec = grant.spec
+        froms = [
+            f
+            for f in (spec.get("from") or Node([], spec.file)).list()
+            if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
+        ]
+        tos = [
+            t
+            for t in (spec.get("to") or Node([], spec.file)).list()
+            if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
+        ]
+        if froms and tos:
+            return True
+    return False
+
+
 @dataclass
 class BackendResolver:
     """Turns backendRefs into clusters: ``--backend`` overrides, Backend and Service resources."""
@@ -88,6 +111,8 @@ class BackendResolver:
     resources: ResourceSet
     overrides: dict[str, tuple[str, int]]
     clusters: dict[str, Backend] = field(default_factory=dict)
+    #: (address, port) → the zone its EndpointSlice or Backend endpoint names
+    zones: dict[tuple[str, int], str] = field(default_factory=dict)
     #: (kind, namespace, name, port name or number) → the target's BackendTLSPolicy TLS
     #: (``backend_tls.tls_for``); None: no BackendTLSPolicies
     tls_lookup: Callable[[str, str, str, str | None], UpstreamTLS | None] | None = None
@@ -108,23 +133,7 @@ class BackendResolver:
     def _granted(
         self, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
     ) -> bool:
-        for grant in self.resources.of("ReferenceGrant"):
-            if grant.namespace != to_ns:
-                continue
-            spec = grant.spec
-            froms = [
-                f
-                for f in (spec.get("from") or Node([], spec.file)).list()
-                if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
-            ]
-            tos = [
-                t
-                for t in (spec.get("to") or Node([], spec.file)).list()
-                if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
-            ]
-            if froms and tos:
-                return True
-        return False
+        return reference_granted(self.resources, from_kind, from_ns, to_kind, to_ns, to_name)
 
     def resolve(
         self, ref: Node, res: Resource, *, http2: bool = False, service_in_input: bool = False
@@ -311,6 +320,8 @@ class BackendResolver:
                 for addr in ep.get("addresses") or ():
                     if (int(target),) and (str(addr), int(target)) not in out:
                         out.append((str(addr), int(target)))
+                        if ep.get("zone"):
+                            self.zones[(str(addr), int(target))] = str(ep["zone"])
         return out
 
     def _backend(
@@ -351,16 +362,25 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
-        if unix and endpoints:
-            raise error_at(spec.req("endpoints"), backend, "mixes unix and network endpoints")
+            if ep.get("unix") is None and (zone := ep.opt_str("zone")):
+                self.zones[endpoints[-1]] = zone
+        if unix and not all(_is_ip(h) for h, _ in endpoints):
+            raise error_at(
+                spec.req("endpoints"), backend, "mixes unix sockets and host names (fqdn)"
+            )
         cluster = f"backend/{namespace}/{name}"
-        if unix:
+        if unix and not endpoints:
             return self._store(Backend(cluster, "unix", tuple((p, 0) for p in unix), http2))
-        return self._cluster(cluster, endpoints, http2)
+        # IP addresses and unix sockets: one static cluster (a socket is port 0)
+        return self._cluster(cluster, [*endpoints, *((p, 0) for p in unix)], http2)
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
-        static = all(_is_ip(h) for h, _ in endpoints)
-        return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
+        static = all(_is_ip(h) or p == 0 for h, p in endpoints)
+        zones = tuple(self.zones.get(e, "") for e in endpoints)
+        kind = "static" if static else "dns"
+        return self._store(
+            Backend(name, kind, tuple(endpoints), http2, zones=zones if any(zones) else ())
+        )
 
     def _store(self, backend: Backend) -> Backend:
         self.clusters.setdefault(backend.cluster, backend)
@@ -376,12 +396,14 @@ def _is_ip(host: str) -> bool:
 
 
 def build_listeners(resources: ResourceSet) -> list[Listener]:
+    from .tls import ListenerNotProgrammed, listener_tls, resolve_conflicts  # tls builds on this
+
     listeners: list[Listener] = []
     for gw in resources.of("Gateway"):
         spec = check_fields(gw.spec, gw, GATEWAY_SPEC, GATEWAY_SPEC_UNSUPPORTED)
         seen: set[str] = set()
         for item in spec.req("listeners").list():
-            check_fields(item, gw, LISTENER_FIELDS, {"tls": "TLS termination is not translated"})
+            check_fields(item, gw, (*LISTENER_FIELDS, "tls"))
             name = item.req("name").str(nonempty=True)
             if name in seen:
                 raise error_at(item.req("name"), gw, f"duplicate listener name {name!r}")
@@ -391,26 +413,30 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
                 raise unsupported(
                     proto,
                     gw,
-                    f"protocol {proto.str()}: HTTP, TCP and UDP listeners are translated",
+                    f"protocol {proto.str()}: HTTP, HTTPS, TCP and UDP listeners are translated",
                 )
             hostname = item.opt_str("hostname")
-            listeners.append(
-                Listener(
-                    name=f"{gw.namespace}/{gw.name}/{name}",
-                    gateway_ns=gw.namespace,
-                    gateway_name=gw.name,
-                    section=name,
-                    port=item.req("port").int(minimum=1, maximum=65535),
-                    hostname=hostname,
-                    protocol=proto.str(),
-                )
+            listener = Listener(
+                name=f"{gw.namespace}/{gw.name}/{name}",
+                gateway_ns=gw.namespace,
+                gateway_name=gw.name,
+                section=name,
+                port=item.req("port").int(minimum=1, maximum=65535),
+                hostname=hostname,
+                protocol=proto.str(),
             )
+            try:
+                listener.tls = listener_tls(item, gw, resources, proto.str())
+            except ListenerNotProgrammed as exc:
+                listener.not_programmed = str(exc)
+            listeners.append(listener)
             allowed = item.get("allowedRoutes")
             if allowed is not None:
                 check_fields(allowed, gw, ("namespaces", "kinds"))
                 if (ns := allowed.get("namespaces")) is not None:
                     check_fields(ns, gw, ("from",), {"selector": "namespace labels are not known"})
                     ns.req("from").str(choices=("All", "Same"))
+    resolve_conflicts(listeners)
     return listeners
 
 
@@ -520,8 +546,8 @@ def _filters(rule: Node, res: Resource, route: dict[str, object]) -> None:
                 kind = path.req("type").str(choices=("ReplaceFullPath", "ReplacePrefixMatch"))
                 path.req("replaceFullPath" if kind == "ReplaceFullPath" else "replacePrefixMatch")
             route["rewrite"] = dict(body.value)
-        else:
-            raise unsupported(f.req("type"), res, f"HTTPRoute filter type {t}")
+        elif t not in ("RequestMirror", "ExtensionRef") or res.kind != "HTTPRoute":
+            raise unsupported(f.req("type"), res, f"{res.kind} filter type {t}")
 
 
 def _grpc_method(node: Node, res: Resource) -> StringMatch:
@@ -608,14 +634,14 @@ def build_routes(
                 "rewrite": None,
             }
             _filters(rule, hr, extra)
+            extras = None
+            if not grpc:
+                from .route_filters import rule_extras  # it builds on this module
+
+                extras = rule_extras(rule, hr, resources, resolver)
             timeout_ms = None
             if (t := rule.get("timeouts")) is not None:
-                check_fields(
-                    t,
-                    hr,
-                    ("request",),
-                    {"backendRequest": "backend request timeouts are not translated"},
-                )
+                check_fields(t, hr, ("request", "backendRequest"))
                 if (req := t.get("request")) is not None:
                     timeout_ms = _duration_ms(req, hr)
             matches = (rule.get("matches") or Node([], rule.file)).list()
@@ -681,9 +707,12 @@ def build_routes(
                                 method=method,
                                 backends=tuple(backends),
                                 timeout_ms=timeout_ms,
-                                direct_status=None
+                                direct_status=extras.direct_status
+                                if extras is not None and extras.direct_status is not None
+                                else None
                                 if extra["redirect"] or any(b.weight > 0 for b in backends)
                                 else 500,
+                                extras=extras,
                                 **extra,  # type: ignore[arg-type]
                             )
                         )

@@ -103,6 +103,7 @@ class Backend:
     #: builds it): (locality name, weight, backend) each, endpoints unused
     localities: tuple[tuple[str, int, Backend], ...] = ()
     upstream_tls: UpstreamTLS | None = None  # a BackendTLSPolicy's
+    zones: tuple[str, ...] = ()  # each endpoint's zone ("" unknown); () when none is known
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class ExtProc:
     allow_mode_override: bool
     accessible_namespaces: tuple[str, ...]
     writable_namespaces: tuple[str, ...]
+    shadow_mode: bool = False  # Envoy's observability_mode
+    status_on_error: int | None = None
+    authority: str = ""
+    retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
+    settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
 
 
 @dataclass
@@ -210,6 +216,7 @@ class Route:
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
     tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
+    extras: Any = None  # route_filters.RouteExtras: retry, mirrors, HTTPRouteFilters
 
 
 @dataclass
@@ -223,4 +230,7 @@ class Listener:
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
-    protocol: str = "HTTP"  # or TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
+    protocol: str = "HTTP"  # or HTTPS; TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
+    tls: Any = None  # tls.ListenerTLS: an HTTPS listener's certificates
+    #: why Envoy Gateway would not program the listener (left out of the Envoy config)
+    not_programmed: str | None = None

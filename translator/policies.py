@@ -24,6 +24,7 @@ from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic, extension, extservice
 from .csrf import build_csrf
+from .envoyproxy import lua_validation
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -32,6 +33,7 @@ from .gatewayapi import (
     regex_checked,
     rule_name,
 )
+from .lua_check import LuaChecker
 from .model import (
     CIDRMatch,
     Cors,
@@ -571,6 +573,23 @@ def build_security(
             if secret is None:
                 raise error_at(ref.req("name"), sp, f"no Secret {key_ns}/{name} in the input")
             creds.append(resources.secret_data(secret))
+        # Envoy Gateway's buildAPIKeyAuth: a client ID seen in an earlier Secret is skipped,
+        # the same key for two clients rejects the policy
+        seen_clients: set[str] = set()
+        seen_keys: set[str] = set()
+        for data in creds:
+            for client in sorted(data):
+                if client in seen_clients:
+                    continue
+                if data[client] in seen_keys:
+                    raise error_at(a.req("credentialRefs"), sp, "APIKeyAuth: duplicated API key.")
+                seen_clients.add(client)
+                seen_keys.add(data[client])
+        for source in a.req("extractFrom").list():
+            if sum(source.get(k) is not None for k in ("headers", "params", "cookies")) > 1:
+                raise error_at(
+                    source, sp, "only one of headers, params or cookies must be specified"
+                )
         policy["apiKeyAuth"] = {"credentials": creds, "extractFrom": a.req("extractFrom").value}
         for k in ("forwardClientIDHeader", "sanitize"):
             if (v := a.get(k)) is not None:
@@ -700,7 +719,12 @@ def _ext_auth(
     )
     refs = service_refs(svc)
     backend = extservice.service_backend(
-        refs, sp, resolver, f"securitypolicy/{sp.key}/extauth/0", http2=grpc is not None
+        refs,
+        sp,
+        resolver,
+        f"securitypolicy/{sp.key}/extauth/0",
+        http2=grpc is not None,
+        what="ExtAuth",
     )
     settings = extservice.settings(svc.get("backendSettings"), sp)
     body = e.get("bodyToExtAuth")
@@ -775,22 +799,36 @@ def build_ext_procs(
             (
                 "backendRef",
                 "backendRefs",
+                "backendSettings",
                 "processingMode",
                 "messageTimeout",
                 "failOpen",
                 "metadata",
+                "shadowMode",
+                "statusOnError",
             ),
-            {"backendSettings": "backend settings are not translated"},
         )
-        refs = ([ep.req("backendRef")] if ep.get("backendRef") is not None else []) + (
-            ep.get("backendRefs") or Node([], ep.file)
-        ).list()
-        if len(refs) != 1:
-            raise unsupported(ep, eep, "exactly one backendRef per extProc is translated")
-        ref = refs[0]
+        refs = service_refs(ep)
         backend = None
         chain = None
-        if ref.opt_str("kind") == "Backend" and ref.req("name").str() == OUTRIDER_EXTPROC_BACKEND:
+        settings = None
+        outrider = [
+            r
+            for r in refs
+            if r.opt_str("kind") == "Backend" and r.req("name").str() == OUTRIDER_EXTPROC_BACKEND
+        ]
+        if outrider:
+            ref = outrider[0]
+            if len(refs) != 1:
+                raise unsupported(
+                    ep, eep, f"the Backend {OUTRIDER_EXTPROC_BACKEND} must be the only backendRef"
+                )
+            if ep.get("backendSettings") is not None:
+                raise unsupported(
+                    ep.req("backendSettings"),
+                    eep,
+                    f"the Backend {OUTRIDER_EXTPROC_BACKEND} is Outrider's own sidecar",
+                )
             chain = eep.annotations.get(CHAIN_ANNOTATION, eep.key)
             if "/" not in chain:
                 chain = f"{eep.namespace}/{chain}"
@@ -802,7 +840,16 @@ def build_ext_procs(
                     f"{CHAIN_ANNOTATION} or add a ProcessingChain named like the policy)",
                 )
         else:
-            backend = resolver.resolve(ref, eep, http2=True)
+            backend = extservice.service_backend(
+                refs,
+                eep,
+                resolver,
+                f"envoyextensionpolicy/{eep.key}/extproc/{i}",
+                http2=True,
+                what="ExtProc",
+            )
+            settings = extservice.settings(ep.get("backendSettings"), eep)
+        status = ep.get("statusOnError")
         pm = ep.get("processingMode")
         req = resp = None
         allow_override = False
@@ -852,6 +899,11 @@ def build_ext_procs(
                 )
                 if md is not None
                 else (),
+                shadow_mode=bool(ep.opt_bool("shadowMode", False)),
+                status_on_error=_http_status(status, eep) if status is not None else None,
+                authority=authority(refs[0], eep, resources) if backend is not None else "",
+                retry=settings.retry if settings is not None else None,
+                settings=settings,
             )
         )
     return tuple(out)
@@ -888,6 +940,8 @@ def attach(
     btps = resources.of("BackendTrafficPolicy")
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
+    lua_level = lua_validation(resources)
+    lua_checker = LuaChecker() if any(p.spec.get("lua") is not None for p in eeps) else None
     traffic = build_each(
         btps, resources, listeners, rejections, lambda p: build_traffic(p, resources)
     )
@@ -916,7 +970,7 @@ def attach(
         resources,
         listeners,
         rejections,
-        lambda p: extension.build_luas(p, resources),
+        lambda p: extension.build_luas(p, resources, lua_checker, lua_level),
     )
     for lst in listeners:
         for route in lst.routes:

@@ -23,6 +23,8 @@ from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
+from .route_filters import apply_route_extras
+from .tls import apply_listener_tls, report_not_programmed
 
 DEFAULT_SOCKETS = {
     "ratelimit": "/run/outrider/ratelimit.sock",
@@ -108,6 +110,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     chains = attach(resources, listeners, resolver, secret_files, rejections)
     attach_l4_policies(resources, listeners, rejections)
     client = attach_client_traffic(resources, listeners, rejections)
+    report_not_programmed(resources, listeners, rejections)
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
@@ -134,7 +137,9 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
         bootstrap, listeners, options.listen_address, options.port_map, resolver.service_ips()
     )
     apply_client_traffic(bootstrap, client)
+    apply_listener_tls(bootstrap, listeners, client, secret_files)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
+    apply_route_extras(bootstrap, listeners)
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
     apply_csrf(bootstrap, listeners)

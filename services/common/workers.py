@@ -34,7 +34,11 @@ Workers run the same command line minus the per-worker flags (``--workers``,
 ``--listen``, ``--admin`` and the service's own address flags, which the
 supervisor sets for each worker) and inherit the environment; a flag on the
 command line wins over its ``OUTRIDER_*`` variable, so the per-worker values
-always apply.
+always apply. Options whose value may hold a secret (``SECRET_FLAGS``: Redis URLs
+carry the password, as the envoyproxy/ratelimit shim writes ``REDIS_AUTH`` into one)
+reach workers as their ``OUTRIDER_*`` variable instead, never in argv: any local user
+can read a command line (``ps``, ``/proc/PID/cmdline``), a process's environment only
+its owner.
 
 Supervision policy:
 
@@ -70,6 +74,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from .cli import env_name
 from .httpserver import start_http
 from .listeners import Address, ListenError, prepare_unix_path
 from .runtime import RECYCLE_CONNECTION_DURATION, RuntimeOptions
@@ -85,6 +90,9 @@ READY_TIMEOUT = 30.0
 RECYCLE_RETRY = 30.0
 #: Flags the supervisor sets itself for each worker.
 SUPERVISOR_FLAGS = ("--workers", "--listen", "--admin", "--supervisor-fd")
+#: Options whose value may carry a secret (a password in a Redis or xDS URL): passed to
+#: workers in the environment, never on their command line.
+SECRET_FLAGS = ("--redis-url", "--redis-persecond-url", "--config-xds")
 #: ``__SO_ACCEPTCON`` in /proc/net/unix's flags: a listening socket.
 ACCEPTCON = 0x10000
 
@@ -146,15 +154,40 @@ def without_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
     return out
 
 
+def flag_values(argv: Sequence[str], flags: Sequence[str]) -> dict[str, str]:
+    """The value of each of ``flags`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``;
+    the last one given, as argparse keeps it)."""
+    values: dict[str, str] = {}
+    tokens = iter(argv)
+    for token in tokens:
+        if token in flags:
+            value = next(tokens, None)
+            if value is not None:
+                values[token] = value
+            continue
+        name, eq, value = token.partition("=")
+        if eq and name in flags:
+            values[name] = value
+    return values
+
+
 class Worker:
     """One worker process: slot ``index``, generation ``generation``."""
 
     def __init__(
-        self, index: int, generation: int, argv: list[str], sockets: dict[str, str], admin: str
+        self,
+        index: int,
+        generation: int,
+        argv: list[str],
+        sockets: dict[str, str],
+        admin: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
         self.argv = argv
+        #: added to the inherited environment (the secret-bearing options)
+        self.env = dict(env or {})
         #: symlink name → this process's socket
         self.sockets = sockets
         self.admin_path = admin
@@ -166,7 +199,11 @@ class Worker:
         read_fd, write_fd = os.pipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, "--supervisor-fd", str(write_fd), pass_fds=(write_fd,)
+                *self.argv,
+                "--supervisor-fd",
+                str(write_fd),
+                pass_fds=(write_fd,),
+                env={**os.environ, **self.env} if self.env else None,
             )
         finally:
             os.close(write_fd)
@@ -231,7 +268,10 @@ class Supervisor:
         self.options = options
         self.count = count
         self._addresses = dict(worker_addresses or {})
-        self._shared_argv = without_flags(argv, (*SUPERVISOR_FLAGS, *self._addresses))
+        shared = without_flags(argv, (*SUPERVISOR_FLAGS, *self._addresses))
+        # the flag's value, which wins over the variable the supervisor may also have
+        self._secret_env = {env_name(f): v for f, v in flag_values(shared, SECRET_FLAGS).items()}
+        self._shared_argv = without_flags(shared, SECRET_FLAGS)
         self._stopping = asyncio.Event()
         self._deaths: deque[float] = deque()
         self._generation = 0
@@ -269,7 +309,7 @@ class Supervisor:
             sockets[name] = generation_path(name, gen)
             argv += [flag, f"unix:{sockets[name]}"]
         argv += ["--admin", f"unix:{admin}"]
-        return Worker(i, gen, argv, sockets, admin)
+        return Worker(i, gen, argv, sockets, admin, self._secret_env)
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> int:

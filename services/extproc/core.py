@@ -255,6 +255,10 @@ class Chain:
     #: Some processor needs the response phase (its headers, body or trailers); read for
     #: every message, so computed once here.
     needs_response_headers: bool = field(init=False, default=False)
+    #: Every header hook of the chain has a constant result and nothing reads bodies or
+    #: trailers: a stream's replies depend only on its options and on the kinds and
+    #: end_of_stream flags of its messages (the transport memoizes them).
+    constant: bool = field(init=False, default=False)
 
     @classmethod
     def build(cls, name: str, processors: tuple[Processor, ...], fail_open: bool = False) -> Chain:
@@ -281,6 +285,21 @@ class Chain:
             self.response_header_procs or self.response_body_procs or self.response_trailer_procs
         )
         object.__setattr__(self, "needs_response_headers", needs)  # once per config load
+        constant = not (
+            self.request_body_procs
+            or self.response_body_procs
+            or self.request_trailer_procs
+            or self.response_trailer_procs
+            or self.reads_headers
+        ) and all(
+            hook in p.constant_results
+            for procs, hook in (
+                (self.request_header_procs, "on_request_headers"),
+                (self.response_header_procs, "on_response_headers"),
+            )
+            for p in procs
+        )
+        object.__setattr__(self, "constant", constant)
 
 
 #: What a hook may return besides None (a tuple: isinstance is cheaper than with a union).
