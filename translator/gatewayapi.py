@@ -112,6 +112,8 @@ class BackendResolver:
     resources: ResourceSet
     overrides: dict[str, tuple[str, int]]
     clusters: dict[str, Backend] = field(default_factory=dict)
+    #: (address, port) → the zone its EndpointSlice or Backend endpoint names
+    zones: dict[tuple[str, int], str] = field(default_factory=dict)
     #: (kind, namespace, name, port name or number) → the target's BackendTLSPolicy TLS
     #: (``backend_tls.tls_for``); None: no BackendTLSPolicies
     tls_lookup: Callable[[str, str, str, str | None], UpstreamTLS | None] | None = None
@@ -319,6 +321,8 @@ class BackendResolver:
                 for addr in ep.get("addresses") or ():
                     if (int(target),) and (str(addr), int(target)) not in out:
                         out.append((str(addr), int(target)))
+                        if ep.get("zone"):
+                            self.zones[(str(addr), int(target))] = str(ep["zone"])
         return out
 
     def _backend(
@@ -359,6 +363,8 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
+            if ep.get("unix") is None and (zone := ep.opt_str("zone")):
+                self.zones[endpoints[-1]] = zone
         if unix and not all(_is_ip(h) for h, _ in endpoints):
             raise error_at(
                 spec.req("endpoints"), backend, "mixes unix sockets and host names (fqdn)"
@@ -371,7 +377,11 @@ class BackendResolver:
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
         static = all(_is_ip(h) or p == 0 for h, p in endpoints)
-        return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
+        zones = tuple(self.zones.get(e, "") for e in endpoints)
+        kind = "static" if static else "dns"
+        return self._store(
+            Backend(name, kind, tuple(endpoints), http2, zones=zones if any(zones) else ())
+        )
 
     def _store(self, backend: Backend) -> Backend:
         self.clusters.setdefault(backend.cluster, backend)
