@@ -214,7 +214,7 @@ class Route:
     security: Security | None = None
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
-    luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    luas: tuple[Any, ...] = ()  # extension.Lua / extension.Wasm: EnvoyExtensionPolicy filters
     tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
     extras: Any = None  # route_filters.RouteExtras: retry, mirrors, HTTPRouteFilters
 
