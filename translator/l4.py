@@ -7,11 +7,11 @@ Envoy Gateway's rules (``internal/gatewayapi/route.go``, ``internal/xds/translat
   carry no traffic. The route is named ``tcproute/<ns>/<name>`` (``udproute/...``).
 - A TCP listener is an Envoy listener whose filter chain ends in ``tcp_proxy`` (stat prefix
   ``tcp-<port>``; a TLS listener with ``mode: Terminate``, ``tls-terminate-<port>``, its
-  chain named after the listener and given its certificates by ``tls.py``), to the
-  backend's cluster or, for several, ``weighted_clusters``; with no live backend the
-  connection is closed at once. A UDP listener is a ``udp_proxy``
-  listener filter routing every datagram to the cluster (several backends: one cluster,
-  ``udproute/<ns>/<name>/rule/-1``, with a weighted locality per backend).
+  certificates given by ``tls.py``), to the backend's cluster or, for several,
+  ``weighted_clusters``; with no live backend the connection is closed at once. A UDP
+  listener is a ``udp_proxy`` listener filter routing every datagram to the cluster
+  (several backends: one cluster, ``udproute/<ns>/<name>/rule/-1``, with a weighted
+  locality per backend).
 - Policies (most specific first, as ``policies.winner`` ranks them):
   a **BackendTrafficPolicy** gives a TCP route's clusters its ``loadBalancer``
   (``ConsistentHash`` ``SourceIP`` → ``tcp_proxy`` ``hash_policy``), ``circuitBreaker``,
@@ -46,8 +46,8 @@ from .resources import Resource, ResourceSet, TranslateError, error_at, unsuppor
 
 T = "type.googleapis.com/envoy."
 #: route kind → the listener protocol it attaches to
-ROUTE_KINDS = {"TCPRoute": ("TCP", "TLS"), "UDPRoute": ("UDP",)}
-PROTOCOLS = ("TCP", "TLS", "UDP")
+ROUTE_KINDS = {"TCPRoute": "TCP", "UDPRoute": "UDP"}
+PROTOCOLS = ("TCP", "UDP", "TLS")  # TLS: terminated (tls.py), then as TCP
 #: BackendTrafficPolicy cluster settings that apply to TCP / UDP routes (Envoy Gateway's
 #: ``applyTrafficFeatureToRoute``)
 #: BackendTrafficPolicy fields that apply to TCP / UDP routes (Envoy Gateway's
@@ -92,12 +92,9 @@ def _listeners_for(
     port = parent.opt_int("port")
     out = []
     for lst in listeners:
-        if (lst.gateway_ns, lst.gateway_name) != (ns, name) or lst.protocol not in ROUTE_KINDS[
-            res.kind
-        ]:
+        kind = "TCP" if lst.protocol == "TLS" else lst.protocol  # TLS terminated: TCPRoutes
+        if (lst.gateway_ns, lst.gateway_name) != (ns, name) or kind != ROUTE_KINDS[res.kind]:
             continue
-        if lst.protocol == "TLS" and lst.tls is None:
-            continue  # TLS passthrough takes TLSRoutes (not translated)
         if (section is not None and lst.section != section) or (
             port is not None and lst.port != port
         ):
@@ -117,7 +114,7 @@ def _listeners_for(
         raise error_at(
             parent.req("sectionName"),
             res,
-            f"Gateway {ns}/{name} has no {'/'.join(ROUTE_KINDS[res.kind])} listener {section!r} "
+            f"Gateway {ns}/{name} has no {ROUTE_KINDS[res.kind]} listener {section!r} "
             "that allows this route",
         )
     return out
@@ -418,11 +415,9 @@ def _tcp_chain(
     clusters: dict[str, Any],
     service_ips: dict[str, tuple[str, int]],
 ) -> dict[str, Any]:
-    tls = lst.protocol == "TLS"
-    stat_prefix = f"tls-terminate-{port}" if tls else f"tcp-{port}"
-    # a TLS listener's chain is named after it: tls.apply_listener_tls gives it the
-    # listener's certificates and server names
-    chain_name = lst.name if tls else route_name(route)
+    # (a TLS listener's chain gets its certificates from tls.apply_listener_tls)
+    stat_prefix = f"tls-terminate-{port}" if lst.protocol == "TLS" else f"tcp-{port}"
+    chain_name = route_name(route)
     filters: list[dict[str, Any]] = []
     if route.tcp_authorization is not None:
         filters.append(_rbac(route.tcp_authorization, stat_prefix))
@@ -499,11 +494,11 @@ def add_listeners(
     out = resources.setdefault("listeners", [])
     for lst in listeners:
         if lst.protocol not in PROTOCOLS or not lst.routes or lst.not_programmed is not None:
-            continue  # (a listener Envoy Gateway would not program: tls.py says why)
+            continue
         route = lst.routes[0]
         port = port_map.get(lst.port, lst.port)
         address: dict[str, Any] = {"address": listen_address, "port_value": port}
-        if lst.protocol != "UDP":
+        if lst.protocol in ("TCP", "TLS"):
             out.append(
                 {
                     "name": lst.name,

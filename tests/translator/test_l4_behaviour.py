@@ -4,25 +4,20 @@ TCP and UDP echo servers.
 - a TCPRoute proxies bytes both ways;
 - a SecurityPolicy ``authorization`` on a TCPRoute (network RBAC): a client outside its
   ``clientCIDRs`` is disconnected before any byte reaches the upstream, one inside is proxied;
-- a UDPRoute proxies a datagram and its answer;
-- a TCPRoute on a TLS listener (``mode: Terminate``): Envoy terminates TLS with the
-  listener's certificate and proxies the plain bytes.
+- a UDPRoute proxies a datagram and its answer.
 """
 
 from __future__ import annotations
 
 import socket
 import socketserver
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.harness.certs import TestCA
 from tests.harness.procs import free_port
 from translator.translate import Options, translate
 
@@ -37,17 +32,6 @@ spec:
     - {name: guarded, protocol: TCP, port: 9001}
     - {name: allowed, protocol: TCP, port: 9002}
     - {name: dns, protocol: UDP, port: 9003}
-    - name: tls
-      protocol: TLS
-      port: 9004
-      tls: {mode: Terminate, certificateRefs: [{name: server-cert}]}
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TCPRoute
-metadata: {name: tls, namespace: default}
-spec:
-  parentRefs: [{name: eg, sectionName: tls}]
-  rules: [{backendRefs: [{name: tcp-echo, port: 7}]}]
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
@@ -148,18 +132,9 @@ def tcp_exchange(port: int, payload: bytes) -> bytes:
 
 @pytest.fixture
 def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    ca = TestCA(tmp_path / "ca")
-    cert = ca.issue("localhost")
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "kubernetes.io/tls",
-        "metadata": {"name": "server-cert", "namespace": "default"},
-        "stringData": {"tls.crt": cert.cert.read_text(), "tls.key": cert.key.read_text()},
-    }
     resources = tmp_path / "routes.yaml"
-    resources.write_text(RESOURCES + "---\n" + yaml.safe_dump(secret))
-    ports = {p: free_port() for p in (9000, 9001, 9002, 9003, 9004)}
+    resources.write_text(RESOURCES)
+    ports = {p: free_port() for p in (9000, 9001, 9002, 9003)}
     tcp, udp = TCPEcho(), UDPEcho()
     threads = [_serve(tcp), _serve(udp)]
     try:
@@ -179,7 +154,7 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
         assert not out.rejections, [str(r) for r in out.rejections]
         out.write(tmp_path / "out")
         envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"ports": ports, "tcp": tcp, "ca": ca.ca_path}
+        yield {"ports": ports, "tcp": tcp}
     finally:
         for server in (tcp, udp):
             server.shutdown()
@@ -208,13 +183,3 @@ def test_tcp_and_udp_routes(stack: dict[str, Any]) -> None:
             except TimeoutError:
                 continue
     assert answer == b"echo:ping"
-
-
-def test_tls_terminated_tcp_route(stack: dict[str, Any]) -> None:
-    context = ssl.create_default_context(cafile=str(stack["ca"]))
-    with (
-        socket.create_connection(("127.0.0.1", stack["ports"][9004]), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as conn,
-    ):
-        conn.sendall(b"over tls")
-        assert conn.recv(4096) == b"echo:over tls"

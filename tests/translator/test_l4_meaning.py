@@ -163,15 +163,13 @@ def test_l4_routes_mean_what_envoy_gateway_means(case: Path, tmp_path: Path) -> 
             route = tcp["routes"][0]
             chain = listeners[tcp["name"]]["filter_chains"][0]
             filters = {f["name"]: f["typed_config"] for f in chain["filters"]}
-            if tcp.get("tls"):  # terminated by Envoy: the listener's chain, with certificates
-                assert chain["name"] == tcp["name"]
+            assert chain["name"] == route["name"]
+            if tcp.get("tls"):  # terminated by Envoy: the listener's certificates
                 ctx = chain["transport_socket"]["typed_config"]
                 assert ctx["@type"].endswith("DownstreamTlsContext")
                 names = [c["name"] for c in tcp["tls"]["certificates"]]
                 ours = ctx["common_tls_context"]["tls_certificate_sds_secret_configs"]
                 assert [c["name"] for c in ours] == names
-            else:
-                assert chain["name"] == route["name"]
             if (auth := route.get("authorization")) is not None:
                 default, rules = _rbac_rules(filters["envoy.filters.network.rbac"])
                 assert default == auth["defaultAction"].upper()
@@ -221,6 +219,10 @@ def test_l4_routes_mean_what_envoy_gateway_means(case: Path, tmp_path: Path) -> 
                 assert lf["hash_policies"] == [{"source_ip": True}]
             assert "circuit_breakers" not in cluster  # Envoy Gateway gives UDP none
             compared += 1
+    if not compared and any(
+        t.get("tls") for ir in doc.get("xdsIR", {}).values() for t in ir.get("tcp") or ()
+    ):
+        pytest.skip("only TLS listeners: test_client_traffic_meaning.py compares them")
     assert compared
 
 
