@@ -691,7 +691,7 @@ def build(
     # (Envoy Gateway's addHCMToXDSListener); a listener not programmed is left out
     by_port: dict[tuple[int, str], list[ListenerIR]] = {}
     for lst in listeners:
-        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP"):  # l4.py's
+        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP", "TLS"):  # l4.py's
             chain_key = lst.name if lst.tls is not None else ""
             by_port.setdefault((lst.port, chain_key), []).append(lst)
     by_envoy_port: dict[int, Listener] = {}

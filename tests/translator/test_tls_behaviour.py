@@ -6,7 +6,8 @@ ClientTrafficPolicy naming that listener, XFCC ``SanitizeSet`` with the subject,
 response header) and ``b.example.com`` (a policy turning HTTP/3 on: its QUIC listener is
 advertised by ``alt-svc`` on the port, as Envoy Gateway does). Each answers with its own Secret's
 certificate by SNI; ``a`` refuses a client without a certificate, and its upstream receives
-the client's subject in ``x-forwarded-client-cert``.
+the client's subject in ``x-forwarded-client-cert``. A ``protocol: TLS`` listener terminates
+TLS for a TCPRoute.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ spec:
     port: 8443
     hostname: b.example.com
     tls: {{certificateRefs: [{{name: cert-b}}]}}
+  - name: tcp
+    protocol: TLS
+    port: 9443
+    tls: {{mode: Terminate, certificateRefs: [{{name: cert-b}}]}}
 ---
 apiVersion: v1
 kind: Secret
@@ -76,6 +81,13 @@ kind: HTTPRoute
 metadata: {{name: app, namespace: default}}
 spec:
   parentRefs: [{{name: eg}}]
+  rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: raw, namespace: default}}
+spec:
+  parentRefs: [{{name: eg, sectionName: tcp}}]
   rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
@@ -166,7 +178,7 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
     }
     src = tmp_path / "in.yaml"
     src.write_text(policies(certs["a"], certs["b"]))
-    port = free_port()
+    port, tcp_port = free_port(), free_port()
     with Upstream() as upstream:
         out = translate(
             [src],
@@ -174,7 +186,7 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
                 backends={"up": ("127.0.0.1", upstream.port)},
                 listen_address="127.0.0.1",
                 admin_port=free_port(),
-                port_map={8443: port},
+                port_map={8443: port, 9443: tcp_port},
                 secrets_dir=tmp_path / "out" / "secrets",
             ),
         )
@@ -185,7 +197,7 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
         assert key_files
         assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
         envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"port": port, "certs": certs}
+        yield {"port": port, "tcp_port": tcp_port, "certs": certs}
 
 
 def test_https_listeners_serve_their_certificates_and_require_client_certificates(
@@ -219,3 +231,13 @@ def test_https_listeners_serve_their_certificates_and_require_client_certificate
     other = TestCA(ca.parent / "other", "another CA").issue("intruder", dns=())
     with pytest.raises((ssl.SSLError, ConnectionError)):
         https_get(port, "a.example.com", ca, other)
+
+
+def test_tls_listener_terminates_for_a_tcp_route(stack: dict[str, Any]) -> None:
+    """A ``protocol: TLS`` listener (mode Terminate) with a TCPRoute: Envoy ends TLS with the
+    Secret's certificate and passes the bytes on (here an HTTP request to the upstream)."""
+    certs = stack["certs"]
+    peer, status, _headers, body = https_get(stack["tcp_port"], "b.example.com", certs["b"].ca)
+    assert common_name(peer) == "b.example.com"
+    assert status.endswith("200 OK")
+    assert body == "-"
