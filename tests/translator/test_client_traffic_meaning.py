@@ -405,3 +405,79 @@ def test_a_policy_for_one_gateway_on_a_shared_port(
     )
     if rejected:
         assert "Outrider runs one Envoy for every Gateway" in str(out.rejections[0])
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_a_crl_past_its_next_update_rejects_the_policy(expired: bool, tmp_path: Path) -> None:
+    """Envoy Gateway's ``validateCrl``: a CRL whose next update has passed rejects the policy
+    (and its listener's routes answer 500); a current one reaches the validation context."""
+    import base64
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from tests.harness.certs import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue("www.example.com", dns=())
+    now = datetime.datetime.now(datetime.UTC)
+    shift = datetime.timedelta(days=2 if expired else 0)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - datetime.timedelta(days=3) if expired else now)
+        .next_update(now + datetime.timedelta(days=1) - shift)
+        .sign(ca.key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+    def b64(data: bytes | str) -> str:
+        return base64.b64encode(data if isinstance(data, bytes) else data.encode()).decode()
+
+    src = tmp_path / "in.yaml"
+    src.write_text(
+        f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg, namespace: default}}
+spec:
+  gatewayClassName: eg
+  listeners:
+  - {{name: https, protocol: HTTPS, port: 8443, tls: {{certificateRefs: [{{name: cert}}]}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert, namespace: default}}
+type: kubernetes.io/tls
+data: {{tls.crt: {b64(server.cert.read_bytes())}, tls.key: {b64(server.key.read_bytes())}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: ca, namespace: default}}
+data: {{ca.crt: {b64(ca.ca_path.read_bytes())}, ca.crl: {b64(crl)}}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {{name: mtls, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: eg}}]
+  tls:
+    clientValidation:
+      caCertificateRefs: [{{name: ca}}]
+      crl: {{refs: [{{name: ca}}], onlyVerifyLeafCertificate: true}}
+"""
+    )
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    if expired:
+        (r,) = out.rejections
+        assert "TLS: invalid crl in ca: CRL is expired" in str(r)
+        return
+    assert not out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    secrets = {s["name"]: s for s in envoy["static_resources"]["secrets"]}
+    vc = secrets["default/mtls/ca.crt"]["validation_context"]
+    assert vc["only_verify_leaf_cert_crl"] is True
+    crl_file = Path(vc["crl"]["filename"]).name
+    assert {Path(k).name: v for k, v in out.secret_files.items()}[crl_file] == crl
