@@ -779,7 +779,11 @@ def build(
                     clusters.setdefault(ext.backend.cluster, cluster(ext.backend))
                     add_filter(25, ext.filter_name, _user_ext_authz(ext), disabled=True)
                     per_filter[ext.filter_name] = _enable(
-                        ExtAuthzPerRoute(check_settings=CheckSettings())
+                        ExtAuthzPerRoute(
+                            check_settings=CheckSettings(
+                                context_extensions=dict(ext.context_extensions)
+                            )
+                        )
                     )
                 if route.local_rate_limit is not None:
                     add_filter(
