@@ -31,6 +31,7 @@ LISTENER_PROTOCOLS = {
     "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TCP": ("TCPRoute",),
     "UDP": ("UDPRoute",),
+    "TLS": ("TCPRoute",),  # mode Terminate (tls.py); Passthrough needs TLSRoute
 }
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
 RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts", "retry")
@@ -413,8 +414,12 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
                 raise unsupported(
                     proto,
                     gw,
-                    f"protocol {proto.str()}: HTTP, HTTPS, TCP and UDP listeners are translated",
+                    f"protocol {proto.str()}: HTTP, HTTPS, TCP, UDP and TLS (Terminate) "
+                    "listeners are translated",
                 )
+            tls_mode = item.get("tls") and item.req("tls").get("mode")
+            if proto.str() == "TLS" and tls_mode is not None and tls_mode.str() == "Passthrough":
+                raise unsupported(tls_mode, gw, "TLS Passthrough needs TLSRoutes, not translated")
             hostname = item.opt_str("hostname")
             listener = Listener(
                 name=f"{gw.namespace}/{gw.name}/{name}",

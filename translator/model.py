@@ -132,6 +132,7 @@ class ExternalAuth:
     authority: str = ""  # the first backendRef's host:port, Envoy Gateway's
     retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
     settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
+    context_extensions: tuple[tuple[str, str], ...] = ()  # sent with each check (per route)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class Route:
     security: Security | None = None
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
-    luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    luas: tuple[Any, ...] = ()  # extension.Lua / extension.Wasm: EnvoyExtensionPolicy filters
     tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
     extras: Any = None  # route_filters.RouteExtras: retry, mirrors, HTTPRouteFilters
 

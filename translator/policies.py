@@ -92,7 +92,14 @@ SP_UNSUPPORTED = {
 }
 #: SecurityPolicy fields whose references resolve in the policy that gave them (merging)
 SP_OWNED = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "extAuth", "authorization")
-EEP_FIELDS = ("targetRef", "targetRefs", "extProc", "lua", "wasm")  # lua, wasm: extension.py
+EEP_FIELDS = (
+    "targetRef",
+    "targetRefs",
+    "extProc",
+    "lua",
+    "wasm",
+    "mergeType",
+)  # lua, wasm: extension.py
 EEP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
     "dynamicModule": "dynamic modules are not translated",
@@ -537,9 +544,16 @@ def build_security(
                             f"no ConfigMap {jwt_ns}/{vr.req('name').str()} in the input",
                         )
                     data = cm.node.value.get("data") or {}
-                    if "jwks" not in data:
-                        raise error_at(vr.req("name"), sp, f"ConfigMap {cm.key} has no key 'jwks'")
-                    provider["localJWKS"] = {"type": "Inline", "inline": data["jwks"]}
+                    if not data:
+                        raise error_at(
+                            vr.req("name"),
+                            sp,
+                            f"JWKS data not found in ConfigMap {cm.key}, no 'jwks' key and no "
+                            "other data found",
+                        )
+                    # Envoy Gateway's: the key jwks, else the ConfigMap's (first) other key
+                    jwks = data["jwks"] if "jwks" in data else next(iter(data.values()))
+                    provider["localJWKS"] = {"type": "Inline", "inline": str(jwks)}
             providers.append(provider)
         policy["jwt"] = {
             "providers": providers,
@@ -634,7 +648,12 @@ def build_security(
                 r.req("principal"),
                 sp,
                 ("clientCIDRs", "jwt", "headers"),
-                {"sourceCIDRs": "sourceCIDRs are not translated; use clientCIDRs"},
+                {
+                    "sourceCIDRs": "sourceCIDRs are not translated; use clientCIDRs",
+                    "clientIPGeoLocations": "geolocation needs Envoy's geoip filter with a "
+                    "MaxMind database, and matching its country/region/city/ASN results in "
+                    "authorization rules; not translated",
+                },
             )
             for c in (pr.get("clientCIDRs") or Node([], pr.file)).list():
                 _cidr(c, sp)
@@ -642,7 +661,7 @@ def build_security(
         native["authorization"] = policy["authorization"]
     external = None
     if (e := spec.get("extAuth")) is not None:
-        external = _ext_auth(e, owners.get("extAuth", sp), resolver, resources)
+        external = _ext_auth(e, owners.get("extAuth", sp), resolver, resources, owners)
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
@@ -689,7 +708,11 @@ def service_refs(svc: Node) -> list[Node]:
 
 
 def _ext_auth(
-    e: Node, sp: Resource, resolver: BackendResolver, resources: ResourceSet
+    e: Node,
+    sp: Resource,
+    resolver: BackendResolver,
+    resources: ResourceSet,
+    owners: dict[str, Resource] | None = None,
 ) -> ExternalAuth:
     check_fields(
         e,
@@ -704,8 +727,8 @@ def _ext_auth(
             "recomputeRoute",
             "statusOnError",
             "includeRouteMetadata",
+            "contextExtensions",
         ),
-        {"contextExtensions": "context extensions are not translated"},
     )
     grpc, http = e.get("grpc"), e.get("http")
     if (grpc is None) == (http is None):
@@ -751,7 +774,47 @@ def _ext_auth(
         authority=authority(refs[0], sp, resources),
         retry=settings.retry if settings is not None else None,
         settings=settings,
+        context_extensions=_context_extensions(e, sp, resources, owners or {}),
     )
+
+
+def _context_extensions(
+    e: Node, sp: Resource, resources: ResourceSet, owners: dict[str, Resource]
+) -> tuple[tuple[str, str], ...]:
+    """``extAuth.contextExtensions`` (Envoy Gateway's ``buildContextExtensions``): a value, or
+    a ConfigMap's or Secret's key in the namespace of the policy that gave the entry."""
+    out = []
+    for ext in (e.get("contextExtensions") or Node([], e.file)).list():
+        check_fields(ext, sp, ("name", "type", "value", "valueRef"))
+        name = ext.req("name").str(nonempty=True)
+        kind = ext.opt_str("type", "Value", choices=("Value", "ValueRef"))
+        if kind == "Value":
+            out.append((name, ext.opt_str("value", "") or ""))
+            continue
+        ref = check_fields(ext.req("valueRef"), sp, ("group", "kind", "name", "key"))
+        ns = owners.get(f"contextExtensions/{name}", sp).namespace
+        ref_kind = ref.req("kind").str(choices=("ConfigMap", "Secret"))
+        ref_name, key = ref.req("name").str(nonempty=True), ref.req("key").str(nonempty=True)
+        target = resources.get(ref_kind, ns, ref_name)
+        what = ref_kind.lower()
+        if target is None:
+            raise error_at(
+                ref.req("name"),
+                sp,
+                f"can't find the referenced {what} {ref_name!r} in namespace {ns!r}",
+            )
+        if ref_kind == "Secret":
+            data = resources.secret_data(target)
+        else:
+            data = {k: str(v) for k, v in (target.node.value.get("data") or {}).items()}
+        if key not in data:
+            raise error_at(
+                ref.req("key"),
+                sp,
+                f"can't find the key {key!r} in the referenced {what} {ref_name!r}",
+            )
+        out.append((name, data[key]))
+    return tuple(out)
 
 
 def _cors(c: Node, sp: Resource) -> Cors:
@@ -971,7 +1034,7 @@ def attach(
         resources,
         listeners,
         rejections,
-        lambda p: extension.build_luas(p, resources, lua_checker, lua_level),
+        lambda p: extension.build_extensions(p, resources, lua_checker, lua_level),
     )
     for lst in listeners:
         for route in lst.routes:
@@ -1010,11 +1073,51 @@ def attach(
                     fail_closed(route)
             if (w := winner(eeps, lst, route, rule)) is not None:
                 if w.key in procs and w.key in luas:
-                    route.ext_procs = procs[w.key]
-                    route.luas = luas[w.key]
+                    route.ext_procs, route.luas = procs[w.key], luas[w.key]
+                    if w.spec.get("mergeType") is not None:
+                        route.ext_procs, route.luas = merged_extensions(
+                            w, eeps, lst, route, rule, procs, luas
+                        )
                 else:
                     fail_closed(route)
     return chains
+
+
+def merged_extensions(
+    policy: Resource,
+    eeps: list[Resource],
+    listener: Listener,
+    route: Route,
+    rule: str | None,
+    procs: dict[str, tuple[ExtProc, ...]],
+    extensions: dict[str, tuple[Any, ...]],
+) -> tuple[tuple[ExtProc, ...], tuple[Any, ...]]:
+    """A route's EnvoyExtensionPolicy with ``mergeType`` merged onto its listener's or
+    Gateway's policy as Envoy Gateway merges them: ``extProc``, ``lua`` and ``wasm`` are
+    lists without merge keys, so each comes whole from the route policy when it sets it,
+    else from the parent — built there, named after and resolved in the policy it came from
+    (Envoy Gateway's field owners)."""
+    mine_procs, mine_ext = procs[policy.key], extensions[policy.key]
+    if (specificity(policy, listener, route, rule) or 0) < 3:
+        return mine_procs, mine_ext
+    parents = [
+        p
+        for p in eeps
+        if p is not policy
+        and (specificity(p, listener, route, rule) or 9) <= 2
+        and p.key in procs
+        and p.key in extensions
+    ]
+    parent = winner(parents, listener, route, rule)
+    if parent is None:
+        return mine_procs, mine_ext
+
+    def pick(field: str, kind: type | None = None) -> tuple[Any, ...]:
+        owner = policy if policy.spec.get(field) is not None else parent
+        items = procs[owner.key] if kind is None else extensions[owner.key]
+        return tuple(i for i in items if kind is None or isinstance(i, kind))
+
+    return pick("extProc"), (*pick("lua", extension.Lua), *pick("wasm", extension.Wasm))
 
 
 def merge_patch(base: Any, patch: Any) -> Any:
@@ -1176,6 +1279,24 @@ def merged_security(
     base = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
     doc = dict(policy.node.value)
     doc["spec"] = merge_patch(base, mine)
+    owners = {
+        f: (policy if policy.spec.get(f) is not None else parent)
+        for f in SP_OWNED
+        if doc["spec"].get(f) is not None
+    }
+    # contextExtensions is the one list with a merge key (name): StrategicMerge merges it
+    # entry by entry, the route's winning; each entry resolves in its own policy's namespace
+    exts: dict[str, tuple[Any, Resource]] = {}
+    for source in (parent, policy):
+        for item in (source.spec.value.get("extAuth") or {}).get("contextExtensions") or ():
+            if isinstance(item, dict) and "name" in item:
+                exts[str(item["name"])] = (item, source)
+    if policy.spec.value.get("mergeType") == "StrategicMerge" and exts:
+        merged_ext = doc["spec"].get("extAuth")
+        if isinstance(merged_ext, dict):
+            merged_ext["contextExtensions"] = [item for item, _ in exts.values()]
+    for name, (_, source) in exts.items():
+        owners[f"contextExtensions/{name}"] = source
     merged_res = Resource(
         policy.kind,
         policy.namespace,
@@ -1184,11 +1305,6 @@ def merged_security(
         Node(doc, policy.node.file, policy.node.path),
         policy.annotations,
     )
-    owners = {
-        f: (policy if policy.spec.get(f) is not None else parent)
-        for f in SP_OWNED
-        if doc["spec"].get(f) is not None
-    }
     try:
         cache[key] = build(merged_res, owners, f"{policy.key}+{parent.key}")
     except ConfigError as exc:

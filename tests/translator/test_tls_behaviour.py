@@ -2,16 +2,19 @@
 config in front of a loopback upstream that echoes the request's XFCC header.
 
 Two HTTPS listeners share one port: ``a.example.com`` (mutual TLS required by a
-ClientTrafficPolicy naming that listener, XFCC ``SanitizeSet`` with the subject, a late
-response header) and ``b.example.com`` (a policy turning HTTP/3 on: its QUIC listener is
-advertised by ``alt-svc`` on the port, as Envoy Gateway does). Each answers with its own Secret's
-certificate by SNI; ``a`` refuses a client without a certificate, and its upstream receives
-the client's subject in ``x-forwarded-client-cert``.
+ClientTrafficPolicy naming that listener, with a CRL revoking one client certificate, XFCC
+``SanitizeSet`` with the subject, a late response header) and ``b.example.com`` (a policy
+turning HTTP/3 on: its QUIC listener is advertised by ``alt-svc`` on the port, as Envoy
+Gateway does). Each answers with its own Secret's certificate by SNI; ``a`` refuses a client
+without a certificate, with a revoked one or one from another CA, and its upstream receives
+the client's subject in ``x-forwarded-client-cert``. A ``protocol: TLS`` listener terminates
+TLS for a TCPRoute.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import socket
 import ssl
 import threading
@@ -22,6 +25,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.harness.certs import CertFiles, TestCA
 from tests.harness.procs import free_port
@@ -32,8 +36,33 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def policies(a: CertFiles, b: CertFiles) -> str:
-    ca = "\n".join("      " + line for line in a.ca.read_text().splitlines())
+def crl(ca: TestCA, revoked: CertFiles) -> str:
+    """A CRL of ``ca`` that revokes ``revoked``'s certificate, valid for a day."""
+    serial = x509.load_pem_x509_certificate(revoked.cert.read_bytes()).serial_number
+    now = datetime.datetime.now(datetime.UTC)
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(now - datetime.timedelta(minutes=1))
+        .build()
+    )
+    built = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(entry)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return built.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def indent(text: str) -> str:
+    return "\n".join("      " + line for line in text.splitlines())
+
+
+def policies(a: CertFiles, b: CertFiles, revocations: str) -> str:
+    ca = indent(a.ca.read_text())
     return f"""\
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -51,6 +80,10 @@ spec:
     port: 8443
     hostname: b.example.com
     tls: {{certificateRefs: [{{name: cert-b}}]}}
+  - name: tcp
+    protocol: TLS
+    port: 9443
+    tls: {{mode: Terminate, certificateRefs: [{{name: cert-b}}]}}
 ---
 apiVersion: v1
 kind: Secret
@@ -71,11 +104,25 @@ data:
   ca.crt: |
 {ca}
 ---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: client-crl, namespace: default}}
+data:
+  ca.crl: |
+{indent(revocations)}
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: app, namespace: default}}
 spec:
   parentRefs: [{{name: eg}}]
+  rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: raw, namespace: default}}
+spec:
+  parentRefs: [{{name: eg, sectionName: tcp}}]
   rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
@@ -87,6 +134,7 @@ spec:
     minVersion: "1.2"
     clientValidation:
       caCertificateRefs: [{{kind: ConfigMap, name: client-ca}}]
+      crl: {{refs: [{{kind: ConfigMap, name: client-crl}}]}}
   headers:
     xForwardedClientCert: {{mode: SanitizeSet, certDetailsToAdd: [Subject]}}
     lateResponseHeaders:
@@ -163,10 +211,11 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
         "a": ca.issue("a.example.com", dns=()),
         "b": ca.issue("b.example.com", dns=()),
         "client": ca.issue("client", dns=()),
+        "revoked": ca.issue("revoked", dns=()),
     }
     src = tmp_path / "in.yaml"
-    src.write_text(policies(certs["a"], certs["b"]))
-    port = free_port()
+    src.write_text(policies(certs["a"], certs["b"], crl(ca, certs["revoked"])))
+    port, tcp_port = free_port(), free_port()
     with Upstream() as upstream:
         out = translate(
             [src],
@@ -174,7 +223,7 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
                 backends={"up": ("127.0.0.1", upstream.port)},
                 listen_address="127.0.0.1",
                 admin_port=free_port(),
-                port_map={8443: port},
+                port_map={8443: port, 9443: tcp_port},
                 secrets_dir=tmp_path / "out" / "secrets",
             ),
         )
@@ -185,7 +234,7 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
         assert key_files
         assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
         envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"port": port, "certs": certs}
+        yield {"port": port, "tcp_port": tcp_port, "certs": certs}
 
 
 def test_https_listeners_serve_their_certificates_and_require_client_certificates(
@@ -215,7 +264,21 @@ def test_https_listeners_serve_their_certificates_and_require_client_certificate
     assert headers["alt-svc"] == 'h3=":8443"; ma=86400'
     assert 'Subject="CN=client"' in body
 
+    # the CA signed it, but the policy's CRL revokes it: refused
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_get(port, "a.example.com", ca, certs["revoked"])
+
     # a certificate the CA did not sign is refused
     other = TestCA(ca.parent / "other", "another CA").issue("intruder", dns=())
     with pytest.raises((ssl.SSLError, ConnectionError)):
         https_get(port, "a.example.com", ca, other)
+
+
+def test_tls_listener_terminates_for_a_tcp_route(stack: dict[str, Any]) -> None:
+    """A ``protocol: TLS`` listener (mode Terminate) with a TCPRoute: Envoy ends TLS with the
+    Secret's certificate and passes the bytes on (here an HTTP request to the upstream)."""
+    certs = stack["certs"]
+    peer, status, _headers, body = https_get(stack["tcp_port"], "b.example.com", certs["b"].ca)
+    assert common_name(peer) == "b.example.com"
+    assert status.endswith("200 OK")
+    assert body == "-"
