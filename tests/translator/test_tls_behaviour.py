@@ -1,5 +1,5 @@
 """HTTPS listeners and ClientTrafficPolicy ``tls`` through the real Envoy: the translated
-config in front of a loopback upstream that echoes the request's XFCC header.
+config in front of the echo upstream (it reports the request it received, XFCC included).
 
 Two HTTPS listeners share one port: ``a.example.com`` (mutual TLS required by a
 ClientTrafficPolicy naming that listener, with a CRL revoking one client certificate, XFCC
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import socket
 import ssl
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.harness.certs import CertFiles, TestCA
+from tests.harness.echo import EchoUpstream
 from tests.harness.procs import free_port
 from translator.translate import Options, translate
 
@@ -149,35 +149,6 @@ spec:
 """
 
 
-class Upstream:
-    """Answers every request with the XFCC header it received as the body."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = (self.headers.get("x-forwarded-client-cert") or "-").encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Upstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def https_get(
     port: int, sni: str, ca: Path, client: CertFiles | None = None
 ) -> tuple[x509.Certificate, str, dict[str, str], str]:
@@ -204,8 +175,13 @@ def common_name(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
 
 
+def xfcc(body: str) -> str | None:
+    """The XFCC header the echo upstream received."""
+    return json.loads(body)["headers"].get("x-forwarded-client-cert")
+
+
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+def stack(tmp_path: Path, envoy: Callable[..., Any], echo_upstream: EchoUpstream) -> dict[str, Any]:
     ca = TestCA(tmp_path / "pki")
     certs = {
         "a": ca.issue("a.example.com", dns=()),
@@ -216,25 +192,24 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
     src = tmp_path / "in.yaml"
     src.write_text(policies(certs["a"], certs["b"], crl(ca, certs["revoked"])))
     port, tcp_port = free_port(), free_port()
-    with Upstream() as upstream:
-        out = translate(
-            [src],
-            Options(
-                backends={"up": ("127.0.0.1", upstream.port)},
-                listen_address="127.0.0.1",
-                admin_port=free_port(),
-                port_map={8443: port, 9443: tcp_port},
-                secrets_dir=tmp_path / "out" / "secrets",
-            ),
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        assert not out.unprogrammed, [str(r) for r in out.unprogrammed]
-        out.write(tmp_path / "out")
-        key_files = [p for p in (tmp_path / "out" / "secrets").iterdir() if p.suffix == ".key"]
-        assert key_files
-        assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"port": port, "tcp_port": tcp_port, "certs": certs}
+    out = translate(
+        [src],
+        Options(
+            backends={"up": ("127.0.0.1", echo_upstream.port)},
+            listen_address="127.0.0.1",
+            admin_port=free_port(),
+            port_map={8443: port, 9443: tcp_port},
+            secrets_dir=tmp_path / "out" / "secrets",
+        ),
+    )
+    assert not out.rejections, [str(r) for r in out.rejections]
+    assert not out.unprogrammed, [str(r) for r in out.unprogrammed]
+    out.write(tmp_path / "out")
+    key_files = [p for p in (tmp_path / "out" / "secrets").iterdir() if p.suffix == ".key"]
+    assert key_files
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
+    envoy((tmp_path / "out" / "envoy.yaml").read_text())
+    return {"port": port, "tcp_port": tcp_port, "certs": certs}
 
 
 def test_https_listeners_serve_their_certificates_and_require_client_certificates(
@@ -247,7 +222,7 @@ def test_https_listeners_serve_their_certificates_and_require_client_certificate
     peer, status, headers, body = https_get(port, "b.example.com", ca)
     assert common_name(peer) == "b.example.com"
     assert status.endswith("200 OK")
-    assert body == "-"  # no client certificate, no XFCC
+    assert xfcc(body) is None  # no client certificate, no XFCC
     assert "x-served-by" not in headers  # the policy names listener a only
     assert headers["alt-svc"] == 'h3=":8443"; ma=86400'  # b's policy turns HTTP/3 on
 
@@ -262,7 +237,7 @@ def test_https_listeners_serve_their_certificates_and_require_client_certificate
     assert headers["x-served-by"] == "listener-a"
     # Envoy Gateway turns HTTP/3 on per port: listener a is advertised too
     assert headers["alt-svc"] == 'h3=":8443"; ma=86400'
-    assert 'Subject="CN=client"' in body
+    assert 'Subject="CN=client"' in (xfcc(body) or "")
 
     # the CA signed it, but the policy's CRL revokes it: refused
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -281,4 +256,4 @@ def test_tls_listener_terminates_for_a_tcp_route(stack: dict[str, Any]) -> None:
     peer, status, _headers, body = https_get(stack["tcp_port"], "b.example.com", certs["b"].ca)
     assert common_name(peer) == "b.example.com"
     assert status.endswith("200 OK")
-    assert body == "-"
+    assert json.loads(body)["path"] == "/"
