@@ -1321,7 +1321,15 @@ def build(
             check_fields(a, btp, ("httpStatus", "grpcStatus", "percentage"))
             abort: dict[str, Any] = {"percentage": _percent(a.get("percentage"))}
             if (s := a.get("httpStatus")) is not None:
-                abort["http_status"] = s.int(minimum=200, maximum=599)
+                status = s.int()
+                if not 200 <= status <= 599:
+                    # Envoy refuses such an abort status; Envoy Gateway's CRD allows
+                    # 200-600 (its translator passes any value on, and Envoy then refuses
+                    # the whole configuration)
+                    raise error_at(
+                        s, btp, f"faultInjection abort httpStatus {status}: Envoy accepts 200-599"
+                    )
+                abort["http_status"] = status
             elif (s := a.get("grpcStatus")) is not None:
                 abort["grpc_status"] = s.int(minimum=0)
             else:
