@@ -189,10 +189,13 @@ class Route:
 class Listener:
     """A Gateway listener. Listeners on one port share one Envoy listener."""
 
-    name: str  # <ns>/<gateway>/<listener>, as Envoy Gateway
+    #: <ns>/<gateway>/<listener>, or <ns>/<gateway>/<ls ns>/<ls>/<listener> for a ListenerSet's
+    #: listener, as Envoy Gateway names them
+    name: str
     gateway_ns: str
     gateway_name: str
     section: str
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
+    listener_set: str | None = None  # <ns>/<name> of the ListenerSet it comes from, if any
