@@ -5,8 +5,10 @@ Importing this module (the locustfiles do) changes three things in Locust:
 - response times are kept at 0.01 ms resolution below 10 ms (``stats.fine_bucket``)
   instead of Locust's whole milliseconds, so its own percentiles — and ours, which are
   taken from the full histogram — can tell 0.31 ms from 0.74 ms;
-- ``--outrider-warmup S`` resets the statistics S seconds after the start, so connection
-  set-up and JIT-ish warm-up are not measured;
+- ``--outrider-warmup S`` resets the statistics S seconds after the first request, so
+  connection set-up and JIT-ish warm-up are not measured (counted from the first request,
+  not from the start: on a busy machine a starved Locust can reach its ``-t`` deadline
+  together with a start-anchored warm-up, which then wiped the whole run);
 - ``--outrider-out FILE`` writes, when the test stops, the full histogram, the request and
   failure counts, the status codes seen and the measured window as JSON.
 
@@ -29,7 +31,13 @@ import gevent
 import locust.stats
 from locust import events
 from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import (
+    STATE_CLEANUP,
+    STATE_STOPPED,
+    STATE_STOPPING,
+    MasterRunner,
+    WorkerRunner,
+)
 
 from .procs import cpu_seconds, watched
 from .stats import fine_bucket, histogram_to_json, percentiles
@@ -138,6 +146,14 @@ class _Recorder:
         self.written = False
         self.watched: dict[str, int] = {}
         self.cpu_start: dict[str, float] = {}
+        #: called once at the first request seen (ends the warm-up S seconds later)
+        self.on_first_request: Callable[[], None] | None = None
+        self.warmup_in_window = False
+
+    def saw_requests(self) -> None:
+        hook, self.on_first_request = self.on_first_request, None
+        if hook is not None:
+            hook()
 
     def reset(self) -> None:
         self.statuses.clear()
@@ -162,6 +178,7 @@ _recorder = _Recorder()
 
 @events.request.add_listener
 def _on_request(response: Any = None, exception: Any = None, **_: Any) -> None:
+    _recorder.saw_requests()
     if exception is not None and response is None:
         _recorder.statuses[type(exception).__name__] += 1
         return
@@ -179,7 +196,10 @@ def _report_statuses(client_id: str, data: dict[str, Any]) -> None:
 
 @events.worker_report.add_listener
 def _merge_statuses(client_id: str, data: dict[str, Any]) -> None:
-    _recorder.statuses.update(data.get("outrider_statuses", {}))
+    statuses = data.get("outrider_statuses", {})
+    if statuses:
+        _recorder.saw_requests()
+    _recorder.statuses.update(statuses)
 
 
 @events.test_start.add_listener
@@ -187,17 +207,32 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     _recorder.watched = watched(option(environment, "outrider_cpu", "") or "")
     _recorder.reset()
     _recorder.written = False
+    _recorder.warmup_in_window = False
     if isinstance(environment.runner, WorkerRunner):
         return
     warmup = float(option(environment, "outrider_warmup", 0.0) or 0.0)
+    _recorder.on_first_request = None
     if warmup > 0:
+        _recorder.warmup_in_window = True  # until the warm-up ends
+        started = time.monotonic()
+        run_time = float(option(environment, "run_time", 0) or 0)
 
         def end_warmup() -> None:
-            assert environment.runner is not None
-            environment.runner.stats.reset_all()
+            runner = environment.runner
+            assert runner is not None
+            if runner.state in (STATE_STOPPING, STATE_STOPPED, STATE_CLEANUP):
+                return  # the run ended inside its warm-up: keep what was measured
+            if run_time:
+                # a starved process runs this timer late, next to the -t deadline: a reset
+                # then would leave an (almost) empty window, so keep the warm-up measured
+                remaining = started + run_time - time.monotonic()
+                if remaining < (run_time - warmup) / 2:
+                    return
+            runner.stats.reset_all()
             _recorder.reset()
+            _recorder.warmup_in_window = False
 
-        gevent.spawn_later(warmup, end_warmup)
+        _recorder.on_first_request = lambda: gevent.spawn_later(warmup, end_warmup)
 
 
 def result_document(environment: Environment) -> dict[str, Any]:
@@ -211,6 +246,8 @@ def result_document(environment: Environment) -> dict[str, Any]:
         "requests": int(total.num_requests),
         "failures": int(total.num_failures),
         "seconds": max(0.0, ended - started),
+        # a warm-up was asked for but the run ended (or was starved) inside it
+        "warmup_in_window": _recorder.warmup_in_window,
         "histogram_ms": histogram_to_json(hist),
         "percentiles_ms": percentiles(hist),
         "statuses": dict(_recorder.statuses),

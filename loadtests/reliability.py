@@ -8,12 +8,12 @@ the prose around them is fixed here.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from .chaos import report_lines as chaos_lines
+from .report import page_main, write_page
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtests" / "results"
@@ -123,17 +123,11 @@ def write(results_dir: Path = RESULTS_DIR, out: Path = DOC) -> Path:
         "```",
         "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines).rstrip() + "\n")
-    return out
+    return write_page(out, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--out", type=Path, default=DOC)
-    args = parser.parse_args()
-    print(write(args.results_dir, args.out))
+    page_main(__doc__.splitlines()[0], write, RESULTS_DIR, DOC)
 
 
 if __name__ == "__main__":

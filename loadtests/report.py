@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -575,17 +576,29 @@ def write_report(results_dir: Path = RESULTS_DIR, out: Path = DOC) -> Path:
     for res in results:
         lines += scenario_section(res, plot_dir, out.parent, results_dir)
     lines.append(USAGE)
+    return write_page(out, lines)
+
+
+def write_page(out: Path, lines: list[str]) -> Path:
+    """A generated page: ``lines`` joined, one newline at the end."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--out", type=Path, default=DOC)
+def page_main(
+    description: str, write: Callable[[Path, Path], Path], results_dir: Path, doc: Path
+) -> None:
+    """The command line of a page generator: ``[--results-dir DIR] [--out PAGE]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--results-dir", type=Path, default=results_dir)
+    parser.add_argument("--out", type=Path, default=doc)
     args = parser.parse_args()
-    print(write_report(args.results_dir, args.out))
+    print(write(args.results_dir, args.out))
+
+
+def main() -> None:
+    page_main(__doc__.splitlines()[0], write_report, RESULTS_DIR, DOC)
 
 
 if __name__ == "__main__":

@@ -488,6 +488,7 @@ def describe(doc: dict[str, Any]) -> str:
     return (
         f"{rps:7.0f} req/s  p50 {pct.get('p50', 0):.2f} ms  p99 {pct.get('p99', 0):.2f} ms  "
         f"failures {doc['failures']}/{doc['requests']}  cpu {cpu}"
+        + ("  [warm-up inside the window]" if doc.get("warmup_in_window") else "")
     )
 
 

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
-import subprocess
-import sys
 
-from tests.harness.outrider import REPO
+from tests.harness.outrider import run_outrider
 
 
 def test_version() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "services.common.cli", "--version"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = run_outrider("--version")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"outrider {importlib.metadata.version('outrider')}"

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.harness.outrider import REPO
+from tests.harness.outrider import REPO, run_command, run_outrider
 from tests.harness.procs import ManagedProcess, free_port, http_get, replace_text, wait_until
 
 SAMPLE = [sys.executable, "-m", "tests.harness.sample_service"]
@@ -184,13 +184,7 @@ def test_live_socket_is_refused_and_stale_socket_replaced(config: Path, sockdir:
     first, _ = start_sample(config, "--listen", f"unix:{sock}")
     try:
         assert call(f"unix:{sock}") == "hello"
-        second = subprocess.run(
-            [*SAMPLE, "--config", str(config), "--listen", f"unix:{sock}"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = run_command([*SAMPLE, "--config", str(config), "--listen", f"unix:{sock}"])
         assert second.returncode == 1
         assert f"unix:{sock}: another process is listening on this socket" in second.stderr
         assert call(f"unix:{sock}") == "hello", "the running server keeps its socket"
@@ -202,13 +196,7 @@ def test_tcp_port_in_use_is_an_error(config: Path) -> None:
     port = free_port()
     first, _ = start_sample(config, "--listen", f"127.0.0.1:{port}")
     try:
-        second = subprocess.run(
-            [*SAMPLE, "--config", str(config), "--listen", f"127.0.0.1:{port}"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = run_command([*SAMPLE, "--config", str(config), "--listen", f"127.0.0.1:{port}"])
         assert second.returncode == 1
         assert f"127.0.0.1:{port}: cannot listen" in second.stderr
     finally:
@@ -265,19 +253,13 @@ def test_free_port_never_hands_out_a_port_twice(
     ],
 )
 def test_bad_flags_exit_2(config: Path, args: list[str], message: str) -> None:
-    result = subprocess.run(
-        [*SAMPLE, "--config", str(config), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_command([*SAMPLE, "--config", str(config), *args])
     assert result.returncode == 2
     assert message in result.stderr
 
 
 def test_missing_config_flag_names_the_env_variable() -> None:
-    result = subprocess.run(SAMPLE, cwd=REPO, capture_output=True, text=True, timeout=30)
+    result = run_command(SAMPLE)
     assert result.returncode == 2
     assert "--config" in result.stderr
     assert "OUTRIDER_CONFIG" in result.stderr
@@ -286,9 +268,7 @@ def test_missing_config_flag_names_the_env_variable() -> None:
 def test_bad_config_at_start_exits_2_naming_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("greeting: hi\nready: maybe\n")
-    result = subprocess.run(
-        [*SAMPLE, "--config", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=30
-    )
+    result = run_command([*SAMPLE, "--config", str(bad)])
     assert result.returncode == 2
     assert f"{bad}: ready: expected true or false; got 'maybe'" in result.stderr
 
@@ -327,13 +307,7 @@ def test_json_logs(config: Path, sockdir: Path) -> None:
 
 
 def test_unknown_subcommand_exits_2() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "services.common.cli", "nope"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_outrider("nope")
     assert result.returncode == 2
     assert "invalid choice: 'nope'" in result.stderr
 
@@ -343,23 +317,11 @@ def test_usage_error_from_a_service_exits_2_when_run_as_module(tmp_path: Path) -
     map it to exit 2 like the installed `outrider` script does."""
     config = tmp_path / "chains.yaml"
     config.write_text("chains:\n  default: []\n")
-    cmd = [sys.executable, "-m", "services.common.cli", "extproc", "--config", str(config)]
-    result = subprocess.run(
-        [*cmd, "--workers", "2", "--listen", "127.0.0.1:0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    cmd = ("extproc", "--config", str(config))
+    result = run_outrider(*cmd, "--workers", "2", "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     assert "--workers needs unix: addresses for --listen" in result.stderr
-    result = subprocess.run(
-        [*cmd, "--max-rss", "200", "--listen", "127.0.0.1:0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_outrider(*cmd, "--max-rss", "200", "--listen", "127.0.0.1:0")
     assert result.returncode == 2, result.stderr
     assert "--max-requests/--max-rss needs unix: addresses for --listen" in result.stderr
 

@@ -48,12 +48,12 @@ FIELDS = (
     "compressor",
     "httpUpgrade",
     "requestBuffer",
+    "admissionControl",
+    "bandwidthLimit",
 )
 UNSUPPORTED = {
     "responseOverride": "custom responses are not translated yet",
     "telemetry": "per-backend telemetry is not translated",
-    "admissionControl": "admission control is not translated",
-    "bandwidthLimit": "bandwidth limits are not translated",
     "targetSelectors": "target selectors need cluster labels",
 }
 RETRY_TRIGGERS = {
@@ -76,6 +76,34 @@ COMPRESSORS = {
     "Brotli": ("brotli", "compression.brotli.compressor.v3.Brotli"),
     "Zstd": ("zstd", "compression.zstd.compressor.v3.Zstd"),
 }
+PATH_SPECIFIERS = (
+    "prefix",
+    "path",
+    "safe_regex",
+    "path_separated_prefix",
+    "path_match_policy",
+)
+GRPC_CODES = {
+    "Ok": 0,
+    "Cancelled": 1,
+    "Unknown": 2,
+    "InvalidArgument": 3,
+    "DeadlineExceeded": 4,
+    "NotFound": 5,
+    "AlreadyExists": 6,
+    "PermissionDenied": 7,
+    "ResourceExhausted": 8,
+    "FailedPrecondition": 9,
+    "Aborted": 10,
+    "OutOfRange": 11,
+    "Unimplemented": 12,
+    "Internal": 13,
+    "Unavailable": 14,
+    "DataLoss": 15,
+    "Unauthenticated": 16,
+}
+BANDWIDTH_UNITS = {"Second": 1, "Minute": 60, "Hour": 3600}
+F_BANDWIDTH = "envoy.filters.http.bandwidth_limit"
 F_FAULT = "envoy.filters.http.fault"
 F_BUFFER = "envoy.filters.http.buffer"
 
@@ -90,6 +118,9 @@ class Traffic:
     use_client_protocol: bool = False
     service_routing: bool = False  # routingType Service: the Service's cluster IP
     http2: dict[str, Any] = field(default_factory=dict)  # upstream HTTP/2 options
+    health_check_port: int | None = None  # active health check overrides.port
+    connect_match: bool = False  # an httpUpgrade CONNECT: the route matches CONNECT requests
+    upstream_filters: list[dict[str, Any]] = field(default_factory=list)  # cluster's HTTP filters
     #: filter name → (listener-level filter config, per-route config)
     filters: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
 
@@ -101,6 +132,8 @@ class Traffic:
             or self.use_client_protocol
             or self.http2
             or self.service_routing
+            or self.health_check_port is not None
+            or bool(self.upstream_filters)
         )
 
     @property
@@ -115,6 +148,16 @@ def _d(node: Node, res: Resource, what: str) -> str:
 def _percent(node: Node | None) -> dict[str, Any]:
     value = 100.0 if node is None else float(node.value)
     return {"numerator": round(value * 10000), "denominator": "MILLION"}
+
+
+def _fraction(node: Node, res: Resource) -> float:
+    """A Gateway API ``Fraction`` (numerator / denominator, default 100) as a percentage."""
+    check_fields(node, res, ("numerator", "denominator"))
+    num = node.req("numerator").int(minimum=0)
+    den = node.opt_int("denominator", 100, minimum=1) or 100
+    if num > den:
+        raise error_at(node, res, f"numerator {num} is greater than denominator {den}")
+    return num * 100 / den
 
 
 def _is_prime(n: int) -> bool:
@@ -214,6 +257,7 @@ def _circuit_breaker(cb: Node, res: Resource, t: Traffic) -> None:
             "maxParallelRetries",
             "maxRequestsPerConnection",
             "perEndpoint",
+            "retryBudget",
         ),
     )
     threshold: dict[str, Any] = {}
@@ -230,6 +274,12 @@ def _circuit_breaker(cb: Node, res: Resource, t: Traffic) -> None:
                     n, res, f"CircuitBreaker: invalid {key[0].upper()}{key[1:]} value {value}"
                 )
             threshold[target] = value
+    if (rb := cb.get("retryBudget")) is not None:
+        check_fields(rb, res, ("percent", "minRetryConcurrency"))
+        budget: dict[str, Any] = {"budget_percent": {"value": _fraction(rb.req("percent"), res)}}
+        if (n := rb.get("minRetryConcurrency")) is not None:
+            budget["min_retry_concurrency"] = n.int(minimum=0, maximum=2**32 - 1)
+        threshold["retry_budget"] = budget
     breakers: dict[str, Any] = {"thresholds": [threshold]}
     if (pe := cb.get("perEndpoint")) is not None:
         check_fields(pe, res, ("maxConnections",))
@@ -346,6 +396,96 @@ def _retry(r: Node, res: Resource, t: Traffic) -> None:
     t.route["retry_policy"] = policy
 
 
+def _status_ranges(statuses: list[int]) -> list[dict[str, int]]:
+    """Envoy Gateway's ``buildHTTPStatusRange``: sorted, deduplicated, runs merged."""
+    ranges: list[dict[str, int]] = []
+    for code in sorted(set(statuses)):
+        if ranges and ranges[-1]["end"] == code:
+            ranges[-1]["end"] = code + 1
+        else:
+            ranges.append({"start": code, "end": code + 1})
+    return ranges
+
+
+def _active_health_check(a: Node, res: Resource, t: Traffic) -> None:
+    check_fields(
+        a,
+        res,
+        (
+            "type",
+            "timeout",
+            "interval",
+            "initialJitter",
+            "unhealthyThreshold",
+            "healthyThreshold",
+            "http",
+            "tcp",
+            "grpc",
+            "overrides",
+        ),
+        {"healthCheckLog": "health check event logs are not translated"},
+    )
+    kind = a.req("type").str(choices=("HTTP", "TCP", "GRPC"))
+    check: dict[str, Any] = {
+        "timeout": _d(a.get("timeout") or Node("1s", a.file), res, "HealthCheck timeout"),
+        "interval": _d(a.get("interval") or Node("3s", a.file), res, "HealthCheck interval"),
+        "unhealthy_threshold": a.opt_int("unhealthyThreshold", 3, minimum=0),
+        "healthy_threshold": a.opt_int("healthyThreshold", 1, minimum=0),
+    }
+    if (j := a.get("initialJitter")) is not None:
+        check["initial_jitter"] = _d(j, res, "HealthCheck initialJitter")
+    if kind == "HTTP":
+        h = check_fields(
+            a.req("http"),
+            res,
+            (
+                "path",
+                "method",
+                "expectedStatuses",
+                "retriableStatuses",
+                "expectedResponse",
+                "requestBody",
+                "hostname",
+            ),
+        )
+        hcfg: dict[str, Any] = {"path": h.req("path").str(nonempty=True)}
+        if (m := h.get("method")) is not None:
+            hcfg["method"] = m.str(nonempty=True).upper()
+        for key, target, default in (
+            ("expectedStatuses", "expected_statuses", [200]),  # Envoy Gateway's default
+            ("retriableStatuses", "retriable_statuses", []),
+        ):
+            st = h.get(key)
+            codes = [s.int(minimum=100, maximum=599) for s in st.list()] if st is not None else []
+            if codes or default:
+                hcfg[target] = _status_ranges(codes or default)
+        if (hn := h.get("hostname")) is not None:
+            hcfg["host"] = hn.str()
+        if (er := h.get("expectedResponse")) is not None:
+            hcfg["receive"] = [_payload(er, res)]
+        if (rb := h.get("requestBody")) is not None:
+            hcfg["send"] = _payload(rb, res)
+        check["http_health_check"] = hcfg
+    elif kind == "TCP":
+        tc = check_fields(a.get("tcp") or Node({}, a.file), res, ("send", "receive"))
+        tcfg: dict[str, Any] = {}
+        if (s := tc.get("send")) is not None:
+            tcfg["send"] = _payload(s, res)
+        if (r := tc.get("receive")) is not None:
+            tcfg["receive"] = [_payload(r, res)]
+        check["tcp_health_check"] = tcfg
+    else:
+        g = check_fields(a.get("grpc") or Node({}, a.file), res, ("service",))
+        check["grpc_health_check"] = (
+            {"service_name": g.opt_str("service")} if g.get("service") is not None else {}
+        )
+    if (o := a.get("overrides")) is not None:
+        check_fields(o, res, ("port",))
+        # Envoy Gateway: each endpoint's health_check_config.port_value
+        t.health_check_port = o.req("port").int(minimum=1, maximum=65535)
+    t.cluster["health_checks"] = [check]
+
+
 def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
     check_fields(hc, res, ("active", "passive", "panicThreshold"))
     if (pt := hc.get("panicThreshold")) is not None:
@@ -353,60 +493,7 @@ def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
             "healthy_panic_threshold": {"value": float(pt.int(minimum=0, maximum=100))}
         }
     if (a := hc.get("active")) is not None:
-        check_fields(
-            a,
-            res,
-            (
-                "type",
-                "timeout",
-                "interval",
-                "unhealthyThreshold",
-                "healthyThreshold",
-                "http",
-                "tcp",
-                "grpc",
-            ),
-        )
-        kind = a.req("type").str(choices=("HTTP", "TCP", "GRPC"))
-        check: dict[str, Any] = {
-            "timeout": _d(a.get("timeout") or Node("1s", a.file), res, "HealthCheck timeout"),
-            "interval": _d(a.get("interval") or Node("3s", a.file), res, "HealthCheck interval"),
-            "unhealthy_threshold": a.opt_int("unhealthyThreshold", 3, minimum=0),
-            "healthy_threshold": a.opt_int("healthyThreshold", 1, minimum=0),
-        }
-        if kind == "HTTP":
-            h = check_fields(
-                a.req("http"),
-                res,
-                ("path", "method", "expectedStatuses", "expectedResponse", "hostname"),
-            )
-            hcfg: dict[str, Any] = {"path": h.req("path").str(nonempty=True)}
-            if (m := h.get("method")) is not None:
-                hcfg["method"] = m.str(nonempty=True).upper()
-            if (st := h.get("expectedStatuses")) is not None:
-                hcfg["expected_statuses"] = [
-                    {"start": s.int(minimum=100, maximum=599), "end": s.int() + 1}
-                    for s in st.list()
-                ]
-            if (hn := h.get("hostname")) is not None:
-                hcfg["host"] = hn.str()
-            if (er := h.get("expectedResponse")) is not None:
-                hcfg["receive"] = [_payload(er, res)]
-            check["http_health_check"] = hcfg
-        elif kind == "TCP":
-            tc = check_fields(a.get("tcp") or Node({}, a.file), res, ("send", "receive"))
-            tcfg: dict[str, Any] = {}
-            if (s := tc.get("send")) is not None:
-                tcfg["send"] = _payload(s, res)
-            if (r := tc.get("receive")) is not None:
-                tcfg["receive"] = [_payload(r, res)]
-            check["tcp_health_check"] = tcfg
-        else:
-            g = check_fields(a.get("grpc") or Node({}, a.file), res, ("service",))
-            check["grpc_health_check"] = (
-                {"service_name": g.opt_str("service")} if g.get("service") is not None else {}
-            )
-        t.cluster["health_checks"] = [check]
+        _active_health_check(a, res, t)
     if (p := hc.get("passive")) is not None:
         check_fields(
             p,
@@ -419,6 +506,8 @@ def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
                 "consecutive5XxErrors",
                 "baseEjectionTime",
                 "maxEjectionPercent",
+                "failurePercentageThreshold",
+                "alwaysEjectOneEndpoint",
             ),
         )
         od: dict[str, Any] = {}
@@ -431,10 +520,20 @@ def _health_check(hc: Node, res: Resource, t: Traffic) -> None:
             ("consecutiveLocalOriginFailures", "consecutive_local_origin_failure"),
             ("consecutiveGatewayErrors", "consecutive_gateway_failure"),
             ("consecutive5XxErrors", "consecutive_5xx"),
-            ("maxEjectionPercent", "max_ejection_percent"),
+            ("failurePercentageThreshold", "failure_percentage_threshold"),
         ):
             if (n := p.get(key)) is not None:
                 od[target] = n.int(minimum=0)
+        # Envoy enforces gateway-failure and failure-percentage ejection at 0 % by default;
+        # Envoy Gateway sets 100 % when the policy asks for them.
+        if "consecutive_gateway_failure" in od:
+            od["enforcing_consecutive_gateway_failure"] = 100
+        if "failure_percentage_threshold" in od:
+            od["enforcing_failure_percentage"] = 100
+        if (n := p.get("maxEjectionPercent")) is not None and n.int(minimum=0) > 0:
+            od["max_ejection_percent"] = n.int()
+        if p.get("alwaysEjectOneEndpoint") is not None:
+            od["always_eject_one_host"] = p.opt_bool("alwaysEjectOneEndpoint")
         t.cluster["outlier_detection"] = od
 
 
@@ -474,6 +573,106 @@ def _compression(items: Node, res: Resource, t: Traffic) -> None:
         )
 
 
+def _admission_control(ac: Node, res: Resource, t: Traffic) -> None:
+    """Envoy's admission_control as an upstream HTTP filter of the route's clusters
+    (Envoy Gateway's ``buildUpstreamAdmissionControlFilter``)."""
+    check_fields(
+        ac,
+        res,
+        (
+            "samplingWindow",
+            "minSuccessRate",
+            "rejectionAggression",
+            "minRequestRate",
+            "maxRejectionPercent",
+            "successCriteria",
+        ),
+    )
+    cfg: dict[str, Any] = {
+        "@type": T + "extensions.filters.http.admission_control.v3.AdmissionControl",
+        "enabled": {"default_value": True, "runtime_key": "admission_control.enabled"},
+    }
+    if (n := ac.get("samplingWindow")) is not None:
+        cfg["sampling_window"] = _d(n, res, "AdmissionControl samplingWindow")
+    if (n := ac.get("minSuccessRate")) is not None:
+        cfg["sr_threshold"] = {
+            "default_value": {"value": float(n.int(minimum=1, maximum=100))},
+            "runtime_key": "admission_control.sr_threshold",
+        }
+    if (n := ac.get("rejectionAggression")) is not None:
+        cfg["aggression"] = {
+            "default_value": float(n.int(minimum=1)),
+            "runtime_key": "admission_control.aggression",
+        }
+    if (n := ac.get("minRequestRate")) is not None:
+        cfg["rps_threshold"] = {
+            "default_value": n.int(minimum=0, maximum=2**32 - 1),
+            "runtime_key": "admission_control.rps_threshold",
+        }
+    if (n := ac.get("maxRejectionPercent")) is not None:
+        cfg["max_rejection_probability"] = {
+            "default_value": {"value": float(n.int(minimum=0, maximum=100))},
+            "runtime_key": "admission_control.max_rejection_probability",
+        }
+    criteria: dict[str, Any] = {}
+    if (sc := ac.get("successCriteria")) is not None:
+        check_fields(sc, res, ("http", "grpc"))
+        if (h := sc.get("http")) is not None:
+            check_fields(h, res, ("statusCodes",))
+            codes = [c.int(minimum=100, maximum=599) for c in h.req("statusCodes").list()]
+            if codes:
+                criteria["http_criteria"] = {
+                    "http_success_status": [{"start": c, "end": c + 1} for c in codes]
+                }
+        if (g := sc.get("grpc")) is not None:
+            check_fields(g, res, ("statusCodes",))
+            names = [c.str(choices=tuple(GRPC_CODES)) for c in g.req("statusCodes").list()]
+            if names:
+                criteria["grpc_criteria"] = {"grpc_success_status": [GRPC_CODES[c] for c in names]}
+    cfg["success_criteria"] = criteria
+    t.upstream_filters.append({"name": "envoy.filters.http.admission_control", "typed_config": cfg})
+
+
+def _bandwidth_limit(bl: Node, res: Resource, t: Traffic) -> None:
+    """Envoy's bandwidth_limit, one filter per direction, switched on per route (Envoy
+    Gateway's ``envoy.filters.http.bandwidth_limit/request`` and ``/response``)."""
+    check_fields(bl, res, ("request", "response"))
+    bw = T + "extensions.filters.http.bandwidth_limit.v3.BandwidthLimit"
+    prefix = "http_bandwidth_limiter"
+    for direction, mode in (("request", "REQUEST"), ("response", "RESPONSE")):
+        if (d := bl.get(direction)) is None:
+            continue
+        check_fields(
+            d, res, ("limit", "responseTrailers") if direction == "response" else ("limit",)
+        )
+        lim = check_fields(d.req("limit"), res, ("value", "unit"))
+        value = quantity(lim.req("value"), res, f"{direction} limit")
+        unit = lim.req("unit").str(choices=tuple(BANDWIDTH_UNITS))
+        kibps = value // (BANDWIDTH_UNITS[unit] * 1024)
+        if kibps == 0:
+            raise error_at(
+                lim,
+                res,
+                f"{direction}: bandwidth limit of {value} bytes per {unit} is below the "
+                "minimum of 1 KiB/s",
+            )
+        per_route: dict[str, Any] = {
+            "@type": bw,
+            "stat_prefix": prefix,
+            "enable_mode": mode,
+            "limit_kbps": kibps,
+        }
+        if (tr := d.get("responseTrailers")) is not None:
+            check_fields(tr, res, ("prefix",))
+            per_route["enable_response_trailers"] = True
+            if tr.get("prefix") is not None:
+                per_route["response_trailer_prefix"] = tr.req("prefix").str()
+        t.filters[f"{F_BANDWIDTH}/{direction}"] = (
+            {"@type": bw, "stat_prefix": prefix, "enable_mode": "DISABLED"},
+            per_route,
+        )
+
+
 def build(btp: Resource) -> Traffic:
     """The route and cluster settings of one BackendTrafficPolicy (raises when invalid)."""
     spec = btp.spec
@@ -505,9 +704,20 @@ def build(btp: Resource) -> Traffic:
         check_fields(
             n,
             btp,
-            ("bufferLimit",),
-            {"socketBufferLimit": "not translated", "preconnect": "not translated"},
+            ("bufferLimit", "preconnect"),
+            {"socketBufferLimit": "Envoy Gateway does not translate it for backends either"},
         )
+        if (pc := n.get("preconnect")) is not None:
+            check_fields(pc, btp, ("perEndpointPercent", "predictivePercent"))
+            policy: dict[str, Any] = {}
+            for key, target in (
+                ("perEndpointPercent", "per_upstream_preconnect_ratio"),
+                ("predictivePercent", "predictive_preconnect_ratio"),
+            ):
+                if (v := pc.get(key)) is not None:
+                    policy[target] = v.int(minimum=100, maximum=300) / 100
+            if policy:
+                t.cluster["preconnect_policy"] = policy
         if (b := n.get("bufferLimit")) is not None:
             value = quantity(b, btp, "BackendConnection: BufferLimit")
             if not 0 <= value <= 2**32 - 1:
@@ -559,6 +769,7 @@ def build(btp: Resource) -> Traffic:
                 "initialConnectionWindowSize",
                 "maxConcurrentStreams",
                 "onInvalidMessage",
+                "connectionKeepalive",
             ),
         )
         for key, target in (
@@ -576,6 +787,23 @@ def build(btp: Resource) -> Traffic:
             t.http2["override_stream_error_on_invalid_http_message"] = (
                 v.str(choices=("TerminateConnection", "TerminateStream")) == "TerminateStream"
             )
+        if (v := n.get("connectionKeepalive")) is not None:
+            check_fields(v, btp, ("interval", "timeout", "intervalJitter", "idleInterval"))
+            keepalive: dict[str, Any] = {}
+            for key, target in (
+                ("interval", "interval"),
+                ("timeout", "timeout"),
+                ("idleInterval", "connection_idle_interval"),
+            ):
+                if (d := v.get(key)) is not None:
+                    keepalive[target] = _d(d, btp, f"ConnectionKeepalive.{key[0].upper()}{key[1:]}")
+            if (j := v.get("intervalJitter")) is not None:
+                keepalive["interval_jitter"] = {"value": float(j.int(minimum=0, maximum=100))}
+            t.http2["connection_keepalive"] = keepalive
+    if (n := spec.get("admissionControl")) is not None:
+        _admission_control(n, btp, t)
+    if (n := spec.get("bandwidthLimit")) is not None:
+        _bandwidth_limit(n, btp, t)
     if (n := spec.get("faultInjection")) is not None:
         check_fields(n, btp, ("delay", "abort"))
         fault: dict[str, Any] = {"@type": T + "extensions.filters.http.fault.v3.HTTPFault"}
@@ -605,8 +833,18 @@ def build(btp: Resource) -> Traffic:
     if upgrades is not None:
         configs = []
         for u in upgrades.list():
-            check_fields(u, btp, ("type",), {"connect": "CONNECT settings are not translated"})
-            configs.append({"upgrade_type": u.req("type").str(nonempty=True)})
+            check_fields(u, btp, ("type", "connect"))
+            kind = u.req("type").str(nonempty=True)
+            cfg: dict[str, Any] = {"upgrade_type": kind}
+            if kind.upper() == "CONNECT":
+                # Envoy Gateway: a CONNECT upgrade replaces the route's path match with
+                # Envoy's CONNECT matcher; terminate: Envoy ends the tunnel itself
+                t.connect_match = True
+            if (c := u.get("connect")) is not None:
+                check_fields(c, btp, ("terminate",))
+                if kind == "CONNECT" and c.opt_bool("terminate"):
+                    cfg["connect_config"] = {}
+            configs.append(cfg)
         t.route["upgrade_configs"] = configs
     if (n := spec.get("requestBuffer")) is not None:
         if upgrades is not None:
@@ -615,6 +853,13 @@ def build(btp: Resource) -> Traffic:
             )
         check_fields(n, btp, ("limit",))
         limit = quantity(n.req("limit"), btp, "RequestBuffer: limit")
+        if not 0 <= limit <= 2**32 - 1:
+            raise error_at(
+                n.req("limit"),
+                btp,
+                f"RequestBuffer: limit value {n.req('limit').value} is out of range, "
+                f"must be between 0 and {2**32 - 1}",
+            )
         t.filters[F_BUFFER] = (
             {"@type": T + "extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": limit},
             {
@@ -679,6 +924,11 @@ def _apply_route(
     action = route["route"]
     for key, value in t.route.items():
         action[key] = copy.deepcopy(value)
+    if t.connect_match:
+        match = route["match"]
+        for key in PATH_SPECIFIERS:
+            match.pop(key, None)
+        match["connect_matcher"] = {}
     for name, (_, per_route) in t.filters.items():
         used.add(name)
         route.setdefault("typed_per_filter_config", {})[name] = {
@@ -723,6 +973,10 @@ def _own_cluster(
             }
         ]
     c.update(copy.deepcopy(t.cluster))
+    if t.health_check_port is not None:
+        for locality in c.get("load_assignment", {}).get("endpoints", []):
+            for ep in locality.get("lb_endpoints", []):
+                ep["endpoint"]["health_check_config"] = {"port_value": t.health_check_port}
     key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     options = c.setdefault("typed_extension_protocol_options", {})
     po = options.get(key) or {
@@ -740,7 +994,17 @@ def _own_cluster(
         po["explicit_http_config"]["http2_protocol_options"].update(t.http2)
     if t.common_http:
         po.setdefault("common_http_protocol_options", {}).update(t.common_http)
-    if t.use_client_protocol or t.common_http or h2:
+    if t.upstream_filters:
+        po["http_filters"] = [
+            *copy.deepcopy(t.upstream_filters),
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": T + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                },
+            },
+        ]
+    if t.use_client_protocol or t.common_http or h2 or t.upstream_filters:
         options[key] = po
     if not options:
         del c["typed_extension_protocol_options"]

@@ -120,10 +120,12 @@ class TranslateCommand:
             return 2
         for rejection in output.rejections:
             print(f"outrider translate: rejected {rejection.ref}: {rejection}", file=sys.stderr)
-        if output.rejections and args.strict:
+        for problem in output.unprogrammed:
+            print(f"outrider translate: not programmed {problem.ref}: {problem}", file=sys.stderr)
+        if (output.rejections or output.unprogrammed) and args.strict:
             print(
-                f"outrider translate: {len(output.rejections)} policies rejected (--strict); "
-                "nothing written",
+                f"outrider translate: {len(output.rejections)} policies rejected, "
+                f"{len(output.unprogrammed)} not programmed (--strict); nothing written",
                 file=sys.stderr,
             )
             return 2

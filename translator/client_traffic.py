@@ -25,12 +25,13 @@ stream durations; ``headers``, ``http1``, ``http2``, ``path``, ``proxyProtocol``
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.configfile import ConfigError, Node
 
-from .gatewayapi import GATEWAY_GROUP, check_fields
+from .gatewayapi import GATEWAY_GROUP, check_fields, regex_checked
 from .model import Listener
 from .quantity import duration_s, envoy_duration, quantity
 from .rejections import Rejections
@@ -58,6 +59,17 @@ SPEC_FIELDS = (
 )
 SPEC_UNSUPPORTED = {"targetSelectors": "target selectors need cluster labels"}
 T = "type.googleapis.com/envoy.extensions."
+#: the listener's late response header_mutation filter (Envoy Gateway's header_mutation; a
+#: name of its own beside the per-route header_mutation Outrider's ext_authz routes use)
+F_LATE_RESPONSE = "envoy.filters.http.header_mutation/late-response-headers"
+XFCC_MODES = {
+    "Sanitize": "SANITIZE",
+    "ForwardOnly": "FORWARD_ONLY",
+    "AppendForward": "APPEND_FORWARD",
+    "SanitizeSet": "SANITIZE_SET",
+    "AlwaysForwardOnly": "ALWAYS_FORWARD_ONLY",
+}
+XFCC_DETAILS = {"Cert": "cert", "Chain": "chain", "DNS": "dns", "Subject": "subject", "URI": "uri"}
 
 
 @dataclass
@@ -73,6 +85,8 @@ class ClientSettings:
     common_http: dict[str, Any] = field(default_factory=dict)  # common_http_protocol_options
     http_filters_first: list[dict[str, Any]] = field(default_factory=list)
     use_default_host: bool = False  # http1.http10.useDefaultHost: resolved per listener
+    late_response: list[dict[str, Any]] = field(default_factory=list)  # header_mutation filter
+    disable_ratelimit_headers: bool = False  # headers.disableRateLimitHeaders
 
 
 def _dur(node: Node, res: Resource, what: str) -> str:
@@ -115,7 +129,18 @@ def _keepalive(k: Node, res: Resource, s: ClientSettings) -> None:
 
 
 def _client_ip(c: Node, res: Resource, s: ClientSettings) -> None:
-    check_fields(c, res, ("xForwardedFor", "customHeader"), {"directSourceIP": "not translated"})
+    check_fields(c, res, ("xForwardedFor", "customHeader", "directSourceIP"))
+    set_ = [k for k in ("xForwardedFor", "customHeader", "directSourceIP") if c.get(k) is not None]
+    if len(set_) > 1:
+        raise error_at(
+            c, res, "exactly one of xForwardedFor, customHeader, or directSourceIP must be set"
+        )
+    if (d := c.get("directSourceIP")) is not None:
+        # the TCP peer is the client: Envoy's use_remote_address without an extension,
+        # Outrider's default (Envoy Gateway sets no original IP detection extension)
+        check_fields(d, res, ())
+        s.hcm["use_remote_address"] = True
+        return
     if (ch := c.get("customHeader")) is not None:
         check_fields(ch, res, ("name", "failClosed"))
         cfg: dict[str, Any] = {
@@ -270,44 +295,76 @@ def _connection(c: Node, res: Resource, s: ClientSettings) -> None:
             s.listener["max_connections_to_accept_per_socket_event"] = v
 
 
-def _header_mutation(h: Node, res: Resource) -> list[dict[str, Any]]:
-    check_fields(h, res, ("set", "add", "remove"))
+#: Gateway API header values (RFC 7230), as Envoy Gateway checks them
+HEADER_VALUE = re.compile(r"^[!-~]+([\t ]?[!-~]+)*$")
+_MATCH_TYPES = {
+    "Exact": "exact",
+    "Prefix": "prefix",
+    "Suffix": "suffix",
+    "RegularExpression": "safe_regex",
+}
+
+
+def _header_mutation(h: Node, res: Resource, what: str) -> list[dict[str, Any]]:
+    """Envoy Gateway's ``translateHeaderModifier`` + ``buildHeaderMutationRules``: add, set,
+    addIfAbsent (in that order; a later entry for a name already added is dropped), remove,
+    removeOnMatch; ``what`` names the field in errors (EarlyRequestHeaders...)."""
+    check_fields(h, res, ("set", "add", "addIfAbsent", "remove", "removeOnMatch"))
     mutations: list[dict[str, Any]] = []
-    for key, action in (("set", "OVERWRITE_IF_EXISTS_OR_ADD"), ("add", "APPEND_IF_EXISTS_OR_ADD")):
+    added: set[str] = set()
+    for key, action in (
+        ("add", "APPEND_IF_EXISTS_OR_ADD"),
+        ("set", "OVERWRITE_IF_EXISTS_OR_ADD"),
+        ("addIfAbsent", "ADD_IF_ABSENT"),
+    ):
         for item in (h.get(key) or Node([], h.file)).list():
             check_fields(item, res, ("name", "value"))
-            name = item.req("name").str()
+            name = item.opt_str("name", "") or ""
+            value = item.opt_str("value", "") or ""
             if not name:
-                raise error_at(
-                    item, res, f"EarlyRequestHeaders cannot {key} a header with an empty name"
-                )
+                raise error_at(item, res, f"{what} cannot {key} a header with an empty name")
             if "/" in name or ":" in name:
                 raise error_at(
                     item,
                     res,
-                    f"EarlyRequestHeaders cannot {key} a header with a "
-                    f"'/' or ':' character in them. Header: {name!r}",
+                    f"{what} cannot {key} a header with a '/' or ':' character in them. "
+                    f"Header: {name!r}",
                 )
+            if not HEADER_VALUE.match(value):
+                raise error_at(
+                    item,
+                    res,
+                    f"{what} cannot {key} a header with an invalid value. Header: {name!r}",
+                )
+            if name.lower() in added:
+                continue
+            added.add(name.lower())
             mutations.append(
-                {
-                    "append": {
-                        "header": {"key": name, "value": item.opt_str("value", "") or ""},
-                        "append_action": action,
-                    }
-                }
+                {"append": {"header": {"key": name, "value": value}, "append_action": action}}
             )
+    removed: set[str] = set()
     for item in (h.get("remove") or Node([], h.file)).list():
         name = item.str()
         if not name:
-            raise error_at(
-                item, res, "EarlyRequestHeaders cannot remove a header with an empty name"
-            )
-        mutations.append({"remove": name})
+            raise error_at(item, res, f"{what} cannot remove a header with an empty name")
+        if name.lower() not in removed:
+            removed.add(name.lower())
+            mutations.append({"remove": name})
+    for item in (h.get("removeOnMatch") or Node([], h.file)).list():
+        check_fields(item, res, ("type", "value"))
+        kind = item.opt_str("type", "Exact", choices=tuple(_MATCH_TYPES)) or "Exact"
+        value = item.opt_str("value", "") or ""
+        if not value:
+            raise error_at(item, res, f"{what} cannot remove a header with an empty matcher value")
+        if kind == "RegularExpression":
+            regex_checked(item.req("value"), res)
+            matcher: dict[str, Any] = {"safe_regex": {"regex": value}}
+        else:
+            matcher = {_MATCH_TYPES[kind]: value}
+        mutations.append({"remove_on_match": {"key_matcher": matcher}})
     if not mutations:
         raise error_at(
-            h,
-            res,
-            "EarlyRequestHeaders did not provide valid configuration to add/set/remove any headers",
+            h, res, f"{what} did not provide valid configuration to add/set/remove any headers"
         )
     return mutations
 
@@ -325,8 +382,9 @@ def _headers(h: Node, res: Resource, s: ClientSettings) -> None:
             "maxRequestHeaderLimit",
             "host",
             "xForwardedClientCert",
+            "disableRateLimitHeaders",
+            "lateResponseHeaders",
         ),
-        {"disableRateLimitHeaders": "not translated", "lateResponseHeaders": "not translated"},
     )
     action = h.opt_str(
         "withUnderscoresAction", "RejectRequest", choices=("Allow", "RejectRequest", "DropHeader")
@@ -357,10 +415,26 @@ def _headers(h: Node, res: Resource, s: ClientSettings) -> None:
                 "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
                     "@type": T + "http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    "mutations": _header_mutation(e, res),
+                    "mutations": _header_mutation(e, res, "EarlyRequestHeaders"),
                 },
             }
         ]
+    if (late := h.get("lateResponseHeaders")) is not None:
+        # Envoy Gateway's listener header_mutation filter: early in the chain, so it edits the
+        # response after every other filter has
+        s.late_response = [
+            {
+                "name": F_LATE_RESPONSE,
+                "typed_config": {
+                    "@type": T + "filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {
+                        "response_mutations": _header_mutation(late, res, "LateResponseHeaders")
+                    },
+                },
+            }
+        ]
+    if h.opt_bool("disableRateLimitHeaders"):
+        s.disable_ratelimit_headers = True
     if (m := h.get("maxRequestHeaderLimit")) is not None:
         value = quantity(m, res, "Headers: MaxRequestHeaderLimit")
         if value < 1024:
@@ -375,27 +449,38 @@ def _headers(h: Node, res: Resource, s: ClientSettings) -> None:
         if host.get("stripTrailingHostDot") is not None:
             s.hcm["strip_trailing_host_dot"] = host.opt_bool("stripTrailingHostDot")
     if (x := h.get("xForwardedClientCert")) is not None:
-        # client certificates exist on TLS listeners only; on plain HTTP the mode is checked
-        # and has nothing to forward (Envoy Gateway sets it likewise)
+        # Envoy Gateway sets it on every listener; client certificates exist on TLS ones
         check_fields(x, res, ("mode", "certDetailsToAdd"))
-        x.opt_str(
-            "mode",
-            choices=(
-                "Sanitize",
-                "ForwardOnly",
-                "AppendForward",
-                "SanitizeSet",
-                "AlwaysForwardOnly",
-            ),
-        )
+        mode = x.opt_str("mode", "Sanitize", choices=tuple(XFCC_MODES)) or "Sanitize"
+        s.hcm["forward_client_cert_details"] = XFCC_MODES[mode]
+        details = (x.get("certDetailsToAdd") or Node([], x.file)).list()
+        if mode in ("AppendForward", "SanitizeSet") and details:
+            current: dict[str, Any] = {}
+            for d in details:
+                current[XFCC_DETAILS[d.str(choices=tuple(XFCC_DETAILS))]] = True
+            s.hcm["set_current_client_cert_details"] = current
+
+
+def _string_matcher(m: Node, res: Resource) -> dict[str, Any]:
+    """An Envoy Gateway ``StringMatch`` (type Exact by default) as Envoy's StringMatcher."""
+    check_fields(m, res, ("type", "value"))
+    kind = m.opt_str("type", "Exact", choices=tuple(_MATCH_TYPES)) or "Exact"
+    if kind == "RegularExpression":
+        return {"safe_regex": {"regex": regex_checked(m.req("value"), res)}}
+    return {_MATCH_TYPES[kind]: m.req("value").str()}
 
 
 def _http1(h: Node, res: Resource, s: ClientSettings) -> None:
     check_fields(
         h,
         res,
-        ("enableTrailers", "preserveHeaderCase", "http10", "disableSafeMaxConnectionDuration"),
-        {"ignoredUpgradeTypes": "not translated"},
+        (
+            "enableTrailers",
+            "preserveHeaderCase",
+            "http10",
+            "disableSafeMaxConnectionDuration",
+            "ignoredUpgradeTypes",
+        ),
     )
     opts: dict[str, Any] = {}
     if h.opt_bool("enableTrailers"):
@@ -410,6 +495,9 @@ def _http1(h: Node, res: Resource, s: ClientSettings) -> None:
                 },
             }
         }
+    ignored = (h.get("ignoredUpgradeTypes") or Node([], h.file)).list()
+    if ignored:
+        opts["ignore_http_11_upgrade"] = [_string_matcher(m, res) for m in ignored]
     if (h10 := h.get("http10")) is not None:
         check_fields(h10, res, ("useDefaultHost",))
         opts["accept_http_10"] = True
@@ -432,8 +520,8 @@ def _http2(h: Node, res: Resource, s: ClientSettings) -> None:
             "initialConnectionWindowSize",
             "maxConcurrentStreams",
             "onInvalidMessage",
+            "connectionKeepalive",
         ),
-        {"connectionKeepalive": "not translated"},
     )
     opts: dict[str, Any] = {
         "max_concurrent_streams": 100,
@@ -458,6 +546,25 @@ def _http2(h: Node, res: Resource, s: ClientSettings) -> None:
     if (n := h.get("onInvalidMessage")) is not None:
         mode = n.str(choices=("TerminateConnection", "TerminateStream"))
         opts["override_stream_error_on_invalid_http_message"] = mode == "TerminateStream"
+    if (k := h.get("connectionKeepalive")) is not None:
+        check_fields(k, res, ("interval", "timeout", "intervalJitter", "idleInterval"))
+        keepalive: dict[str, Any] = {}
+        for key, target in (
+            ("interval", "interval"),
+            ("timeout", "timeout"),
+            ("idleInterval", "connection_idle_interval"),
+        ):
+            if (n := k.get(key)) is not None:
+                keepalive[target] = _dur(n, res, f"HTTP2: ConnectionKeepalive {key}")
+        if (
+            "timeout" in keepalive
+            and "interval" in keepalive
+            and duration_s(k.req("timeout"), res, "") >= duration_s(k.req("interval"), res, "")
+        ):
+            raise error_at(k, res, "HTTP2: ConnectionKeepalive timeout must be less than interval")
+        if (n := k.get("intervalJitter")) is not None:
+            keepalive["interval_jitter"] = {"value": float(n.int(minimum=0, maximum=100))}
+        opts["connection_keepalive"] = keepalive
     s.hcm["http2_protocol_options"] = opts
 
 
@@ -533,7 +640,12 @@ def build_settings(policy: Resource) -> ClientSettings:
                 }
             )
     if (n := spec.get("healthCheck")) is not None:
-        check_fields(n, policy, ("path",))
+        # Envoy Gateway decodes its input with Go's encoding/json, whose field names are
+        # case-insensitive: its own test data spells this one "Path"
+        n.mapping()
+        keys = [k for k in n.value if str(k).lower() == "path"]
+        check_fields(n, policy, tuple(keys) or ("path",))
+        path = n.req(keys[0] if keys else "path").str(nonempty=True)
         s.http_filters_first.insert(
             0,
             {
@@ -544,7 +656,7 @@ def build_settings(policy: Resource) -> ClientSettings:
                     "headers": [
                         {
                             "name": ":path",
-                            "string_match": {"exact": n.req("path").str(nonempty=True)},
+                            "string_match": {"exact": path},
                         }
                     ],
                 },
@@ -837,6 +949,20 @@ def attach_client_traffic(
     return out
 
 
+def _disable_ratelimit_headers(hcm: dict[str, Any]) -> None:
+    """``headers.disableRateLimitHeaders``: no X-RateLimit-* headers from the global rate limit
+    filters and the routes' local rate limits, as Envoy Gateway (a rule's own
+    ``xRateLimitHeaders`` still decides for its descriptor)."""
+    for f in hcm.get("http_filters", []):
+        if f["name"].startswith("envoy.filters.http.ratelimit"):
+            f["typed_config"]["enable_x_ratelimit_headers"] = "OFF"
+    for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
+        for route in vhost.get("routes", []):
+            per_filter = route.get("typed_per_filter_config", {})
+            if (local := per_filter.get("envoy.filters.http.local_ratelimit")) is not None:
+                local["enable_x_ratelimit_headers"] = "OFF"
+
+
 def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSettings]) -> None:
     """Write each policy's settings into the generated bootstrap (a dict, as dumped)."""
     for listener in bootstrap.get("static_resources", {}).get("listeners", []):
@@ -855,8 +981,11 @@ def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSe
             cfg.update(s.hcm)
             if s.common_http:
                 cfg.setdefault("common_http_protocol_options", {}).update(s.common_http)
-            if s.http_filters_first:
-                cfg["http_filters"] = s.http_filters_first + cfg["http_filters"]
+            first = s.http_filters_first + s.late_response
+            if first:
+                cfg["http_filters"] = first + cfg["http_filters"]
+            if s.disable_ratelimit_headers:
+                _disable_ratelimit_headers(cfg)
             if s.network_filters:
                 for nf in s.network_filters:
                     nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")

@@ -17,12 +17,18 @@ from urllib.parse import quote
 
 import betterproto2
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterCommonLbConfig,
+    ClusterCommonLbConfigLocalityWeightedLbConfig,
+    ClusterDiscoveryType,
+)
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationRule,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    BackoffStrategy,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
@@ -30,7 +36,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOptionHeaderAppendAction,
     Http2ProtocolOptions,
     HttpUri,
+    Locality,
     Pipe,
+    RetryPolicy,
     SocketAddress,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -104,6 +112,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     RegexMatcher,
     StringMatcher,
 )
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as PAny
 
 from services.extauth.transport.http import (
@@ -114,7 +123,7 @@ from services.extauth.transport.http import (
 
 from . import native, rlqs
 from .gatewayapi import sort_key
-from .model import Backend, ExtProc, Route, Security, StringMatch
+from .model import Backend, ExternalAuth, ExtProc, Route, Security, StringMatch
 from .model import Listener as ListenerIR
 from .ratelimit import DomainConfigs, local_rate_limit, string_matcher
 
@@ -130,6 +139,8 @@ F_LOCAL_RL = "envoy.filters.http.local_ratelimit"
 F_RATELIMIT = "envoy.filters.http.ratelimit"
 F_ROUTER = "envoy.filters.http.router"
 F_HEADER_MUTATION = "envoy.filters.http.header_mutation"
+#: Envoy Gateway's route metadata namespace (``extAuth.includeRouteMetadata`` sends it)
+ROUTE_METADATA_NAMESPACE = "envoy-gateway"
 
 BODY_MODE = {
     None: ProcessingModeBodySendMode.NONE,
@@ -199,31 +210,43 @@ def _http2_options() -> dict[str, PAny]:
     }
 
 
-def cluster(backend: Backend) -> Cluster:
+def _addresses(backend: Backend) -> list[Address]:
     if backend.kind == "unix":
-        addresses = [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
-    else:
-        addresses = [
-            Address(socket_address=SocketAddress(address=h, port_value=p))
-            for h, p in backend.endpoints
-        ]
+        return [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
+    return [
+        Address(socket_address=SocketAddress(address=h, port_value=p)) for h, p in backend.endpoints
+    ]
+
+
+def cluster(backend: Backend) -> Cluster:
     kwargs: dict[str, Any] = {}
     if backend.http2:
         kwargs["typed_extension_protocol_options"] = _http2_options()
+    if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
+        localities = [
+            LocalityLbEndpoints(
+                locality=Locality(region=name),
+                load_balancing_weight=weight,
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in _addresses(b)],
+            )
+            for name, weight, b in backend.localities
+        ]
+        kwargs["common_lb_config"] = ClusterCommonLbConfig(
+            locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
+        )
+    else:
+        localities = [
+            LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in _addresses(backend)]
+            )
+        ]
     return Cluster(
         name=backend.cluster,
         type=ClusterDiscoveryType.STRICT_DNS
         if backend.kind == "dns"
         else ClusterDiscoveryType.STATIC,
         connect_timeout=datetime.timedelta(seconds=1),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=backend.cluster,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in addresses]
-                )
-            ],
-        ),
+        load_assignment=ClusterLoadAssignment(cluster_name=backend.cluster, endpoints=localities),
         **kwargs,
     )
 
@@ -494,6 +517,70 @@ def _ext_proc_filter(ep: ExtProc) -> ExternalProcessor:
     )
 
 
+def _retry_policy(retry: dict[str, Any] | None) -> RetryPolicy | None:
+    """A service's ``backendSettings.retry`` (extservice.py's dict) as Envoy's RetryPolicy."""
+    if retry is None:
+        return None
+    kw: dict[str, Any] = {"retry_on": retry["retry_on"]}
+    if "num_retries" in retry:
+        kw["num_retries"] = retry["num_retries"]
+    if (back := retry.get("retry_back_off")) is not None:
+        kw["retry_back_off"] = BackoffStrategy(
+            **{k: datetime.timedelta(seconds=float(v.rstrip("s"))) for k, v in back.items()}
+        )
+    return RetryPolicy(**kw)
+
+
+def _user_ext_authz(ext: ExternalAuth) -> ExtAuthz:
+    """A SecurityPolicy's ``extAuth``: Envoy Gateway's ext_authz filter (``extauth.go``)."""
+
+    def exact(names: tuple[str, ...]) -> ListStringMatcher:
+        return ListStringMatcher(patterns=[StringMatcher(exact=n, ignore_case=True) for n in names])
+
+    timeout = _dur(ext.timeout_ms if ext.timeout_ms is not None else EXTAUTH_TIMEOUT_MS)
+    kw: dict[str, Any] = {"failure_mode_allow": ext.fail_open, "transport_api_version": 2}
+    if ext.recompute_route is not None:
+        kw["clear_route_cache"] = ext.recompute_route
+    if ext.include_route_metadata:
+        kw["route_metadata_context_namespaces"] = [ROUTE_METADATA_NAMESPACE]
+    if ext.headers_to_ext_auth:
+        kw["allowed_headers"] = exact(ext.headers_to_ext_auth)
+    if ext.body_max_bytes is not None:
+        kw["with_request_body"] = BufferSettings(max_request_bytes=ext.body_max_bytes)
+    if ext.status_on_error is not None:
+        kw["status_on_error"] = HttpStatus(code=StatusCode(ext.status_on_error))
+    retry = _retry_policy(ext.retry)
+    if ext.grpc:
+        service = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=ext.backend.cluster, authority=ext.authority
+            ),
+            timeout=timeout,
+        )
+        if retry is not None:
+            service.retry_policy = retry
+        kw["grpc_service"] = service
+    else:
+        http = HttpService(
+            server_uri=HttpUri(
+                uri=f"http://{ext.authority or ext.backend.cluster}"
+                f"{ext.path_override or ext.path_prefix}",
+                cluster=ext.backend.cluster,
+                timeout=timeout,
+            ),
+            path_prefix=ext.path_prefix,
+            path_override=ext.path_override,
+        )
+        if ext.headers_to_backend:
+            http.authorization_response = AuthorizationResponse(
+                allowed_upstream_headers=exact(ext.headers_to_backend)
+            )
+        if retry is not None:
+            http.retry_policy = retry
+        kw["http_service"] = http
+    return ExtAuthz(**kw)
+
+
 @dataclass
 class EnvoyConfig:
     bootstrap: Bootstrap
@@ -595,26 +682,7 @@ def build(
                         strip_client_address = True
                 if sec is not None and (ext := sec.external) is not None:
                     clusters.setdefault(ext.backend.cluster, cluster(ext.backend))
-                    kw: dict[str, Any] = {
-                        "failure_mode_allow": ext.fail_open,
-                        "transport_api_version": 2,
-                    }
-                    if ext.grpc:
-                        kw["grpc_service"] = _grpc(ext.backend.cluster, ext.timeout_ms)
-                    else:
-                        kw["http_service"] = HttpService(
-                            server_uri=HttpUri(
-                                uri=f"http://{ext.backend.cluster}{ext.path_prefix}",
-                                cluster=ext.backend.cluster,
-                                timeout=_dur(ext.timeout_ms or 10000),
-                            ),
-                            path_prefix=ext.path_prefix,
-                        )
-                    if ext.body_max_bytes is not None:
-                        kw["with_request_body"] = BufferSettings(
-                            max_request_bytes=ext.body_max_bytes
-                        )
-                    add_filter(25, ext.filter_name, ExtAuthz(**kw), disabled=True)
+                    add_filter(25, ext.filter_name, _user_ext_authz(ext), disabled=True)
                     per_filter[ext.filter_name] = _enable(
                         ExtAuthzPerRoute(check_settings=CheckSettings())
                     )

@@ -36,8 +36,17 @@ def check_fields(
     supported: tuple[str, ...],
     unsupported_fields: dict[str, str] | None = None,
 ) -> Node:
-    """A mapping whose every key is supported; a known but unsupported key is said to be so."""
+    """A mapping whose every key is supported; a known but unsupported key is said to be so.
+
+    Keys match in any case, as in Envoy Gateway (Go's ``encoding/json`` matches field
+    names case-insensitively: ``Path:`` is ``path``); such a key is renamed in place."""
     node.mapping()
+    if isinstance(node.value, dict) and any(k not in supported for k in node.value):
+        canonical = {k.lower(): k for k in (*supported, *(unsupported_fields or ()))}
+        renamed = {canonical.get(k.lower(), k): v for k, v in node.value.items()}
+        if len(renamed) == len(node.value) and list(renamed) != list(node.value):
+            node.value.clear()
+            node.value.update(renamed)
     for key, child in node.items():
         if key in supported:
             continue
@@ -104,9 +113,15 @@ class BackendResolver:
                 return True
         return False
 
-    def resolve(self, ref: Node, res: Resource, *, http2: bool = False) -> Backend:
+    def resolve(
+        self, ref: Node, res: Resource, *, http2: bool = False, service_in_input: bool = False
+    ) -> Backend:
         """The cluster for ``ref``; ``http2``: the caller speaks HTTP/2 to it (gRPC), which
-        gets its own cluster when the backend is also reached over HTTP/1."""
+        gets its own cluster when the backend is also reached over HTTP/1.
+        ``service_in_input``: a Service must be in the input (or given with ``--backend``)
+        and not of type ExternalName, as Envoy Gateway requires of a policy's services."""
+        if service_in_input:
+            self._check_service(ref, res)
         backend = self._resolve(ref, res)
         if http2 and not backend.http2:
             return self._store(
@@ -114,8 +129,36 @@ class BackendResolver:
             )
         return backend
 
+    def _check_service(self, ref: Node, res: Resource) -> None:
+        check_fields(ref, res, ("group", "kind", "name", "namespace", "port", "weight"))
+        kind = ref.opt_str("kind", "Service") or "Service"
+        if kind != "Service" or (ref.opt_str("group", "") or "") not in ("", "core"):
+            return
+        name = ref.req("name").str(nonempty=True)
+        namespace = ref.opt_str("namespace", res.namespace) or res.namespace
+        port = ref.opt_int("port")
+        keys = (f"{namespace}/{name}:{port}", f"{namespace}/{name}", f"{name}:{port}", name)
+        if any(k in self.overrides for k in keys):
+            return
+        svc = self.resources.get("Service", namespace, name)
+        if svc is None:
+            raise error_at(
+                ref.req("name"),
+                res,
+                f"service {namespace}/{name} not found (a policy's service must be in the "
+                "input, or given with --backend)",
+            )
+        if svc.spec.opt_str("type") == "ExternalName":
+            raise error_at(
+                ref.req("name"),
+                res,
+                f"Service {namespace}/{name} is of type ExternalName, which is not supported "
+                "as a backend; use an Envoy Gateway Backend resource with an FQDN endpoint "
+                "instead",
+            )
+
     def _resolve(self, ref: Node, res: Resource) -> Backend:
-        ref.mapping()
+        check_fields(ref, res, ("group", "kind", "name", "namespace", "port", "weight"))
         kind = ref.opt_str("kind", "Service") or "Service"
         group = ref.opt_str("group", "") or ""
         name = ref.req("name").str(nonempty=True)

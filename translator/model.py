@@ -86,6 +86,9 @@ class Backend:
     endpoints: tuple[tuple[str, int], ...] = ()  # (host, port); port 0 for unix paths
     http2: bool = False
     tls: bool = False
+    #: several backendRefs in one cluster (an extAuth/extProc service, as Envoy Gateway
+    #: builds it): (locality name, weight, backend) each, endpoints unused
+    localities: tuple[tuple[str, int, Backend], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,14 @@ class ExternalAuth:
     headers_to_backend: tuple[str, ...]
     path_prefix: str = ""
     body_max_bytes: int | None = None
+    path_override: str = ""
+    headers_to_ext_auth: tuple[str, ...] = ()
+    status_on_error: int | None = None
+    recompute_route: bool | None = None
+    include_route_metadata: bool = False
+    authority: str = ""  # the first backendRef's host:port, Envoy Gateway's
+    retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
+    settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
 
 
 @dataclass(frozen=True)

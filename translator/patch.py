@@ -5,8 +5,11 @@ resource by type and name — a Listener (``default/eg/http``: the first Gateway
 its port), a RouteConfiguration (the same name), a Cluster, a ClusterLoadAssignment (a
 cluster's ``load_assignment``) or a Secret — and an ``operation`` applied to it in proto
 field names (``/per_connection_buffer_limit_bytes``); ``add`` with no path adds a whole new
-resource. Policies apply in ``priority`` order (then age). A patch that does not apply
-rejects its policy, naming the operation; the policy's other patches are undone.
+resource. Policies apply in ``priority`` order (then age). As in Envoy Gateway, a policy
+whose target is wrong is rejected; a patch that does not apply, or names a resource that
+does not exist, is reported naming the policy and the operation (Envoy Gateway's
+``Programmed: False``) while the policy stays accepted and its other patches apply. With
+``mergeGateways`` (the GatewayClass's EnvoyProxy) a policy targets the GatewayClass.
 """
 
 from __future__ import annotations
@@ -87,56 +90,104 @@ def _find(
     return None
 
 
-def _apply(bootstrap: dict[str, Any], policy: Resource, patches: Node) -> None:
+def _apply(bootstrap: dict[str, Any], policy: Resource, patches: Node) -> list[ConfigError]:
+    """Apply each patch; returns what did not apply (Envoy Gateway applies the rest too)."""
+    problems: list[ConfigError] = []
+    missing: list[str] = []
     for patch in patches.list():
-        check_fields(patch, policy, ("type", "name", "operation"))
-        type_url = patch.req("type").str()
-        kind = TYPES.get(type_url)
-        if kind is None:
-            raise error_at(patch.req("type"), policy, f"unsupported patch type {type_url}")
-        name = patch.req("name").str()
-        op_node = check_fields(
-            patch.req("operation"),
-            policy,
-            ("op", "path", "from", "value"),
-            {"jsonPath": "JSONPath selectors are not translated"},
-        )
-        op = op_node.req("op").str(choices=("add", "remove", "replace", "move", "copy", "test"))
-        path = op_node.opt_str("path", "") or ""
-        what = f"jsonPatches operation {op} {path or '(whole resource)'} on {type_url} {name!r}"
-        if op == "add" and not path:
-            value = op_node.req("value").value
-            if not isinstance(value, dict):
-                raise error_at(op_node, policy, f"{what}: expected a resource as value")
-            section = {"listener": "listeners", "cluster": "clusters", "secret": "secrets"}.get(
-                kind
-            )
-            if section is None:
-                raise unsupported(op_node, policy, f"{what}: adding a {kind} resource")
-            bootstrap["static_resources"].setdefault(section, []).append(copy.deepcopy(value))
-            continue
-        found = _find(bootstrap, kind, name)
-        if found is None:
-            raise error_at(
-                patch.req("name"), policy, f"{what}: no such resource in the generated config"
-            )
-        resource, put = found
-        operation: dict[str, Any] = {"op": op, "path": path}
-        if op_node.get("from") is not None:
-            operation["from"] = op_node.req("from").str()
-        if op_node.get("value") is not None:
-            operation["value"] = op_node.req("value").value
         try:
-            put(jsonpatch.apply_patch(resource, [operation]))
-        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
-            raise error_at(op_node, policy, f"{what} does not apply: {exc}") from None
+            _apply_one(bootstrap, policy, patch, missing)
+        except ConfigError as exc:
+            problems.append(exc)
+    if missing:
+        problems.append(
+            error_at(
+                patches,
+                policy,
+                f"Unable to find xds resources: {', '.join(missing)} (Envoy Gateway's "
+                "ResourceNotFound: the policy is accepted, those patches are not applied)",
+            )
+        )
+    return problems
+
+
+def _apply_one(
+    bootstrap: dict[str, Any], policy: Resource, patch: Node, missing: list[str]
+) -> None:
+    check_fields(patch, policy, ("type", "name", "operation"))
+    type_url = patch.req("type").str()
+    kind = TYPES.get(type_url)
+    if kind is None:
+        raise error_at(patch.req("type"), policy, f"unsupported patch type {type_url}")
+    name = patch.req("name").str()
+    op_node = check_fields(
+        patch.req("operation"),
+        policy,
+        ("op", "path", "from", "value"),
+        {"jsonPath": "JSONPath selectors are not translated"},
+    )
+    op = op_node.req("op").str(choices=("add", "remove", "replace", "move", "copy", "test"))
+    path = op_node.opt_str("path", "") or ""
+    what = f"jsonPatches operation {op} {path or '(whole resource)'} on {type_url} {name!r}"
+    if op == "add" and not path:
+        value = op_node.req("value").value
+        if not isinstance(value, dict):
+            raise error_at(op_node, policy, f"{what}: expected a resource as value")
+        section = {"listener": "listeners", "cluster": "clusters", "secret": "secrets"}.get(kind)
+        if section is None:
+            raise unsupported(op_node, policy, f"{what}: adding a {kind} resource")
+        bootstrap["static_resources"].setdefault(section, []).append(copy.deepcopy(value))
+        return
+    found = _find(bootstrap, kind, name)
+    if found is None:
+        missing.append(f"{type_url}/{name}")
+        return
+    resource, put = found
+    operation: dict[str, Any] = {"op": op, "path": path}
+    if op_node.get("from") is not None:
+        operation["from"] = op_node.req("from").str()
+    if op_node.get("value") is not None:
+        operation["value"] = op_node.req("value").value
+    try:
+        put(jsonpatch.apply_patch(resource, [operation]))
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+        raise error_at(op_node, policy, f"{what} does not apply: {exc}") from None
+
+
+def _merge_gateways(resources: ResourceSet) -> set[str]:
+    """GatewayClasses whose EnvoyProxy sets ``mergeGateways: true``: Envoy Gateway then
+    translates all their Gateways into one Envoy, and a patch targets the GatewayClass."""
+    proxies = {p.key: p for p in resources.ignored("EnvoyProxy")}
+    merged = set()
+    for gc in resources.ignored("GatewayClass"):
+        ref = gc.spec.get("parametersRef")
+        if ref is None:
+            continue
+        key = f"{ref.opt_str('namespace', gc.namespace)}/{ref.opt_str('name', '')}"
+        proxy = proxies.get(key)
+        if proxy is not None and proxy.spec.opt_bool("mergeGateways", False):
+            merged.add(gc.name)
+    # Envoy Gateway's test data gives the GatewayClass's EnvoyProxy alone
+    # (``envoyProxyForGatewayClass``): it applies to the class the Gateways name
+    for proxy in proxies.values():
+        if proxy.node.path.startswith("envoyProxyForGatewayClass") and proxy.spec.opt_bool(
+            "mergeGateways", False
+        ):
+            merged |= {
+                g.spec.opt_str("gatewayClassName", "") or "" for g in resources.of("Gateway")
+            }
+    return merged
 
 
 def apply_patches(
     bootstrap: dict[str, Any], resources: ResourceSet, rejections: Rejections
 ) -> None:
-    """Apply every EnvoyPatchPolicy; one that does not apply is rejected (and undone)."""
+    """Apply every EnvoyPatchPolicy as Envoy Gateway does: a policy whose target is wrong is
+    rejected (``Accepted: False``); a patch that does not apply, or whose resource does not
+    exist, leaves the policy accepted but not programmed (``Programmed: False``, reported),
+    and the policy's other patches still apply."""
     gateways = {g.key for g in resources.of("Gateway")}
+    merged = _merge_gateways(resources)
     policies = sorted(
         resources.of("EnvoyPatchPolicy"),
         key=lambda p: (p.spec.value.get("priority") or 0, p.created, p.namespace, p.name),
@@ -155,20 +206,29 @@ def apply_patches(
                 raise error_at(spec, p, "expected targetRef (a Gateway)")
             for ref in refs:
                 kind = ref.req("kind").str()
-                if kind != "Gateway" or ref.opt_str("group", GATEWAY_GROUP) != GATEWAY_GROUP:
-                    raise error_at(ref.req("kind"), p, f"target kind {kind}: expected a Gateway")
-                if f"{p.namespace}/{ref.req('name').str()}" not in gateways:
+                group = ref.opt_str("group", GATEWAY_GROUP)
+                name = ref.req("name").str()
+                want = "GatewayClass" if merged else "Gateway"
+                if merged and name not in merged:
                     raise error_at(
                         ref.req("name"),
                         p,
-                        f"no Gateway {p.namespace}/{ref.req('name').str()} in the input",
+                        f"TargetRef.Group:{group} TargetRef.Kind:{kind} TargetRef.Namespace:"
+                        f"{p.namespace} TargetRef.Name:{name} not found or not accepted "
+                        "(MergeGateways=true).",
                     )
-            saved = copy.deepcopy(bootstrap)
-            try:
-                _apply(bootstrap, p, spec.req("jsonPatches"))
-            except ConfigError:
-                bootstrap.clear()
-                bootstrap.update(saved)
-                raise
+                if kind != want or group != GATEWAY_GROUP:
+                    raise error_at(
+                        ref.req("kind"),
+                        p,
+                        f"TargetRef.Group:{group} TargetRef.Kind:{kind}, only TargetRef.Group:"
+                        f"{GATEWAY_GROUP} and TargetRef.Kind:{want} is supported.",
+                    )
+                if not merged and f"{p.namespace}/{name}" not in gateways:
+                    raise error_at(
+                        ref.req("name"), p, f"no Gateway {p.namespace}/{name} in the input"
+                    )
+            for problem in _apply(bootstrap, p, spec.req("jsonPatches")):
+                rejections.not_programmed(p, problem)
         except ConfigError as exc:
             rejections.add(p, exc)

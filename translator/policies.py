@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from envoy_data_plane.envoy.type.v3 import StatusCode
+
 from services.common.configfile import ConfigError, Node
 
-from . import backend_traffic, extension
+from . import backend_traffic, extension, extservice
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -603,7 +605,7 @@ def build_security(
         native["authorization"] = policy["authorization"]
     external = None
     if (e := spec.get("extAuth")) is not None:
-        external = _ext_auth(e, sp, resolver)
+        external = _ext_auth(e, sp, resolver, resources)
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
@@ -618,7 +620,38 @@ def build_security(
     )
 
 
-def _ext_auth(e: Node, sp: Resource, resolver: BackendResolver) -> ExternalAuth:
+def authority(ref: Node, res: Resource, resources: ResourceSet) -> str:
+    """The ``:authority`` Envoy Gateway sends to a service (``backendRefAuthority``)."""
+    name = ref.req("name").str()
+    ns = ref.opt_str("namespace", res.namespace) or res.namespace
+    kind = ref.opt_str("kind", "Service") or "Service"
+    if kind == "Backend" and (backend := resources.get("Backend", ns, name)) is not None:
+        for ep in (backend.spec.get("endpoints") or Node([], backend.spec.file)).list():
+            if (fq := ep.get("fqdn")) is not None:
+                host, port = fq.req("hostname").str(), fq.req("port").int()
+                return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if kind in ("Service", "ServiceImport"):
+        return f"{name}.{ns}:{ref.req('port').int()}"
+    return f"{name}.{ns}"
+
+
+def _http_status(node: Node, res: Resource) -> int:
+    code = node.int()
+    if code not in {c.value for c in StatusCode}:
+        raise error_at(node, res, f"expected an HTTP status code Envoy knows; got {code}")
+    return code
+
+
+def service_refs(svc: Node) -> list[Node]:
+    """``backendRef`` and ``backendRefs`` of a service, in that order."""
+    return ([svc.req("backendRef")] if svc.get("backendRef") is not None else []) + (
+        svc.get("backendRefs") or Node([], svc.file)
+    ).list()
+
+
+def _ext_auth(
+    e: Node, sp: Resource, resolver: BackendResolver, resources: ResourceSet
+) -> ExternalAuth:
     check_fields(
         e,
         sp,
@@ -630,6 +663,8 @@ def _ext_auth(e: Node, sp: Resource, resolver: BackendResolver) -> ExternalAuth:
             "timeout",
             "bodyToExtAuth",
             "recomputeRoute",
+            "statusOnError",
+            "includeRouteMetadata",
         ),
         {"contextExtensions": "context extensions are not translated"},
     )
@@ -641,17 +676,18 @@ def _ext_auth(e: Node, sp: Resource, resolver: BackendResolver) -> ExternalAuth:
     check_fields(
         svc,
         sp,
-        ("backendRef", "backendRefs", "path", "headersToBackend"),
-        {"backendSettings": "backend settings are not translated"},
+        ("backendRef", "backendRefs", "backendSettings")
+        + (("path", "pathOverride", "headersToBackend") if http is not None else ()),
     )
-    refs = ([svc.req("backendRef")] if svc.get("backendRef") is not None else []) + (
-        svc.get("backendRefs") or Node([], svc.file)
-    ).list()
-    if len(refs) != 1:
-        raise unsupported(svc, sp, "exactly one backendRef is translated")
-    ref = refs[0]
-    backend = resolver.resolve(ref, sp, http2=grpc is not None)
+    refs = service_refs(svc)
+    backend = extservice.service_backend(
+        refs, sp, resolver, f"securitypolicy/{sp.key}/extauth/0", http2=grpc is not None
+    )
+    settings = extservice.settings(svc.get("backendSettings"), sp)
     body = e.get("bodyToExtAuth")
+    if body is not None:
+        check_fields(body, sp, ("maxRequestBytes",))
+    status = e.get("statusOnError")
     return ExternalAuth(
         filter_name=f"envoy.filters.http.ext_authz/securitypolicy/{sp.namespace}/{sp.name}",
         backend=backend,
@@ -660,7 +696,17 @@ def _ext_auth(e: Node, sp: Resource, resolver: BackendResolver) -> ExternalAuth:
         fail_open=e.opt_bool("failOpen", False),
         headers_to_backend=tuple((svc.get("headersToBackend") or Node([], svc.file)).str_list()),
         path_prefix=svc.opt_str("path", "") or "",
+        path_override=svc.opt_str("pathOverride", "") or "",
         body_max_bytes=body.req("maxRequestBytes").int(minimum=1) if body is not None else None,
+        headers_to_ext_auth=tuple(
+            (e.get("headersToExtAuth") or Node([], e.file)).str_list(nonempty_items=True)
+        ),
+        status_on_error=_http_status(status, sp) if status is not None else None,
+        recompute_route=e.opt_bool("recomputeRoute"),
+        include_route_metadata=bool(e.opt_bool("includeRouteMetadata", False)),
+        authority=authority(refs[0], sp, resources),
+        retry=settings.retry if settings is not None else None,
+        settings=settings,
     )
 
 

@@ -46,6 +46,14 @@ class Rejections:
     """What was rejected in one translation, in order."""
 
     items: list[Rejection] = field(default_factory=list)
+    #: accepted policies that did not fully apply (Envoy Gateway's ``Programmed: False``:
+    #: an EnvoyPatchPolicy patch whose resource does not exist, or that does not apply)
+    unprogrammed: list[Rejection] = field(default_factory=list)
+
+    def not_programmed(self, policy: Resource, error: ConfigError) -> None:
+        if not isinstance(error, TranslateError):
+            error = TranslateError(error.file, error.path, f"{policy.ref}: {error.message}")
+        self.unprogrammed.append(Rejection(policy.kind, policy.namespace, policy.name, error))
 
     def add(self, policy: Resource, error: ConfigError) -> None:
         """Reject ``policy``; a bare config error (a wrong type, a missing field) gets the

@@ -140,6 +140,12 @@ class ResourceSet:
     """Every input resource, by kind, in input order."""
 
     by_kind: dict[str, list[Resource]] = field(default_factory=dict)
+    #: kinds read without effect on the translation (IGNORED_KINDS), for the few settings
+    #: that matter: an EnvoyProxy's ``mergeGateways`` (EnvoyPatchPolicy targets)
+    ignored_by_kind: dict[str, list[Resource]] = field(default_factory=dict)
+
+    def ignored(self, kind: str) -> list[Resource]:
+        return list(self.ignored_by_kind.get(kind, []))
 
     def add(self, res: Resource) -> None:
         """Add ``res``. A second resource of the same kind, namespace and name is kept as a
@@ -247,6 +253,7 @@ def load_resources(paths: Iterable[Path]) -> ResourceSet:
                 for item, hint in _documents(doc):
                     res = _resource(item, hint)
                     if res.kind in IGNORED_KINDS:
+                        resources.ignored_by_kind.setdefault(res.kind, []).append(res)
                         continue
                     if res.kind not in SUPPORTED_KINDS:
                         raise error_at(

@@ -13,6 +13,7 @@ from . import envoy as envoy_out
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
 from .extension import apply_luas
+from .extservice import apply_services
 from .gatewayapi import BackendResolver, build_listeners, build_routes
 from .patch import apply_patches
 from .policies import SecretFiles, attach
@@ -63,6 +64,8 @@ class Output:
     secret_files: dict[str, str]
     #: policies rejected as Envoy Gateway rejects them (the rest translated)
     rejections: list[Rejection] = field(default_factory=list)
+    #: accepted policies that did not fully apply (Envoy Gateway's ``Programmed: False``)
+    unprogrammed: list[Rejection] = field(default_factory=list)
 
     def write(self, outdir: Path) -> None:
         """Write every file; files an earlier run wrote that this one does not are removed
@@ -122,6 +125,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     apply_client_traffic(bootstrap, client)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     apply_luas(bootstrap, listeners)
+    apply_services(bootstrap, listeners)
     apply_patches(bootstrap, resources, rejections)
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():
@@ -140,7 +144,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     if used_chains:
         files["extproc.yaml"] = dump({"chains": {c: chains[c] for c in used_chains}})
     secret = {f"secrets/{name}": text for name, text in secret_files.files.items()}
-    return Output(files, secret, list(rejections.items))
+    return Output(files, secret, list(rejections.items), list(rejections.unprogrammed))
 
 
 def translate(paths: Iterable[Path], options: Options) -> Output:

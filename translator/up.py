@@ -480,6 +480,8 @@ class UpCommand:
         )
         for rejection in output.rejections:  # as `outrider translate`: the rest still runs
             print(f"outrider up: rejected {rejection.ref}: {rejection}", file=sys.stderr)
+        for problem in output.unprogrammed:
+            print(f"outrider up: not programmed {problem.ref}: {problem}", file=sys.stderr)
         confdir = workdir / "config"
         output.files["envoy.yaml"] = with_ratelimit_timeout(output.files["envoy.yaml"])
         output.write(confdir)

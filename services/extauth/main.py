@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from services.common.cli import ServiceCommand, address, positive_float, positive_int, run_command
 from services.common.listeners import Address
 
+from .authn.jwks import FetchOptions
 from .metrics import ExtauthMetrics
 from .service import ExtauthService
 
@@ -42,19 +43,23 @@ class ExtauthFactory:
             help="how long a verified Basic credential is cached (default 60; 0 disables)",
         )
         parser.add_argument(
-            "--jwks-fetch-timeout", type=positive_float, default=5.0, metavar="SECONDS"
+            "--jwks-fetch-timeout",
+            type=positive_float,
+            default=FetchOptions.fetch_timeout,
+            metavar="SECONDS",
+            help="bound of one JWKS fetch, connect included",
         )
         parser.add_argument(
             "--jwks-check-wait",
             type=positive_float,
-            default=0.1,
+            default=FetchOptions.check_wait,
             metavar="SECONDS",
             help="longest a check waits for a JWKS fetch before using cached keys or denying",
         )
         parser.add_argument(
             "--jwks-refetch-cooldown",
             type=positive_float,
-            default=10.0,
+            default=FetchOptions.refetch_cooldown,
             metavar="SECONDS",
             help="least time between two refetches triggered by unknown key ids",
         )

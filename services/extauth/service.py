@@ -17,7 +17,7 @@ from services.common.listeners import Address
 from services.common.service import Readiness
 
 from .authn.basic import PasswordChecks
-from .authn.jwks import JWKSRegistry
+from .authn.jwks import FetchOptions, JWKSRegistry
 from .build import AuthDeps, build_engine, remote_jwks_in_use
 from .config import ExtauthConfig, Policy, load_config
 from .core import CheckRequest, Decision, Engine
@@ -42,9 +42,9 @@ class ExtauthService:
         http_listen: Address | None = None,
         clock_skew: float = 60.0,
         credential_cache_ttl: float = 60.0,
-        jwks_fetch_timeout: float = 5.0,
-        jwks_check_wait: float = 0.1,
-        jwks_refetch_cooldown: float = 10.0,
+        jwks_fetch_timeout: float = FetchOptions.fetch_timeout,
+        jwks_check_wait: float = FetchOptions.check_wait,
+        jwks_refetch_cooldown: float = FetchOptions.refetch_cooldown,
         password_workers: int = 2,
         password_max_pending: int = 32,
     ) -> None:
@@ -53,9 +53,7 @@ class ExtauthService:
         self._session: aiohttp.ClientSession | None = None
         self.jwks = JWKSRegistry(
             self._http_session,
-            fetch_timeout=jwks_fetch_timeout,
-            check_wait=jwks_check_wait,
-            refetch_cooldown=jwks_refetch_cooldown,
+            FetchOptions(jwks_fetch_timeout, jwks_check_wait, jwks_refetch_cooldown),
             observe=metrics.jwks_fetch,
         )
         # Its own threads: config reloads (asyncio.to_thread) never wait behind hashes.

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -27,6 +28,26 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from tests.extauth.helpers import apache_htpasswd, basic_header, claims, jwks, rsa_key, write_config
 from tests.harness.outrider import OutriderProcess
 from tests.harness.procs import free_port
+
+
+def bench_policies(key: Any, htpasswd: Path) -> dict[str, Any]:
+    """The benchmarks' policies: ``jwt`` (local JWKS of ``key``, claim ``sub`` to a header)
+    and ``basic`` (the htpasswd file)."""
+    return {
+        "jwt": {
+            "jwt": {
+                "providers": [
+                    {
+                        "name": "idp",
+                        "issuer": "https://idp.test",
+                        "localJWKS": {"inline": json.dumps(jwks(key))},
+                        "claimToHeaders": [{"claim": "sub", "header": "x-user"}],
+                    }
+                ]
+            }
+        },
+        "basic": {"basicAuth": {"htpasswdFile": str(htpasswd), "forwardUsernameHeader": "x-user"}},
+    }
 
 
 def make_request(policy: str, headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
@@ -100,26 +121,7 @@ def main() -> int:
     htpasswd = work / "users"
     # cost 10, what htpasswd -B writes by default (the tests use 5 to run faster)
     apache_htpasswd(htpasswd, {"bench": ("-B", "bench-password")}, bcrypt_cost=10)
-    config = write_config(
-        work,
-        {
-            "jwt": {
-                "jwt": {
-                    "providers": [
-                        {
-                            "name": "idp",
-                            "issuer": "https://idp.test",
-                            "localJWKS": {"inline": json.dumps(jwks(key))},
-                            "claimToHeaders": [{"claim": "sub", "header": "x-user"}],
-                        }
-                    ]
-                }
-            },
-            "basic": {
-                "basicAuth": {"htpasswdFile": str(htpasswd), "forwardUsernameHeader": "x-user"}
-            },
-        },
-    )
+    config = write_config(work, bench_policies(key, htpasswd))
     sock = work / "extauth.sock"
     http_port = free_port()
     proc = OutriderProcess(

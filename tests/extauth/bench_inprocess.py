@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -24,12 +23,11 @@ from prometheus_client import CollectorRegistry
 from services.extauth.metrics import ExtauthMetrics
 from services.extauth.service import ExtauthService
 from services.extauth.transport import grpc as grpc_transport
-from tests.extauth.bench_grpc import make_request
+from tests.extauth.bench_grpc import bench_policies, make_request
 from tests.extauth.helpers import (
     apache_htpasswd,
     basic_header,
     claims,
-    jwks,
     rsa_key,
     write_config,
 )
@@ -42,24 +40,7 @@ async def run(calls: int, rounds: int) -> dict[str, list[float]]:
     config = write_config(
         work,
         {
-            "jwt": {
-                "jwt": {
-                    "providers": [
-                        {
-                            "name": "idp",
-                            "issuer": "https://idp.test",
-                            "localJWKS": {"inline": json.dumps(jwks(key))},
-                            "claimToHeaders": [{"claim": "sub", "header": "x-user"}],
-                        }
-                    ]
-                }
-            },
-            "basic": {
-                "basicAuth": {
-                    "htpasswdFile": str(work / "users"),
-                    "forwardUsernameHeader": "x-user",
-                }
-            },
+            **bench_policies(key, work / "users"),
             "apikey": {
                 "apiKeyAuth": {
                     "credentials": {"client-a": "key-aaaaaaaaaaaa"},

@@ -5,8 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests.extauth.helpers import apache_htpasswd, basic_header, write_config
-from tests.harness.outrider import REPO
+from tests.harness.outrider import run_outrider
 from tests.harness.procs import replace_text
 
 
@@ -81,22 +79,7 @@ def test_htpasswd_change_reloads_and_bad_file_keeps_old(
 
 def test_bad_config_exits_2_naming_file_and_field(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"p": {"basicAuth": {"htpasswd": "bob:hunter2\n"}}})
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.common.cli",
-            "extauth",
-            "--config",
-            str(config),
-            "--listen",
-            f"unix:{tmp_path}/x.sock",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    result = run_outrider("extauth", "--config", str(config), "--listen", f"unix:{tmp_path}/x.sock")
     assert result.returncode == 2
     assert f"{config}: policies.p.basicAuth.htpasswd: htpasswd line 1" in result.stderr
     assert "hunter2" not in result.stderr
@@ -142,15 +125,12 @@ def test_workers_serve_grpc_and_http_mode_each_on_their_own_sockets(
 def test_workers_need_unix_http_listen(tmp_path: Path, sockdir: Path) -> None:
     apache_htpasswd(tmp_path / "users", {"ann": ("-s", "pw-ann")})
     config = write_config(tmp_path, {"basic": {"basicAuth": {"htpasswdFile": "users"}}})
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "services.common.cli", "extauth",
-            "--config", str(config),
-            "--listen", f"unix:{sockdir / 'g.sock'}",
-            "--http-listen", "127.0.0.1:0",
-            "--workers", "2",
-        ],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
+    result = run_outrider(
+        "extauth",
+        "--config", str(config),
+        "--listen", f"unix:{sockdir / 'g.sock'}",
+        "--http-listen", "127.0.0.1:0",
+        "--workers", "2",
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--workers needs unix: addresses for --listen, --http-listen" in result.stderr

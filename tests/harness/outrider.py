@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def outrider_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.common.cli", *args]
+
+
+def run_command(cmd: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` from the repository to its end: (returncode, stdout, stderr) as text."""
+    return subprocess.run(list(cmd), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def run_outrider(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``outrider ARGS`` (as ``python -m services.common.cli``) run to its end."""
+    return run_command(outrider_cmd(*args), timeout)
 
 
 class OutriderProcess:

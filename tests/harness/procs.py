@@ -103,17 +103,27 @@ class ManagedProcess:
             return ""
 
     def wait_ready(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        """Return once ``predicate()`` holds; a process that never gets there is stopped.
+
+        Whoever waits owns the failure: a fixture whose set-up raises here never reaches
+        its teardown, so the process would outlive the test (and pytest) otherwise. That
+        holds for a timeout, an early exit and an interrupt (pytest-timeout) alike.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode if self.proc else '?'} "
-                    f"before it was ready:\n{self.output()[-4000:]}"
-                )
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.output()[-4000:]}")
+        try:
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode if self.proc else '?'} "
+                        f"before it was ready:\n{self.output()[-4000:]}"
+                    )
+                if predicate():
+                    return
+                time.sleep(0.05)
+            raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.output()[-4000:]}")
+        except BaseException:
+            self.stop()
+            raise
 
     def signal(self, sig: int) -> None:
         if self.alive():

@@ -34,3 +34,41 @@ def test_locust_keeps_hundredths_of_a_millisecond() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["replaced"] is True
     assert result["buckets"] == {"0.31": 2, "0.32": 1, "2.5": 1, "12.3": 1}
+
+
+STARVED_LOCUSTFILE = """
+import time
+from locust import User, constant, events, task
+import loadtests.common  # noqa: F401  (the options and the result file)
+
+
+class Starved(User):
+    wait_time = constant(0.01)
+    blocked = False
+
+    @task
+    def send(self):
+        events.request.fire(request_type="GET", name="/", response_time=1.0,
+                            response_length=0, exception=None, context={})
+        if not Starved.blocked:
+            Starved.blocked = True
+            time.sleep(2.5)  # the whole process starved past its -t deadline
+"""
+
+
+def test_a_warmup_never_empties_a_starved_run(tmp_path) -> None:
+    """A process starved past its deadline used to reset its statistics as its last act
+    (the overdue warm-up timer ran just before the overdue stop): 0 requests measured."""
+    locustfile = tmp_path / "starved.py"
+    locustfile.write_text(STARVED_LOCUSTFILE)
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", "1",
+         "-r", "1", "-t", "2s", "--stop-timeout", "1", "--only-summary",
+         "--outrider-warmup", "0.5", "--outrider-out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.exists(), done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["requests"] >= 1, doc
+    assert doc["warmup_in_window"] is True, doc

@@ -6,6 +6,7 @@ the route's cluster — compared by value, not by text."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ CASES = (
     "backendtrafficpolicy-with-timeout",
     "backendtrafficpolicy-with-circuitbreakers",
     "backendtrafficpolicy-with-timeout-targetrefs",
+    "backendtrafficpolicy-with-healthcheck",
+    "backendtrafficpolicy-with-healthcheck-overrides",
+    "backendtrafficpolicy-http2-keepalive",
+    "backendtrafficpolicy-admission-control",
+    "backendtrafficpolicy-with-bandwidth-limit",
+    "backendtrafficpolicy-with-preconnect",
+    "backendtrafficpolicy-connect-terminate",
 )
 RES = Resource("Test", "t", "t", "", Node({}, "t"))
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
@@ -71,7 +79,12 @@ def test_settings_mean_what_envoy_gateway_means(case: str, tmp_path: Path) -> No
         if "route" not in routes[name]:  # a policy Outrider rejects: eg_conformance counts it
             continue
         action = routes[name]["route"]
-        cluster = clusters[action["cluster"]]
+        names = (
+            [action["cluster"]]
+            if "cluster" in action
+            else [w["name"] for w in action["weighted_clusters"]["clusters"]]
+        )
+        cluster = clusters[names[0]]
         if (retry := traffic.get("retry")) is not None:
             rp = action["retry_policy"]
             assert rp["num_retries"] == retry.get("numRetries", 2)
@@ -122,5 +135,197 @@ def test_settings_mean_what_envoy_gateway_means(case: str, tmp_path: Path) -> No
             assert common_http(cluster).get("max_requests_per_connection") == cb.get(
                 "maxRequestsPerConnection"
             )
+            if (rb := cb.get("retryBudget")) is not None:
+                budget = threshold["retry_budget"]
+                assert budget["budget_percent"]["value"] == rb["percent"]
+                assert budget.get("min_retry_concurrency", 3) == rb.get("minRetryConcurrency", 3)
+            else:
+                assert "retry_budget" not in threshold
+            compared += 1
+        if (hc := traffic.get("healthCheck")) is not None:
+            for c in names:
+                compare_health_check(hc, clusters[c])
+            compared += 1
+        if (h2 := traffic.get("http2")) is not None:
+            for c in names:
+                compare_http2(h2, clusters[c])
+            compared += 1
+        if (ac := traffic.get("admissionControl")) is not None:
+            for c in names:
+                compare_admission_control(ac, clusters[c])
+            compared += 1
+        if (bl := traffic.get("bandwidthLimit")) is not None:
+            compare_bandwidth_limit(bl, routes[name])
+            compared += 1
+        pre = (traffic.get("backendConnection") or {}).get("preconnect")
+        if pre is not None:
+            for c in names:
+                policy = clusters[c]["preconnect_policy"]
+                for ours, theirs in (
+                    ("per_upstream_preconnect_ratio", "perEndpointPercent"),
+                    ("predictive_preconnect_ratio", "predictivePercent"),
+                ):
+                    expected = pre.get(theirs)
+                    assert policy.get(ours) == (None if expected is None else expected / 100)
+            compared += 1
+        if (upgrades := traffic.get("httpUpgrade")) is not None:
+            configs = action["upgrade_configs"]
+            assert [u["upgrade_type"] for u in configs] == [u["type"] for u in upgrades]
+            for ours, theirs in zip(configs, upgrades, strict=True):
+                terminate = (theirs.get("connect") or {}).get("terminate", False)
+                assert ("connect_config" in ours) == (theirs["type"] == "CONNECT" and terminate)
+            connect = any(u["type"].upper() == "CONNECT" for u in upgrades)
+            match = routes[name]["match"]
+            assert ("connect_matcher" in match) == connect
+            if connect:
+                assert not {"prefix", "path", "safe_regex", "path_separated_prefix"} & set(match)
             compared += 1
     assert compared, f"nothing compared in {case}"
+
+
+def payload_bytes(payload: dict[str, Any] | None) -> bytes | None:
+    """An IR health check payload (``text`` or base64 ``binary``) as bytes."""
+    if not payload:
+        return None
+    if payload.get("text") is not None:
+        return payload["text"].encode()
+    return base64.b64decode(payload["binary"])
+
+
+def ours_bytes(payload: dict[str, Any] | None) -> bytes | None:
+    return None if payload is None else bytes.fromhex(payload["text"])
+
+
+def statuses(ranges: list[dict[str, int]] | None) -> set[int]:
+    return {code for r in ranges or () for code in range(r["start"], r["end"])}
+
+
+def compare_health_check(hc: dict[str, Any], cluster: dict[str, Any]) -> None:
+    """Active checks (thresholds, timing, HTTP/TCP/gRPC checker, overrides) and passive
+    outlier detection, as Envoy Gateway's ``buildXdsHealthCheck``/``buildXdsOutlierDetection``."""
+    if (active := hc.get("active")) is not None:
+        (check,) = cluster["health_checks"]
+        assert secs(check["timeout"]) == secs(active["timeout"])
+        assert secs(check["interval"]) == secs(active["interval"])
+        assert secs(check.get("initial_jitter")) == secs(active.get("initialJitter"))
+        assert check["unhealthy_threshold"] == active["unhealthyThreshold"]
+        assert check["healthy_threshold"] == active["healthyThreshold"]
+        if (http := active.get("http")) is not None:
+            ours = check["http_health_check"]
+            assert ours["path"] == http["path"]
+            assert ours.get("method", "GET") == (http.get("method") or "GET")
+            assert ours.get("host", "") == http.get("host", "")
+            assert statuses(ours.get("expected_statuses")) == set(
+                http.get("expectedStatuses") or [200]
+            )
+            assert statuses(ours.get("retriable_statuses")) == set(
+                http.get("retriableStatuses") or []
+            )
+            receive = ours.get("receive") or [None]
+            assert ours_bytes(receive[0]) == payload_bytes(http.get("expectedResponse"))
+            assert ours_bytes(ours.get("send")) == payload_bytes(http.get("requestBody"))
+        elif (tcp := active.get("tcp")) is not None:
+            ours = check["tcp_health_check"]
+            assert ours_bytes(ours.get("send")) == payload_bytes(tcp.get("send"))
+            receive = ours.get("receive") or [None]
+            assert ours_bytes(receive[0]) == payload_bytes(tcp.get("receive"))
+        else:
+            grpc = active["grpc"]
+            assert check["grpc_health_check"].get("service_name") == grpc.get("service")
+        port = (active.get("overrides") or {}).get("port")
+        for locality in cluster["load_assignment"]["endpoints"]:
+            for ep in locality["lb_endpoints"]:
+                hcc = ep["endpoint"].get("health_check_config") or {}
+                assert hcc.get("port_value") == port
+    else:
+        assert "health_checks" not in cluster
+    if (passive := hc.get("passive")) is not None:
+        od = cluster["outlier_detection"]
+        assert secs(od.get("interval")) == secs(passive.get("interval"))
+        assert secs(od.get("base_ejection_time")) == secs(passive.get("baseEjectionTime"))
+        for ours, theirs in (
+            ("consecutive_5xx", "consecutive5XxErrors"),
+            ("consecutive_gateway_failure", "consecutiveGatewayErrors"),
+            ("consecutive_local_origin_failure", "consecutiveLocalOriginFailures"),
+            ("failure_percentage_threshold", "failurePercentageThreshold"),
+        ):
+            assert od.get(ours) == passive.get(theirs), ours
+        if passive.get("consecutiveGatewayErrors") is not None:  # else Envoy enforces 0 %
+            assert od["enforcing_consecutive_gateway_failure"] == 100
+        assert od.get("max_ejection_percent") == (passive.get("maxEjectionPercent") or None)
+        assert bool(od.get("split_external_local_origin_errors")) == bool(
+            passive.get("splitExternalLocalOriginErrors")
+        )
+    else:
+        assert "outlier_detection" not in cluster
+
+
+def compare_http2(h2: dict[str, Any], cluster: dict[str, Any]) -> None:
+    """Upstream HTTP/2 options, where the cluster speaks HTTP/2 (else Envoy Gateway too
+    leaves them out)."""
+    options = cluster.get("typed_extension_protocol_options", {})
+    po = options.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+    ours = (po.get("explicit_http_config") or {}).get("http2_protocol_options")
+    if ours is None:
+        ours = (po.get("use_downstream_protocol_config") or {}).get("http2_protocol_options")
+    if ours is None:
+        return
+    ka = h2.get("connectionKeepalive")
+    if ka is None:
+        assert "connection_keepalive" not in ours
+        return
+    mine = ours["connection_keepalive"]
+    assert secs(mine.get("interval")) == secs(ka.get("interval"))
+    assert secs(mine.get("timeout")) == secs(ka.get("timeout"))
+    assert secs(mine.get("connection_idle_interval")) == secs(ka.get("idleInterval"))
+    assert (mine.get("interval_jitter") or {}).get("value") == ka.get("intervalJitter")
+
+
+GRPC = {"Ok": 0, "Cancelled": 1, "DeadlineExceeded": 4, "Unavailable": 14, "Internal": 13}
+
+
+def compare_admission_control(ac: dict[str, Any], cluster: dict[str, Any]) -> None:
+    """The upstream admission_control filter, as Envoy Gateway's
+    ``buildAdmissionControlConfig``, before the upstream codec."""
+    options = cluster["typed_extension_protocol_options"]
+    po = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    first, codec = po["http_filters"]
+    assert first["name"] == "envoy.filters.http.admission_control"
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    cfg = first["typed_config"]
+    assert cfg["enabled"]["default_value"] is True
+    assert secs(cfg.get("sampling_window")) == secs(ac.get("samplingWindow"))
+    for ours, theirs in (
+        ("sr_threshold", "minSuccessRate"),
+        ("max_rejection_probability", "maxRejectionPercent"),
+    ):
+        value = (cfg.get(ours) or {}).get("default_value", {}).get("value")
+        assert value == ac.get(theirs), ours
+    assert (cfg.get("aggression") or {}).get("default_value") == ac.get("rejectionAggression")
+    assert (cfg.get("rps_threshold") or {}).get("default_value") == ac.get("minRequestRate")
+    criteria = ac.get("successCriteria") or {}
+    http = (criteria.get("http") or {}).get("statusCodes") or []
+    assert statuses(
+        cfg["success_criteria"].get("http_criteria", {}).get("http_success_status")
+    ) == set(http)
+    grpc = (criteria.get("grpc") or {}).get("statusCodes") or []
+    assert cfg["success_criteria"].get("grpc_criteria", {}).get("grpc_success_status", []) == [
+        GRPC[c] for c in grpc
+    ]
+
+
+def compare_bandwidth_limit(bl: dict[str, Any], route: dict[str, Any]) -> None:
+    """One bandwidth_limit filter per direction, enabled on the route with its KiB/s."""
+    per_filter = route.get("typed_per_filter_config", {})
+    for direction, mode in (("request", "REQUEST"), ("response", "RESPONSE")):
+        name = f"envoy.filters.http.bandwidth_limit/{direction}"
+        if (theirs := bl.get(direction)) is None:
+            assert name not in per_filter
+            continue
+        cfg = per_filter[name]["config"]
+        assert cfg["enable_mode"] == mode
+        assert cfg["limit_kbps"] == theirs["limitKibps"]
+        trailers = theirs.get("responseTrailers")
+        assert bool(cfg.get("enable_response_trailers")) == (trailers is not None)
+        if trailers is not None:
+            assert cfg.get("response_trailer_prefix") == trailers.get("prefix")

@@ -99,10 +99,10 @@ kind: BackendTrafficPolicy
 metadata: {name: p, namespace: default}
 spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]
-  admissionControl: {}
+  connection: {socketBufferLimit: 1Mi}
 """,
-            "spec.admissionControl",
-            ["BackendTrafficPolicy default/p", "admissionControl is not supported"],
+            "spec.connection.socketBufferLimit",
+            ["BackendTrafficPolicy default/p", "socketBufferLimit is not supported"],
         ),
         (
             """\

@@ -140,24 +140,34 @@ class LocalJWKSSource(KeySource):
 FetchObserver = Callable[[str, str], None]  # (uri, result) for metrics
 
 
+@dataclass(frozen=True)
+class FetchOptions:
+    """How a remote key set is fetched (the same for every source of one service); the
+    fields' defaults are the service's (class attributes: no slots)."""
+
+    #: A fetch's bound, connect included.
+    fetch_timeout: float = 5.0
+    #: The longest a check waits for a fetch before it uses what it has (or denies).
+    check_wait: float = 0.1
+    #: After a refetch for an unknown ``kid``, the next one waits this long.
+    refetch_cooldown: float = 10.0
+
+
 class RemoteJWKS(KeySource):
     def __init__(
         self,
         uri: str,
         cache_duration: float,
         session: Callable[[], aiohttp.ClientSession],
-        *,
-        fetch_timeout: float = 5.0,
-        check_wait: float = 0.1,
-        refetch_cooldown: float = 10.0,
+        options: FetchOptions = FetchOptions(),
         observe: FetchObserver | None = None,
     ) -> None:
         self.uri = uri
         self.cache_duration = cache_duration
         self._session = session
-        self.fetch_timeout = fetch_timeout
-        self.check_wait = check_wait
-        self.refetch_cooldown = refetch_cooldown
+        self.fetch_timeout = options.fetch_timeout
+        self.check_wait = options.check_wait
+        self.refetch_cooldown = options.refetch_cooldown
         self._observe = observe or (lambda uri, result: None)
         self.keyset: KeySet | None = None
         self.fetched_at = 0.0
@@ -274,26 +284,19 @@ class JWKSRegistry:
     def __init__(
         self,
         session: Callable[[], aiohttp.ClientSession],
-        *,
-        fetch_timeout: float = 5.0,
-        check_wait: float = 0.1,
-        refetch_cooldown: float = 10.0,
+        options: FetchOptions = FetchOptions(),
         observe: FetchObserver | None = None,
     ) -> None:
         self._session = session
-        self._options = {
-            "fetch_timeout": fetch_timeout,
-            "check_wait": check_wait,
-            "refetch_cooldown": refetch_cooldown,
-            "observe": observe,
-        }
+        self._options = options
+        self._observe = observe
         self.sources: dict[tuple[str, float], RemoteJWKS] = {}
 
     def acquire(self, uri: str, cache_duration: float) -> RemoteJWKS:
         key = (uri, cache_duration)
         source = self.sources.get(key)
         if source is None:
-            source = RemoteJWKS(uri, cache_duration, self._session, **self._options)  # type: ignore[arg-type]
+            source = RemoteJWKS(uri, cache_duration, self._session, self._options, self._observe)
             self.sources[key] = source
         return source
 

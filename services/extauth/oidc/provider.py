@@ -30,7 +30,7 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oidc.core import CodeIDToken
 
-from services.extauth.authn.jwks import JWKSRegistry, RemoteJWKS
+from services.extauth.authn.jwks import FetchOptions, JWKSRegistry, RemoteJWKS
 from services.extauth.oidc.config import OidcConfig
 
 log = logging.getLogger("outrider.extauth.oidc")
@@ -113,7 +113,9 @@ class OidcProviderClient:
         #: The service's key set registry (shared with JWT policies); a private one
         #: (closed here) when none is given.
         self._own_jwks = jwks is None
-        self._jwks = jwks or JWKSRegistry(self._session, fetch_timeout=cfg.provider_timeout)
+        self._jwks = jwks or JWKSRegistry(
+            self._session, FetchOptions(fetch_timeout=cfg.provider_timeout)
+        )
         self._metadata: ProviderMetadata | None = None
         self._metadata_at = 0.0
         self._metadata_failed_at = 0.0

@@ -1,0 +1,197 @@
+"""ClientTrafficPolicy settings mean in Outrider's Envoy config what they mean in Envoy
+Gateway's IR (``xdsIR`` of ``testdata-all-policies/*.out.yaml``): per Gateway listener, the
+early request and late response header mutations, HTTP/1 ignored upgrades, HTTP/2
+keepalive, the health check path, the rate limit headers switch and the XFCC mode, as
+Envoy Gateway's xDS translator (``internal/xds/translator/listener.go``) writes them —
+compared by value, not by text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.common.configfile import Node
+from tests.translator.eg_conformance import DATA
+from translator.client_traffic import F_LATE_RESPONSE
+from translator.quantity import duration_s
+from translator.resources import Resource
+from translator.translate import Options, translate
+
+CASES = (
+    "clienttrafficpolicy-headers",
+    "clienttrafficpolicy-headers-add-if-absent",
+    "clienttrafficpolicy-http2-keepalive",
+    "clienttrafficpolicy-ignore-http11-upgrade",
+    "clienttrafficpolicy-ratelimitheaders",
+    "clienttrafficpolicy-http-health-check",
+)
+RES = Resource("Test", "t", "t", "", Node({}, "t"))
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
+MATCH_KEYS = ("exact", "prefix", "suffix", "safeRegex")
+
+
+def secs(text: str | None) -> float | None:
+    return None if text is None else duration_s(Node(text, "t"), RES, "duration")
+
+
+def ir_listeners(out_file: Path) -> list[dict[str, Any]]:
+    doc = yaml.load(out_file.read_text(), Loader=yaml.CSafeLoader)
+    return [lst for ir in doc["xdsIR"].values() for lst in ir.get("http") or ()]
+
+
+def hcms(envoy: dict[str, Any]) -> dict[tuple[int, str], dict[str, Any]]:
+    """(port, filter chain or listener name) → the HCM's typed config."""
+    out = {}
+    for lst in envoy["static_resources"]["listeners"]:
+        port = lst["address"]["socket_address"]["port_value"]
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                if f["name"].endswith("http_connection_manager"):
+                    out[(port, chain.get("name") or lst["name"])] = f["typed_config"]
+    return out
+
+
+def hcm_for(hcm_map: dict[tuple[int, str], dict[str, Any]], ir: dict[str, Any]) -> dict[str, Any]:
+    port = ir["externalPort"]
+    if (port, ir["name"]) in hcm_map:  # a TLS listener's own filter chain
+        return hcm_map[(port, ir["name"])]
+    (hcm,) = [h for (p, _), h in hcm_map.items() if p == port]  # plain HTTP: one per port
+    return hcm
+
+
+def mutations(adds: list[dict[str, Any]], removes: list[str], on_match: list[dict[str, Any]]):
+    """Envoy Gateway's ``buildHeaderMutationRules`` on its IR, as plain dicts."""
+    out: list[dict[str, Any]] = []
+    for h in adds:
+        if h.get("addIfAbsent"):
+            action = "ADD_IF_ABSENT"
+        elif h.get("append"):
+            action = "APPEND_IF_EXISTS_OR_ADD"
+        else:
+            action = "OVERWRITE_IF_EXISTS_OR_ADD"
+        for value in h["value"]:
+            out.append(("append", h["name"], value, action))
+    out += [("remove", name) for name in removes]
+    for m in on_match:
+        (key,) = [k for k in MATCH_KEYS if k in m]
+        out.append(("remove_on_match", key, m[key]))
+    return out
+
+
+def ours(rules: list[dict[str, Any]]):
+    out: list[Any] = []
+    for r in rules:
+        if "append" in r:
+            a = r["append"]
+            action = a.get("append_action", "APPEND_IF_EXISTS_OR_ADD")
+            out.append(("append", a["header"]["key"], a["header"].get("value", ""), action))
+        elif "remove" in r:
+            out.append(("remove", r["remove"]))
+        else:
+            ((key, value),) = r["remove_on_match"]["key_matcher"].items()
+            key = {"safe_regex": "safeRegex"}.get(key, key)
+            out.append(("remove_on_match", key, value["regex"] if key == "safeRegex" else value))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_settings_mean_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    hcm_map = hcms(envoy)
+    compared = 0
+    for ir in ir_listeners(DATA / f"{case}.out.yaml"):
+        hcm = hcm_for(hcm_map, ir)
+        filters = {f["name"]: f.get("typed_config", {}) for f in hcm["http_filters"]}
+        headers = ir.get("headers") or {}
+        early = mutations(
+            headers.get("earlyAddRequestHeaders") or [],
+            headers.get("earlyRemoveRequestHeaders") or [],
+            headers.get("earlyRemoveRequestHeadersOnMatch") or [],
+        )
+        ext = hcm.get("early_header_mutation_extensions") or [{"typed_config": {}}]
+        assert ours(ext[0]["typed_config"].get("mutations", [])) == early
+        late = mutations(
+            headers.get("lateAddResponseHeaders") or [],
+            headers.get("lateRemoveResponseHeaders") or [],
+            headers.get("lateRemoveResponseHeadersOnMatch") or [],
+        )
+        ours_late = filters.get(F_LATE_RESPONSE, {}).get("mutations", {})
+        assert ours(ours_late.get("response_mutations", [])) == late
+        if late:  # Envoy Gateway's order 5: before auth and every other policy filter
+            names = [f["name"] for f in hcm["http_filters"]]
+            assert names.index(F_LATE_RESPONSE) <= 1
+        ignored = [
+            {k: m[k] for k in MATCH_KEYS if k in m}
+            for m in (ir.get("http1") or {}).get("ignoredUpgradeTypes") or []
+        ]
+        h1 = hcm.get("http_protocol_options") or {}
+        assert h1.get("ignore_http_11_upgrade", []) == ignored
+        keepalive = (ir.get("http2") or {}).get("connectionKeepalive")
+        ka = (hcm.get("http2_protocol_options") or {}).get("connection_keepalive")
+        if keepalive is None:
+            assert ka is None
+        else:
+            assert secs(ka.get("interval")) == secs(keepalive.get("interval"))
+            assert secs(ka.get("timeout")) == secs(keepalive.get("timeout"))
+            assert secs(ka.get("connection_idle_interval")) == secs(keepalive.get("idleInterval"))
+            assert ka.get("interval_jitter", {}).get("value") == keepalive.get("intervalJitter")
+        path = (ir.get("healthCheck") or {}).get("path")
+        hc = filters.get("envoy.filters.http.health_check")
+        if path is None:
+            assert hc is None
+        else:
+            assert hc["headers"] == [{"name": ":path", "string_match": {"exact": path}}]
+            assert hc["pass_through_mode"] is False
+            assert hcm["http_filters"][0]["name"] == "envoy.filters.http.health_check"
+        compared += 1
+    assert compared
+
+
+def test_disabled_rate_limit_headers_reach_the_rate_limit_filters(tmp_path: Path) -> None:
+    """``headers.disableRateLimitHeaders`` turns X-RateLimit-* headers off in the global
+    rate limit filter (Envoy Gateway: ``enable_x_ratelimit_headers: OFF``)."""
+    src = tmp_path / "in.yaml"
+    src.write_text(
+        """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules: [{backendRefs: [{name: up, port: 80}]}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: rl, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  rateLimit:
+    type: Global
+    global:
+      rules: [{limit: {requests: 5, unit: Minute}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: quiet, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  headers: {disableRateLimitHeaders: true}
+"""
+    )
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections
+    (hcm,) = hcms(yaml.safe_load(out.files["envoy.yaml"])).values()
+    (rl,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"]
+    assert rl["typed_config"]["enable_x_ratelimit_headers"] == "OFF"
