@@ -983,6 +983,7 @@ def merged_traffic(
             policy.created,
             Node(doc, policy.node.file, policy.node.path),
             policy.annotations,
+            policy.duplicate,
         )
         try:
             cache[key] = build_traffic(merged_res)
