@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,39 @@ def scenario_section(
     return lines
 
 
+_DEF_RE = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+(\w+)", re.MULTILINE)
+
+
+def _defines(path: Path, parts: list[str]) -> bool:
+    """Does ``path`` define ``parts`` (``["Class", "method"]`` or ``["function"]``)?"""
+    try:
+        names = set(_DEF_RE.findall(path.read_text()))
+    except OSError:
+        return False
+    return all(part in names for part in parts)
+
+
+def current_location(entry: str, repo: Path = REPO) -> str:
+    """A profile entry ``"Qual.name (services/x.py)"`` with its module path as it is in
+    the source tree today: profiles keep the paths of the day they were recorded, and
+    modules move (the extauth package was split into ``authn/``, ``oidc/``,
+    ``transport/``). A function no module defines any more is marked as removed."""
+    func, sep, rest = entry.rpartition(" (")
+    if not sep or not rest.endswith(")"):
+        return entry
+    path = rest[:-1]
+    if not path.startswith("services/"):
+        return entry
+    parts = [p for p in func.split(".") if p and not p.startswith("<")][:2]
+    if not parts or _defines(repo / path, parts):
+        return entry
+    package = repo / path.split("/")[0] / path.split("/")[1]
+    found = sorted(str(f.relative_to(repo)) for f in package.rglob("*.py") if _defines(f, parts))
+    if len(found) == 1:
+        return f"{func} ({found[0]})"
+    return f"{func} ({path}, removed since)"
+
+
 def profile_section(name: str, results_dir: Path) -> list[str]:
     """py-spy summaries (numbers, generated) and the paragraph written from them."""
     prof_dir = results_dir / "profiles"
@@ -451,7 +485,8 @@ def profile_section(name: str, results_dir: Path) -> list[str]:
             f"py-spy (`{prof['command']}`, {prof['recorded'][:16].replace('T', ' ')} UTC, "
             f"--native, 100 Hz) on the `{prof['setup']}` sidecar at saturation "
             f"({rps:.0f} req/s through Envoy): {prof['samples']} samples, "
-            f"{prof['idle_share'] * 100:.0f} % idle. Shares of the busy samples:",
+            f"{prof['idle_share'] * 100:.0f} % idle. Shares of the busy samples "
+            "(module paths as they are today; a function since removed is marked):",
             "",
             "| area (innermost frame) | share | | inside Outrider function (inclusive) | share |",
             "|---|---|---|---|---|",
@@ -463,7 +498,7 @@ def profile_section(name: str, results_dir: Path) -> list[str]:
                 cells[0] = areas[i]["name"]
                 cells[1] = f"{areas[i]['share'] * 100:.1f} %"
             if i < len(selfs):
-                cells[3] = f"`{selfs[i]['name']}`"
+                cells[3] = f"`{current_location(selfs[i]['name'])}`"
                 cells[4] = f"{selfs[i]['share'] * 100:.1f} %"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -24,6 +24,7 @@ stream durations; ``headers``, ``http1``, ``http2``, ``path``, ``proxyProtocol``
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class ClientSettings:
     listener_filters: list[dict[str, Any]] = field(default_factory=list)
     network_filters: list[dict[str, Any]] = field(default_factory=list)  # before the HCM
     hcm: dict[str, Any] = field(default_factory=dict)
+    tcp_proxy: dict[str, Any] = field(default_factory=dict)  # TCP listeners' tcp_proxy
     common_http: dict[str, Any] = field(default_factory=dict)  # common_http_protocol_options
     http_filters_first: list[dict[str, Any]] = field(default_factory=list)
     use_default_host: bool = False  # http1.http10.useDefaultHost: resolved per listener
@@ -206,6 +208,8 @@ def _timeout(t: Node, res: Resource, s: ClientSettings) -> None:
                 duration_s(n, res, f"Timeout: invalid {what}")
         # tcp.idleTimeout applies to TCP listeners, TLS timeouts to TLS listeners (as Envoy
         # Gateway: no effect on a plain HTTP listener)
+        if (n := tcp.get("idleTimeout")) is not None:
+            s.tcp_proxy["idle_timeout"] = _dur(n, res, "Timeout: TCP IdleTimeout")
     if (http := t.get("http")) is not None:
         check_fields(
             http,
@@ -786,7 +790,7 @@ def attach_client_traffic(
         )
 
     def same_port(lst: Listener) -> list[Listener]:
-        return [o for o in listeners if o is not lst and o.port == lst.port]
+        return [o for o in listeners if o is not lst and _port(o) == _port(lst)]
 
     # 1. policies naming a listener
     for p in policies:
@@ -926,9 +930,9 @@ def attach_client_traffic(
             )
     # Envoy listeners: the Gateway listeners on one port share one
     out: dict[str, ClientSettings] = {}
-    groups: dict[int, list[Listener]] = {}
+    groups: dict[tuple[bool, int], list[Listener]] = {}
     for lst in listeners:
-        groups.setdefault(lst.port, []).append(lst)
+        groups.setdefault(_port(lst), []).append(lst)
     for group in groups.values():
         keys = {claimed.get(id(x)) for x in group}
         key = keys.pop() if len(keys) == 1 else None
@@ -949,6 +953,11 @@ def attach_client_traffic(
     return out
 
 
+def _port(lst: Listener) -> tuple[bool, int]:
+    """The Envoy listener a Gateway listener shares: UDP ports are apart from TCP ones."""
+    return (lst.protocol == "UDP", lst.port)
+
+
 def _disable_ratelimit_headers(hcm: dict[str, Any]) -> None:
     """``headers.disableRateLimitHeaders``: no X-RateLimit-* headers from the global rate limit
     filters and the routes' local rate limits, as Envoy Gateway (a rule's own
@@ -964,10 +973,12 @@ def _disable_ratelimit_headers(hcm: dict[str, Any]) -> None:
 
 
 def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSettings]) -> None:
-    """Write each policy's settings into the generated bootstrap (a dict, as dumped)."""
+    """Write each policy's settings into the generated bootstrap (a dict, as dumped).
+    UDP listeners take none (as Envoy Gateway); TCP listeners take the listener settings,
+    the network filters and ``timeout.tcp.idleTimeout`` (their ``tcp_proxy``)."""
     for listener in bootstrap.get("static_resources", {}).get("listeners", []):
         s = settings.get(listener.get("name"))
-        if s is None:
+        if s is None or listener["address"]["socket_address"].get("protocol") == "UDP":
             continue
         listener.update(s.listener)
         if s.socket_options:
@@ -976,7 +987,16 @@ def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSe
             listener["listener_filters"] = s.listener_filters + listener.get("listener_filters", [])
         for chain in listener.get("filter_chains", []):
             filters = chain["filters"]
-            hcm = next(f for f in filters if f["name"].endswith("http_connection_manager"))
+            hcm = next((f for f in filters if f["name"].endswith("http_connection_manager")), None)
+            if hcm is None:  # a TCP route's chain (l4.py)
+                proxy = filters[-1]["typed_config"]
+                if filters[-1]["name"].endswith("tcp_proxy"):
+                    proxy.update(s.tcp_proxy)
+                for nf in s.network_filters:
+                    nf = copy.deepcopy(nf)
+                    nf["typed_config"]["stat_prefix"] = proxy.get("stat_prefix", "tcp")
+                    filters.insert(len(filters) - 1, nf)
+                continue
             cfg = hcm["typed_config"]
             cfg.update(s.hcm)
             if s.common_http:

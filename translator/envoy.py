@@ -599,7 +599,8 @@ def build(
     envoy_listeners: list[Listener] = []
     by_port: dict[int, list[ListenerIR]] = {}
     for lst in listeners:
-        by_port.setdefault(lst.port, []).append(lst)
+        if lst.protocol not in ("TCP", "UDP"):  # those are l4.py's
+            by_port.setdefault(lst.port, []).append(lst)
     native_state = native.NativeState()
     for port, group in sorted(by_port.items()):
         filters: dict[str, HttpFilter] = {}

@@ -13,6 +13,8 @@ from .resources import Resource, ResourceSet, error_at, unsupported
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 EG_GROUP = "gateway.envoyproxy.io"
+MCS_GROUP = "multicluster.x-k8s.io"  # ServiceImport (Kubernetes multi-cluster services)
+MCS_SERVICE_LABEL = "multicluster.kubernetes.io/service-name"
 
 GATEWAY_SPEC = ("gatewayClassName", "listeners", "infrastructure", "allowedListeners")
 GATEWAY_SPEC_UNSUPPORTED = {
@@ -21,6 +23,12 @@ GATEWAY_SPEC_UNSUPPORTED = {
 }
 LISTENER_SET_SPEC = ("parentRef", "listeners")
 LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
+#: listener protocol → the route kinds it takes (Gateway API's defaults)
+LISTENER_PROTOCOLS = {
+    "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "TCP": ("TCPRoute",),
+    "UDP": ("UDPRoute",),
+}
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
 RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts")
 GRPC_RULE_FIELDS = ("name", "matches", "filters", "backendRefs")
@@ -176,11 +184,13 @@ class BackendResolver:
             )
         if kind == "Backend" and group == EG_GROUP:
             return self._backend(ref, res, namespace, name, port)
+        if kind == "ServiceImport" and group == MCS_GROUP:
+            return self._service_import(ref, res, namespace, name, port)
         if kind != "Service" or group not in ("", "core"):
             raise unsupported(
                 ref.get("kind") or ref,
                 res,
-                f"backendRef kind {group}/{kind}; use Service or Backend",
+                f"backendRef kind {group}/{kind}; use Service, ServiceImport or Backend",
             )
         if port is None:
             raise error_at(ref, res, "a Service backendRef needs a port")
@@ -210,14 +220,51 @@ class BackendResolver:
             f"service/{namespace}/{name}/{port}", [(f"{name}.{namespace}.svc.cluster.local", port)]
         )
 
+    def _service_import(
+        self, ref: Node, res: Resource, namespace: str, name: str, port: int | None
+    ) -> Backend:
+        """A multi-cluster ServiceImport (``multicluster.x-k8s.io``): its EndpointSlices
+        (label ``multicluster.kubernetes.io/service-name``, as Envoy Gateway), else its
+        ``ips``, else its clusterset DNS name."""
+        if port is None:
+            raise error_at(ref, res, "a ServiceImport backendRef needs a port")
+        cluster = f"serviceimport/{namespace}/{name}/{port}"
+        for key in (f"{namespace}/{name}:{port}", f"{namespace}/{name}", f"{name}:{port}", name):
+            if key in self.overrides:
+                return self._cluster(cluster, [self.overrides[key]])
+        si = self.resources.get("ServiceImport", namespace, name)
+        if si is None:
+            raise error_at(
+                ref.req("name"), res, f"no ServiceImport {namespace}/{name} in the input"
+            )
+        ports = [p for p in (si.spec.get("ports") or Node([], si.spec.file)).list()]
+        matching = [p for p in ports if p.opt_int("port") == port]
+        if not matching:
+            raise error_at(
+                ref.get("port") or ref, res, f"ServiceImport {namespace}/{name} has no port {port}"
+            )
+        port_name = matching[0].opt_str("name")
+        endpoints = self._slice_endpoints(namespace, name, port, port_name, MCS_SERVICE_LABEL)
+        if not endpoints:
+            ips = (si.spec.get("ips") or Node([], si.spec.file)).str_list()
+            endpoints = [(ip, port) for ip in ips] or [
+                (f"{name}.{namespace}.svc.clusterset.local", port)
+            ]
+        return self._cluster(cluster, endpoints)
+
     def _slice_endpoints(
-        self, namespace: str, service: str, port: int, port_name: str | None
+        self,
+        namespace: str,
+        service: str,
+        port: int,
+        port_name: str | None,
+        label: str = "kubernetes.io/service-name",
     ) -> list[tuple[str, int]]:
         """Ready endpoint addresses of a Service from its EndpointSlices, as Envoy Gateway."""
         out: list[tuple[str, int]] = []
         for es in self.resources.of("EndpointSlice"):
             labels = (es.node.value.get("metadata") or {}).get("labels") or {}
-            if es.namespace != namespace or labels.get("kubernetes.io/service-name") != service:
+            if es.namespace != namespace or labels.get(label) != service:
                 continue
             doc = es.node.value
             target = None
@@ -341,9 +388,11 @@ def _listeners(
             raise error_at(item.req("name"), owner, f"duplicate listener name {name!r}")
         seen.add(name)
         proto = item.req("protocol")
-        if proto.str() != "HTTP":
+        if proto.str() not in LISTENER_PROTOCOLS:
             raise unsupported(
-                proto, owner, f"protocol {proto.str()}: only HTTP listeners are translated"
+                proto,
+                owner,
+                f"protocol {proto.str()}: HTTP, TCP and UDP listeners are translated",
             )
         hostname = item.opt_str("hostname")
         prefix = f"{gw.namespace}/{gw.name}"
@@ -358,6 +407,7 @@ def _listeners(
                 port=item.req("port").int(minimum=1, maximum=65535),
                 hostname=hostname,
                 listener_set=listener_set.key if listener_set is not None else None,
+                protocol=proto.str(),
             )
         )
         allowed = item.get("allowedRoutes")
@@ -581,6 +631,7 @@ def build_routes(
                 if _parent_is(lst, kind, ns, parent_name)
                 and (section is None or lst.section == section)
                 and (port is None or lst.port == port)
+                and hr.kind in LISTENER_PROTOCOLS.get(lst.protocol, (hr.kind,))
                 and _allows(resources, lst, hr)
             ]
             if section is not None and not matched:

@@ -54,6 +54,8 @@ class RateLimitRule:
     shadow_mode: bool = False
     shared: bool = False
     x_ratelimit_headers: str | None = None  # Envoy Gateway xRateLimitHeaders: Off, DraftVersion03
+    #: limit.fromMetadata (namespace, key): a per-request limit from dynamic metadata
+    limit_metadata: tuple[str, str] | None = None
 
     @property
     def policy(self) -> str:
@@ -140,6 +142,7 @@ class Security:
     native: dict[str, Any] = field(default_factory=dict)  # inputs for --auth native
     file: str = ""  # where the SecurityPolicy's spec is, for --auth native errors
     path: str = ""
+    csrf: dict[str, Any] | None = None  # the route's CsrfPolicy (envoy.filters.http.csrf)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ class Route:
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
     luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
 
 
 @dataclass
@@ -210,3 +214,4 @@ class Listener:
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
     listener_set: str | None = None  # <ns>/<name> of the ListenerSet it comes from, if any
+    protocol: str = "HTTP"  # or TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)

@@ -186,7 +186,13 @@ def _jwt(sec: Security, state: NativeState) -> tuple[JwtAuthentication, PerRoute
         if len(reqs) == 1
         else JwtRequirement(requires_any=JwtRequirementOrList(requirements=reqs))
     )
-    if sec.native["jwt"].get("optional"):
+    if sec.native["jwt"].get("failOpen"):  # Envoy Gateway's AllowMissingOrFailed
+        requirement = JwtRequirement(
+            requires_any=JwtRequirementOrList(
+                requirements=[requirement, JwtRequirement(allow_missing_or_failed=Empty())]
+            )
+        )
+    elif sec.native["jwt"].get("optional"):
         requirement = JwtRequirement(
             requires_any=JwtRequirementOrList(
                 requirements=[requirement, JwtRequirement(allow_missing=Empty())]

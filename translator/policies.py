@@ -26,6 +26,7 @@ from envoy_data_plane.envoy.type.v3 import StatusCode
 from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic, extension, extservice
+from .csrf import build_csrf
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -83,16 +84,22 @@ SP_FIELDS = (
     "authorization",
     "extAuth",
     "cors",
+    "mergeType",
+    "csrf",
 )
 SP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
-    "mergeType": "policy merging is not translated",
 }
+#: SecurityPolicy fields whose references resolve in the policy that gave them (merging)
+SP_OWNED = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "extAuth", "authorization")
 EEP_FIELDS = ("targetRef", "targetRefs", "extProc", "lua", "wasm")  # lua, wasm: extension.py
 EEP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
     "dynamicModule": "dynamic modules are not translated",
 }
+
+
+TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute")
 
 
 @dataclass(frozen=True)
@@ -339,12 +346,16 @@ def _cost(node: Node | None, res: Resource) -> RateLimitCost | None:
 def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = False) -> RateLimitRule:
     allowed = ("clientSelectors", "limit", "cost", "shadowMode", "shared", "xRateLimitHeaders")
     check_fields(rule, res, allowed)
-    limit = check_fields(
-        rule.req("limit"),
-        res,
-        ("requests", "unit"),
-        {"fromMetadata": "limits from metadata are not translated"},
-    )
+    limit = check_fields(rule.req("limit"), res, ("requests", "unit", "fromMetadata"))
+    limit_metadata = None
+    if (md := limit.get("fromMetadata")) is not None:
+        if local:
+            raise unsupported(md, res, "fromMetadata applies to global rate limits")
+        check_fields(md, res, ("namespace", "key"))
+        limit_metadata = (
+            md.req("namespace").str(nonempty=True),
+            md.req("key").str(nonempty=True),
+        )
     fields: dict[str, Any] = {
         "header_matches": [],
         "query_matches": [],
@@ -356,9 +367,12 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
         _selector_matches(sel, res, fields)
     cost = rule.get("cost")
     if cost is not None:
-        if local:
-            raise unsupported(cost, res, "cost applies to global rate limits")
         check_fields(cost, res, ("request", "response"))
+        if local and cost.get("response") is not None:
+            # Envoy Gateway's CRD: the local filter counts when the request arrives
+            raise error_at(
+                cost.req("response"), res, "response cost is not supported for Local Rate Limits"
+            )
     if local:
         for key in ("shared",):
             if rule.get(key) is not None:
@@ -377,6 +391,7 @@ def rate_limit_rule(rule: Node, res: Resource, index: int, *, local: bool = Fals
         shadow_mode=rule.opt_bool("shadowMode", False),
         shared=rule.opt_bool("shared", False),
         x_ratelimit_headers=rule.opt_str("xRateLimitHeaders", choices=("Off", "DraftVersion03")),
+        limit_metadata=limit_metadata,
     )
 
 
@@ -483,13 +498,23 @@ def _plain(node: Node) -> Any:
 
 
 def build_security(
-    sp: Resource, resources: ResourceSet, resolver: BackendResolver, secret_files: SecretFiles
+    sp: Resource,
+    resources: ResourceSet,
+    resolver: BackendResolver,
+    secret_files: SecretFiles,
+    owners: dict[str, Resource] | None = None,
+    policy_name: str | None = None,
 ) -> Security:
+    """``owners``: for a merged policy (``mergeType``), the policy each top-level field came
+    from, whose namespace its references resolve in and whose name its resources take (Envoy
+    Gateway's ``securityPolicyOwners``); ``policy_name``: the extauth policy name (default
+    ``namespace/name``)."""
+    owners = owners or {}
     spec = check_fields(sp.spec, sp, SP_FIELDS, SP_UNSUPPORTED)
     policy: dict[str, Any] = {}
     native: dict[str, Any] = {}
     if (j := spec.get("jwt")) is not None:
-        check_fields(j, sp, ("providers", "optional"))
+        check_fields(j, sp, ("providers", "optional", "failOpen"))
         providers = []
         for p in j.req("providers").list():
             check_fields(
@@ -521,12 +546,13 @@ def build_security(
                 check_fields(lj, sp, ("type", "inline", "valueRef"))
                 if (vr := lj.get("valueRef")) is not None:
                     check_fields(vr, sp, ("group", "kind", "name"))
-                    cm = resources.get("ConfigMap", sp.namespace, vr.req("name").str())
+                    jwt_ns = owners.get("jwt", sp).namespace
+                    cm = resources.get("ConfigMap", jwt_ns, vr.req("name").str())
                     if cm is None:
                         raise error_at(
                             vr.req("name"),
                             sp,
-                            f"no ConfigMap {sp.namespace}/{vr.req('name').str()} in the input",
+                            f"no ConfigMap {jwt_ns}/{vr.req('name').str()} in the input",
                         )
                     data = cm.node.value.get("data") or {}
                     if "jwks" not in data:
@@ -536,11 +562,21 @@ def build_security(
         policy["jwt"] = {
             "providers": providers,
             **({"optional": j.req("optional").bool()} if j.get("optional") is not None else {}),
+            **({"failOpen": j.req("failOpen").bool()} if j.get("failOpen") is not None else {}),
         }
+        if j.get("optional") is not None and j.get("failOpen") is not None:
+            raise error_at(
+                j,
+                sp,
+                "optional and failOpen cannot both be set; failOpen already tolerates a "
+                "missing JWT",
+            )
         native["jwt"] = policy["jwt"]
     if (b := spec.get("basicAuth")) is not None:
         check_fields(b, sp, ("users", "forwardUsernameHeader"))
-        htpasswd = _secret_value(resources, sp, b.req("users"), (".htpasswd",))
+        htpasswd = _secret_value(
+            resources, owners.get("basicAuth", sp), b.req("users"), (".htpasswd",)
+        )
         policy["basicAuth"] = {"htpasswd": htpasswd}
         if (f := b.get("forwardUsernameHeader")) is not None:
             policy["basicAuth"]["forwardUsernameHeader"] = f.str()
@@ -551,9 +587,10 @@ def build_security(
         for ref in a.req("credentialRefs").list():
             check_fields(ref, sp, ("group", "kind", "name", "namespace"))
             name = ref.req("name").str(nonempty=True)
-            secret = resources.get("Secret", sp.namespace, name)
+            key_ns = owners.get("apiKeyAuth", sp).namespace
+            secret = resources.get("Secret", key_ns, name)
             if secret is None:
-                raise error_at(ref.req("name"), sp, f"no Secret {sp.namespace}/{name} in the input")
+                raise error_at(ref.req("name"), sp, f"no Secret {key_ns}/{name} in the input")
             creds.append(resources.secret_data(secret))
         policy["apiKeyAuth"] = {"credentials": creds, "extractFrom": a.req("extractFrom").value}
         for k in ("forwardClientIDHeader", "sanitize"):
@@ -561,6 +598,7 @@ def build_security(
                 policy["apiKeyAuth"][k] = v.value
         native["apiKeyAuth"] = policy["apiKeyAuth"]
     if (o := spec.get("oidc")) is not None:
+        o_sp = owners.get("oidc", sp)
         oidc = dict(o.value)
         check_fields(
             o.req("provider"),
@@ -572,14 +610,14 @@ def build_security(
             },
         )
         if (ref := o.get("clientIDRef")) is not None:
-            oidc["clientID"] = _secret_value(resources, sp, ref, ("client-id",)).strip()
+            oidc["clientID"] = _secret_value(resources, o_sp, ref, ("client-id",)).strip()
             del oidc["clientIDRef"]
-        secret = _secret_value(resources, sp, o.req("clientSecret"), ("client-secret",))
+        secret = _secret_value(resources, o_sp, o.req("clientSecret"), ("client-secret",))
         del oidc["clientSecret"]
         oidc["clientSecretFile"] = secret_files.add(
-            f"{sp.namespace}_{sp.name}_client-secret", secret
+            f"{o_sp.namespace}_{o_sp.name}_client-secret", secret
         )
-        cookie_file = f"{sp.namespace}_{sp.name}_cookie-secret"
+        cookie_file = f"{o_sp.namespace}_{o_sp.name}_cookie-secret"
         oidc["cookieSecretFile"] = secret_files.add_generated(
             cookie_file, lambda: secrets.token_hex(32) + "\n"
         )
@@ -605,12 +643,14 @@ def build_security(
         native["authorization"] = policy["authorization"]
     external = None
     if (e := spec.get("extAuth")) is not None:
-        external = _ext_auth(e, sp, resolver, resources)
+        external = _ext_auth(e, owners.get("extAuth", sp), resolver, resources)
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
+    csrf = build_csrf(c, sp) if (c := spec.get("csrf")) is not None else None
     return Security(
-        policy=sp.key,
+        policy=policy_name or sp.key,
+        csrf=csrf,
         sidecar=policy or None,
         external=external,
         cors=cors,
@@ -871,6 +911,11 @@ def attach(
     eeps = resources.of("EnvoyExtensionPolicy")
     traffic = build_each(btps, resources, listeners, rejections, build_traffic)
     merged: dict[tuple[str, str], TrafficIR | None] = {}
+    merged_sec: dict[tuple[str, str], Security | None] = {}
+
+    def build_merged(res: Resource, owners: dict[str, Resource], name: str) -> Security:
+        return build_security(res, resources, resolver, secret_files, owners, name)
+
     security = build_each(
         sps,
         resources,
@@ -913,8 +958,13 @@ def attach(
                 else:
                     fail_closed(route)
             if (w := winner(sps, lst, route, rule)) is not None:
-                if w.key in security:
-                    route.security = security[w.key]
+                sec = security.get(w.key)
+                if sec is not None and w.spec.get("mergeType") is not None:
+                    sec = merged_security(
+                        w, sps, lst, route, rule, merged_sec, rejections, build_merged
+                    )
+                if sec is not None:
+                    route.security = sec
                 else:
                     fail_closed(route)
             if (w := winner(eeps, lst, route, rule)) is not None:
@@ -927,8 +977,8 @@ def attach(
 
 
 def merge_patch(base: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (Envoy Gateway's JSONMerge; its StrategicMerge gives the
-    same result for the BackendTrafficPolicy fields, whose lists have no merge keys)."""
+    """RFC 7386 JSON merge patch (Envoy Gateway's ``JSONMerge``): maps merge, lists and
+    values are replaced, ``null`` removes."""
     if not isinstance(patch, dict):
         return patch
     out = dict(base) if isinstance(base, dict) else {}
@@ -938,6 +988,63 @@ def merge_patch(base: Any, patch: Any) -> Any:
         else:
             out[key] = merge_patch(out.get(key), value)
     return out
+
+
+#: BackendTrafficPolicy spec lists Envoy Gateway declares ``patchStrategy: merge`` (with
+#: their ``patchMergeKey``); every other list is replaced by a strategic merge too.
+BTP_MERGE_KEYS = {"httpUpgrade": "type", "compression": "type", "compressor": "type"}
+
+
+def strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Kubernetes' strategic merge patch of a BackendTrafficPolicy spec (Envoy Gateway's
+    ``StrategicMerge``): as a JSON merge patch, except that the lists in
+    ``BTP_MERGE_KEYS`` merge item by item on their key — the patch's items first (merged
+    with the base's item of the same key), then the base's other items."""
+    out = merge_patch(base, patch)
+    for key, merge_key in BTP_MERGE_KEYS.items():
+        mine, theirs = patch.get(key), base.get(key)
+        if not isinstance(mine, list) or not isinstance(theirs, list):
+            continue
+        keys = {item.get(merge_key) for item in mine if isinstance(item, dict)}
+        merged = []
+        for item in mine:
+            match = next(
+                (
+                    b
+                    for b in theirs
+                    if isinstance(b, dict)
+                    and isinstance(item, dict)
+                    and b.get(merge_key) == item.get(merge_key)
+                ),
+                None,
+            )
+            merged.append(merge_patch(match, item) if match is not None else item)
+        merged += [b for b in theirs if not isinstance(b, dict) or b.get(merge_key) not in keys]
+        out[key] = merged
+    return out
+
+
+def merge_rate_limits(gateway: TrafficIR, route: TrafficIR, merge_type: str) -> TrafficIR:
+    """Envoy Gateway's merge of two policies' rate limits, done on its IR
+    (``translateBackendTrafficPolicyForRouteWithMerge``): ``JSONMerge`` replaces the
+    gateway's global rules and local limit by the route's where it has them;
+    ``StrategicMerge`` joins the rules by name (the route's first, each keeping its own
+    policy's name, so shared rules keep their domain), and the route's local default wins."""
+    if merge_type == "JSONMerge":
+        glob = route.global_rules or gateway.global_rules
+        local = route.local if route.local is not None else gateway.local
+        return TrafficIR(glob, local)
+    names = {r.name for r in route.global_rules}
+    glob = route.global_rules + tuple(r for r in gateway.global_rules if r.name not in names)
+    local = route.local if route.local is not None else gateway.local
+    if route.local is not None and gateway.local is not None:
+        names = {r.name for r in route.local.rules}
+        local = LocalRateLimit(
+            route.local.requests,
+            route.local.unit,
+            route.local.rules + tuple(r for r in gateway.local.rules if r.name not in names),
+        )
+    return TrafficIR(glob, local)
 
 
 def merged_traffic(
@@ -961,21 +1068,15 @@ def merged_traffic(
         return build_traffic(policy) if not rejections.rejected(policy) else None
     key = (policy.key, parent.key)
     if key not in cache:
-        if policy.spec.get("rateLimit") is not None and parent.spec.get("rateLimit") is not None:
-            rejections.add(
-                policy,
-                unsupported(
-                    policy.spec.req("mergeType"),
-                    policy,
-                    "merging two policies' rate limits is not translated",
-                ),
-            )
-            cache[key] = None
-            return None
+        merge_type = policy.spec.req("mergeType").str(choices=("StrategicMerge", "JSONMerge"))
         keep = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
         mine = {k: v for k, v in policy.spec.value.items() if k != "mergeType"}
         doc = dict(policy.node.value)
-        doc["spec"] = merge_patch(keep, mine)
+        doc["spec"] = (
+            strategic_merge(keep, mine)
+            if merge_type == "StrategicMerge"
+            else merge_patch(keep, mine)
+        )
         merged_res = Resource(
             policy.kind,
             policy.namespace,
@@ -986,10 +1087,75 @@ def merged_traffic(
             policy.duplicate,
         )
         try:
-            cache[key] = build_traffic(merged_res)
+            merged = build_traffic(merged_res)
+            if parent.spec.get("rateLimit") is not None:
+                # the rate limits merge as Envoy Gateway's IR, each rule under its policy
+                limits = build_traffic(parent)
+                if policy.spec.get("rateLimit") is not None:
+                    limits = merge_rate_limits(limits, build_traffic(policy), merge_type)
+                merged = TrafficIR(limits.global_rules, limits.local, merged.backend)
+            cache[key] = merged
         except ConfigError as exc:
             rejections.add(policy, exc)
             cache[key] = None
+    return cache[key]
+
+
+def merged_security(
+    policy: Resource,
+    sps: list[Resource],
+    listener: Listener,
+    route: Route,
+    rule: str | None,
+    cache: dict[tuple[str, str], Security | None],
+    rejections: Rejections,
+    build: Callable[[Resource, dict[str, Resource], str], Security],
+) -> Security | None:
+    """A route's SecurityPolicy with ``mergeType`` merged onto the policy of the Gateway
+    listener it is reached through (else the Gateway's), as Envoy Gateway merges them: the
+    route policy's fields patched onto the parent's (``StrategicMerge`` and ``JSONMerge``
+    agree here: SecurityPolicy lists have no merge keys but ``contextExtensions``, which is
+    not translated), each field's references resolved in the policy that gave it. None when
+    the merged policy is invalid (the route policy is then rejected)."""
+    own = specificity(policy, listener, route, rule) or 0
+    parents = [
+        p
+        for p in sps
+        if p is not policy
+        and (specificity(p, listener, route, rule) or 9) <= 2
+        and not rejections.rejected(p)
+    ]
+    parent = winner(parents, listener, route, rule) if own >= 3 else None
+    key = (policy.key, parent.key if parent is not None else "")
+    if key in cache:
+        return cache[key]
+    if parent is None:
+        return build(policy, {}, policy.key)
+    mine = {k: v for k, v in policy.spec.value.items() if k != "mergeType"}
+    base = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
+    doc = dict(policy.node.value)
+    doc["spec"] = merge_patch(base, mine)
+    merged_res = Resource(
+        policy.kind,
+        policy.namespace,
+        policy.name,
+        policy.created,
+        Node(doc, policy.node.file, policy.node.path),
+        policy.annotations,
+    )
+    owners = {
+        f: (policy if policy.spec.get(f) is not None else parent)
+        for f in SP_OWNED
+        if doc["spec"].get(f) is not None
+    }
+    try:
+        cache[key] = build(merged_res, owners, f"{policy.key}+{parent.key}")
+    except ConfigError as exc:
+        rejections.add(
+            policy,
+            TranslateError(exc.file, exc.path, f"error merging with {parent.ref}: {exc.message}"),
+        )
+        cache[key] = None
     return cache[key]
 
 

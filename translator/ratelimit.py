@@ -38,6 +38,8 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RateLimitActionRemoteAddressMatch,
     RateLimitActionRequestHeaders,
     RateLimitHitsAddend,
+    RateLimitOverride,
+    RateLimitOverrideDynamicMetadata,
     RateLimitXRateLimitOption,
 )
 from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
@@ -49,6 +51,7 @@ from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import (
     LocalRateLimit as LocalRateLimitConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import AddressMatcher, RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
 from envoy_data_plane.envoy.type.v3 import (
     FractionalPercent,
     FractionalPercentDenominatorType,
@@ -223,6 +226,15 @@ def rule_actions(
     option: dict[str, Any] = {}
     if rule.x_ratelimit_headers is not None:
         option["x_ratelimit_option"] = X_RATELIMIT_OPTION[rule.x_ratelimit_headers]
+    if rule.limit_metadata is not None:
+        # Envoy sends the metadata's {requests_per_unit, unit} as the descriptor's limit
+        # override, which the ratelimit service applies instead of the configured one
+        namespace, key = rule.limit_metadata
+        option["limit"] = RateLimitOverride(
+            dynamic_metadata=RateLimitOverrideDynamicMetadata(
+                metadata_key=MetadataKey(key=namespace, path=[MetadataKeyPathSegment(key=key)])
+            )
+        )
     for variant in method_variants:
         actions = [*common, *variant, *tail]
         if rule.request_cost is not None:

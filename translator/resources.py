@@ -43,6 +43,9 @@ SUPPORTED_KINDS = (
     "BackendTLSPolicy",
     "ListenerSet",
     "ClusterTrustBundle",
+    "TCPRoute",
+    "UDPRoute",
+    "ServiceImport",
 )
 #: kinds accepted but without effect: they configure how a cluster deploys Envoy, not
 #: what Envoy does with a request (see docs/translator.md, "not applicable")

@@ -22,7 +22,8 @@ Envoy enforces the token bucket it is assigned locally.
   client address goes into the bucket id), each ``invert``-able as Envoy Gateway's.
 - Until the server's first answer, and after an assignment expires: allow (as the RLS
   filter's ``failure_mode_deny: false``), or deny with ``fail_closed``.
-- Not expressible: request/response ``cost`` (the quota filter counts requests) and
+- Not expressible: request/response ``cost`` (the quota filter counts requests),
+  ``limit.fromMetadata`` (the server assigns the limits) and
   ``xRateLimitHeaders: DraftVersion03`` (it writes no X-RateLimit headers): such a
   rule stays on the RLS filter, beside the quota filters (same descriptors).
 """
@@ -186,6 +187,8 @@ def rls_only(rule: RateLimitRule) -> str | None:
     """Why a rule stays on the RLS filter in rlqs mode (None: the quota filter can do it)."""
     if rule.request_cost is not None or rule.response_cost is not None:
         return "cost (the quota filter counts requests)"
+    if rule.limit_metadata is not None:
+        return "limit.fromMetadata (the quota server assigns the limits)"
     if rule.x_ratelimit_headers == "DraftVersion03":
         return "xRateLimitHeaders: DraftVersion03 (the quota filter writes no X-RateLimit headers)"
     return None

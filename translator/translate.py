@@ -12,9 +12,11 @@ import yaml
 from . import envoy as envoy_out
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
+from .csrf import apply_csrf
 from .extension import apply_luas
 from .extservice import apply_services
 from .gatewayapi import BackendResolver, build_listeners, build_routes
+from .l4 import add_listeners, attach_l4_policies, build_l4_routes
 from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
@@ -96,9 +98,11 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     resolver = BackendResolver(resources, options.backends)
     listeners = build_listeners(resources)
     build_routes(resources, listeners, resolver)
+    build_l4_routes(resources, listeners, resolver)
     secret_files = SecretFiles(options.secrets_dir, {})
     rejections = Rejections()
     chains = attach(resources, listeners, resolver, secret_files, rejections)
+    attach_l4_policies(resources, listeners, rejections)
     client = attach_client_traffic(resources, listeners, rejections)
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
@@ -122,10 +126,14 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
         ),
     )
     bootstrap = config.to_dict()
+    add_listeners(
+        bootstrap, listeners, options.listen_address, options.port_map, resolver.service_ips()
+    )
     apply_client_traffic(bootstrap, client)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
+    apply_csrf(bootstrap, listeners)
     apply_patches(bootstrap, resources, rejections)
     files: dict[str, str] = {"envoy.yaml": dump(bootstrap)}
     for name, cfg in config.ratelimit.files().items():

@@ -61,7 +61,7 @@ def compile_policy(policy: Policy, deps: AuthDeps) -> CompiledPolicy:
         )
         # With OIDC in the same policy, a browser without a bearer token logs in instead.
         required = not policy.jwt.optional and policy.oidc is None
-        steps.append(Step(authenticator, required))
+        steps.append(Step(authenticator, required, policy.jwt.fail_open))
     if policy.oidc is not None:
         from .oidc.flow import build_oidc_authenticator
 

@@ -125,6 +125,9 @@ class JWTProvider:
 class JWTConfig:
     providers: tuple[JWTProvider, ...]
     optional: bool = False
+    #: a missing or invalid JWT does not deny (Envoy Gateway's ``failOpen``); a valid one
+    #: still authenticates and forwards its claims
+    fail_open: bool = False
 
 
 # -- Basic -----------------------------------------------------------------------------
@@ -290,6 +293,13 @@ def check_https_url(node: Node, url: str) -> str:
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if "@" in parts.netloc:
+        # Credentials in the URL would be shown by /config, logs and the fetch metrics'
+        # uri label; the error does not quote the URL either.
+        raise node.error(
+            "expected a URL without user:password@ (credentials in it would show in "
+            "/config, logs and metrics)"
+        )
     if parts.scheme == "https" and host:
         return url
     if parts.scheme == "http" and host and is_loopback_host(host):
@@ -412,7 +422,11 @@ def _jwt_provider(node: Node) -> JWTProvider:
 
 
 def _jwt(node: Node) -> JWTConfig:
-    node.mapping(allowed=("providers", "optional"))
+    node.mapping(allowed=("providers", "optional", "failOpen"))
+    if node.get("optional") is not None and node.get("failOpen") is not None:
+        raise node.error(
+            "optional and failOpen cannot both be set; failOpen already tolerates a missing JWT"
+        )
     providers_node = node.req("providers")
     providers = tuple(_jwt_provider(p) for p in providers_node.list())
     if not providers:
@@ -422,7 +436,9 @@ def _jwt(node: Node) -> JWTConfig:
         if p.name in seen:
             raise providers_node.list()[i].req("name").error(f"duplicate provider name {p.name!r}")
         seen.add(p.name)
-    return JWTConfig(providers, node.opt_bool("optional", False))
+    return JWTConfig(
+        providers, node.opt_bool("optional", False), node.opt_bool("failOpen", False) or False
+    )
 
 
 # -- Basic -----------------------------------------------------------------------------

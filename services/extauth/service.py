@@ -229,7 +229,11 @@ def describe_policy(policy: Policy) -> dict[str, Any]:
                 "params": list(p.extract_from.params),
             }
             providers.append(item)
-        out["jwt"] = {"providers": providers, "optional": policy.jwt.optional}
+        out["jwt"] = {
+            "providers": providers,
+            "optional": policy.jwt.optional,
+            "failOpen": policy.jwt.fail_open,
+        }
     if policy.basic_auth is not None:
         b = policy.basic_auth
         out["basicAuth"] = {

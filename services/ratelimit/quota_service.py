@@ -173,7 +173,7 @@ class QuotaCollector(Collector):
         )
         share = GaugeMetricFamily(
             f"{prefix}_share",
-            "Requests per limit window assigned to a stream's bucket.",
+            "Requests per limit window assigned to a stream, summed over its buckets of the limit.",
             labels=["domain", "descriptor", "stream"],
         )
         degraded = GaugeMetricFamily(

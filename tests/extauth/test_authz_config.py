@@ -173,6 +173,19 @@ BAD_CONFIGS = [
         "remoteJWKS.uri: expected an https:// URL (http only for a loopback host",
     ),
     (
+        # the password would show in /config, logs and metrics, and is not in the error
+        {
+            "p": {
+                "jwt": {
+                    "providers": [
+                        {"name": "a", "remoteJWKS": {"uri": "https://u:pw-s3cr3t@idp.test/k"}}
+                    ]
+                }
+            }
+        },
+        "remoteJWKS.uri: expected a URL without user:password@",
+    ),
+    (
         {
             "p": {
                 "jwt": {
@@ -262,6 +275,7 @@ def test_bad_configs_name_file_and_path(tmp_path: Path, policies: dict, message:
     text = str(exc.value)
     assert text.startswith(str(path) + ": "), text
     assert message in text, text
+    assert "s3cr3t" not in text, text
 
 
 async def test_referenced_files_are_watched(tmp_path: Path, rsa1: SigningKey) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import jwt as pyjwt
 import pytest
 
+from services.common.configfile import ConfigError
 from tests.extauth.helpers import (
     AUDIENCE,
     ISSUER,
@@ -213,6 +214,33 @@ async def test_optional_lets_anonymous_through_but_not_bad_tokens(
     assert not bad.allow
 
 
+async def test_fail_open_lets_missing_and_bad_tokens_through(
+    tmp_path: Path, rsa1: SigningKey
+) -> None:
+    """Envoy Gateway's ``failOpen``: neither a missing nor a bad token denies; a good one
+    still authenticates and forwards its claims; a client's own identity header is removed."""
+    policy = jwt_policy(jwks(rsa1))
+    policy["p"]["jwt"]["failOpen"] = True
+    config = config_from(tmp_path, policy)
+    async with EngineHarness(config) as h:
+        anonymous = await h.check(request(headers={"x-user": "forged"}))
+        bad = await h.check(request(headers={**bearer("a.b.c"), "x-user": "forged"}))
+        good = await h.check(request(headers=bearer(rsa1.sign(claims(sub="alice")))))
+    assert anonymous.allow
+    assert bad.allow
+    assert good.allow
+    assert "x-user" in anonymous.headers_to_remove
+    assert "x-user" in bad.headers_to_remove
+    assert dict(good.upstream_headers)["x-user"] == "alice"
+
+
+def test_fail_open_and_optional_are_exclusive(tmp_path: Path, rsa1: SigningKey) -> None:
+    policy = jwt_policy(jwks(rsa1))
+    policy["p"]["jwt"].update(optional=True, failOpen=True)
+    with pytest.raises(ConfigError, match="optional and failOpen cannot both be set"):
+        config_from(tmp_path, policy)
+
+
 async def test_remote_rotation_idp_down_and_cooldown(
     tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
 ) -> None:
@@ -358,6 +386,37 @@ async def test_background_refresh_rotates_keys_and_drops_cached_tokens(
             await asyncio.sleep(0.1)
         revoked = await h.check(request(headers=bearer(old_token)))
     assert (revoked.allow, revoked.reason) == (False, "jwt_unknown_kid")
+
+
+async def test_key_replaced_under_the_same_kid_ends_cached_tokens(
+    tmp_path: Path, rsa1: SigningKey, rsa2: SigningKey, jwks_server: JWKSServer
+) -> None:
+    """The verified-token cache holds a token only while the key that verified it is in
+    the key set under the token's kid: a refetch of the same keys keeps it (a cache hit),
+    another key published under the same kid ends it at once (checked again, refused)."""
+    jwks_server.document = jwks(rsa1)
+    policy = jwt_policy(uri=jwks_server.uri)
+    policy["p"]["jwt"]["providers"][0]["remoteJWKS"]["cacheDuration"] = "1s"
+    config = config_from(tmp_path, policy)
+    old_token = rsa1.sign(claims())
+    hit = {"name": "outrider_extauth_credential_cache_total", "kind": "jwt", "result": "hit"}
+    async with EngineHarness(config, jwks_refetch_cooldown=3600.0) as h:
+        assert (await h.check(request(headers=bearer(old_token)))).allow  # verified
+        fetched = jwks_server.fetches
+        deadline = time.monotonic() + 10
+        while jwks_server.fetches == fetched:  # the background refresh: the same keys
+            assert time.monotonic() < deadline, "background refresh did not happen"
+            await asyncio.sleep(0.1)
+        hits = h.metric(**hit)
+        assert (await h.check(request(headers=bearer(old_token)))).allow
+        assert h.metric(**hit) == hits + 1  # still the cached verification
+        replaced = SigningKey(rsa1.kid, rsa2.private, rsa2.alg)  # same kid, another key
+        jwks_server.document = jwks(replaced)
+        while not (await h.check(request(headers=bearer(replaced.sign(claims()))))).allow:
+            assert time.monotonic() < deadline + 5, "background refresh did not happen"
+            await asyncio.sleep(0.1)
+        revoked = await h.check(request(headers=bearer(old_token)))
+    assert (revoked.allow, revoked.reason) == (False, "jwt_signature")
 
 
 async def test_idp_down_without_keys_does_not_fetch_per_check(

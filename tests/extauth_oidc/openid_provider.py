@@ -72,6 +72,10 @@ class OpenIDProvider:
     def output(self) -> str:
         return self.process.output() if self.process else ""
 
+    def jwks_fetches(self) -> int:
+        """How many times the key set (``/jwks``) was fetched from this provider."""
+        return self.output().count("GET /jwks\n")
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

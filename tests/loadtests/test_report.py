@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from loadtests.report import estimated_capacity, write_report
+from loadtests.report import current_location, estimated_capacity, write_report
 
 DATA = Path(__file__).parent / "data"
 
@@ -85,3 +85,33 @@ def test_headline_quotes_wrk_with_locust_beside_and_flags_a_bound_loadgen(tmp_pa
     bound = "\n".join(headline_table([_result(rps, locust, wrk_util=0.95)]))
     assert "| extauth-jwt | outrider | 0.25 ⚠ |" in bound
     assert _result(rps, locust, wrk_util=0.95)["comparisons"][0]["loadgen_bound_wrk"] == ["native"]
+
+
+def test_profile_entries_name_the_modules_of_today(tmp_path: Path) -> None:
+    """Profiles keep the paths of the day they were recorded; the report names where each
+    function lives now, and marks one no module defines any more."""
+    package = tmp_path / "services" / "svc"
+    (package / "authn").mkdir(parents=True)
+    (package / "core.py").write_text("class Engine:\n    async def check(self):\n        pass\n")
+    (package / "authn" / "jwt.py").write_text(
+        "class JWTAuthenticator:\n    async def authenticate(self):\n        pass\n"
+    )
+    assert (
+        current_location("JWTAuthenticator.authenticate (services/svc/jwt.py)", tmp_path)
+        == "JWTAuthenticator.authenticate (services/svc/authn/jwt.py)"
+    )
+    assert (
+        current_location("Engine.check (services/svc/core.py)", tmp_path)
+        == "Engine.check (services/svc/core.py)"
+    )
+    assert (
+        current_location("Pipeline._read_loop (services/svc/redis.py)", tmp_path)
+        == "Pipeline._read_loop (services/svc/redis.py, removed since)"
+    )
+    # a comprehension's frame is found by the function that holds it
+    assert (
+        current_location(
+            "JWTAuthenticator.authenticate.<locals>.<genexpr> (services/svc/jwt.py)", tmp_path
+        )
+        == "JWTAuthenticator.authenticate.<locals>.<genexpr> (services/svc/authn/jwt.py)"
+    )

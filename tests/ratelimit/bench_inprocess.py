@@ -22,8 +22,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from prometheus_client import CollectorRegistry
 
-from services.ratelimit.service import Factory
 from tests.ratelimit.bench_grpc import CONFIG
+from tests.ratelimit.inprocess import start_service
 
 Response = rls_pb2.RateLimitResponse
 
@@ -79,10 +79,6 @@ async def measure(servicer: Any, label: str, callers: int = 64, calls: int = 300
 
 
 async def main(redis_url: str) -> None:
-    factory = Factory()
-    parser = argparse.ArgumentParser()
-    factory.add_arguments(parser)
-    parser.add_argument("--config")  # a common flag (the runtime adds it)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.yaml"
         config.write_text(CONFIG)
@@ -90,10 +86,7 @@ async def main(redis_url: str) -> None:
             ("outrider, memory store", []),
             ("outrider, Redis store", ["--redis-url", redis_url, "--redis-timeout", "1"]),
         ):
-            service = factory.create(
-                parser.parse_args([*argv, "--config", str(config)]), CollectorRegistry()
-            )
-            await service.start(service.load_config(config))
+            service = await start_service(config, CollectorRegistry(), *argv)
             await measure(service.servicer, label)
             await service.stop()
     await measure(RedisPyPerCall(redis_url), "redis-py pipeline per call (comparison)")

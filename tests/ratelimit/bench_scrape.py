@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 from services.ratelimit.core import stats as st
-from services.ratelimit.service import Factory, RateLimitService
+from services.ratelimit.service import RateLimitService
+from tests.ratelimit.inprocess import start_service
 
 CONFIG = """domain: bench
 descriptors:
@@ -113,16 +114,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main(seconds: float, interval: float, scrape_every: float, rounds: int) -> None:
-    factory = Factory()
-    parser = argparse.ArgumentParser()
-    factory.add_arguments(parser)
-    parser.add_argument("--config")  # a common flag (the runtime adds it)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.yaml"
         path.write_text(CONFIG)
         shipped_registry = CollectorRegistry()
-        service = factory.create(parser.parse_args(["--config", str(path)]), shipped_registry)
-        await service.start(service.load_config(path))
+        service = await start_service(path, shipped_registry)
         assert service.limiter is not None
         for i in range(st.MAX_KEYS):  # a full stats table: one row per address
             parsed = rls_pb2.RateLimitRequest.FromString(request(f"10.1.{i >> 8}.{i & 255}"))

@@ -223,3 +223,41 @@ def test_directory_reads_yaml_and_yml_only(tmp_path: Path) -> None:
     for name, domain in [("a.yaml", "a"), ("b.yml", "b"), ("c.txt", "c"), (".d.yaml", "d")]:
         (tmp_path / name).write_text(f"domain: {domain}\ndescriptors:\n  - key: k\n")
     assert sorted(load_config(tmp_path).domains) == ["a", "b"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    hs.lists(hs.text("ab", max_size=3), min_size=2, max_size=5).map("*".join),
+    hs.text("ab*", max_size=12),
+)
+def test_wildcard_matches_as_the_glob_it_is(pattern: str, value: str) -> None:
+    """``*`` matches any run of characters, the rest literally (the regex it replaced)."""
+    import re
+
+    from services.ratelimit.config import compile_wildcard
+
+    glob = re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
+    assert compile_wildcard(pattern).fullmatch(value) == (glob.fullmatch(value) is not None)
+
+
+@pytest.mark.timeout(60)
+def test_wildcard_lookup_is_linear_in_the_value() -> None:
+    """A header-sized value that nearly matches ``foo*bar*baz`` (a regular expression
+    backtracks over it: quadratic, a second of the event loop per lookup at 60 KiB, about
+    15 minutes at this size); scanned, it is a few string searches. The bound is the
+    pytest timeout, a thousand times what the scan costs."""
+    from services.ratelimit.config import compile_wildcard
+
+    wildcard = compile_wildcard("foo*bar*baz")
+    value = "foo" + "bar" * 400_000
+    assert not wildcard.fullmatch(value)
+    assert wildcard.fullmatch(value + "baz")
+    config = parse_texts(
+        [("w.yaml", "domain: w\ndescriptors:\n  - key: k\n    value: foo*bar*baz\n"
+          "    rate_limit: {unit: hour, requests_per_unit: 1}\n")]
+    )  # fmt: skip
+    from services.ratelimit.core.matcher import find_limit
+
+    domain = config.domains["w"]
+    assert find_limit(domain, (("k", value),)) is None
+    assert find_limit(domain, (("k", value + "baz"),)) is not None

@@ -342,6 +342,21 @@ async def test_token_bucket_refills(make_limiter: Any) -> None:
     assert decision.statuses[0].reset_seconds == 15
 
 
+@pytest.mark.parametrize("hits", [5, 2**32, 2**63 - 1, 2**64 - 1])
+async def test_token_bucket_refuses_a_request_larger_than_the_bucket_with_a_bounded_reset(
+    make_limiter: Any, hits: int
+) -> None:
+    """A descriptor's hits_addend (a uint64) beyond the bucket: refused, the bucket left as
+    it was, and the reset within the window (it overflowed Redis's integers into a
+    negative number that broke the response encoder: gRPC UNKNOWN on every such call)."""
+    limiter = await make_limiter()
+    decision = await limiter.should_rate_limit("test-domain", [d("bucket", "big", hits=hits)], 0)
+    status = decision.statuses[0]
+    assert status.code == OVER_LIMIT
+    assert 0 <= status.reset_seconds <= 60  # 4 a minute: full again within the minute
+    assert await codes(limiter, d("bucket", "big"), 5) == [OK] * 4 + [OVER_LIMIT]
+
+
 async def test_local_cache_answers_over_limit(make_limiter: Any) -> None:
     limiter = await make_limiter()
     assert await codes(limiter, d("key3", "lc"), 4) == [OK] + [OVER_LIMIT] * 3
@@ -498,6 +513,51 @@ def test_memory_store_is_bounded_evicting_the_earliest_expiry() -> None:
     store.apply_now([(SLIDING, "sw_cur", "sw_prev", 1, 5, 60000, int(clock.now * 1000))])
     assert set(store.data) == {"bucket", "sw_cur"}
     assert store.evictions == 0  # an expired counter made room, nothing live was lost
+
+
+def test_memory_store_evicts_by_expiry_not_by_age() -> None:
+    """Past the bound, the counter nearest its end goes, whatever was written first."""
+    from services.ratelimit.core.algorithms import FIXED
+
+    clock = Clock()
+    store = MemoryStore(clock, max_keys=2)
+    store.apply_now([(FIXED, "day", 1, 86400)])
+    store.apply_now([(FIXED, "minute", 1, 60)])
+    store.apply_now([(FIXED, "hour", 1, 3600)])
+    assert set(store.data) == {"day", "hour"}
+    assert store.evictions == 1
+    # the day counter kept its count
+    assert store.apply_now([(FIXED, "day", 1, 86400)]) == [2]
+
+
+@pytest.mark.parametrize("room", [2, 100])
+def test_memory_store_keeps_a_token_bucket_whose_expiry_moved_on(room: int) -> None:
+    """A bucket used again lives on past the second it was first filed under: neither an
+    eviction (``room`` 2) nor the sweep (``room`` 100) may take it for one that ends
+    then, which would refill it."""
+    from services.ratelimit.core.algorithms import FIXED, TOKEN
+
+    clock = Clock()
+    store = MemoryStore(clock, max_keys=room)
+
+    def take() -> None:  # a bucket of 2 tokens, refilled over 100 s
+        store.apply_now([(TOKEN, "bucket", 1, 2, 100_000, int(clock.now * 1000))])
+
+    start = clock.now
+    take()  # filed under start + 101, when it would end unused
+    clock.now = start + 50
+    take()  # it now ends at start + 151
+    state = store.data["bucket"]
+    store.apply_now([(FIXED, "short", 1, 100)])  # ends at start + 150
+    clock.now = start + 60
+    store.apply_now([(FIXED, "new", 1, 3600)])
+    if room == 2:  # full: the counter nearest its end went
+        assert set(store.data) == {"bucket", "new"}
+        assert store.evictions == 1
+    clock.now = start + 120  # past start + 101, before start + 151
+    store.apply_now([(FIXED, "new", 1, 3600)])  # a sweep comes by
+    assert store.data["bucket"] == state
+    assert store.evictions == (1 if room == 2 else 0)
 
 
 async def _lagging_loop(url: str) -> None:

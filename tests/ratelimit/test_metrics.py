@@ -3,7 +3,6 @@ decisions through while it runs."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.ratelimit.core import stats as st
 from services.ratelimit.core.limiter import Descriptor
-from services.ratelimit.service import Factory, LimitStatsText, RateLimitService
+from services.ratelimit.service import LimitStatsText, RateLimitService
+from tests.ratelimit.inprocess import start_service
 
 CONFIG = """domain: m
 descriptors:
@@ -22,15 +22,9 @@ descriptors:
 """
 
 
-async def _service(tmp_path: Path, registry: CollectorRegistry) -> RateLimitService:
-    factory = Factory()
-    parser = argparse.ArgumentParser()
-    factory.add_arguments(parser)
-    parser.add_argument("--config")  # a common flag (the runtime adds it)
+async def _service(tmp_path: Path, registry: CollectorRegistry, *flags: str) -> RateLimitService:
     (tmp_path / "m.yaml").write_text(CONFIG)
-    service = factory.create(parser.parse_args(["--config", str(tmp_path)]), registry)
-    await service.start(service.load_config(tmp_path / "m.yaml"))
-    return service
+    return await start_service(tmp_path / "m.yaml", registry, *flags)
 
 
 async def test_per_limit_stats_text_is_valid_and_complete(tmp_path: Path) -> None:
@@ -62,6 +56,27 @@ async def test_per_limit_stats_text_is_valid_and_complete(tmp_path: Path) -> Non
     }
     assert events["calls"] == 6
     await service.stop()
+
+
+async def test_memory_max_keys_bounds_the_store_and_evictions_are_counted(
+    tmp_path: Path,
+) -> None:
+    registry = CollectorRegistry()
+    service = await _service(tmp_path, registry, "--memory-max-keys", "3")
+    assert service.limiter is not None
+    try:
+        for i in range(5):  # five clients, one counter each
+            descriptor = Descriptor((("remote_address", f"10.0.0.{i}"),))
+            await service.limiter.should_rate_limit("m", [descriptor], 1)
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+        }
+        assert samples["outrider_ratelimit_memory_keys"] == 3
+        assert samples["outrider_ratelimit_memory_evictions_total"] == 2
+    finally:
+        await service.stop()
 
 
 async def test_rendering_many_rows_lets_the_event_loop_run() -> None:

@@ -337,3 +337,37 @@ def test_per_window_total_is_bounded_for_minute_windows() -> None:
         assert in_window <= 120 + burst, (start, in_window, burst)
         if start >= 60:
             assert in_window >= 0.85 * 120, (start, in_window)
+
+
+def test_share_rows_are_one_per_limit_and_stream_whatever_the_buckets() -> None:
+    """The buckets of a key-only descriptor (one per user) share a stats key: their
+    shares are one metric row per stream, summed (each bucket its own row repeated the
+    same labels: a duplicate series on /metrics)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.ratelimit.quota_service import QuotaCollector
+
+    core = QuotaCore(
+        parse_texts(
+            [("a.yaml", "domain: api\ndescriptors:\n  - key: user\n"
+              "    rate_limit: {unit: minute, requests_per_unit: 60}\n")]
+        ),
+        QuotaOptions(),
+    )  # fmt: skip
+    sid = core.open_stream()
+    users = [usage(bucket(user=name), 1) for name in ("alice", "bob", "carol")]
+    core.report(sid, "api", users, 0.0)
+    rows = list(core.shares())
+    assert [(key, stream) for key, stream, _ in rows] == [("api.user", sid)]
+    assert rows[0][2] == pytest.approx(3 * 60)  # each user's own limit of 60 a minute
+    registry = CollectorRegistry()
+    registry.register(QuotaCollector(SimpleNamespace(core=core, exchange_errors=0)))
+    samples = [
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    ]
+    assert len(samples) == len(set(samples))

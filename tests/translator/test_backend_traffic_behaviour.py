@@ -4,6 +4,9 @@ test upstreams (an HTTP server and a TCP echo server).
 - ``httpUpgrade: [{type: CONNECT, connect: {terminate: true}}]``: Envoy answers the
   CONNECT itself and tunnels the bytes that follow to the upstream;
 - ``faultInjection.abort``: Envoy answers with the status without calling the upstream;
+- ``mergeType: StrategicMerge``: a route's local rate limit rules join its Gateway's, so
+  both policies' rules limit the route;
+- a local rate limit rule's ``cost.request``: each request takes that many tokens;
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ spec:
     - name: fault
       matches: [{path: {type: PathPrefix, value: /fault}}]
       backendRefs: [{name: up, port: 80}]
+    - name: merged
+      matches: [{path: {type: PathPrefix, value: /merged}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: costly
+      matches: [{path: {type: PathPrefix, value: /costly}}]
+      backendRefs: [{name: up, port: 80}]
     - name: plain
       matches: [{path: {type: PathPrefix, value: /}}]
       backendRefs: [{name: up, port: 80}]
@@ -65,6 +74,44 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: fault}]
   faultInjection:
     abort: {httpStatus: 418, percentage: 100}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: gateway-limits, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: eg}]
+  rateLimit:
+    type: Local
+    local:
+      rules:
+        - clientSelectors: [{headers: [{name: x-user, value: two}]}]
+          limit: {requests: 1, unit: Hour}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: merged, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: merged}]
+  mergeType: StrategicMerge
+  rateLimit:
+    type: Local
+    local:
+      rules:
+        - clientSelectors: [{headers: [{name: x-user, value: one}]}]
+          limit: {requests: 1, unit: Hour}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: costly, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: costly}]
+  rateLimit:
+    type: Local
+    local:
+      rules:
+        - clientSelectors: [{headers: [{name: x-user, type: Distinct}]}]
+          limit: {requests: 10, unit: Hour}
+          cost: {request: {from: Number, number: 4}}
 """
 
 
@@ -141,3 +188,14 @@ def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
     assert upstream.calls["/fault/x"] == 0
     assert get(f"{base}/plain")[0] == 200
     assert upstream.calls["/plain"] == 1
+
+    # strategic merge: the route's rule (x-user: one) and the Gateway's (x-user: two) both
+    # limit /merged, one request an hour each; other requests are not limited
+    for user in ("one", "two"):
+        assert get(f"{base}/merged", {"x-user": user})[0] == 200
+        assert get(f"{base}/merged", {"x-user": user})[0] == 429
+    assert [get(f"{base}/merged")[0] for _ in range(3)] == [200, 200, 200]
+
+    # local cost: 4 tokens a request out of 10 an hour, per user: the third is refused
+    assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(3)] == [200, 200, 429]
+    assert get(f"{base}/costly", {"x-user": "bob"})[0] == 200

@@ -329,3 +329,180 @@ def compare_bandwidth_limit(bl: dict[str, Any], route: dict[str, Any]) -> None:
         assert bool(cfg.get("enable_response_trailers")) == (trailers is not None)
         if trailers is not None:
             assert cfg.get("response_trailer_prefix") == trailers.get("prefix")
+
+
+UNIT_S = {"Second": 1, "Minute": 60, "Hour": 3600, "Day": 86400}
+MERGE_CASES = (
+    "backendtrafficpolicy-strategic-merge-global-ratelimit",
+    "backendtrafficpolicy-strategic-merge-local-ratelimit",
+)
+
+
+def header_conditions(rate_limits: list[dict[str, Any]]) -> set[tuple[int, str, str]]:
+    """(rule index, header, exact value) of every header condition, from the descriptor
+    keys ``rule-<r>-match-<m>`` that Envoy Gateway names after the rule's index."""
+    out = set()
+    for rl in rate_limits:
+        for action in rl["actions"]:
+            if (hv := action.get("header_value_match")) is not None:
+                rule = int(hv["descriptor_key"].split("-")[1])
+                for h in hv["headers"]:
+                    out.add((rule, h["name"], h["string_match"]["exact"]))
+    return out
+
+
+def limits_by_rule(descriptors: list[dict[str, Any]], found: dict[int, Any]) -> dict[int, Any]:
+    """Rule index → the ratelimit sidecar's limit (requests, seconds) under its key."""
+    for d in descriptors:
+        if "rate_limit" in d and d["key"].startswith("rule-"):
+            unit = d["rate_limit"]["unit"].capitalize()
+            found[int(d["key"].split("-")[1])] = (d["rate_limit"]["requests_per_unit"], unit)
+        limits_by_rule(d.get("descriptors") or [], found)
+    return found
+
+
+def all_routes(envoy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Route name → every route of that name (two Gateways on one port share a listener)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for lst in envoy["static_resources"]["listeners"]:
+        for chain in lst["filter_chains"]:
+            for f in chain["filters"]:
+                for vh in f["typed_config"].get("route_config", {}).get("virtual_hosts", []):
+                    for r in vh["routes"]:
+                        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def rate_limit_meaning(route: dict[str, Any], kind: str) -> tuple[Any, ...]:
+    """What limits a route: its header conditions by rule index and, for local limits,
+    each rule's bucket (requests, seconds) and the default bucket's size."""
+    per_filter = route.get("typed_per_filter_config", {})
+    if kind == "global":
+        ours = [
+            c
+            for n, cfg in per_filter.items()
+            if n.startswith("envoy.filters.http.ratelimit")
+            for c in cfg.get("config", cfg)["rate_limits"]
+        ]
+        return (header_conditions(ours),)
+    local = per_filter.get("envoy.filters.http.local_ratelimit")
+    if local is None:
+        return ()
+    local = local.get("config", local)
+    buckets = {
+        int(d["entries"][0]["key"].split("-")[1]): (
+            d["token_bucket"]["max_tokens"],
+            secs(d["token_bucket"]["fill_interval"]),
+        )
+        for d in local["descriptors"]
+    }
+    return header_conditions(local["rate_limits"]), buckets, local["token_bucket"]["max_tokens"]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merged_rate_limits_are_envoy_gateways(case: str, tmp_path: Path) -> None:
+    """A route policy with ``mergeType: StrategicMerge`` over a Gateway policy: the route
+    is limited by both policies' rules, in Envoy Gateway's merged order (the route's
+    first), each with its own limit — the ``rateLimit`` of Envoy Gateway's IR."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    routes = all_routes(yaml.safe_load(out.files["envoy.yaml"]))
+    sidecar: dict[int, Any] = {}
+    for name, text in out.files.items():
+        if name.startswith("ratelimit/"):
+            limits_by_rule(yaml.safe_load(text)["descriptors"], sidecar)
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                rl = (r.get("traffic") or {}).get("rateLimit")
+                if rl is None:
+                    continue
+                kind = "global" if rl.get("global") else "local"
+                rules = rl[kind]["rules"]
+                conditions = {
+                    (i, h["name"], h["exact"])
+                    for i, rule in enumerate(rules)
+                    for h in rule.get("headerMatches") or ()
+                }
+                if kind == "global":
+                    expected: tuple[Any, ...] = (conditions,)
+                    for i, rule in enumerate(rules):
+                        assert sidecar[i] == (rule["limit"]["requests"], rule["limit"]["unit"])
+                else:
+                    buckets = {
+                        i: (rule["limit"]["requests"], UNIT_S[rule["limit"]["unit"]])
+                        for i, rule in enumerate(rules)
+                    }
+                    expected = (conditions, buckets, rl["local"]["default"]["requests"])
+                found = [rate_limit_meaning(ours, kind) for ours in routes[r["name"]]]
+                assert expected in found, (r["name"], found)
+                compared += 1
+    assert compared
+
+
+def test_limit_from_metadata_and_costs_are_envoy_gateways(tmp_path: Path) -> None:
+    """``limit.fromMetadata`` → each of the rule's Envoy rate limits overrides its limit
+    from that dynamic metadata (Envoy Gateway's ``buildRateLimitOverride``), request and
+    response costs → ``hits_addend`` (the response one on stream end) — per route, as in
+    Envoy Gateway's IR."""
+    case = "backendtrafficpolicy-with-ratelimit"
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    routes = all_routes(yaml.safe_load(out.files["envoy.yaml"]))
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                rules = (((r.get("traffic") or {}).get("rateLimit") or {}).get("global") or {}).get(
+                    "rules"
+                ) or []
+                if not rules:
+                    continue
+                expected = []
+                for rule in rules:
+                    md = rule["limit"].get("fromMetadata")
+                    limit = (
+                        None
+                        if md is None
+                        else {
+                            "dynamic_metadata": {
+                                "metadata_key": {
+                                    "key": md["namespace"],
+                                    "path": [{"key": md["key"]}],
+                                }
+                            }
+                        }
+                    )
+                    for cost, on_done in (("requestCost", False), ("responseCost", True)):
+                        c = rule.get(cost)
+                        if c is None and on_done:
+                            continue
+                        hits = None
+                        if c is not None:
+                            hits = (
+                                {"number": c["number"]}
+                                if "number" in c
+                                else {"format": c["format"]}
+                            )
+                        # one Envoy rate limit per listed method, as Envoy Gateway
+                        expected += [(limit, hits, on_done)] * max(
+                            1, len(rule.get("methodMatches") or ())
+                        )
+                candidates = []
+                for route in routes[r["name"]]:
+                    ours = [
+                        c
+                        for n, cfg in route["typed_per_filter_config"].items()
+                        if n.startswith("envoy.filters.http.ratelimit")
+                        for c in cfg.get("config", cfg)["rate_limits"]
+                    ]
+                    found = [
+                        (c.get("limit"), c.get("hits_addend"), bool(c.get("apply_on_stream_done")))
+                        for c in ours
+                    ]
+                    candidates.append(sorted(map(repr, found)))
+                assert sorted(map(repr, expected)) in candidates, r["name"]
+                compared += 1
+    assert compared

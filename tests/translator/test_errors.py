@@ -119,12 +119,12 @@ spec:
         (
             """\
 apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TCPRoute
+kind: TLSRoute
 metadata: {name: g, namespace: default}
 spec: {}
 """,
             "kind",
-            ["TCPRoute default/g", "not supported"],
+            ["TLSRoute default/g", "not supported"],
         ),
     ],
 )

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -37,16 +38,42 @@ _EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "
 _HMAC_ALGS = frozenset({"HS256", "HS384", "HS512"})
 
 
+#: The members of a JWK that make up its key (RFC 7638's thumbprint input), by ``kty``.
+_KEY_MEMBERS = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+    "oct": ("k", "kty"),
+}
+
+
+def thumbprint(jwk: dict[str, Any]) -> str:
+    """SHA-256 of the JWK's key members as canonical JSON (RFC 7638): the same key gives
+    the same thumbprint in every fetch of a key set, another key under the same ``kid``
+    another one. Never shown (for ``oct`` keys it is derived from the secret)."""
+    members = {m: jwk.get(m) for m in _KEY_MEMBERS.get(jwk.get("kty", ""), ("kty",))}
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
     kid: str | None
     key: Any  # a cryptography key object or HMAC bytes, as PyJWT prepares it
     algorithms: frozenset[str]
+    thumbprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class KeySet:
     keys: tuple[VerificationKey, ...]
+    #: (kid, thumbprint) of every key, and (None, thumbprint): what :meth:`holds` asks
+    _held: frozenset[tuple[str | None, str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        held = {(k.kid, k.thumbprint) for k in self.keys}
+        held |= {(None, k.thumbprint) for k in self.keys}
+        object.__setattr__(self, "_held", frozenset(held))
 
     def for_kid(self, kid: str | None) -> list[VerificationKey]:
         """Keys a token with this ``kid`` may be verified with (all keys when it has none)."""
@@ -54,8 +81,11 @@ class KeySet:
             return list(self.keys)
         return [k for k in self.keys if k.kid == kid]
 
-    def has_kid(self, kid: str | None) -> bool:
-        return kid is None or any(k.kid == kid for k in self.keys)
+    def holds(self, kid: str | None, thumbprint: str) -> bool:
+        """Does a token with this ``kid`` still find the key of this thumbprint here? (A
+        verified-token cache entry stays valid only while its key does: a key removed,
+        or replaced under the same ``kid``, ends it.) One set lookup, for every check."""
+        return (kid, thumbprint) in self._held
 
 
 def allowed_algorithms(jwk: dict[str, Any]) -> frozenset[str]:
@@ -101,7 +131,9 @@ def parse_keyset(data: Any) -> tuple[KeySet, list[str]]:
             skipped.append(f"key {index}: {exc}")
             continue
         kid = jwk.get("kid")
-        keys.append(VerificationKey(kid if isinstance(kid, str) else None, prepared, algs))
+        keys.append(
+            VerificationKey(kid if isinstance(kid, str) else None, prepared, algs, thumbprint(jwk))
+        )
     if not keys:
         raise ValueError("no usable key (" + "; ".join(skipped or ["empty"]) + ")")
     return KeySet(tuple(keys)), skipped
@@ -120,7 +152,8 @@ class KeySource:
         """Keys for ``kid``; None when no key set is available at all (IdP never reached)."""
         raise NotImplementedError
 
-    def has_kid(self, kid: str | None) -> bool:
+    def holds(self, kid: str | None, thumbprint: str) -> bool:
+        """The current key set still has this key for this ``kid`` (see :meth:`KeySet.holds`)."""
         raise NotImplementedError
 
 
@@ -133,8 +166,8 @@ class LocalJWKSSource(KeySource):
     ) -> list[VerificationKey] | None:
         return self.keyset.for_kid(kid)
 
-    def has_kid(self, kid: str | None) -> bool:
-        return self.keyset.has_kid(kid)
+    def holds(self, kid: str | None, thumbprint: str) -> bool:
+        return self.keyset.holds(kid, thumbprint)
 
 
 FetchObserver = Callable[[str, str], None]  # (uri, result) for metrics
@@ -248,8 +281,9 @@ class RemoteJWKS(KeySource):
             await self._wait_bounded(self.refresh(), wait)
         return self.keyset.for_kid(kid)
 
-    def has_kid(self, kid: str | None) -> bool:
-        return self.keyset is not None and self.keyset.has_kid(kid)
+    def holds(self, kid: str | None, thumbprint: str) -> bool:
+        keyset = self.keyset
+        return keyset is not None and keyset.holds(kid, thumbprint)
 
     # -- background refresh ---------------------------------------------------------
     def _next_delay(self) -> float:

@@ -2,8 +2,11 @@
 
 Order of checks for a token found in a provider's ``extractFrom`` locations:
 
-1. the verified-token cache (keyed by SHA-256 of the token, valid until ``exp``
-   and only while the signing ``kid`` is still in the provider's key set);
+1. the verified-token cache (keyed by SHA-256 of the token; an entry is used only
+   before the token's ``exp``, checked on every call, and only while the key that
+   verified it is still in the provider's key set under the token's ``kid``: a key
+   removed by a rotation, or replaced under the same ``kid``, ends it at once; ``nbf``
+   was checked when verifying, and time only moves past it);
 2. unverified header and payload are parsed only to route the token: the
    payload's ``iss`` selects the provider (a provider without ``issuer`` accepts
    any), the header's ``kid`` selects keys of that provider. ``jku``, ``x5u``,
@@ -37,7 +40,7 @@ from ..core import (
     Rejected,
 )
 from .extract import find_credential
-from .jwks import KeySource
+from .jwks import KeySource, VerificationKey
 
 log = logging.getLogger("outrider.extauth.jwt")
 
@@ -58,8 +61,12 @@ class _Verified:
     provider: str
     kid: str | None
     expires: float
-    #: Built once per token; evaluators read identities and never mutate them.
-    identity: Identity
+    #: The result handed out for the token, built once: evaluators read identities and
+    #: never mutate them.
+    result: Authenticated
+    #: Where the provider's keys are, and which of them verified the token.
+    source: KeySource
+    thumbprint: str
 
 
 def header_value(value: Any) -> str | None:
@@ -121,9 +128,6 @@ class JWTAuthenticator:
         header = f'{self._challenge}, error="invalid_token", error_description="{message}"'
         return Rejected(Decision.deny(401, reason, message, [("www-authenticate", header)]))
 
-    def _missing(self) -> Missing:
-        return self._missing_result
-
     def _identity(self, provider: JWTProvider, claims: Mapping[str, Any], token: str) -> Identity:
         headers: list[tuple[str, str]] = []
         if provider.forward_payload_header:
@@ -156,7 +160,7 @@ class JWTAuthenticator:
         entry = self._cache.get(digest)
         if entry is None:
             return None
-        if entry.expires <= now or not self._source(entry.provider).has_kid(entry.kid):
+        if entry.expires <= now or not entry.source.holds(entry.kid, entry.thumbprint):
             self._cache.pop(digest, None)
             return None
         return entry
@@ -170,12 +174,6 @@ class JWTAuthenticator:
                     del self._cache[key]
         self._cache[digest] = entry
 
-    def _source(self, name: str) -> KeySource:
-        for p in self.providers:
-            if p.config.name == name:
-                return p.source
-        raise KeyError(name)
-
     # -- verification ---------------------------------------------------------------
     async def authenticate(self, req: CheckRequest, ctx: AuthContext) -> AuthResult:
         found: list[tuple[ProviderRuntime, str]] = []
@@ -184,7 +182,7 @@ class JWTAuthenticator:
             if cred is not None:
                 found.append((p, cred[2]))
         if not found:
-            return self._missing()
+            return self._missing_result
         token = found[0][1]
         if len(token) > MAX_TOKEN_BYTES:
             return self._reject("jwt_invalid", "token too large")
@@ -193,11 +191,14 @@ class JWTAuthenticator:
         # A cached verification counts only where its provider reads tokens: a token
         # verified from the header is not accepted from a query string only another
         # provider reads.
-        if cached is not None and any(
-            p.config.name == cached.provider and t == token for p, t in found
-        ):
-            self._observe_cache(True)
-            return Authenticated(cached.identity)
+        if cached is not None:
+            if len(found) == 1:
+                reads_it = found[0][0].config.name == cached.provider
+            else:
+                reads_it = any(p.config.name == cached.provider and t == token for p, t in found)
+            if reads_it:
+                self._observe_cache(True)
+                return cached.result
         self._observe_cache(False)
         try:
             header = pyjwt.get_unverified_header(token)
@@ -223,15 +224,20 @@ class JWTAuthenticator:
             if isinstance(result, Rejected):
                 last = result
                 continue
-            identity = self._identity(p.config, result[1], token)
-            self._cache_put(digest, _Verified(p.config.name, kid, result[0], identity), ctx.now)
-            return Authenticated(identity)
+            expires, claims, key = result
+            authenticated = Authenticated(self._identity(p.config, claims, token))
+            self._cache_put(
+                digest,
+                _Verified(p.config.name, kid, expires, authenticated, p.source, key.thumbprint),
+                ctx.now,
+            )
+            return authenticated
         assert last is not None
         return last
 
     async def _verify(
         self, p: ProviderRuntime, token: str, alg: str, kid: str | None, now: float
-    ) -> Rejected | tuple[float, dict[str, Any]]:
+    ) -> Rejected | tuple[float, dict[str, Any], VerificationKey]:
         keys = await p.source.keys_for(kid)
         if keys is None:
             return self._reject("jwks_unavailable", "signing keys are unavailable")
@@ -270,7 +276,7 @@ class JWTAuthenticator:
             if not isinstance(exp, int | float) or isinstance(exp, bool):
                 return self._reject("jwt_invalid", "invalid token")
             # Cached only until exp itself: the skew tolerates clocks, not reuse.
-            return float(exp), claims
+            return float(exp), claims, key
         return self._reject("jwt_signature", "invalid token signature")
 
     async def close(self) -> None:

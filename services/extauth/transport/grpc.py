@@ -29,13 +29,12 @@ Decide = Callable[[CheckRequest, str], Awaitable[Decision]]
 def request_from_proto(request: external_auth_pb2.CheckRequest) -> CheckRequest:
     attrs = request.attributes
     http = attrs.request.http
-    headers: Mapping[str, str]
-    if http.headers:
-        # Envoy's header names are already lower-case. The proto map itself, not a copy:
-        # it is a read-only Mapping for the check (lookups are C calls; a dict() copy
-        # costs more than the lookups a check makes).
-        headers = http.headers
-    else:
+    # Envoy's header names are already lower-case. The proto map itself, not a copy: it
+    # is a read-only Mapping for the check (lookups are C calls; a dict() copy costs
+    # more than the lookups a check makes). Each field is read once: every read of a
+    # sub-message builds a new wrapper object.
+    headers: Mapping[str, str] = http.headers
+    if not headers:
         # encode_raw_headers: values arrive in raw_value; repeated names are joined like
         # Envoy joins them in the ``headers`` map.
         joined: dict[str, str] = {}
@@ -44,20 +43,21 @@ def request_from_proto(request: external_auth_pb2.CheckRequest) -> CheckRequest:
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
             joined[name] = f"{joined[name]},{value}" if name in joined else value
         headers = joined
+    extensions = attrs.context_extensions  # read-only too
     source = attrs.source.address.socket_address.address
-    if attrs.context_extensions.get(CLIENT_ADDRESS_EXTENSION) == "header":
+    if extensions.get(CLIENT_ADDRESS_EXTENSION) == "header":
         # Envoy's own client address (after X-Forwarded-For / custom-header detection, which
         # attributes.source, the TCP peer, ignores), in a header the translator's Envoy
         # config overwrites before ext_authz; only trusted when the route says so.
         source = headers.get(CLIENT_ADDRESS_HEADER, source)
     return CheckRequest(
-        method=http.method or headers.get(":method", ""),
-        path=http.path or headers.get(":path", ""),
-        host=http.host or headers.get(":authority", ""),
-        scheme=http.scheme or headers.get(":scheme", ""),
-        headers=headers,
-        source_address=source,
-        context_extensions=attrs.context_extensions,  # read-only too
+        http.method or headers.get(":method", ""),
+        http.path or headers.get(":path", ""),
+        http.host or headers.get(":authority", ""),
+        http.scheme or headers.get(":scheme", ""),
+        headers,
+        source,
+        extensions,
         request_id=http.id,
     )
 

@@ -122,12 +122,25 @@ async def handshake(params: Any) -> list[tuple[Any, ...]]:
     return commands
 
 
+#: Calls held back while a batch is in flight before they are written anyway.
+MAX_HELD_CALLS = 1024
+
+
 class AutoPipeline:
     """One Redis connection shared by every call in flight (true auto-pipelining).
 
     Redis answers a connection's commands in order, so the replies are handed out in
     the order the calls were written. A watchdog fails every waiting call and drops the
     connection when the oldest has waited longer than ``timeout``.
+
+    One batch in flight at a time: while a written batch still waits for replies, new
+    calls are held and leave together the moment its last reply arrives. grpc.aio
+    starts calls one per event-loop turn, so "everything submitted in one turn" alone
+    makes batches of one or two under load (a write, a read and a Redis event per
+    call, on cores Redis shares); holding makes a batch of everything that arrived
+    during one round trip. An idle connection still writes on the next loop turn, so
+    holding adds no latency without load, and at most one Redis round trip with it.
+    A held call's timeout runs from its submission, like a written one's.
     """
 
     def __init__(
@@ -175,8 +188,10 @@ class AutoPipeline:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._outbox.append(packed)
-        self._outbox_waiters.append(_Waiter(context, wanted, future, loop.time()))
-        if not self._flush_scheduled:
+        waiters = self._outbox_waiters
+        waiters.append(_Waiter(context, wanted, future, loop.time()))
+        if not self._flush_scheduled and (not self._waiting or len(waiters) >= MAX_HELD_CALLS):
+            # else held: _received writes it when the batch in flight is answered
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future
@@ -185,6 +200,8 @@ class AutoPipeline:
         self._flush_scheduled = False
         if not self._outbox_waiters:
             return
+        if self._waiting and len(self._outbox_waiters) < MAX_HELD_CALLS and self._conn is not None:
+            return  # a batch is in flight: these go when it is answered (_received)
         if self._closed:
             waiters, self._outbox_waiters, self._outbox = self._outbox_waiters, [], []
             self._fail(waiters, "the Redis store is closed")
@@ -302,6 +319,8 @@ class AutoPipeline:
             if len(replies) == waiter.wanted:
                 waiting.popleft()
                 self._complete(waiter)
+                if not waiting and self._outbox_waiters and conn is self._conn:
+                    self._flush()  # the batch in flight is answered: send the held calls
 
     def _complete(self, waiter: _Waiter) -> None:
         future = waiter.future
@@ -411,6 +430,11 @@ class AutoPipeline:
         if conn is not None and conn.transport is not None:
             conn.transport.abort()
         self._on_result(False, reason)
+        if self._outbox_waiters and not self._flush_scheduled:
+            # calls held behind the failed batch: to a new connection (or failed by
+            # _expire_outbox once their own timeout is over)
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def close(self) -> None:
         self._closed = True

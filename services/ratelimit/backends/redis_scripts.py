@@ -57,7 +57,7 @@ if tokens >= need then
   admitted = 1
   reset = math.ceil((cap - tokens) / rate)
 else
-  reset = math.ceil((need - tokens) / rate)
+  reset = math.ceil((math.min(need, cap) - tokens) / rate)
 end
 redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', now)
 redis.call('PEXPIRE', KEYS[1], window + 1000)

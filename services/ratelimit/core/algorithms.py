@@ -69,7 +69,10 @@ def token_bucket_decide(
     """(tokens left, admitted, ms until the reported reset).
 
     ``tokens`` None is a fresh (full) bucket. The reset is the time until the bucket
-    is full again when admitted, else until enough tokens for this request.
+    is full again when admitted, else until enough tokens for this request — or, for a
+    request larger than the whole bucket (never admitted), until the bucket is full: at
+    most the window, whatever ``hits`` says (a client-sized ``hits_addend`` once made
+    this overflow Redis's integers and the response encoder).
     """
     rate = capacity / window_ms  # tokens per ms; capacity > 0 (0 is decided by the caller)
     if tokens is None:
@@ -80,4 +83,4 @@ def token_bucket_decide(
     if tokens >= need:
         tokens -= hits
         return tokens, True, math.ceil((capacity - tokens) / rate)
-    return tokens, False, math.ceil((need - tokens) / rate)
+    return tokens, False, math.ceil((min(need, capacity) - tokens) / rate)

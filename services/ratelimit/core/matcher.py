@@ -60,7 +60,7 @@ def find_limit(domain: Domain, entries: Entries) -> Match | None:
         by_value = nxt is not None
         if nxt is None and node.wildcards:
             for wkey, pattern, candidate in node.wildcards:
-                if wkey == key and pattern.fullmatch(value) is not None:
+                if wkey == key and pattern.fullmatch(value):
                     nxt = candidate
                     matched_wildcard = by_value = True
                     break

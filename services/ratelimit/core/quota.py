@@ -105,7 +105,7 @@ def _child(node: DescriptorNode, key: str, value: str) -> DescriptorNode | None:
     nxt = node.children.get(f"{key}_{value}")
     if nxt is None:
         for wkey, pattern, candidate in node.wildcards:
-            if wkey == key and pattern.fullmatch(value) is not None:
+            if wkey == key and pattern.fullmatch(value):
                 return candidate
         nxt = node.children.get(key)
     return nxt
@@ -479,7 +479,14 @@ class QuotaCore:
 
     # -- metrics ------------------------------------------------------------------------
     def shares(self) -> Iterator[tuple[str, int, float]]:
-        """(stats key, stream, share per window) of every limited consumer."""
+        """(stats key, stream, share per window): a stream's shares of every limit with
+        that stats key, summed. One row per pair, however many buckets: the buckets of a
+        key-only descriptor (``user`` with any value) share a stats key, and metric
+        labels never carry request values (one row per bucket repeated its labels)."""
+        totals: dict[tuple[str, int], float] = {}
         for group in self.groups.values():
             for consumer in group.consumers.values():
-                yield group.stats_key, consumer.stream, consumer.share
+                key = (group.stats_key, consumer.stream)
+                totals[key] = totals.get(key, 0.0) + consumer.share
+        for (stats_key, stream), share in totals.items():
+            yield stats_key, stream, share

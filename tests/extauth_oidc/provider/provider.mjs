@@ -141,6 +141,8 @@ async function handleInteraction(req, res) {
 
 const callback = provider.callback();
 const server = http.createServer((req, res) => {
+  // Key set fetches, counted by the tests (one JWKS client per provider in the service).
+  if (req.url.split('?')[0] === '/jwks') process.stdout.write(`${req.method} /jwks\n`);
   if (req.url.startsWith('/interaction/')) {
     handleInteraction(req, res).catch((err) => {
       res.writeHead(500, { 'content-type': 'text/plain' });

@@ -1,0 +1,205 @@
+"""SecurityPolicy settings behave through a real Envoy as they do under Envoy Gateway:
+
+- ``csrf`` rejects a cross-origin POST (403), lets a same-origin one and one from an
+  ``additionalOrigins`` entry through, and leaves GET alone;
+- ``extAuth.http`` with ``backendSettings.retry``: the authorization service's first 503 is
+  retried and the request passes, with the service's ``headersToBackend`` header reaching
+  the upstream (and ``path`` prefixing the check);
+- ``extAuth.statusOnError``: an unreachable authorization service answers that status.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.procs import free_port
+from translator.translate import Options, translate
+
+POLICIES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules:
+    - name: csrf
+      matches: [{path: {type: PathPrefix, value: /csrf}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: authz
+      matches: [{path: {type: PathPrefix, value: /authz}}]
+      backendRefs: [{name: up, port: 80}]
+    - name: down
+      matches: [{path: {type: PathPrefix, value: /down}}]
+      backendRefs: [{name: up, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: authz, namespace: default}
+spec: {ports: [{port: 9000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gone, namespace: default}
+spec: {ports: [{port: 9000}]}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: csrf, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: csrf}]
+  csrf:
+    additionalOrigins: ["https://*.trusted.example"]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: authz, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: authz}]
+  extAuth:
+    http:
+      backendRefs: [{name: authz, port: 9000}]
+      path: /check
+      headersToBackend: [x-user]
+      backendSettings:
+        retry:
+          numRetries: 2
+          retryOn: {triggers: [5xx]}
+          perRetry: {backOff: {baseInterval: 10ms, maxInterval: 50ms}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: down, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: down}]
+  extAuth:
+    statusOnError: 503
+    http:
+      backendRefs: [{name: gone, port: 9000}]
+"""
+
+
+class Server:
+    """A loopback HTTP server: the upstream (echoes ``x-user`` as ``x-seen-user``) and the
+    authorization service (``/check/...``: 503 on its first call per path, then 200 with
+    ``x-user: alice``), counting calls per path."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                with outer.lock:
+                    outer.calls[self.path] += 1
+                    n = outer.calls[self.path]
+                headers = {}
+                if self.path.startswith("/check/"):
+                    status = 503 if n == 1 else 200
+                    headers["x-user"] = "alice"
+                else:
+                    status = 200
+                    headers["x-seen-user"] = self.headers.get("x-user", "-")
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def call(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
+    data = b"x=1" if method == "POST" else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}
+
+
+@pytest.fixture
+def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICIES)
+    port = free_port()
+    with Server() as server:
+        out = translate(
+            [policies],
+            Options(
+                backends={
+                    "up": ("127.0.0.1", server.port),
+                    "authz": ("127.0.0.1", server.port),
+                    "gone": ("127.0.0.1", free_port()),  # nothing listens there
+                },
+                listen_address="127.0.0.1",
+                admin_port=free_port(),
+                port_map={8080: port},
+                secrets_dir=tmp_path / "out" / "secrets",
+            ),
+        )
+        assert not out.rejections, [str(r) for r in out.rejections]
+        out.write(tmp_path / "out")
+        envoy((tmp_path / "out" / "envoy.yaml").read_text())
+        yield {"base": f"http://127.0.0.1:{port}", "host": f"127.0.0.1:{port}", "server": server}
+
+
+def test_security_policies_behave(stack: dict[str, Any]) -> None:
+    base, host, server = stack["base"], stack["host"], stack["server"]
+
+    # CSRF: a cross-origin POST is refused, same-origin and trusted origins pass, GET is safe
+    assert call(f"{base}/csrf", "POST", {"origin": "http://evil.example"})[0] == 403
+    assert call(f"{base}/csrf", "POST", {"origin": f"http://{host}"})[0] == 200
+    assert call(f"{base}/csrf", "POST", {"origin": "https://app.trusted.example"})[0] == 200
+    assert call(f"{base}/csrf", "GET", {"origin": "http://evil.example"})[0] == 200
+    assert server.calls["/csrf"] == 3
+
+    # extAuth with backendSettings.retry: the service's 503 is retried; its header reaches
+    # the upstream (headersToBackend), a client's own copy does not
+    status, headers = call(f"{base}/authz/1", headers={"x-user": "mallory"})
+    assert status == 200, headers
+    assert headers["x-seen-user"] == "alice"
+    assert server.calls["/check/authz/1"] == 2
+
+    # statusOnError: the authorization service cannot be reached
+    assert call(f"{base}/down")[0] == 503
+    assert server.calls["/down"] == 0

@@ -1,0 +1,295 @@
+"""SecurityPolicy ``extAuth`` and EnvoyPatchPolicy mean in Outrider's Envoy config what they
+mean in Envoy Gateway's: each route's ext_authz filter against the ``security.extAuth`` of
+Envoy Gateway's IR (``xdsIR`` of ``testdata-all-policies/*.out.yaml``) — service kind, cluster
+name and endpoints with their weights, authority, path, path override, headers, fail open,
+timeout, status on error, the cluster's circuit breaker from ``backendSettings`` — and the
+service retry policy against Envoy Gateway's xDS output (``ext-auth-retry``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.translator.eg_conformance import DATA, EG_DATA
+from tests.translator.test_backend_traffic_meaning import envoy_routes, secs
+from translator.translate import Options, translate
+
+CASES = (
+    "securitypolicy-with-extauth",
+    "securitypolicy-with-extauth-backendref",
+    "securitypolicy-with-extauth-backendrefs",
+    "securitypolicy-with-extauth-path-override",
+)
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
+F_EXTAUTHZ = "envoy.filters.http.ext_authz/"
+
+
+def _filters(envoy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        hf["name"]: hf["typed_config"]
+        for lst in envoy["static_resources"]["listeners"]
+        for chain in lst["filter_chains"]
+        for f in chain["filters"]
+        for hf in f["typed_config"].get("http_filters", [])
+    }
+
+
+def _ir_ext_auths(out_file: Path) -> dict[str, dict[str, Any]]:
+    doc = yaml.load(out_file.read_text(), Loader=yaml.CSafeLoader)
+    return {
+        r["name"]: r["security"]["extAuth"]
+        for ir in doc["xdsIR"].values()
+        for lst in ir.get("http") or ()
+        for r in lst.get("routes") or ()
+        if (r.get("security") or {}).get("extAuth")
+    }
+
+
+def _endpoints(cluster: dict[str, Any]) -> list[tuple[int, set[tuple[str, int]]]]:
+    out = []
+    for loc in cluster["load_assignment"]["endpoints"]:
+        hosts = {
+            (
+                e["endpoint"]["address"]["socket_address"]["address"],
+                e["endpoint"]["address"]["socket_address"]["port_value"],
+            )
+            for e in loc["lb_endpoints"]
+        }
+        out.append((loc.get("load_balancing_weight", 1), hosts))
+    return sorted(out, key=lambda x: sorted(x[1]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ext_auth_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    filters = _filters(envoy)
+    routes = envoy_routes(envoy)
+    compared = 0
+    for route, ext in _ir_ext_auths(DATA / f"{case}.out.yaml").items():
+        name = F_EXTAUTHZ + ext["name"]
+        assert name in routes[route]["typed_per_filter_config"], route
+        f = filters[name]
+        assert f.get("failure_mode_allow", False) == bool(ext.get("failOpen", False))
+        assert sorted(p["exact"] for p in f.get("allowed_headers", {}).get("patterns", [])) == (
+            sorted(ext.get("headersToExtAuth") or [])
+        )
+        if "statusOnError" in ext:
+            assert f["status_on_error"]["code"] == ext["statusOnError"]
+        service = ext.get("grpc") or ext["http"]
+        if "grpc" in ext:
+            grpc = f["grpc_service"]
+            cluster_name = grpc["envoy_grpc"]["cluster_name"]
+            assert grpc["envoy_grpc"]["authority"] == service["authority"]
+            timeout = grpc["timeout"]
+        else:
+            http = f["http_service"]
+            cluster_name = http["server_uri"]["cluster"]
+            assert http.get("path_prefix", "") == service.get("path", "")
+            assert http.get("path_override", "") == service.get("pathOverride", "")
+            allowed = http.get("authorization_response", {}).get("allowed_upstream_headers", {})
+            assert sorted(p["exact"] for p in allowed.get("patterns", [])) == sorted(
+                service.get("headersToBackend") or []
+            )
+            timeout = http["server_uri"]["timeout"]
+        assert secs(timeout) == secs(ext.get("timeout", "10s"))
+        dest = service["destination"]
+        assert cluster_name == dest["name"]
+        cluster = clusters[cluster_name]
+        expected = sorted(
+            (
+                s.get("weight", 1) if len(dest["settings"]) > 1 else 1,
+                {(e["host"], e["port"]) for e in s["endpoints"]},
+            )
+            for s in dest["settings"]
+        )
+        assert _endpoints(cluster) == sorted(expected, key=lambda x: sorted(x[1]))
+        if (cb := (ext.get("traffic") or {}).get("circuitBreaker")) is not None:
+            t = cluster["circuit_breakers"]["thresholds"][0]
+            assert t["max_connections"] == cb["maxConnections"]
+            assert t["max_pending_requests"] == cb["maxPendingRequests"]
+            assert t["max_requests"] == cb["maxParallelRequests"]
+            assert t["max_retries"] == cb["maxParallelRetries"]
+        compared += 1
+    assert compared
+
+
+RETRY_POLICY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gateway-1, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: httproute-1, namespace: default}
+spec:
+  parentRefs: [{name: gateway-1}]
+  rules: [{backendRefs: [{name: app, port: 80}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-backend, namespace: default}
+spec: {clusterIP: 10.0.0.9, ports: [{port: 9000}]}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: SecurityPolicy
+metadata: {name: policy-for-http-route-1, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: httproute-1}]
+  extAuth:
+    failOpen: true
+    headersToExtAuth: [header1, header2]
+    grpc:
+      backendRefs: [{name: grpc-backend, port: 9000}]
+      backendSettings:
+        retry:
+          numRetries: 2
+          retryOn: {triggers: [5xx, unavailable, internal, deadline-exceeded]}
+          perRetry: {timeout: 3s, backOff: {baseInterval: 0.2s, maxInterval: 3s}}
+"""
+
+
+def test_ext_auth_retry_is_envoy_gateways(tmp_path: Path) -> None:
+    """``backendSettings.retry`` becomes the gRPC service's retry policy exactly as in Envoy
+    Gateway's xDS (``ext-auth-retry``: the same triggers, retries and back-off; the per-try
+    timeout is a route's and is not carried)."""
+    src = tmp_path / "in.yaml"
+    src.write_text(RETRY_POLICY)
+    envoy = yaml.safe_load(
+        translate([src], Options(secrets_dir=tmp_path / "s")).files["envoy.yaml"]
+    )
+    ours = _filters(envoy)[F_EXTAUTHZ + "securitypolicy/default/policy-for-http-route-1"]
+    eg_listeners = yaml.safe_load(
+        (
+            EG_DATA / "xds/translator/testdata-all/out/xds-ir/ext-auth-retry.listeners.yaml"
+        ).read_text()
+    )
+    eg = next(
+        hf["typedConfig"]
+        for lst in eg_listeners
+        for chain in [lst["defaultFilterChain"]]
+        for f in chain["filters"]
+        for hf in f["typedConfig"]["httpFilters"]
+        if hf["name"].endswith("policy-for-http-route-1")
+    )
+    mine, theirs = ours["grpc_service"]["retry_policy"], eg["grpcService"]["retryPolicy"]
+    assert mine["num_retries"] == theirs["numRetries"]
+    assert set(mine["retry_on"].split(",")) == set(theirs["retryOn"].split(","))
+    for ours_key, eg_key in (("base_interval", "baseInterval"), ("max_interval", "maxInterval")):
+        assert secs(mine["retry_back_off"][ours_key]) == secs(theirs["retryBackOff"][eg_key])
+    assert set(mine) == {"num_retries", "retry_on", "retry_back_off"}
+
+
+PATCHES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyPatchPolicy
+metadata: {name: mixed, namespace: default}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: eg}
+  type: JSONPatch
+  jsonPatches:
+    - type: type.googleapis.com/envoy.config.listener.v3.Listener
+      name: no-such-listener
+      operation: {op: replace, path: /per_connection_buffer_limit_bytes, value: 1024}
+    - type: type.googleapis.com/envoy.config.listener.v3.Listener
+      name: default/eg/http
+      operation: {op: remove, path: /no/such/field}
+    - type: type.googleapis.com/envoy.config.listener.v3.Listener
+      name: default/eg/http
+      operation: {op: add, path: /per_connection_buffer_limit_bytes, value: 2048}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyPatchPolicy
+metadata: {name: wrong-target, namespace: default}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: GatewayClass, name: eg}
+  type: JSONPatch
+  jsonPatches:
+    - type: type.googleapis.com/envoy.config.listener.v3.Listener
+      name: default/eg/http
+      operation: {op: add, path: /ignore_global_conn_limit, value: true}
+"""
+
+
+def test_patch_policy_is_programmed_as_envoy_gateway(tmp_path: Path) -> None:
+    """Envoy Gateway's statuses: a missing resource and a failing operation leave the policy
+    accepted and not programmed, naming them, while its other patch applies; a GatewayClass
+    target without mergeGateways is rejected and none of its patches applies."""
+    src = tmp_path / "in.yaml"
+    src.write_text(PATCHES)
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    assert [r.ref for r in out.rejections] == ["EnvoyPatchPolicy default/wrong-target"]
+    assert "only TargetRef.Group:gateway.networking.k8s.io and TargetRef.Kind:Gateway" in str(
+        out.rejections[0]
+    )
+    problems = [str(p) for p in out.unprogrammed]
+    assert all("EnvoyPatchPolicy default/mixed" in p for p in problems), problems
+    assert any("remove /no/such/field" in p and "does not apply" in p for p in problems)
+    assert any("Listener/no-such-listener" in p for p in problems)
+    listener = yaml.safe_load(out.files["envoy.yaml"])["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == 2048
+    assert "ignore_global_conn_limit" not in listener
+
+
+MERGE_CASES = (
+    "securitypolicy-with-merge",
+    "securitypolicy-with-merge-jwt-cors",
+    "securitypolicy-with-merge-multi-listener",
+    "securitypolicy-with-merge-multi-gateway-same-listener",
+)
+SIDECAR_FEATURES = {"jwt", "basicAuth", "apiKeyAuth", "oidc", "authorization"}
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+def test_merged_policy_has_envoy_gateways_features(case: str, tmp_path: Path) -> None:
+    """``mergeType``: each route gets what Envoy Gateway's IR gives it after merging the
+    route policy onto its listener's or Gateway's — the same features, the CORS origins
+    of the policy that set them, the extAuth service of the policy that owns it."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    by_listener = {
+        lst["name"]: envoy_routes({"static_resources": {"listeners": [lst]}})
+        for lst in envoy["static_resources"]["listeners"]
+    }
+    extauth = yaml.safe_load(out.files.get("extauth.yaml", "policies: {}"))["policies"]
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                security = r.get("security") or {}
+                ours = by_listener[lst["name"]][r["name"]].get("typed_per_filter_config", {})
+                sidecar: set[str] = set()
+                for name, cfg in ours.items():
+                    if name == "envoy.filters.http.ext_authz":
+                        ctx = cfg["config"]["check_settings"]["context_extensions"]
+                        sidecar = set(extauth[ctx["policy"]])
+                assert sidecar == SIDECAR_FEATURES & set(security), r["name"]
+                if (ea := security.get("extAuth")) is not None:
+                    assert F_EXTAUTHZ + ea["name"] in ours, r["name"]
+                else:
+                    assert not any(n.startswith(F_EXTAUTHZ) for n in ours), r["name"]
+                if (cors := security.get("cors")) is not None:
+                    policy = ours["envoy.filters.http.cors"]
+                    exact = {m.get("exact") for m in policy["allow_origin_string_match"]}
+                    assert {o["exact"] for o in cors["allowOrigins"] if "exact" in o} <= exact
+                else:
+                    assert "envoy.filters.http.cors" not in ours
+                compared += 1
+    assert compared
