@@ -1122,10 +1122,10 @@ def merged_security(
         p
         for p in sps
         if p is not policy
-        and (specificity(p, listener, route, rule) or 9) <= 2
+        and (specificity(p, listener, route, rule) or 9) <= LISTENER
         and not rejections.rejected(p)
     ]
-    parent = winner(parents, listener, route, rule) if own >= 3 else None
+    parent = winner(parents, listener, route, rule) if own >= ROUTE else None
     key = (policy.key, parent.key if parent is not None else "")
     if key in cache:
         return cache[key]
@@ -1142,6 +1142,7 @@ def merged_security(
         policy.created,
         Node(doc, policy.node.file, policy.node.path),
         policy.annotations,
+        policy.duplicate,
     )
     owners = {
         f: (policy if policy.spec.get(f) is not None else parent)
