@@ -99,7 +99,7 @@ EEP_UNSUPPORTED = {
 }
 
 
-TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute")
+TARGET_KINDS = ("Gateway", "ListenerSet", "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute")
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,6 @@ class Target:
     name: str
     section: str | None
     node: Node
-
-
-TARGET_KINDS = ("Gateway", "ListenerSet", "HTTPRoute", "GRPCRoute")
 
 
 def targets(policy: Resource) -> list[Target]:
