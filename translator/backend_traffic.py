@@ -17,16 +17,17 @@ two routes to one Service can be set differently.
 
 from __future__ import annotations
 
+import base64
 import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.configfile import Node
 
-from .gatewayapi import check_fields
+from .gatewayapi import check_fields, regex_checked
 from .model import Listener
 from .quantity import duration_s, envoy_duration, quantity
-from .resources import Resource, error_at, unsupported
+from .resources import Resource, ResourceSet, error_at, unsupported
 
 T = "type.googleapis.com/envoy."
 #: BackendTrafficPolicy fields this module translates (rateLimit: policies.py / ratelimit.py)
@@ -50,9 +51,9 @@ FIELDS = (
     "requestBuffer",
     "admissionControl",
     "bandwidthLimit",
+    "responseOverride",
 )
 UNSUPPORTED = {
-    "responseOverride": "custom responses are not translated yet",
     "telemetry": "per-backend telemetry is not translated",
     "targetSelectors": "target selectors need cluster labels",
 }
@@ -104,6 +105,10 @@ GRPC_CODES = {
 }
 BANDWIDTH_UNITS = {"Second": 1, "Minute": 60, "Hour": 3600}
 F_BANDWIDTH = "envoy.filters.http.bandwidth_limit"
+F_CUSTOM_RESPONSE = "envoy.filters.http.custom_response"
+RESPONSE_BODY_KEY = "response.body"  # Envoy Gateway's ConfigMap key for a response body
+X = "type.googleapis.com/xds.type.matcher.v3."
+M = "type.googleapis.com/envoy.type.matcher.v3."
 F_FAULT = "envoy.filters.http.fault"
 F_BUFFER = "envoy.filters.http.buffer"
 
@@ -673,8 +678,262 @@ def _bandwidth_limit(bl: Node, res: Resource, t: Traffic) -> None:
         )
 
 
-def build(btp: Resource) -> Traffic:
-    """The route and cluster settings of one BackendTrafficPolicy (raises when invalid)."""
+def _input(name: str, type_url: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "typed_config": {"@type": type_url, **fields}}
+
+
+def _single(input_: dict[str, Any], **match: Any) -> dict[str, Any]:
+    return {"single_predicate": {"input": input_, **match}}
+
+
+def _combine(kind: str, predicates: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(predicates) == 1:
+        return predicates[0]
+    return {kind: {"predicate": predicates}}
+
+
+def _cel_range(start: int, end: int) -> dict[str, Any]:
+    """``response.code >= start && response.code <= end``, parsed, as Envoy Gateway."""
+
+    def code(i: int) -> dict[str, Any]:
+        return {
+            "id": i + 1,
+            "select_expr": {
+                "operand": {"id": i, "ident_expr": {"name": "response"}},
+                "field": "code",
+            },
+        }
+
+    def compare(i: int, fn: str, value: int) -> dict[str, Any]:
+        return {
+            "id": i + 2,
+            "call_expr": {
+                "function": fn,
+                "args": [code(i), {"id": i + 3, "const_expr": {"int64_value": value}}],
+            },
+        }
+
+    return {
+        "name": "cel-matcher",
+        "typed_config": {
+            "@type": X + "CelMatcher",
+            "expr_match": {
+                "cel_expr_parsed": {
+                    "expr": {
+                        "id": 9,
+                        "call_expr": {
+                            "function": "_&&_",
+                            "args": [compare(1, "_>=_", start), compare(5, "_<=_", end)],
+                        },
+                    }
+                }
+            },
+        },
+    }
+
+
+def _string_match(node: Node, res: Resource) -> dict[str, Any]:
+    check_fields(node, res, ("type", "value"))
+    kind = node.opt_str("type", "Exact", choices=("Exact", "Prefix", "Suffix", "RegularExpression"))
+    value = node.req("value").str()
+    if kind == "RegularExpression":
+        return {"safe_regex": {"google_re2": {}, "regex": regex_checked(node.req("value"), res)}}
+    return {kind.lower(): value}
+
+
+def _response_body(
+    body: Node, res: Resource, resources: ResourceSet | None, namespace: str
+) -> str | None:
+    """The body of a custom response: ``inline``, or a ConfigMap's ``response.body`` (else
+    its first key) in ``namespace`` — Envoy Gateway's ``getCustomResponseBody``."""
+    check_fields(body, res, ("type", "inline", "valueRef"))
+    if body.opt_str("type", "Inline", choices=("Inline", "ValueRef")) == "Inline":
+        return body.req("inline").str() if body.get("inline") is not None else None
+    ref = check_fields(body.req("valueRef"), res, ("group", "kind", "name"))
+    if ref.opt_str("kind", "ConfigMap") != "ConfigMap":
+        raise error_at(ref.req("kind"), res, "only ConfigMap is supported for ValueRef")
+    name = ref.req("name").str(nonempty=True)
+    cm = resources.get("ConfigMap", namespace, name) if resources is not None else None
+    if cm is None:
+        raise error_at(
+            ref.req("name"), res, f"can't find the referenced configmap {namespace}/{name}"
+        )
+    doc = cm.node.value if isinstance(cm.node.value, dict) else {}
+    data = doc.get("data") or {}
+    if RESPONSE_BODY_KEY in data:
+        return str(data[RESPONSE_BODY_KEY])
+    if data:
+        return str(next(iter(data.values())))
+    if binary := doc.get("binaryData") or {}:
+        return base64.b64decode(str(next(iter(binary.values())))).decode("utf-8", "replace")
+    raise error_at(
+        ref.req("name"),
+        res,
+        f"can't find the key {RESPONSE_BODY_KEY} in the referenced configmap {namespace}/{name}",
+    )
+
+
+def _override_predicates(ro: Node, res: Resource) -> list[dict[str, Any]]:
+    """What a ``responseOverride`` rule matches: any of its statuses (values; ranges as a
+    CEL expression), all of its response headers, and the reply's source."""
+    match = check_fields(ro.req("match"), res, ("statusCodes", "responseHeaders"))
+    status_input = _input(
+        "http-response-status-code-match-input", M + "HttpResponseStatusCodeMatchInput"
+    )
+    predicates: list[dict[str, Any]] = []
+    codes = []
+    for code in (match.get("statusCodes") or Node([], match.file)).list():
+        check_fields(code, res, ("type", "value", "range"))
+        if code.opt_str("type", "Value", choices=("Value", "Range")) == "Range":
+            rng = check_fields(code.req("range"), res, ("start", "end"))
+            start, end = rng.req("start").int(), rng.req("end").int()
+            if end <= start:
+                raise error_at(rng, res, "end must be greater than start")
+            cel_input = _input("http-attributes-cel-match-input", X + "HttpAttributesCelMatchInput")
+            codes.append(_single(cel_input, custom_match=_cel_range(start, end)))
+        else:
+            value = code.req("value").int(minimum=100, maximum=599)
+            codes.append(_single(status_input, value_match={"exact": str(value)}))
+    if codes:
+        predicates.append(_combine("or_matcher", codes))
+    headers = []
+    for h in (match.get("responseHeaders") or Node([], match.file)).list():
+        check_fields(h, res, ("name", "value"))
+        header_input = _input(
+            "http-response-header-match-input",
+            M + "HttpResponseHeaderMatchInput",
+            header_name=h.req("name").str(nonempty=True),
+        )
+        headers.append(_single(header_input, value_match=_string_match(h.req("value"), res)))
+    if headers:
+        predicates.append(_combine("and_matcher", headers))
+    if not predicates:
+        raise error_at(
+            match, res, "at least one of statusCodes or responseHeaders must be specified"
+        )
+    source = ro.opt_str("source", "All", choices=("All", "Local", "Backend"))
+    if source != "All":
+        local_input = _input(
+            "http-response-local-reply-match-input", M + "HttpResponseLocalReplyMatchInput"
+        )
+        exact = "true" if source == "Local" else "false"
+        predicates.append(_single(local_input, value_match={"exact": exact}))
+    return predicates
+
+
+def _override_redirect(rd: Node, res: Resource) -> dict[str, Any]:
+    check_fields(rd, res, ("scheme", "hostname", "path", "port", "statusCode"))
+    action: dict[str, Any] = {}
+    if (v := rd.get("scheme")) is not None:
+        action["scheme_redirect"] = v.str(choices=("http", "https"))
+    if (v := rd.get("hostname")) is not None:
+        action["host_redirect"] = v.str(nonempty=True)
+    if (v := rd.get("port")) is not None:
+        action["port_redirect"] = v.int(minimum=1, maximum=65535)
+    if (v := rd.get("path")) is not None:
+        check_fields(v, res, ("type", "replaceFullPath", "replacePrefixMatch"))
+        if v.req("type").str() != "ReplaceFullPath":
+            raise error_at(v, res, "only ReplaceFullPath is supported for path.type")
+        action["path_redirect"] = v.req("replaceFullPath").str()
+    status = rd.opt_int("statusCode", 302)  # Envoy Gateway's default
+    if status not in (301, 302):
+        raise error_at(rd.req("statusCode"), res, "expected statusCode 301 or 302")
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.http.custom_response."
+        "redirect_policy.v3.RedirectPolicy",
+        "redirect_action": action,
+        "status_code": status,
+    }
+
+
+def _override_response(
+    resp: Node, res: Resource, resources: ResourceSet | None, namespace: str
+) -> dict[str, Any]:
+    check_fields(resp, res, ("contentType", "body", "statusCode", "header"))
+    typed: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.http.custom_response."
+        "local_response_policy.v3.LocalResponsePolicy"
+    }
+    b = resp.get("body")
+    body = _response_body(b, res, resources, namespace) if b is not None else None
+    if body:
+        typed["body_format"] = {"text_format": body}
+    add: list[dict[str, Any]] = []
+    if ct := resp.opt_str("contentType"):
+        add.append(
+            {
+                "header": {"key": "Content-Type", "value": ct},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        )
+    if (v := resp.get("statusCode")) is not None:
+        typed["status_code"] = v.int(minimum=100, maximum=599)
+    if (hdr := resp.get("header")) is not None:
+        check_fields(
+            hdr,
+            res,
+            ("add", "set"),
+            {"remove": "Remove is not supported for header in CustomResponse"},
+        )
+        for key, append_action in (
+            ("add", "APPEND_IF_EXISTS_OR_ADD"),
+            ("set", "OVERWRITE_IF_EXISTS_OR_ADD"),
+        ):
+            for h in (hdr.get(key) or Node([], hdr.file)).list():
+                check_fields(h, res, ("name", "value"))
+                header = {"key": h.req("name").str(nonempty=True), "value": h.req("value").str()}
+                add.append({"header": header, "append_action": append_action})
+    if add:
+        typed["response_headers_to_add"] = add
+    return typed
+
+
+def _response_override(
+    items: Node,
+    res: Resource,
+    t: Traffic,
+    resources: ResourceSet | None,
+    namespace: str,
+) -> None:
+    """Envoy's custom_response filter, one per policy (``.../backendtrafficpolicy/<ns>/
+    <name>``), first in the chain (Envoy Gateway's order), switched on per route — as
+    Envoy Gateway's ``custom_response.go``. It rewrites upstream responses and Envoy's
+    own local replies alike (``source`` tells them apart)."""
+    policy = f"backendtrafficpolicy/{res.namespace}/{res.name}"
+    matchers = []
+    for index, ro in enumerate(items.list()):
+        check_fields(ro, res, ("match", "response", "redirect", "source"))
+        predicates = _override_predicates(ro, res)
+        if (rd := ro.get("redirect")) is not None:
+            typed = _override_redirect(rd, res)
+        else:
+            typed = _override_response(ro.req("response"), res, resources, namespace)
+        name = f"{policy}/responseoverride/rule/{index}"
+        matchers.append(
+            {
+                "predicate": _combine("and_matcher", predicates),
+                "on_match": {"action": {"name": name, "typed_config": typed}},
+            }
+        )
+    if not matchers:
+        return
+    t.filters[f"{F_CUSTOM_RESPONSE}/{policy}"] = (
+        {
+            "@type": T + "extensions.filters.http.custom_response.v3.CustomResponse",
+            "custom_response_matcher": {"matcher_list": {"matchers": matchers}},
+        },
+        {},  # Envoy Gateway switches it on with an empty FilterConfig.config
+    )
+
+
+def build(
+    btp: Resource,
+    resources: ResourceSet | None = None,
+    response_override_namespace: str | None = None,
+) -> Traffic:
+    """The route and cluster settings of one BackendTrafficPolicy (raises when invalid).
+    ``resources`` resolves ConfigMap response bodies, in ``response_override_namespace``
+    (the policy's own unless a merge took ``responseOverride`` from another policy)."""
     spec = btp.spec
     t = Traffic()
     for key, child in spec.items():
@@ -800,6 +1059,8 @@ def build(btp: Resource) -> Traffic:
             if (j := v.get("intervalJitter")) is not None:
                 keepalive["interval_jitter"] = {"value": float(j.int(minimum=0, maximum=100))}
             t.http2["connection_keepalive"] = keepalive
+    if (n := spec.get("responseOverride")) is not None:
+        _response_override(n, btp, t, resources, response_override_namespace or btp.namespace)
     if (n := spec.get("admissionControl")) is not None:
         _admission_control(n, btp, t)
     if (n := spec.get("bandwidthLimit")) is not None:
@@ -972,7 +1233,10 @@ def _own_cluster(
                 ]
             }
         ]
+    inner = c.get("transport_socket")  # a BackendTLSPolicy's TLS
     c.update(copy.deepcopy(t.cluster))
+    if inner is not None and "transport_socket" in t.cluster:  # PROXY protocol, then TLS
+        c["transport_socket"]["typed_config"]["transport_socket"] = inner
     if t.health_check_port is not None:
         for locality in c.get("load_assignment", {}).get("endpoints", []):
             for ep in locality.get("lb_endpoints", []):
@@ -1016,11 +1280,19 @@ def _add_filters(hcm: dict[str, Any], traffic: list[Traffic], used: set[str]) ->
     """The listener-level filters the routes switch on, before the router, disabled."""
     filters = hcm["http_filters"]
     names = {f["name"] for f in filters}
+    front = sum(1 for f in filters if f["name"].startswith(F_CUSTOM_RESPONSE + "/"))
     for t in traffic:
         for name, (listener_cfg, _) in t.filters.items():
             if name in used and name not in names:
-                filters.insert(
-                    len(filters) - 1,
-                    {"name": name, "typed_config": copy.deepcopy(listener_cfg), "disabled": True},
-                )
+                entry = {
+                    "name": name,
+                    "typed_config": copy.deepcopy(listener_cfg),
+                    "disabled": True,
+                }
+                if name.startswith(F_CUSTOM_RESPONSE + "/"):
+                    # first, as Envoy Gateway orders its filters
+                    filters.insert(front, entry)
+                    front += 1
+                else:
+                    filters.insert(len(filters) - 1, entry)
                 names.add(name)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.common.configfile import ConfigError, Node
@@ -37,6 +37,7 @@ from .model import Listener
 from .quantity import duration_s, envoy_duration, quantity
 from .rejections import Rejections
 from .resources import Resource, ResourceSet, TranslateError, error_at, unsupported
+from .tls import ClientTLS, client_tls
 
 KIND = "ClientTrafficPolicy"
 SPEC_FIELDS = (
@@ -88,6 +89,10 @@ class ClientSettings:
     http_filters_first: list[dict[str, Any]] = field(default_factory=list)
     use_default_host: bool = False  # http1.http10.useDefaultHost: resolved per listener
     late_response: list[dict[str, Any]] = field(default_factory=list)  # header_mutation filter
+    chain: dict[str, Any] = field(default_factory=dict)  # TLS filter chain fields
+    tls_node: Node | None = None  # spec.tls, for TLS listeners
+    tls: ClientTLS | None = None  # spec.tls resolved (the first TLS listener it applies to)
+    http3: bool = False
     disable_ratelimit_headers: bool = False  # headers.disableRateLimitHeaders
 
 
@@ -199,17 +204,18 @@ def _timeout(t: Node, res: Resource, s: ClientSettings) -> None:
         check_fields(
             tcp, res, ("idleTimeout", "tlsHandshakeTimeout", "connectionInspectionTimeout")
         )
-        for key, what in (
-            ("idleTimeout", "TCP IdleTimeout"),
-            ("tlsHandshakeTimeout", "TCP TLSHandshakeTimeout"),
-            ("connectionInspectionTimeout", "TCP ConnectionInspectionTimeout"),
-        ):
-            if (n := tcp.get(key)) is not None:
-                duration_s(n, res, f"Timeout: invalid {what}")
-        # tcp.idleTimeout applies to TCP listeners, TLS timeouts to TLS listeners (as Envoy
-        # Gateway: no effect on a plain HTTP listener)
         if (n := tcp.get("idleTimeout")) is not None:
+            # TCP listeners' tcp_proxy; none on an HTTP one (as Envoy Gateway)
             s.tcp_proxy["idle_timeout"] = _dur(n, res, "Timeout: TCP IdleTimeout")
+        if (n := tcp.get("tlsHandshakeTimeout")) is not None:
+            # the TLS filter chains' handshake deadline (none on plain HTTP)
+            s.chain["transport_socket_connect_timeout"] = _dur(
+                n, res, "Timeout: invalid TCP TLSHandshakeTimeout"
+            )
+        if (n := tcp.get("connectionInspectionTimeout")) is not None:
+            s.listener["listener_filters_timeout"] = _dur(
+                n, res, "Timeout: invalid TCP ConnectionInspectionTimeout"
+            )
     if (http := t.get("http")) is not None:
         check_fields(
             http,
@@ -630,10 +636,12 @@ def build_settings(policy: Resource) -> ClientSettings:
         _http2(n, policy, s)
     if (n := spec.get("http3")) is not None:
         check_fields(n, policy, ())  # HTTP/3 needs a TLS listener: no effect on plain HTTP
+        s.http3 = True
     if (n := spec.get("tls")) is not None:
-        # TLS parameters apply to HTTPS listeners only; Envoy Gateway ignores them on plain
-        # HTTP listeners, and Outrider translates plain HTTP listeners only
+        # resolved per TLS listener (client_tls): Envoy Gateway reads it, CA references
+        # included, only where the listener has TLS
         n.mapping()
+        s.tls_node = n
     if (n := spec.get("grpc")) is not None:
         check_fields(n, policy, ("enableWeb",))
         if n.opt_bool("enableWeb"):
@@ -752,8 +760,9 @@ def _default_host(listener: Listener, policy: Resource, node: Node) -> str:
 
 def attach_client_traffic(
     resources: ResourceSet, listeners: list[Listener], rejections: Rejections
-) -> dict[str, ClientSettings]:
-    """Envoy listener name (the first Gateway listener on its port) → the settings to apply.
+) -> dict[str, ClientSettings | None]:
+    """Envoy listener name (the first Gateway listener on its port) or HTTPS listener name (its
+    filter chain) → the settings to apply.
     Rejected policies are added to ``rejections``.
 
     Precedence is Envoy Gateway's: a listener named by ``sectionName`` (of a Gateway or a
@@ -790,7 +799,25 @@ def attach_client_traffic(
         )
 
     def same_port(lst: Listener) -> list[Listener]:
-        return [o for o in listeners if o is not lst and _port(o) == _port(lst)]
+        return [
+            o
+            for o in listeners
+            if o is not lst and _port(o) == _port(lst) and o.not_programmed is None
+        ]
+
+    def tls_ok(p: Resource, lst: Listener) -> bool:
+        """Resolve the policy's ``tls`` for a TLS listener (Envoy Gateway reads it there
+        only); False when it is invalid (the policy is rejected for that listener)."""
+        if lst.tls is None or lst.not_programmed is not None:
+            return True
+        s = built[p.key]
+        if s.tls is None:
+            try:
+                s.tls = client_tls(s.tls_node, p, resources)
+            except ConfigError as exc:
+                note(p, exc)
+                return False
+        return True
 
     # 1. policies naming a listener
     for p in policies:
@@ -826,7 +853,8 @@ def attach_client_traffic(
             if p.key not in built:
                 _fail_closed(lst)
                 continue
-            if others := same_port(lst):
+            others = [o for o in same_port(lst) if o.tls is None and lst.tls is None]
+            if others:
                 note(
                     p,
                     error_at(
@@ -840,6 +868,9 @@ def attach_client_traffic(
                 )
                 _fail_closed(lst)
                 continue
+            if not tls_ok(p, lst):
+                _fail_closed(lst)
+                continue
             claimed[id(lst)] = p.key
             accepted.add(p.key)
     # 2. policies for a whole ListenerSet, then for a whole Gateway (the more specific
@@ -848,9 +879,7 @@ def attach_client_traffic(
         for p in policies:
             for t in targets[p.key]:
                 scope = f"{t.kind} {t.key}"
-                if t.section is not None or t.kind != kind:
-                    continue
-                if scope not in scopes:
+                if t.section is not None or t.kind != kind or scope not in scopes:
                     continue
                 if scope in claimed_scopes:
                     note(
@@ -880,18 +909,27 @@ def attach_client_traffic(
                     continue
                 ok = True  # accepted for this target unless a listener fails
                 for lst in mine:
-                    foreign = [
-                        o
-                        for o in same_port(lst)
-                        if (
-                            o.listener_set != lst.listener_set
-                            if kind == "ListenerSet"
-                            else (o.gateway_ns, o.gateway_name)
-                            != (lst.gateway_ns, lst.gateway_name)
+                    if kind == "ListenerSet":
+                        # plain HTTP listeners of another ListenerSet (or of the Gateway) on
+                        # the port: Envoy Gateway's validatePortOverlapForClientTrafficPolicy
+                        foreign = [
+                            o
+                            for o in same_port(lst)
+                            if o.listener_set != lst.listener_set
+                            and o.tls is None
+                            and lst.tls is None
+                        ]
+                    else:
+                        foreign = [
+                            o
+                            for o in same_port(lst)
+                            if (o.gateway_ns, o.gateway_name) != (lst.gateway_ns, lst.gateway_name)
                             and not _also_applies(p.key, targets[p.key], o)
-                        )
-                    ]
-                    if foreign and kind == "Gateway":
+                            # an HTTPS listener has a filter chain of its own: only settings
+                            # of the whole Envoy listener would reach the others
+                            and (lst.tls is None or o.tls is None or _listener_level(built[p.key]))
+                        ]
+                    if foreign:
                         note(
                             p,
                             error_at(
@@ -900,22 +938,18 @@ def attach_client_traffic(
                                 "Outrider runs one Envoy for every Gateway: "
                                 f"listener {lst.name} shares port {lst.port} with "
                                 + ", ".join(o.name for o in foreign)
-                                + ", which this policy does not apply to (not supported)",
-                            ),
-                        )
-                    elif foreign:
-                        note(
-                            p,
-                            error_at(
-                                t.node,
-                                p,
-                                "ClientTrafficPolicy is being applied to multiple http (non "
-                                "https) listeners ("
+                                + ", which this policy does not apply to (not supported)"
+                                if kind == "Gateway"
+                                else "ClientTrafficPolicy is being applied to multiple http "
+                                "(non https) listeners ("
                                 + ", ".join(o.name for o in foreign)
                                 + ") on the same port, which is not allowed",
                             ),
                         )
-                    if foreign:
+                        ok = False
+                        continue
+                    if not tls_ok(p, lst):
+                        _fail_closed(lst)
                         ok = False
                         continue
                     claimed[id(lst)] = p.key
@@ -928,15 +962,19 @@ def attach_client_traffic(
             rejections.add(
                 p, errors.get(p.key) or error_at(p.spec, p, "no target Gateway is in the input")
             )
-    # Envoy listeners: the Gateway listeners on one port share one
-    out: dict[str, ClientSettings] = {}
-    groups: dict[tuple[bool, int], list[Listener]] = {}
+    # Envoy listeners: the plain HTTP listeners on one port share one filter chain (keyed by
+    # the first one's name, the Envoy listener's); each HTTPS listener has its own (its name)
+    out: dict[str, ClientSettings | None] = {}  # an HTTPS listener without a policy: None
+    groups: dict[object, list[Listener]] = {}
     for lst in listeners:
-        groups.setdefault(_port(lst), []).append(lst)
+        if lst.not_programmed is None:
+            groups.setdefault(_port(lst) if lst.tls is None else lst.name, []).append(lst)
     for group in groups.values():
         keys = {claimed.get(id(x)) for x in group}
         key = keys.pop() if len(keys) == 1 else None
         if key is None:
+            if group[0].tls is not None:
+                out[group[0].name] = None
             continue
         settings = built[key]
         if settings.use_default_host:
@@ -948,9 +986,15 @@ def attach_client_traffic(
                 for lst in group:
                     _fail_closed(lst)
                 continue
-            settings.hcm.setdefault("http_protocol_options", {})["default_host_for_http_10"] = host
+            h1 = {**settings.hcm.get("http_protocol_options", {}), "default_host_for_http_10": host}
+            settings = replace(settings, hcm={**settings.hcm, "http_protocol_options": h1})
         out[group[0].name] = settings
     return out
+
+
+def _listener_level(s: ClientSettings) -> bool:
+    """Whether the settings reach the whole Envoy listener (not one filter chain)."""
+    return bool(s.listener or s.socket_options or s.listener_filters)
 
 
 def _port(lst: Listener) -> tuple[bool, int]:
@@ -972,41 +1016,59 @@ def _disable_ratelimit_headers(hcm: dict[str, Any]) -> None:
                 local["enable_x_ratelimit_headers"] = "OFF"
 
 
-def apply_client_traffic(bootstrap: dict[str, Any], settings: dict[str, ClientSettings]) -> None:
-    """Write each policy's settings into the generated bootstrap (a dict, as dumped).
-    UDP listeners take none (as Envoy Gateway); TCP listeners take the listener settings,
-    the network filters and ``timeout.tcp.idleTimeout`` (their ``tcp_proxy``)."""
+def apply_client_traffic(
+    bootstrap: dict[str, Any], settings: dict[str, ClientSettings | None]
+) -> None:
+    """Write each policy's settings into the generated bootstrap (a dict, as dumped): the
+    Envoy listener's own from the policy of its first filter chain (Envoy Gateway builds the
+    listener from its first Gateway listener), the rest per filter chain — an HTTPS
+    listener's chain (keyed by its name) takes its own policy's. UDP listeners take none (as
+    Envoy Gateway); TCP listeners' chains take the network filters and
+    ``timeout.tcp.idleTimeout`` (their ``tcp_proxy``)."""
     for listener in bootstrap.get("static_resources", {}).get("listeners", []):
-        s = settings.get(listener.get("name"))
-        if s is None or listener["address"]["socket_address"].get("protocol") == "UDP":
+        if listener["address"]["socket_address"].get("protocol") == "UDP":
             continue
-        listener.update(s.listener)
-        if s.socket_options:
-            listener.setdefault("socket_options", []).extend(s.socket_options)
-        if s.listener_filters:
-            listener["listener_filters"] = s.listener_filters + listener.get("listener_filters", [])
+        s = settings.get(listener.get("name"))
+        if s is not None:
+            listener.update(copy.deepcopy(s.listener))
+            if s.socket_options:
+                listener.setdefault("socket_options", []).extend(copy.deepcopy(s.socket_options))
+            if s.listener_filters:
+                listener["listener_filters"] = copy.deepcopy(s.listener_filters) + listener.get(
+                    "listener_filters", []
+                )
         for chain in listener.get("filter_chains", []):
-            filters = chain["filters"]
-            hcm = next((f for f in filters if f["name"].endswith("http_connection_manager")), None)
-            if hcm is None:  # a TCP route's chain (l4.py)
-                proxy = filters[-1]["typed_config"]
-                if filters[-1]["name"].endswith("tcp_proxy"):
-                    proxy.update(s.tcp_proxy)
-                for nf in s.network_filters:
-                    nf = copy.deepcopy(nf)
-                    nf["typed_config"]["stat_prefix"] = proxy.get("stat_prefix", "tcp")
-                    filters.insert(len(filters) - 1, nf)
-                continue
-            cfg = hcm["typed_config"]
-            cfg.update(s.hcm)
-            if s.common_http:
-                cfg.setdefault("common_http_protocol_options", {}).update(s.common_http)
-            first = s.http_filters_first + s.late_response
-            if first:
-                cfg["http_filters"] = first + cfg["http_filters"]
-            if s.disable_ratelimit_headers:
-                _disable_ratelimit_headers(cfg)
-            if s.network_filters:
-                for nf in s.network_filters:
-                    nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")
-                chain["filters"] = s.network_filters + filters
+            name = chain.get("name", "")
+            cs = settings.get(name, s)  # an HTTPS chain: its own (None: no policy)
+            if cs is not None:
+                _apply_chain(chain, cs)
+
+
+def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
+    filters = chain["filters"]
+    hcm = next((f for f in filters if f["name"].endswith("http_connection_manager")), None)
+    if hcm is None:  # a TCP route's chain (l4.py)
+        proxy = filters[-1]["typed_config"]
+        if filters[-1]["name"].endswith("tcp_proxy"):
+            proxy.update(copy.deepcopy(s.tcp_proxy))
+        for nf in s.network_filters:
+            nf = copy.deepcopy(nf)
+            nf["typed_config"]["stat_prefix"] = proxy.get("stat_prefix", "tcp")
+            filters.insert(len(filters) - 1, nf)
+        return
+    cfg = hcm["typed_config"]
+    cfg.update(copy.deepcopy(s.hcm))
+    if s.common_http:
+        cfg.setdefault("common_http_protocol_options", {}).update(copy.deepcopy(s.common_http))
+    first = copy.deepcopy(s.http_filters_first + s.late_response)
+    if first:
+        cfg["http_filters"] = first + cfg["http_filters"]
+    if s.disable_ratelimit_headers:
+        _disable_ratelimit_headers(cfg)
+    if s.network_filters:
+        network = copy.deepcopy(s.network_filters)
+        for nf in network:
+            nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")
+        chain["filters"] = network + filters
+    if chain.get("name"):  # an HTTPS listener's filter chain
+        chain.update(copy.deepcopy(s.chain))

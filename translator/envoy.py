@@ -22,6 +22,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterCommonLbConfig,
     ClusterCommonLbConfigLocalityWeightedLbConfig,
     ClusterDiscoveryType,
+    ClusterTransportSocketMatch,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
     HeaderMutation as HeaderMutationRule,
@@ -29,18 +30,23 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     BackoffStrategy,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
+    Http1ProtocolOptions,
     Http2ProtocolOptions,
     HttpUri,
     Locality,
+    Metadata,
     Pipe,
     RetryPolicy,
     SocketAddress,
+    TransportSocket,
 )
+from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CoreHttpProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
@@ -102,6 +108,13 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
 )
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -114,7 +127,9 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as PAny
+from envoy_data_plane.google.protobuf import Struct
 
+from services.common.runtime import RECYCLE_CONNECTION_DURATION
 from services.extauth.transport.http import (
     CLIENT_ADDRESS_HEADER,
     METADATA_HEADER_PREFIX,
@@ -123,7 +138,7 @@ from services.extauth.transport.http import (
 
 from . import native, rlqs
 from .gatewayapi import sort_key
-from .model import Backend, ExternalAuth, ExtProc, Route, Security, StringMatch
+from .model import Backend, ExternalAuth, ExtProc, Route, Security, StringMatch, UpstreamTLS
 from .model import Listener as ListenerIR
 from .ratelimit import DomainConfigs, local_rate_limit, string_matcher
 
@@ -198,39 +213,96 @@ def _any(msg: betterproto2.Message) -> PAny:
     return PAny.pack(msg)
 
 
-def _http2_options() -> dict[str, PAny]:
+def _protocol_options(http2: bool, max_connection_duration: float | None) -> dict[str, PAny]:
+    explicit = (
+        HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        if http2
+        else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    )
+    common = (
+        CoreHttpProtocolOptions(
+            max_connection_duration=datetime.timedelta(seconds=max_connection_duration)
+        )
+        if max_connection_duration is not None
+        else None
+    )
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-            HttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions()
-                )
-            )
+            HttpProtocolOptions(explicit_http_config=explicit, common_http_protocol_options=common)
         )
     }
 
 
 def _addresses(backend: Backend) -> list[Address]:
-    if backend.kind == "unix":
-        return [Address(pipe=Pipe(path=p)) for p, _ in backend.endpoints]
+    """Endpoint addresses; a unix socket is its path with port 0."""
     return [
-        Address(socket_address=SocketAddress(address=h, port_value=p)) for h, p in backend.endpoints
+        Address(pipe=Pipe(path=h))
+        if backend.kind == "unix" or (p == 0 and h.startswith("/"))
+        else Address(socket_address=SocketAddress(address=h, port_value=p))
+        for h, p in backend.endpoints
     ]
 
 
-def cluster(backend: Backend) -> Cluster:
+def upstream_tls_socket(tls: UpstreamTLS) -> TransportSocket:
+    """A BackendTLSPolicy's TLS to the backend: SNI, trusted CAs, the names the server's
+    certificate must carry (Envoy Gateway's ``UpstreamTlsContext``)."""
+    san_types = {"DNS": SubjectAltNameMatcherSanType.DNS, "URI": SubjectAltNameMatcherSanType.URI}
+    validation = CertificateValidationContext(
+        trusted_ca=DataSource(inline_string=tls.ca_pem)
+        if tls.ca_pem is not None
+        else DataSource(filename=tls.ca_file or ""),
+        match_typed_subject_alt_names=[
+            SubjectAltNameMatcher(san_type=san_types[t], matcher=StringMatcher(exact=value))
+            for t, value in tls.subject_alt_names
+        ],
+    )
+    return TransportSocket(
+        name="envoy.transport_sockets.tls",
+        typed_config=_any(
+            UpstreamTlsContext(
+                sni=tls.sni, common_tls_context=CommonTlsContext(validation_context=validation)
+            )
+        ),
+    )
+
+
+def cluster(backend: Backend, *, sidecar: bool = False) -> Cluster:
+    """The cluster of ``backend``; an Outrider ``sidecar``'s closes each connection after
+    ``RECYCLE_CONNECTION_DURATION``: Envoy, not the sidecar, ends connections, which is
+    what lets a sidecar run with --max-requests/--max-rss replace a worker without a
+    failed call (see services/common/runtime.py)."""
     kwargs: dict[str, Any] = {}
-    if backend.http2:
-        kwargs["typed_extension_protocol_options"] = _http2_options()
+    if backend.http2 or sidecar:
+        duration = RECYCLE_CONNECTION_DURATION if sidecar else None
+        kwargs["typed_extension_protocol_options"] = _protocol_options(backend.http2, duration)
+    if backend.upstream_tls is not None:
+        kwargs["transport_socket"] = upstream_tls_socket(backend.upstream_tls)
     if backend.localities:  # several backendRefs: a weighted locality each (Envoy Gateway's)
-        localities = [
-            LocalityLbEndpoints(
+        localities = []
+        matches = []
+        for i, (name, weight, b) in enumerate(backend.localities):
+            loc = LocalityLbEndpoints(
                 locality=Locality(region=name),
                 load_balancing_weight=weight,
                 lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=a)) for a in _addresses(b)],
             )
-            for name, weight, b in backend.localities
-        ]
+            if b.upstream_tls is not None:  # this backendRef's own TLS, matched by locality
+                match = f"{backend.cluster}/tls/{i}"
+                loc.metadata = Metadata(
+                    filter_metadata={
+                        "envoy.transport_socket_match": Struct.from_dict({"name": match})
+                    }
+                )
+                matches.append(
+                    ClusterTransportSocketMatch(
+                        name=match,
+                        match=Struct.from_dict({"name": match}),
+                        transport_socket=upstream_tls_socket(b.upstream_tls),
+                    )
+                )
+            localities.append(loc)
+        if matches:
+            kwargs["transport_socket_matches"] = matches
         kwargs["common_lb_config"] = ClusterCommonLbConfig(
             locality_weighted_lb_config=ClusterCommonLbConfigLocalityWeightedLbConfig()
         )
@@ -292,7 +364,11 @@ def extauth_http_service(
     the policy's identity headers copied upstream and the check's metadata kept."""
     # Without a policy (the listener-level service, which routes override) the prefix must
     # not be /policy/: the client's own path would then name the policy.
-    prefix = POLICY_PREFIX + quote(policy, safe="") if policy else "/no-policy"
+    prefix = (
+        POLICY_PREFIX + quote(policy, safe="") + ";client_address=header"
+        if policy
+        else "/no-policy"
+    )
     response = AuthorizationResponse(
         # on a denial Envoy adds Location, WWW-Authenticate and Content-Length by itself;
         # Set-Cookie carries OIDC's login state, its session, and a refresh's new session
@@ -507,9 +583,23 @@ def _ext_proc_filter(ep: ExtProc) -> ExternalProcessor:
                 untyped=list(ep.writable_namespaces)
             ),
         )
-    grpc_cluster = EXTPROC_CLUSTER if ep.backend is None else ep.backend.cluster
+    if ep.shadow_mode:
+        kw["observability_mode"] = True
+    if ep.status_on_error is not None:
+        kw["status_on_error"] = HttpStatus(code=StatusCode(ep.status_on_error))
+    if ep.backend is None:
+        service = _grpc(EXTPROC_CLUSTER)
+    else:  # a user's service: Envoy Gateway's (10 s call timeout, authority, retries)
+        service = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=ep.backend.cluster, authority=ep.authority
+            ),
+            timeout=_dur(EXTAUTH_TIMEOUT_MS),
+        )
+        if (retry := _retry_policy(ep.retry)) is not None:
+            service.retry_policy = retry
     return ExternalProcessor(
-        grpc_service=_grpc(grpc_cluster),
+        grpc_service=service,
         processing_mode=mode,
         failure_mode_allow=ep.fail_open,
         allow_mode_override=ep.allow_mode_override,
@@ -597,12 +687,16 @@ def build(
     clusters: dict[str, Cluster] = {}
     sidecars_used: set[str] = set()
     envoy_listeners: list[Listener] = []
-    by_port: dict[int, list[ListenerIR]] = {}
+    # plain HTTP listeners on a port share one filter chain; each HTTPS listener has its own
+    # (Envoy Gateway's addHCMToXDSListener); a listener not programmed is left out
+    by_port: dict[tuple[int, str], list[ListenerIR]] = {}
     for lst in listeners:
-        if lst.protocol not in ("TCP", "UDP"):  # those are l4.py's
-            by_port.setdefault(lst.port, []).append(lst)
+        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP"):  # l4.py's
+            chain_key = lst.name if lst.tls is not None else ""
+            by_port.setdefault((lst.port, chain_key), []).append(lst)
+    by_envoy_port: dict[int, Listener] = {}
     native_state = native.NativeState()
-    for port, group in sorted(by_port.items()):
+    for (port, chain_name), group in sorted(by_port.items(), key=lambda kv: kv[0][0]):
         filters: dict[str, HttpFilter] = {}
         order: list[tuple[int, str]] = []
 
@@ -773,7 +867,7 @@ def build(
         http_filters = [filters[name] for _, name in sorted(order, key=lambda x: x[0])]
         http_filters.append(HttpFilter(name=F_ROUTER, typed_config=_any(Router())))
         hcm = HttpConnectionManager(
-            stat_prefix=f"http-{port}",
+            stat_prefix=f"{'https' if chain_name else 'http'}-{port}",
             route_config=RouteConfiguration(
                 name=first, virtual_hosts=virtual_hosts, ignore_port_in_host_matching=True
             ),
@@ -783,26 +877,28 @@ def build(
             merge_slashes=True,
             path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT,
         )
-        envoy_listeners.append(
-            Listener(
-                name=first,
-                address=Address(
-                    socket_address=SocketAddress(
-                        address=options.listen_address, port_value=options.port_map.get(port, port)
-                    )
-                ),
-                filter_chains=[
-                    FilterChain(
-                        filters=[
-                            Filter(
-                                name="envoy.filters.network.http_connection_manager",
-                                typed_config=_any(hcm),
-                            )
-                        ]
-                    )
-                ],
-            )
+        chain = FilterChain(
+            name=chain_name,
+            filters=[
+                Filter(
+                    name="envoy.filters.network.http_connection_manager",
+                    typed_config=_any(hcm),
+                )
+            ],
         )
+        if port in by_envoy_port:  # another HTTPS listener's filter chain on this port
+            by_envoy_port[port].filter_chains.append(chain)
+            continue
+        by_envoy_port[port] = Listener(
+            name=first,
+            address=Address(
+                socket_address=SocketAddress(
+                    address=options.listen_address, port_value=options.port_map.get(port, port)
+                )
+            ),
+            filter_chains=[chain],
+        )
+        envoy_listeners.append(by_envoy_port[port])
     for name, cname in (
         ("ratelimit", RATELIMIT_CLUSTER),
         ("extauth", EXTAUTH_CLUSTER),
@@ -810,12 +906,12 @@ def build(
     ):
         if name in sidecars_used:
             clusters[cname] = cluster(
-                Backend(cname, "unix", ((options.sockets[name], 0),), http2=True)
+                Backend(cname, "unix", ((options.sockets[name], 0),), http2=True), sidecar=True
             )
     if "extauth-http" in sidecars_used:  # HTTP/1.1 to the sidecar's --http-listen
         socket = options.sockets["extauth-http"]
         clusters[EXTAUTH_HTTP_CLUSTER] = cluster(
-            Backend(EXTAUTH_HTTP_CLUSTER, "unix", ((socket, 0),), http2=False)
+            Backend(EXTAUTH_HTTP_CLUSTER, "unix", ((socket, 0),), http2=False), sidecar=True
         )
     for c in native_state.clusters:
         clusters.setdefault(c.name, c)

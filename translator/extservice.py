@@ -14,7 +14,7 @@ per-try timeout or status codes, which only routes have).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.common.configfile import Node
@@ -97,6 +97,7 @@ def service_backend(
     cluster_name: str,
     *,
     http2: bool,
+    what: str,
 ) -> Backend:
     """One cluster ``cluster_name`` for a service's backendRefs (a locality per ref)."""
     if not refs:
@@ -111,11 +112,17 @@ def service_backend(
         raise error_at(refs[0], res, "every backendRef has weight 0")
     if len(live) == 1:
         b = live[0][2]
-        return Backend(cluster_name, b.kind, b.endpoints, http2 or b.http2, b.tls)
+        return replace(b, cluster=cluster_name, http2=http2 or b.http2)
     kinds = {b.kind for _, _, b in live}
-    if "unix" in kinds and "dns" in kinds:
-        raise error_at(refs[0], res, "backendRefs mix unix sockets and host names")
+    if "dns" in kinds and len(kinds) > 1:  # Envoy Gateway: IP and unix are one type, FQDN another
+        raise error_at(
+            refs[0],
+            res,
+            f"{what}: external service destinations having multiple endpoint types are not "
+            "supported.",
+        )
     kind = "dns" if "dns" in kinds else "static"
+    # each backendRef keeps its own BackendTLSPolicy: its locality's transport socket
     return Backend(cluster_name, kind, (), http2, False, tuple(live))
 
 

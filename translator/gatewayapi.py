@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from services.common.configfile import Node
+from services.common.configfile import ConfigError, Node
 
-from .model import Backend, Listener, Route, StringMatch, WeightedBackend
+from .model import Backend, Listener, Route, StringMatch, UpstreamTLS, WeightedBackend
 from .resources import Resource, ResourceSet, error_at, unsupported
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -26,6 +27,7 @@ LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
 #: listener protocol → the route kinds it takes (Gateway API's defaults)
 LISTENER_PROTOCOLS = {
     "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TCP": ("TCPRoute",),
     "UDP": ("UDPRoute",),
 }
@@ -79,6 +81,29 @@ def hostname_key(hostname: str) -> str:
     return hostname.replace(".", "_") if hostname != "*" else "*"
 
 
+def reference_granted(
+    resources: ResourceSet, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
+) -> bool:
+    """Whether a ReferenceGrant in ``to_ns`` lets ``from_kind`` in ``from_ns`` refer to it."""
+    for grant in resources.of("ReferenceGrant"):
+        if grant.namespace != to_ns:
+            continue
+        spec = grant.spec
+        froms = [
+            f
+            for f in (spec.get("from") or Node([], spec.file)).list()
+            if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
+        ]
+        tos = [
+            t
+            for t in (spec.get("to") or Node([], spec.file)).list()
+            if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
+        ]
+        if froms and tos:
+            return True
+    return False
+
+
 @dataclass
 class BackendResolver:
     """Turns backendRefs into clusters: ``--backend`` overrides, Backend and Service resources."""
@@ -86,6 +111,9 @@ class BackendResolver:
     resources: ResourceSet
     overrides: dict[str, tuple[str, int]]
     clusters: dict[str, Backend] = field(default_factory=dict)
+    #: (kind, namespace, name, port name or number) → the target's BackendTLSPolicy TLS
+    #: (``backend_tls.tls_for``); None: no BackendTLSPolicies
+    tls_lookup: Callable[[str, str, str, str | None], UpstreamTLS | None] | None = None
 
     def service_ips(self) -> dict[str, tuple[str, int]]:
         """Service cluster name → (cluster IP, port), for ``routingType: Service``."""
@@ -103,23 +131,7 @@ class BackendResolver:
     def _granted(
         self, from_kind: str, from_ns: str, to_kind: str, to_ns: str, to_name: str
     ) -> bool:
-        for grant in self.resources.of("ReferenceGrant"):
-            if grant.namespace != to_ns:
-                continue
-            spec = grant.spec
-            froms = [
-                f
-                for f in (spec.get("from") or Node([], spec.file)).list()
-                if f.opt_str("kind") == from_kind and f.opt_str("namespace") == from_ns
-            ]
-            tos = [
-                t
-                for t in (spec.get("to") or Node([], spec.file)).list()
-                if t.opt_str("kind") == to_kind and t.opt_str("name", to_name) == to_name
-            ]
-            if froms and tos:
-                return True
-        return False
+        return reference_granted(self.resources, from_kind, from_ns, to_kind, to_ns, to_name)
 
     def resolve(
         self, ref: Node, res: Resource, *, http2: bool = False, service_in_input: bool = False
@@ -131,11 +143,37 @@ class BackendResolver:
         if service_in_input:
             self._check_service(ref, res)
         backend = self._resolve(ref, res)
+        if (tls := self._upstream_tls(ref, res)) is not None:
+            backend = replace(backend, upstream_tls=tls)
+            self.clusters[backend.cluster] = backend
         if http2 and not backend.http2:
-            return self._store(
-                Backend(f"{backend.cluster}/h2", backend.kind, backend.endpoints, True, backend.tls)
-            )
+            return self._store(replace(backend, cluster=f"{backend.cluster}/h2", http2=True))
         return backend
+
+    def _upstream_tls(self, ref: Node, res: Resource) -> UpstreamTLS | None:
+        """The BackendTLSPolicy of ``ref``'s target port (by the port's name for a Service or
+        ServiceImport, its number for a Backend, as Envoy Gateway matches ``sectionName``)."""
+        if self.tls_lookup is None:
+            return None
+        kind = ref.opt_str("kind", "Service") or "Service"
+        name = ref.req("name").str()
+        namespace = ref.opt_str("namespace", res.namespace) or res.namespace
+        port = ref.opt_int("port")
+        section = str(port) if port is not None and kind == "Backend" else None
+        if kind in ("Service", "ServiceImport") and (
+            target := self.resources.get(kind, namespace, name)
+        ):
+            for p in (target.spec.get("ports") or Node([], target.spec.file)).list():
+                if p.opt_int("port") == port:
+                    section = p.opt_str("name")
+        try:
+            return self.tls_lookup(kind, namespace, name, section)
+        except ConfigError as exc:
+            raise error_at(
+                ref,
+                res,
+                f"{kind} {namespace}/{name}: its BackendTLSPolicy is invalid: {exc.message}",
+            ) from None
 
     def _check_service(self, ref: Node, res: Resource) -> None:
         check_fields(ref, res, ("group", "kind", "name", "namespace", "port", "weight"))
@@ -320,15 +358,18 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
-        if unix and endpoints:
-            raise error_at(spec.req("endpoints"), backend, "mixes unix and network endpoints")
+        if unix and not all(_is_ip(h) for h, _ in endpoints):
+            raise error_at(
+                spec.req("endpoints"), backend, "mixes unix sockets and host names (fqdn)"
+            )
         cluster = f"backend/{namespace}/{name}"
-        if unix:
+        if unix and not endpoints:
             return self._store(Backend(cluster, "unix", tuple((p, 0) for p in unix), http2))
-        return self._cluster(cluster, endpoints, http2)
+        # IP addresses and unix sockets: one static cluster (a socket is port 0)
+        return self._cluster(cluster, [*endpoints, *((p, 0) for p in unix)], http2)
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
-        static = all(_is_ip(h) for h, _ in endpoints)
+        static = all(_is_ip(h) or p == 0 for h, p in endpoints)
         return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
 
     def _store(self, backend: Backend) -> Backend:
@@ -346,6 +387,8 @@ def _is_ip(host: str) -> bool:
 
 def build_listeners(resources: ResourceSet) -> list[Listener]:
     """Every Gateway's listeners, then the listeners ListenerSets add to their Gateways."""
+    from .tls import resolve_conflicts  # tls builds on this module
+
     listeners: list[Listener] = []
     for gw in resources.of("Gateway"):
         spec = check_fields(gw.spec, gw, GATEWAY_SPEC, GATEWAY_SPEC_UNSUPPORTED)
@@ -356,8 +399,9 @@ def build_listeners(resources: ResourceSet) -> list[Listener]:
             if (ns := allowed.get("namespaces")) is not None:
                 check_fields(ns, gw, ("from", "selector"))
                 ns.opt_str("from", "None", choices=("All", "Same", "Selector", "None"))
-        listeners += _listeners(spec.req("listeners"), gw, gw, None)
+        listeners += _listeners(resources, spec.req("listeners"), gw, gw, None)
     listeners += listener_set_listeners(resources)
+    resolve_conflicts(listeners)
     return listeners
 
 
@@ -376,13 +420,19 @@ def _infrastructure(infra: Node, gw: Resource) -> None:
 
 
 def _listeners(
-    items: Node, owner: Resource, gw: Resource, listener_set: Resource | None
+    resources: ResourceSet,
+    items: Node,
+    owner: Resource,
+    gw: Resource,
+    listener_set: Resource | None,
 ) -> list[Listener]:
     """The listeners of a Gateway (``owner`` is ``gw``) or of a ListenerSet attached to it."""
+    from .tls import ListenerNotProgrammed, listener_tls  # tls builds on this module
+
     out: list[Listener] = []
     seen: set[str] = set()
     for item in items.list():
-        check_fields(item, owner, LISTENER_FIELDS, {"tls": "TLS termination is not translated"})
+        check_fields(item, owner, (*LISTENER_FIELDS, "tls"))
         name = item.req("name").str(nonempty=True)
         if name in seen:
             raise error_at(item.req("name"), owner, f"duplicate listener name {name!r}")
@@ -392,24 +442,27 @@ def _listeners(
             raise unsupported(
                 proto,
                 owner,
-                f"protocol {proto.str()}: HTTP, TCP and UDP listeners are translated",
+                f"protocol {proto.str()}: HTTP, HTTPS, TCP and UDP listeners are translated",
             )
         hostname = item.opt_str("hostname")
         prefix = f"{gw.namespace}/{gw.name}"
         if listener_set is not None:
             prefix += f"/{listener_set.namespace}/{listener_set.name}"
-        out.append(
-            Listener(
-                name=f"{prefix}/{name}",  # Envoy Gateway's IR listener name
-                gateway_ns=gw.namespace,
-                gateway_name=gw.name,
-                section=name,
-                port=item.req("port").int(minimum=1, maximum=65535),
-                hostname=hostname,
-                listener_set=listener_set.key if listener_set is not None else None,
-                protocol=proto.str(),
-            )
+        listener = Listener(
+            name=f"{prefix}/{name}",  # Envoy Gateway's IR listener name
+            gateway_ns=gw.namespace,
+            gateway_name=gw.name,
+            section=name,
+            port=item.req("port").int(minimum=1, maximum=65535),
+            hostname=hostname,
+            listener_set=listener_set.key if listener_set is not None else None,
+            protocol=proto.str(),
         )
+        try:
+            listener.tls = listener_tls(item, owner, resources, proto.str())
+        except ListenerNotProgrammed as exc:
+            listener.not_programmed = str(exc)
+        out.append(listener)
         allowed = item.get("allowedRoutes")
         if allowed is not None:
             check_fields(allowed, owner, ("namespaces", "kinds"))
@@ -450,7 +503,7 @@ def listener_set_listeners(resources: ResourceSet) -> list[Listener]:
     for ls in resources.of("ListenerSet"):
         gw = listener_set_parent(resources, ls)
         if gw is not None:
-            out += _listeners(ls.spec.req("listeners"), ls, gw, ls)
+            out += _listeners(resources, ls.spec.req("listeners"), ls, gw, ls)
     return out
 
 

@@ -271,7 +271,7 @@ def attach_l4_policies(
             rule = rule_name(resources, route)
             live = [p for p in btps if not rejections.rejected(p)]
             if (w := winner(live, lst, route, rule)) is not None:
-                t = build_traffic(w).backend
+                t = build_traffic(w, resources).backend
                 if t is not None and not t.empty:
                     keys = TCP_CLUSTER_KEYS if lst.protocol == "TCP" else UDP_CLUSTER_KEYS
                     route.traffic = replace_traffic(t, keys)

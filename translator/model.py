@@ -80,6 +80,17 @@ class LocalRateLimit:
 
 
 @dataclass(frozen=True)
+class UpstreamTLS:
+    """TLS from Envoy to a backend (a BackendTLSPolicy, ``backend_tls.py``)."""
+
+    sni: str
+    ca_pem: str | None  # trusted CAs, PEM; None: ``ca_file``
+    ca_file: str | None  # the system trust store
+    subject_alt_names: tuple[tuple[str, str], ...]  # (DNS | URI, value) the server must have
+    policy: str  # namespace/name of the BackendTLSPolicy
+
+
+@dataclass(frozen=True)
 class Backend:
     """One upstream destination: a cluster Envoy can reach."""
 
@@ -91,6 +102,7 @@ class Backend:
     #: several backendRefs in one cluster (an extAuth/extProc service, as Envoy Gateway
     #: builds it): (locality name, weight, backend) each, endpoints unused
     localities: tuple[tuple[str, int, Backend], ...] = ()
+    upstream_tls: UpstreamTLS | None = None  # a BackendTLSPolicy's
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,11 @@ class ExtProc:
     allow_mode_override: bool
     accessible_namespaces: tuple[str, ...]
     writable_namespaces: tuple[str, ...]
+    shadow_mode: bool = False  # Envoy's observability_mode
+    status_on_error: int | None = None
+    authority: str = ""
+    retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
+    settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
 
 
 @dataclass
@@ -214,4 +231,7 @@ class Listener:
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
     listener_set: str | None = None  # <ns>/<name> of the ListenerSet it comes from, if any
-    protocol: str = "HTTP"  # or TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
+    protocol: str = "HTTP"  # or HTTPS; TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
+    tls: Any = None  # tls.ListenerTLS: an HTTPS listener's certificates
+    #: why Envoy Gateway would not program the listener (left out of the Envoy config)
+    not_programmed: str | None = None

@@ -399,10 +399,14 @@ class TrafficIR:
     backend: backend_traffic.Traffic | None = None
 
 
-def build_traffic(btp: Resource) -> TrafficIR:
+def build_traffic(
+    btp: Resource,
+    resources: ResourceSet | None = None,
+    response_override_namespace: str | None = None,
+) -> TrafficIR:
     spec = check_fields(btp.spec, btp, BTP_FIELDS, BTP_UNSUPPORTED)
     spec.opt_str("mergeType", choices=("StrategicMerge", "JSONMerge"))
-    backend = backend_traffic.build(btp)
+    backend = backend_traffic.build(btp, resources, response_override_namespace)
     rl = spec.get("rateLimit")
     if rl is None:
         return TrafficIR((), None, backend)
@@ -589,6 +593,23 @@ def build_security(
             if secret is None:
                 raise error_at(ref.req("name"), sp, f"no Secret {key_ns}/{name} in the input")
             creds.append(resources.secret_data(secret))
+        # Envoy Gateway's buildAPIKeyAuth: a client ID seen in an earlier Secret is skipped,
+        # the same key for two clients rejects the policy
+        seen_clients: set[str] = set()
+        seen_keys: set[str] = set()
+        for data in creds:
+            for client in sorted(data):
+                if client in seen_clients:
+                    continue
+                if data[client] in seen_keys:
+                    raise error_at(a.req("credentialRefs"), sp, "APIKeyAuth: duplicated API key.")
+                seen_clients.add(client)
+                seen_keys.add(data[client])
+        for source in a.req("extractFrom").list():
+            if sum(source.get(k) is not None for k in ("headers", "params", "cookies")) > 1:
+                raise error_at(
+                    source, sp, "only one of headers, params or cookies must be specified"
+                )
         policy["apiKeyAuth"] = {"credentials": creds, "extractFrom": a.req("extractFrom").value}
         for k in ("forwardClientIDHeader", "sanitize"):
             if (v := a.get(k)) is not None:
@@ -718,7 +739,12 @@ def _ext_auth(
     )
     refs = service_refs(svc)
     backend = extservice.service_backend(
-        refs, sp, resolver, f"securitypolicy/{sp.key}/extauth/0", http2=grpc is not None
+        refs,
+        sp,
+        resolver,
+        f"securitypolicy/{sp.key}/extauth/0",
+        http2=grpc is not None,
+        what="ExtAuth",
     )
     settings = extservice.settings(svc.get("backendSettings"), sp)
     body = e.get("bodyToExtAuth")
@@ -793,22 +819,36 @@ def build_ext_procs(
             (
                 "backendRef",
                 "backendRefs",
+                "backendSettings",
                 "processingMode",
                 "messageTimeout",
                 "failOpen",
                 "metadata",
+                "shadowMode",
+                "statusOnError",
             ),
-            {"backendSettings": "backend settings are not translated"},
         )
-        refs = ([ep.req("backendRef")] if ep.get("backendRef") is not None else []) + (
-            ep.get("backendRefs") or Node([], ep.file)
-        ).list()
-        if len(refs) != 1:
-            raise unsupported(ep, eep, "exactly one backendRef per extProc is translated")
-        ref = refs[0]
+        refs = service_refs(ep)
         backend = None
         chain = None
-        if ref.opt_str("kind") == "Backend" and ref.req("name").str() == OUTRIDER_EXTPROC_BACKEND:
+        settings = None
+        outrider = [
+            r
+            for r in refs
+            if r.opt_str("kind") == "Backend" and r.req("name").str() == OUTRIDER_EXTPROC_BACKEND
+        ]
+        if outrider:
+            ref = outrider[0]
+            if len(refs) != 1:
+                raise unsupported(
+                    ep, eep, f"the Backend {OUTRIDER_EXTPROC_BACKEND} must be the only backendRef"
+                )
+            if ep.get("backendSettings") is not None:
+                raise unsupported(
+                    ep.req("backendSettings"),
+                    eep,
+                    f"the Backend {OUTRIDER_EXTPROC_BACKEND} is Outrider's own sidecar",
+                )
             chain = eep.annotations.get(CHAIN_ANNOTATION, eep.key)
             if "/" not in chain:
                 chain = f"{eep.namespace}/{chain}"
@@ -820,7 +860,16 @@ def build_ext_procs(
                     f"{CHAIN_ANNOTATION} or add a ProcessingChain named like the policy)",
                 )
         else:
-            backend = resolver.resolve(ref, eep, http2=True)
+            backend = extservice.service_backend(
+                refs,
+                eep,
+                resolver,
+                f"envoyextensionpolicy/{eep.key}/extproc/{i}",
+                http2=True,
+                what="ExtProc",
+            )
+            settings = extservice.settings(ep.get("backendSettings"), eep)
+        status = ep.get("statusOnError")
         pm = ep.get("processingMode")
         req = resp = None
         allow_override = False
@@ -870,6 +919,11 @@ def build_ext_procs(
                 )
                 if md is not None
                 else (),
+                shadow_mode=bool(ep.opt_bool("shadowMode", False)),
+                status_on_error=_http_status(status, eep) if status is not None else None,
+                authority=authority(refs[0], eep, resources) if backend is not None else "",
+                retry=settings.retry if settings is not None else None,
+                settings=settings,
             )
         )
     return tuple(out)
@@ -906,7 +960,9 @@ def attach(
     btps = resources.of("BackendTrafficPolicy")
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
-    traffic = build_each(btps, resources, listeners, rejections, build_traffic)
+    traffic = build_each(
+        btps, resources, listeners, rejections, lambda p: build_traffic(p, resources)
+    )
     merged: dict[tuple[str, str], TrafficIR | None] = {}
     merged_sec: dict[tuple[str, str], Security | None] = {}
 
@@ -934,19 +990,13 @@ def attach(
         rejections,
         lambda p: extension.build_luas(p, resources),
     )
-    for kind in ("BackendTLSPolicy",):
-        for p in resources.of(kind):
-            rejections.add(
-                p,
-                error_at(p.node.get("kind") or p.node, p, f"{kind} is not supported yet"),
-            )
     for lst in listeners:
         for route in lst.routes:
             rule = rule_name(resources, route)
             if (w := winner(btps, lst, route, rule)) is not None:
                 t = traffic.get(w.key)
                 if t is not None and w.spec.get("mergeType") is not None:
-                    t = merged_traffic(w, btps, lst, route, rule, merged, rejections)
+                    t = merged_traffic(w, btps, lst, route, rule, merged, rejections, resources)
                 if t is not None:
                     route.global_rate_limit = t.global_rules
                     route.local_rate_limit = t.local
@@ -1052,9 +1102,11 @@ def merged_traffic(
     rule: str | None,
     cache: dict[tuple[str, str], TrafficIR | None],
     rejections: Rejections,
+    resources: ResourceSet | None = None,
 ) -> TrafficIR | None:
     """A route policy with ``mergeType`` merged onto the Gateway's (or listener's) policy,
-    as Envoy Gateway merges them; None when the merged policy is invalid."""
+    as Envoy Gateway merges them; None when the merged policy is invalid. ConfigMap bodies
+    of ``responseOverride`` resolve in the namespace of the policy the field came from."""
     parents = [
         p
         for p in btps
@@ -1062,7 +1114,7 @@ def merged_traffic(
     ]
     parent = winner(parents, listener, route, rule)
     if parent is None or rejections.rejected(parent):
-        return build_traffic(policy) if not rejections.rejected(policy) else None
+        return build_traffic(policy, resources) if not rejections.rejected(policy) else None
     key = (policy.key, parent.key)
     if key not in cache:
         merge_type = policy.spec.req("mergeType").str(choices=("StrategicMerge", "JSONMerge"))
@@ -1084,12 +1136,13 @@ def merged_traffic(
             policy.duplicate,
         )
         try:
-            merged = build_traffic(merged_res)
+            owner = policy if policy.spec.get("responseOverride") is not None else parent
+            merged = build_traffic(merged_res, resources, owner.namespace)
             if parent.spec.get("rateLimit") is not None:
                 # the rate limits merge as Envoy Gateway's IR, each rule under its policy
-                limits = build_traffic(parent)
+                limits = build_traffic(parent, resources)
                 if policy.spec.get("rateLimit") is not None:
-                    limits = merge_rate_limits(limits, build_traffic(policy), merge_type)
+                    limits = merge_rate_limits(limits, build_traffic(policy, resources), merge_type)
                 merged = TrafficIR(limits.global_rules, limits.local, merged.backend)
             cache[key] = merged
         except ConfigError as exc:

@@ -170,14 +170,6 @@ class ResourceSet:
                 return res
         return None
 
-    def trust_bundle(self, name: str) -> str | None:
-        """The PEM of the ClusterTrustBundle ``name`` (cluster-scoped: any namespace), for a
-        ``caCertificateRefs`` entry of kind ClusterTrustBundle; None when absent."""
-        for res in self.by_kind.get("ClusterTrustBundle", []):
-            if res.name == name:
-                return res.spec.req("trustBundle").str(nonempty=True)
-        return None
-
     def secret_data(self, secret: Resource) -> dict[str, str]:
         """A Secret's ``data`` (base64-decoded) merged with ``stringData`` (which wins)."""
         out: dict[str, str] = {}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import envoy as envoy_out
+from .backend_tls import backend_tls_policies, tls_for
 from .backend_traffic import apply_backend_traffic
 from .client_traffic import apply_client_traffic, attach_client_traffic
 from .csrf import apply_csrf
@@ -21,6 +23,7 @@ from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
+from .tls import apply_listener_tls, report_not_programmed
 
 DEFAULT_SOCKETS = {
     "ratelimit": "/run/outrider/ratelimit.sock",
@@ -95,15 +98,18 @@ def dump(data: Any) -> str:
 
 
 def translate_resources(resources: ResourceSet, options: Options) -> Output:
+    rejections = Rejections()
     resolver = BackendResolver(resources, options.backends)
+    if tls_policies := backend_tls_policies(resources, rejections):
+        resolver.tls_lookup = partial(tls_for, tls_policies)
     listeners = build_listeners(resources)
     build_routes(resources, listeners, resolver)
     build_l4_routes(resources, listeners, resolver)
     secret_files = SecretFiles(options.secrets_dir, {})
-    rejections = Rejections()
     chains = attach(resources, listeners, resolver, secret_files, rejections)
     attach_l4_policies(resources, listeners, rejections)
     client = attach_client_traffic(resources, listeners, rejections)
+    report_not_programmed(resources, listeners, rejections)
     if options.target == "gateway":
         from .k8s import gateway_manifests  # k8s builds on this module: imported late
 
@@ -130,6 +136,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
         bootstrap, listeners, options.listen_address, options.port_map, resolver.service_ips()
     )
     apply_client_traffic(bootstrap, client)
+    apply_listener_tls(bootstrap, listeners, client, secret_files)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)

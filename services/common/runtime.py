@@ -120,11 +120,22 @@ class AsyncioTasks(Collector):
         ]
 
 
-#: With --max-requests/--max-rss, the age after which a connection is asked (GOAWAY) to
-#: reconnect; gRPC adds up to 10 % jitter. The supervisor waits this long after pointing
-#: a socket at a replacement, plus the connections' grace (--drain-timeout), before it
-#: stops the old worker.
-RECYCLE_CONNECTION_AGE = 5.0
+#: With --max-requests/--max-rss, the longest a client keeps a connection to a sidecar
+#: worker: Envoy's cluster ``max_connection_duration`` (the translator sets it on every
+#: sidecar cluster). Envoy then opens its next connection through the socket name, so to
+#: a replacement, and closes the old one itself once its calls are done. The supervisor
+#: waits up to this, plus --drain-timeout and 1 s, for a replaced worker's connections
+#: to be gone before it stops the worker.
+#:
+#: The worker never ends a connection itself (no gRPC ``max_connection_age``): after
+#: its GOAWAY, grpc-core closes the connection the moment the last call on it is
+#: answered, and an Envoy that still had a frame to write on it (the RST_STREAM of the
+#: previous call, queued while it was descheduled) fails that write and drops the
+#: connection without reading the answer already in its socket buffer: Envoy's ext_proc
+#: filter then sees UNAVAILABLE ("reset reason: connection termination") and answers
+#: 500. Seen about once per hundred such closes on a loaded machine; a close Envoy makes
+#: itself has no such race. See docs/runtime.md.
+RECYCLE_CONNECTION_DURATION = 5.0
 
 
 class CallCounter(grpc.aio.ServerInterceptor):
@@ -328,19 +339,9 @@ class Runtime:
         counter = CallCounter() if self.options.max_requests else None
         if self.options.max_requests or self.options.max_rss_mib:
             self._recycler = Recycler(self.options, counter)
-        recycled: list[tuple[str, int]] = []
-        if self._recycler is not None:
-            # A worker that may be replaced makes its clients reconnect now and then, while
-            # it keeps serving: once the supervisor points the socket at the replacement,
-            # every client moves there without a call refused (see workers.py).
-            recycled = [
-                ("grpc.max_connection_age_ms", int(RECYCLE_CONNECTION_AGE * 1000)),
-                ("grpc.max_connection_age_grace_ms", int(self.options.drain_timeout * 1000)),
-            ]
         server = grpc.aio.server(
             interceptors=[counter] if counter is not None else None,
             options=[
-                *recycled,
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),

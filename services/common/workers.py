@@ -15,9 +15,16 @@ failed request:
 
 1. the replacement starts on its own generation's socket and admin socket;
 2. once its ``/readyz`` answers 200, the name is pointed at it (an atomic rename);
-3. the old worker gets SIGTERM and drains: gRPC GOAWAY tells Envoy to open its
-   next connection — through the same name, so to the new worker — while the
-   calls in flight finish (``--drain-timeout``).
+3. the old worker keeps serving the connections it has until the client closes them:
+   Envoy does so once a connection reaches the cluster's ``max_connection_duration``
+   (``RECYCLE_CONNECTION_DURATION``; the translator sets it), opening its next one
+   through the same name, so to the new worker. Once the old worker's sockets have no
+   connection left (``/proc/net/unix``), or that duration plus ``--drain-timeout``
+   and 1 s have passed, it gets SIGTERM and drains.
+
+The worker never closes a connection first: a server-side close (gRPC's
+``max_connection_age``) races Envoy and lost about one call per hundred closes
+under load (see ``RECYCLE_CONNECTION_DURATION``).
 
 Envoy's cluster never sees an endpoint go away. A replacement that does not
 become ready (a config now invalid on disk, say) is stopped and the old worker
@@ -27,7 +34,11 @@ Workers run the same command line minus the per-worker flags (``--workers``,
 ``--listen``, ``--admin`` and the service's own address flags, which the
 supervisor sets for each worker) and inherit the environment; a flag on the
 command line wins over its ``OUTRIDER_*`` variable, so the per-worker values
-always apply.
+always apply. Options whose value may hold a secret (``SECRET_FLAGS``: Redis URLs
+carry the password, as the envoyproxy/ratelimit shim writes ``REDIS_AUTH`` into one)
+reach workers as their ``OUTRIDER_*`` variable instead, never in argv: any local user
+can read a command line (``ps``, ``/proc/PID/cmdline``), a process's environment only
+its owner.
 
 Supervision policy:
 
@@ -63,9 +74,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from .cli import env_name
 from .httpserver import start_http
 from .listeners import Address, ListenError, prepare_unix_path
-from .runtime import RECYCLE_CONNECTION_AGE, RuntimeOptions
+from .runtime import RECYCLE_CONNECTION_DURATION, RuntimeOptions
 
 log = logging.getLogger("outrider.workers")
 
@@ -78,6 +90,11 @@ READY_TIMEOUT = 30.0
 RECYCLE_RETRY = 30.0
 #: Flags the supervisor sets itself for each worker.
 SUPERVISOR_FLAGS = ("--workers", "--listen", "--admin", "--supervisor-fd")
+#: Options whose value may carry a secret (a password in a Redis or xDS URL): passed to
+#: workers in the environment, never on their command line.
+SECRET_FLAGS = ("--redis-url", "--redis-persecond-url", "--config-xds")
+#: ``__SO_ACCEPTCON`` in /proc/net/unix's flags: a listening socket.
+ACCEPTCON = 0x10000
 
 
 def worker_path(path: str, index: int, suffix: str = "") -> str:
@@ -102,6 +119,27 @@ def point(name: str, target: str) -> None:
     os.replace(tmp, name)
 
 
+def connections_to(paths: set[str], table: str = "/proc/net/unix") -> int | None:
+    """Client connections open (or waiting to be accepted) on the unix sockets ``paths``.
+
+    Reads the kernel's socket table, where a server's accepted sockets carry the path
+    they were accepted on; the listening socket itself is left out. None where there
+    is no such table (not Linux): the caller then waits its full time.
+    """
+    wanted = paths | {os.path.abspath(p) for p in paths}
+    try:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    rows = (line.split(maxsplit=7) for line in lines)
+    return sum(
+        1
+        for f in rows
+        if len(f) == 8 and f[7].rstrip("\n") in wanted and not int(f[3], 16) & ACCEPTCON
+    )
+
+
 def without_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
     """``argv`` minus every ``--flag VALUE`` / ``--flag=VALUE`` of ``flags``."""
     out: list[str] = []
@@ -116,15 +154,40 @@ def without_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
     return out
 
 
+def flag_values(argv: Sequence[str], flags: Sequence[str]) -> dict[str, str]:
+    """The value of each of ``flags`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``;
+    the last one given, as argparse keeps it)."""
+    values: dict[str, str] = {}
+    tokens = iter(argv)
+    for token in tokens:
+        if token in flags:
+            value = next(tokens, None)
+            if value is not None:
+                values[token] = value
+            continue
+        name, eq, value = token.partition("=")
+        if eq and name in flags:
+            values[name] = value
+    return values
+
+
 class Worker:
     """One worker process: slot ``index``, generation ``generation``."""
 
     def __init__(
-        self, index: int, generation: int, argv: list[str], sockets: dict[str, str], admin: str
+        self,
+        index: int,
+        generation: int,
+        argv: list[str],
+        sockets: dict[str, str],
+        admin: str,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
         self.argv = argv
+        #: added to the inherited environment (the secret-bearing options)
+        self.env = dict(env or {})
         #: symlink name → this process's socket
         self.sockets = sockets
         self.admin_path = admin
@@ -136,7 +199,11 @@ class Worker:
         read_fd, write_fd = os.pipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, "--supervisor-fd", str(write_fd), pass_fds=(write_fd,)
+                *self.argv,
+                "--supervisor-fd",
+                str(write_fd),
+                pass_fds=(write_fd,),
+                env={**os.environ, **self.env} if self.env else None,
             )
         finally:
             os.close(write_fd)
@@ -201,7 +268,10 @@ class Supervisor:
         self.options = options
         self.count = count
         self._addresses = dict(worker_addresses or {})
-        self._shared_argv = without_flags(argv, (*SUPERVISOR_FLAGS, *self._addresses))
+        shared = without_flags(argv, (*SUPERVISOR_FLAGS, *self._addresses))
+        # the flag's value, which wins over the variable the supervisor may also have
+        self._secret_env = {env_name(f): v for f, v in flag_values(shared, SECRET_FLAGS).items()}
+        self._shared_argv = without_flags(shared, SECRET_FLAGS)
         self._stopping = asyncio.Event()
         self._deaths: deque[float] = deque()
         self._generation = 0
@@ -239,7 +309,7 @@ class Supervisor:
             sockets[name] = generation_path(name, gen)
             argv += [flag, f"unix:{sockets[name]}"]
         argv += ["--admin", f"unix:{admin}"]
-        return Worker(i, gen, argv, sockets, admin)
+        return Worker(i, gen, argv, sockets, admin, self._secret_env)
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> int:
@@ -377,12 +447,17 @@ class Supervisor:
             self._spawn(self._retire(old))
 
     async def _retire(self, old: Worker) -> None:
-        # The old worker keeps serving while each client's connection reaches its maximum
-        # age (GOAWAY, then a new connection through the name, to the new worker) and its
-        # grace (drain_timeout) runs out, so every connection it had is gone; only then is
-        # it stopped, so no call races a refusing server (stopping at the age alone lost a
-        # request on a loaded machine, where a client's reconnect lags its GOAWAY).
-        await asyncio.sleep(RECYCLE_CONNECTION_AGE * 1.1 + self.options.drain_timeout + 1)
+        # The old worker serves on while its clients close their connections (Envoy at the
+        # cluster's max_connection_duration, reconnecting through the name to the new
+        # worker); it is stopped once none is left, or when a client that does not close
+        # them has had the duration and the drain to do so (then its SIGTERM drain sends
+        # GOAWAY, which races that client's next call: see RECYCLE_CONNECTION_DURATION).
+        deadline = time.monotonic() + RECYCLE_CONNECTION_DURATION + self.options.drain_timeout + 1
+        paths = set(old.sockets.values())
+        while time.monotonic() < deadline and old.alive():
+            if await asyncio.to_thread(connections_to, paths) == 0:
+                break
+            await asyncio.sleep(0.1)
         old.signal(signal.SIGTERM)
 
     async def _retry(self, old: Worker, reason: str) -> None:

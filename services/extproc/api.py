@@ -17,6 +17,7 @@ import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 
@@ -121,6 +122,10 @@ class Processor:
     #: ``ctx.request_headers``/``response_headers``): a chain of such processors skips
     #: decoding Envoy's headers (they arrive as ``{}``).
     reads_headers: bool = True
+    #: Hooks whose result is always this same :class:`Mutation`, whatever the request
+    #: and context (no side effects, never raises): the chain applies it without calling
+    #: the hook. The ``headers`` processor with constant values fills this.
+    constant_results: Mapping[str, Mutation] = MappingProxyType({})
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: Mapping[str, Any] = options or {}

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .api import (
     BodyNeed,
@@ -88,22 +88,21 @@ class StreamOptions:
     known: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class HeadersEvent:
+# Events are named tuples, not frozen dataclasses: one is built per message, and a frozen
+# dataclass sets each field through ``object.__setattr__``.
+class HeadersEvent(NamedTuple):
     phase: Phase
     headers: dict[str, str]
     end_of_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
-class BodyEvent:
+class BodyEvent(NamedTuple):
     phase: Phase
     body: bytes
     end_of_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
-class TrailersEvent:
+class TrailersEvent(NamedTuple):
     phase: Phase
     trailers: dict[str, str]
 
@@ -156,7 +155,7 @@ class HeaderOps:
         return out
 
     def touches(self, names: frozenset[str]) -> bool:
-        return any(n in names for n in self.ops)
+        return not names.isdisjoint(self.ops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +252,13 @@ class Chain:
     response_trailer_procs: tuple[Processor, ...] = ()
     #: Some processor reads header values: the transport decodes Envoy's headers.
     reads_headers: bool = True
+    #: Some processor needs the response phase (its headers, body or trailers); read for
+    #: every message, so computed once here.
+    needs_response_headers: bool = field(init=False, default=False)
+    #: Every header hook of the chain has a constant result and nothing reads bodies or
+    #: trailers: a stream's replies depend only on its options and on the kinds and
+    #: end_of_stream flags of its messages (the transport memoizes them).
+    constant: bool = field(init=False, default=False)
 
     @classmethod
     def build(cls, name: str, processors: tuple[Processor, ...], fail_open: bool = False) -> Chain:
@@ -274,11 +280,30 @@ class Chain:
             reads_headers=any(p.reads_headers for p in processors),
         )
 
-    @property
-    def needs_response_headers(self) -> bool:
-        return bool(
+    def __post_init__(self) -> None:
+        needs = bool(
             self.response_header_procs or self.response_body_procs or self.response_trailer_procs
         )
+        object.__setattr__(self, "needs_response_headers", needs)  # once per config load
+        constant = not (
+            self.request_body_procs
+            or self.response_body_procs
+            or self.request_trailer_procs
+            or self.response_trailer_procs
+            or self.reads_headers
+        ) and all(
+            hook in p.constant_results
+            for procs, hook in (
+                (self.request_header_procs, "on_request_headers"),
+                (self.response_header_procs, "on_response_headers"),
+            )
+            for p in procs
+        )
+        object.__setattr__(self, "constant", constant)
+
+
+#: What a hook may return besides None (a tuple: isinstance is cheaper than with a union).
+_HOOK_RESULTS = (Mutation, ImmediateResponse)
 
 
 class _HookFailed(Exception):
@@ -464,7 +489,7 @@ class StreamCore:
         start = self.clock()
         try:
             result = await fn(self.ctx, *args)
-            if result is not None and not isinstance(result, Mutation | ImmediateResponse):
+            if result is not None and not isinstance(result, _HOOK_RESULTS):
                 raise TypeError(
                     f"returned {type(result).__name__}; expected Mutation, "
                     "ImmediateResponse or None"
@@ -505,11 +530,9 @@ class StreamCore:
             name = name.lower()
             ops.set(name, value)
             view[name] = value
-        appends = (
-            m.append_headers.items()
-            if isinstance(m.append_headers, Mapping)
-            else (m.append_headers)
-        )
+        appends = m.append_headers
+        if not isinstance(appends, (list, tuple)):  # a list of pairs needs no ABC check
+            appends = appends.items() if isinstance(appends, Mapping) else appends
         for name, value in appends:
             name = name.lower()
             ops.append(name, value)
@@ -538,9 +561,15 @@ class StreamCore:
             return run
         view = dict(headers)
         for p in procs:
-            result = await self._call(p, hook, view, *args)
-            if result is None:
-                continue
+            result = p.constant_results.get(hook)
+            if result is not None:
+                # The same Mutation whatever the request: not called (no coroutine, no
+                # clock); counted as a call that took no time.
+                self.observer.processor_time(self.chain.name, p.name, hook, 0.0)
+            else:
+                result = await self._call(p, hook, view, *args)
+                if result is None:
+                    continue
             if isinstance(result, ImmediateResponse):
                 run.immediate = result
                 return run

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -98,18 +99,21 @@ def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(struct)
 
 
+def options_key(msg: pb.ProcessingRequest) -> tuple[int, int, bool] | None:
+    """What the stream's options are made of (``protocol_config``; None when absent)."""
+    if not msg.HasField("protocol_config"):
+        return None
+    pc = msg.protocol_config
+    return (
+        pc.request_body_mode,
+        pc.response_body_mode,
+        pc.send_body_without_waiting_for_header_response,
+    )
+
+
 def stream_options(msg: pb.ProcessingRequest) -> StreamOptions:
     """The stream's options; one shared (frozen) object per distinct protocol_config."""
-    if not msg.HasField("protocol_config"):
-        return _options(None)
-    pc = msg.protocol_config
-    return _options(
-        (
-            pc.request_body_mode,
-            pc.response_body_mode,
-            pc.send_body_without_waiting_for_header_response,
-        )
-    )
+    return _options(options_key(msg))
 
 
 @functools.lru_cache(maxsize=64)  # enum values: a handful of combinations exist
@@ -277,7 +281,7 @@ class ResponseCache:
         else:
             return None
         ops = reply.headers
-        signature = tuple((n, k, tuple(v)) for n, (k, v) in ops.ops.items()) if ops else ()
+        signature = tuple([(n, k, *v) for n, (k, v) in ops.ops.items()]) if ops else ()
         return (type(reply), reply.phase, signature, *extra)
 
     def encode(self, reply: Reply) -> bytes:
@@ -290,6 +294,48 @@ class ResponseCache:
                 self._cache.clear()
             cached = self._cache[key] = to_response(reply).SerializeToString()
         return cached
+
+
+# -- constant chains ------------------------------------------------------------------------------
+#: Memoized streams of constant chains kept (distinct options x message sequences).
+MEMO_ENTRIES = 256
+
+#: (chain name, options key, observability mode, ((message kind, end_of_stream), ...))
+MemoKey = tuple[str, tuple[int, int, bool] | None, bool, tuple[tuple[str, bool], ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    """What the core answered to one message of a constant chain, after the same ones."""
+
+    chain: Chain  # the entry holds for this chain object only (a reload builds new ones)
+    replies: tuple[bytes, ...]  # encoded
+    complete: bool
+    hooks: tuple[tuple[str, str], ...]  # (processor, hook) timed, observed again at 0 s
+
+
+class _Recorder(Observer):
+    """Passes the core's observations on, noting the hooks it timed."""
+
+    def __init__(self, inner: Observer) -> None:
+        self.inner = inner
+        self.hooks: list[tuple[str, str]] = []
+
+    def processor_time(self, chain: str, processor: str, hook: str, seconds: float) -> None:
+        self.hooks.append((processor, hook))
+        self.inner.processor_time(chain, processor, hook, seconds)
+
+    def processor_error(self, chain: str, processor: str, hook: str) -> None:
+        self.inner.processor_error(chain, processor, hook)
+
+    def immediate_response(self, chain: str, status: int) -> None:
+        self.inner.immediate_response(chain, status)
+
+    def body_passthrough(self, chain: str, processor: str) -> None:
+        self.inner.body_passthrough(chain, processor)
+
+
+_PHASES = {"request_headers": Phase.REQUEST, "response_headers": Phase.RESPONSE}
 
 
 # -- the servicer -------------------------------------------------------------------------------
@@ -322,6 +368,7 @@ class ExternalProcessorServicer:
         self._chains = chains
         self._metrics = metrics or StreamMetrics()
         self._responses = ResponseCache()
+        self._memo: dict[MemoKey, _Memo] = {}
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         name = chain_name(context)
@@ -342,6 +389,12 @@ class ExternalProcessorServicer:
         write = context.write
         encode = self._responses.encode
         decode = chain.reads_headers
+        # A constant chain's replies depend only on the stream's options and the kinds
+        # and end_of_stream flags of its messages: until a message not seen before in
+        # that position, each is answered from the memo without a core.
+        memoize = chain.constant
+        base: tuple[str, tuple[int, int, bool] | None, bool] | None = None
+        steps: tuple[tuple[str, bool], ...] = ()
         try:
             while True:
                 msg = await read()
@@ -356,33 +409,62 @@ class ExternalProcessorServicer:
                     metrics.message("invalid")
                     raise exc
                 metrics.message(kind)
+                recorder: _Recorder | None = None
+                key: MemoKey | None = None
                 if core is None:
-                    core = StreamCore(
-                        chain,
-                        stream_options(msg),
-                        observability=msg.observability_mode,
-                        observer=metrics,
-                    )
+                    if base is None:
+                        base = (name, options_key(msg), msg.observability_mode)
+                    if memoize and isinstance(event, HeadersEvent):
+                        steps += ((kind, event.end_of_stream),)
+                        key = (*base, steps)
+                        entry = self._memo.get(key)
+                        if entry is not None and entry.chain is chain:
+                            for processor, hook in entry.hooks:
+                                metrics.processor_time(name, processor, hook, 0.0)
+                            memo_replies = entry.replies
+                            if entry.complete:
+                                if not memo_replies:
+                                    return NO_REPLY
+                                for data in memo_replies[:-1]:
+                                    await write(data)
+                                return memo_replies[-1]
+                            for data in memo_replies:
+                                await write(data)
+                            continue
+                        recorder = _Recorder(metrics)
+                    core = await self._core(chain, base, steps[:-1] if key else steps)
+                    if recorder is not None:
+                        core.observer = recorder
                 if msg.attributes:
                     core.add_attributes(
                         {k: v for s in msg.attributes.values() for k, v in struct_dict(s).items()}
                     )
-                if kind.endswith("headers") and msg.metadata_context.filter_metadata:
+                if (
+                    kind.endswith("headers")
+                    and msg.HasField("metadata_context")  # no wrapper objects when absent
+                    and msg.metadata_context.filter_metadata
+                ):
                     core.set_metadata(
                         {
                             ns: struct_dict(s)
                             for ns, s in msg.metadata_context.filter_metadata.items()
                         }
                     )
-                replies = await core.handle(event)
-                if core.complete:
+                replies = [encode(reply) for reply in await core.handle(event)]
+                complete = core.complete
+                if recorder is not None and key is not None:
+                    self._remember(
+                        key, _Memo(chain, tuple(replies), complete, tuple(recorder.hooks))
+                    )
+                    core.observer = metrics
+                if complete:
                     if not replies:  # observability mode: Envoy ignores what we send
                         return NO_REPLY
-                    for reply in replies[:-1]:
-                        await write(encode(reply))
-                    return encode(replies[-1])
-                for reply in replies:
-                    await write(encode(reply))
+                    for data in replies[:-1]:
+                        await write(data)
+                    return replies[-1]
+                for data in replies:
+                    await write(data)
         except ProtocolViolation as exc:
             metrics.protocol_violation(str(exc))
             log.warning("chain %s: protocol violation: %s", name, exc)
@@ -400,6 +482,26 @@ class ExternalProcessorServicer:
         finally:
             metrics.stream_ended(name)
         return None  # not reached: every path above returns or raises
+
+    async def _core(
+        self,
+        chain: Chain,
+        base: tuple[str, tuple[int, int, bool] | None, bool],
+        steps: tuple[tuple[str, bool], ...],
+    ) -> StreamCore:
+        """A core for the stream, fed the headers messages already answered from the memo
+        (unobserved: they were counted when answered). Their header values do not matter:
+        a constant chain reads none."""
+        core = StreamCore(chain, _options(base[1]), observability=base[2], observer=Observer())
+        for kind, end_of_stream in steps:
+            await core.handle(HeadersEvent(_PHASES[kind], {}, end_of_stream))
+        core.observer = self._metrics
+        return core
+
+    def _remember(self, key: MemoKey, entry: _Memo) -> None:
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[key] = entry
 
 
 def add_to_server(servicer: ExternalProcessorServicer, server: grpc.aio.Server) -> None:

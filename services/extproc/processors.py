@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from .api import BodyNeed, Context, HookResult, ImmediateResponse, Mutation, Processor
@@ -197,6 +198,12 @@ class HeadersProcessor(Processor):
         self.response = response
         self._request_const = self._constant(request)
         self._response_const = self._constant(response)
+        constants = {}
+        if request and self._request_const is not None:
+            constants["on_request_headers"] = self._request_const
+        if response and self._response_const is not None:
+            constants["on_response_headers"] = self._response_const
+        self.constant_results = MappingProxyType(constants)
         # Constant values read nothing; templates may read headers (or the request id).
         self.reads_headers = (bool(request) and self._request_const is None) or (
             bool(response) and self._response_const is None

@@ -2,7 +2,8 @@
 
 The policy travels in the per-route `check_settings.http_service.path_prefix`
 (`/policy/NAME`), the client address in `x-outrider-client-address` added by
-`authorization_request.headers_to_add`.
+`authorization_request.headers_to_add`, trusted only when the prefix opts in
+(`/policy/NAME;client_address=header`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from typing import Any
 
 import pytest
 
-from services.extauth.transport.http import split_policy_path
+from services.extauth.transport.http import (
+    request_from_message,
+    split_policy_path,
+    split_policy_target,
+)
 from tests.extauth.helpers import (
     SigningKey,
     apache_htpasswd,
@@ -34,7 +39,9 @@ FILTER = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuth
 PER_ROUTE = FILTER + "PerRoute"
 
 
-def http_service(port: int, policy: str | None) -> dict[str, Any]:
+def http_service(port: int, policy: str | None, *, client_address: bool = True) -> dict[str, Any]:
+    """``client_address=False``: a hand-written config that forwards the client's headers
+    without adding the address (nor opting in to trusting it)."""
     service: dict[str, Any] = {
         "server_uri": {
             "uri": f"http://127.0.0.1:{port}",
@@ -47,7 +54,9 @@ def http_service(port: int, policy: str | None) -> dict[str, Any]:
                     "key": "x-outrider-client-address",
                     "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
                 }
-            ],
+            ]
+            if client_address
+            else [],
         },
         "authorization_response": {
             "allowed_upstream_headers": {
@@ -62,7 +71,8 @@ def http_service(port: int, policy: str | None) -> dict[str, Any]:
     }
     # Every service needs a prefix: without one, the client's own path would be read as
     # /policy/NAME. The listener-level one (routes without a policy) names none.
-    service["path_prefix"] = f"/policy/{policy}" if policy is not None else "/no-policy"
+    opt_in = ";client_address=header" if client_address else ""
+    service["path_prefix"] = f"/policy/{policy}{opt_in}" if policy is not None else "/no-policy"
     return service
 
 
@@ -100,6 +110,23 @@ def envoy_http_mode(
                     "envoy.filters.http.ext_authz": {
                         "@type": PER_ROUTE,
                         "check_settings": {"http_service": http_service(authz_port, name)},
+                    }
+                },
+            }
+        )
+    # the cidr policies again, from a config that forwards every client header but neither
+    # adds the address nor opts in: a client's own x-outrider-client-address is not trusted
+    for name in ("cidr-allow", "cidr-deny"):
+        routes.append(
+            {
+                "match": {"prefix": f"/untrusted-{name}/"},
+                "route": {"cluster": "upstream"},
+                "typed_per_filter_config": {
+                    "envoy.filters.http.ext_authz": {
+                        "@type": PER_ROUTE,
+                        "check_settings": {
+                            "http_service": http_service(authz_port, name, client_address=False)
+                        },
                     }
                 },
             }
@@ -259,6 +286,18 @@ def test_http_mode_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     assert http_call(f"{http_mode}/policy/apikey/x", {"x-api-key": "key-a"})[0] == 403
 
 
+def test_http_mode_client_address_only_when_opted_in(http_mode: str) -> None:
+    """A config that forwards every client header but neither sets the address nor opts in
+    (no ``;client_address=header`` in the prefix): a client's own copy is not trusted."""
+    forged = {"x-outrider-client-address": "10.1.1.1"}
+    assert http_call(f"{http_mode}/untrusted-cidr-deny/", forged)[0] == 403
+    loopback = {"x-outrider-client-address": "127.0.0.1"}
+    assert http_call(f"{http_mode}/untrusted-cidr-allow/", loopback)[0] == 403
+    # opted in, with the address Envoy sets: the real peer, whatever the client sends
+    assert http_call(f"{http_mode}/cidr-allow/", forged)[0] == 200
+    assert http_call(f"{http_mode}/cidr-deny/", forged)[0] == 403
+
+
 def test_a_10kb_jwt_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
     """Envoy forwards headers up to max_request_headers_kb (60 KiB by default); a 10 KB
     JWT (well within it, and allowed over gRPC) is allowed in HTTP mode too."""
@@ -282,6 +321,31 @@ def test_a_10kb_jwt_through_envoy(http_mode: str, rsa1: SigningKey) -> None:
 )
 def test_split_policy_path(raw: str, expected: tuple) -> None:
     assert split_policy_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "source"),
+    [
+        ("/policy/p;client_address=header/x", "10.1.1.1"),
+        ("/policy/p/x", ""),  # not opted in: the header may be the client's own
+        ("/policy/p;client_address=headers/x", ""),
+        ("/policy/p%3Bclient_address=header/x", ""),  # part of the name, not a parameter
+        ("/policy/p/;client_address=header", ""),  # in the client's path, not the prefix
+        ("/other;client_address=header", ""),
+    ],
+)
+def test_client_address_header_trusted_only_when_opted_in(target: str, source: str) -> None:
+    request = request_from_message("GET", target, [("x-outrider-client-address", "10.1.1.1")])
+    assert request.source_address == source
+    assert "x-outrider-client-address" not in request.headers
+
+
+def test_policy_parameters_are_not_the_name() -> None:
+    assert split_policy_target("/policy/a%3Bb;client_address=header/x?y") == (
+        "a;b",
+        frozenset({"client_address=header"}),
+        "/x?y",
+    )
 
 
 # -- the HTTP/1.1 server itself, driven over its unix socket -------------------------------

@@ -17,6 +17,7 @@ from services.extauth.oidc.session import (
     CHUNK_CHARS,
     CookieSealer,
     CookieSessionStore,
+    ExpiringSet,
     LoginState,
     Session,
     join_chunks,
@@ -137,6 +138,119 @@ async def test_cookie_store_state_is_single_use() -> None:
     assert await store.claim_state("state-1", 600)
     assert not await store.claim_state("state-1", 600)
     assert await store.claim_state("state-2", 600)
+
+
+class _Tick:
+    """A clock reading that counts the comparisons made with it (and with deadlines
+    derived from it): the work an :class:`ExpiringSet` does, whatever the machine's load."""
+
+    compared = 0
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __add__(self, other: float) -> _Tick:
+        return _Tick(self.value + other)
+
+    def _cmp(self, other: object) -> float:
+        _Tick.compared += 1
+        return self.value - (other.value if isinstance(other, _Tick) else other)  # type: ignore[operator]
+
+    def __lt__(self, other: object) -> bool:
+        return self._cmp(other) < 0
+
+    def __le__(self, other: object) -> bool:
+        return self._cmp(other) <= 0
+
+    def __gt__(self, other: object) -> bool:
+        return self._cmp(other) > 0
+
+    def __ge__(self, other: object) -> bool:
+        return self._cmp(other) >= 0
+
+    def __eq__(self, other: object) -> bool:
+        return self._cmp(other) == 0
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """``time.monotonic`` as seen by the session module: ``now[0]``, as a counting _Tick."""
+    import services.extauth.oidc.session as session_module
+
+    now = [1000.0]
+
+    class _Time:
+        @staticmethod
+        def monotonic() -> _Tick:
+            return _Tick(now[0])
+
+        time = staticmethod(time.time)
+
+    monkeypatch.setattr(session_module, "time", _Time)
+    return now
+
+
+def test_expiring_set_expires_and_evicts_the_soonest_deadline(fake_clock: list[float]) -> None:
+    states = ExpiringSet(max_items=3)
+    assert states.add_new("a", 10)
+    assert states.add_new("b", 30)
+    assert states.add_new("c", 20)
+    assert not states.add_new("a", 10)  # a replay
+    fake_clock[0] += 10  # "a" has expired: it may come again, and leaves room
+    assert states.add_new("d", 60)
+    assert len(states) == 3
+    assert states.evicted == 0
+    assert states.add_new("a", 60)  # full of live keys: "c", nearest its deadline, goes
+    assert len(states) == 3
+    assert states.evicted == 1
+    assert [states.add_new(k, 60) for k in "bda"] == [False, False, False]
+    assert states.add_new("c", 60)  # forgotten: what eviction gives up
+    fake_clock[0] += 1000
+    assert len(states) == 3  # expired keys leave as new ones come
+    assert states.add_new("e", 1)
+    assert len(states) == 1
+
+
+def test_expiring_set_full_insert_is_logarithmic(fake_clock: list[float]) -> None:
+    """An attacker can fill the login-state set without an account (start a login, send
+    its callback): once full, each new state must not cost a scan of the set. Counted in
+    comparisons of deadlines, not seconds, so machine load cannot break it."""
+    n = 2048
+    states = ExpiringSet(max_items=n)
+    for i in range(n):
+        assert states.add_new(f"live-{i}", 600)
+    _Tick.compared = 0
+    for i in range(n):
+        fake_clock[0] += 0.001  # nothing expires: every insert evicts
+        assert states.add_new(f"flood-{i}", 600)
+    assert len(states) == n
+    # a heap: about 2 log2(n) comparisons an insert and eviction; a scan would be n
+    assert _Tick.compared <= n * 4 * 11, _Tick.compared
+    assert all(not states.add_new(f"flood-{i}", 600) for i in range(n - 10, n))
+
+
+async def test_remembered_refreshes_are_bounded(
+    fake_clock: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.extauth.oidc.session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_REMEMBERED_REFRESHES", 3)
+    store = CookieSessionStore(CookieSealer((SECRET_A,)), "__Host-s")
+    now = time.time()
+
+    def session(token: str) -> Session:
+        return Session("alice", {}, "id", token, now, now + 100, "rt", None, now, now + 3600)
+
+    for i in range(5):
+        store.remember_refresh(session(f"old-{i}"), session(f"new-{i}"))
+    assert store.recently_refreshed(session("old-4")) == session("new-4")
+    assert store.recently_refreshed(session("old-1")) is None  # the oldest forgotten
+    assert len(store._refreshed) == 3
+    fake_clock[0] += 31  # REFRESH_REUSE_SECONDS later: all expired, dropped on the next
+    store.remember_refresh(session("old-5"), session("new-5"))
+    assert list(store._refreshed) == [session_module.digest("old-5")]
 
 
 def test_pkce_s256_matches_rfc7636_appendix_b() -> None:

@@ -64,12 +64,15 @@ def envoy_config(
     upstream_port: int,
     routes: list[dict[str, Any]] | None = None,
     listener_port: int | None = None,
+    max_connection_duration: str = "",
     **filter_kw: Any,
 ) -> tuple[dict[str, Any], int]:
     """A bootstrap with the ext_proc filter; returns (config, listener port)."""
     port = listener_port or free_port()
     paths = [socket_paths] if isinstance(socket_paths, str) else socket_paths
-    cluster = grpc_uds_cluster("outrider_extproc", paths[0])
+    cluster = grpc_uds_cluster(
+        "outrider_extproc", paths[0], max_connection_duration=max_connection_duration
+    )
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
         {"endpoint": {"address": {"pipe": {"path": p}}}} for p in paths
     ]

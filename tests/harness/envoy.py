@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,13 +34,20 @@ def _endpoint(address: dict[str, Any]) -> dict[str, Any]:
     return {"lb_endpoints": [{"endpoint": {"address": address}}]}
 
 
-def grpc_uds_cluster(name: str, socket_path: str, timeout: str = "1s") -> dict[str, Any]:
-    """An HTTP/2 cluster to a gRPC service on a unix socket."""
+def grpc_uds_cluster(
+    name: str, socket_path: str, timeout: str = "1s", *, max_connection_duration: str = ""
+) -> dict[str, Any]:
+    """An HTTP/2 cluster to a gRPC service on a unix socket; ``max_connection_duration``
+    as the translator sets it on sidecar clusters (Envoy ends each connection itself)."""
+    options = copy.deepcopy(HTTP2_OPTIONS)
+    if max_connection_duration:
+        (po,) = options.values()
+        po["common_http_protocol_options"] = {"max_connection_duration": max_connection_duration}
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": timeout,
-        "typed_extension_protocol_options": HTTP2_OPTIONS,
+        "typed_extension_protocol_options": options,
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [_endpoint({"pipe": {"path": socket_path}})],

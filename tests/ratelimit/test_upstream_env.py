@@ -365,3 +365,81 @@ async def test_redis_tls_variables_reach_a_tls_redis(redis_factory: Any) -> None
             await limiter.should_rate_limit("t", [Descriptor((("k", "w"),), None, None)], 1)
     finally:
         await store.close()
+
+
+def _command_lines_mentioning(text: str) -> list[str]:
+    """Every process's command line (what any local user reads: ps, /proc/PID/cmdline)
+    that contains ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        if any(text in arg for arg in args):
+            found.append(" ".join(args))
+    return found
+
+
+def test_workers_get_the_redis_password_outside_their_command_line(
+    tmp_path: Path, sockdir: Path, redis_server: Any
+) -> None:
+    """``--workers`` under the shim: REDIS_AUTH becomes a --redis-url with the password;
+    the workers receive it in their environment, never in argv, and still authenticate."""
+    password = "s3cret-pw-in-env-only"
+    with redis_server.client() as client:
+        client.config_set("requirepass", password)
+    config = tmp_path / "runtime" / "ratelimit" / "config"
+    config.mkdir(parents=True)
+    limit = {"key": "k", "rate_limit": {"unit": "day", "requests_per_unit": 1}}
+    (config / "api.yaml").write_text(yaml.safe_dump({"domain": "api", "descriptors": [limit]}))
+    admin = free_port()
+    proc = ManagedProcess(
+        "bin-ratelimit-workers",
+        [sys.executable, "-m", "services.ratelimit.upstream_env", "--workers", "2"],
+        env={
+            "PYTHONUNBUFFERED": "1",
+            "RUNTIME_ROOT": str(tmp_path / "runtime"),
+            "RUNTIME_SUBDIRECTORY": "ratelimit",
+            "USE_STATSD": "false",
+            "HOST": "127.0.0.1",
+            "PORT": str(admin),
+            "GRPC_UDS": f"{sockdir}/rl.sock",
+            "REDIS_SOCKET_TYPE": "tcp",
+            "REDIS_URL": f"127.0.0.1:{redis_server.port}",
+            "REDIS_AUTH": password,
+            "REDIS_TIMEOUT": "5s",  # a busy test machine, not a slow Redis
+        },
+        cwd=REPO,
+        log_dir=tmp_path,
+    ).start()
+    try:
+        proc.wait_ready(lambda: http_get(f"http://127.0.0.1:{admin}/readyz", 1)[0] == 200, 60)
+        workers = _command_lines_mentioning(str(sockdir))
+        assert len(workers) == 2, workers
+        assert not _command_lines_mentioning(password), "the password is in a command line"
+        # the workers reached Redis with the password: counts are shared through it
+        entry = ratelimit_pb2.RateLimitDescriptor.Entry(key="k", value="v")
+        request = rls_pb2.RateLimitRequest(
+            domain="api", descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=[entry])]
+        )
+        codes = []
+        for i in range(2):
+            with grpc.insecure_channel(f"unix:{sockdir}/rl-{i}.sock") as channel:
+                stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+                codes.append(stub.ShouldRateLimit(request, timeout=10).overall_code)
+        assert codes == [rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT]
+    finally:
+        proc.stop()
+
+
+def test_secret_flags_leave_the_worker_command_line() -> None:
+    from services.common.workers import SECRET_FLAGS, flag_values, without_flags
+
+    argv = ["--config", "c", "--redis-url=redis://:a@h", "--redis-url", "redis://:b@h"]
+    argv += ["--redis-persecond-url", "redis://:c@h", "--prefix", "p"]
+    assert flag_values(argv, SECRET_FLAGS) == {
+        "--redis-url": "redis://:b@h",  # the last one, as argparse keeps it
+        "--redis-persecond-url": "redis://:c@h",
+    }
+    assert without_flags(argv, SECRET_FLAGS) == ["--config", "c", "--prefix", "p"]

@@ -7,6 +7,9 @@ test upstreams (an HTTP server and a TCP echo server).
 - ``mergeType: StrategicMerge``: a route's local rate limit rules join its Gateway's, so
   both policies' rules limit the route;
 - a local rate limit rule's ``cost.request``: each request takes that many tokens;
+- ``responseOverride``: an upstream 503 becomes a 502 with an inline body and a header;
+  Envoy's own 418 (the fault above) gets a body from a ConfigMap, its local rate limit's
+  429 an inline one;
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,9 @@ spec:
     - name: merged
       matches: [{path: {type: PathPrefix, value: /merged}}]
       backendRefs: [{name: up, port: 80}]
+    - name: override
+      matches: [{path: {type: PathPrefix, value: /retry-override}}]
+      backendRefs: [{name: up, port: 80}]
     - name: costly
       matches: [{path: {type: PathPrefix, value: /costly}}]
       backendRefs: [{name: up, port: 80}]
@@ -74,6 +82,33 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: fault}]
   faultInjection:
     abort: {httpStatus: 418, percentage: 100}
+  responseOverride:
+    - match: {statusCodes: [{type: Range, range: {start: 400, end: 499}}]}
+      source: Local
+      response:
+        contentType: text/html
+        body: {type: ValueRef, valueRef: {kind: ConfigMap, name: error-page}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: error-page, namespace: default}
+data:
+  response.body: "<p>teapot page</p>"
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: override, namespace: default}
+spec:
+  targetRefs:
+    - {group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: override}
+  responseOverride:
+    - match: {statusCodes: [{value: 503}]}
+      source: Backend
+      response:
+        statusCode: 502
+        contentType: text/plain
+        body: {inline: upstream failed}
+        header: {set: [{name: x-overridden, value: "yes"}]}
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: BackendTrafficPolicy
@@ -112,6 +147,9 @@ spec:
         - clientSelectors: [{headers: [{name: x-user, type: Distinct}]}]
           limit: {requests: 10, unit: Hour}
           cost: {request: {from: Number, number: 4}}
+  responseOverride:
+    - match: {statusCodes: [{value: 429}]}
+      response: {body: {inline: slow down}}
 """
 
 
@@ -138,6 +176,15 @@ class Echo(socketserver.ThreadingTCPServer):
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
         self.server_close()
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    try:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
 def recv_until(sock: socket.socket, marker: bytes) -> bytes:
@@ -197,5 +244,19 @@ def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
     assert [get(f"{base}/merged")[0] for _ in range(3)] == [200, 200, 200]
 
     # local cost: 4 tokens a request out of 10 an hour, per user: the third is refused
-    assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(3)] == [200, 200, 429]
+    assert [get(f"{base}/costly", {"x-user": "ann"})[0] for _ in range(2)] == [200, 200]
+    # ... and the local rate limit's own 429 passes the response override: its body
+    assert fetch(f"{base}/costly", {"x-user": "ann"})[::2] == (429, b"slow down")
     assert get(f"{base}/costly", {"x-user": "bob"})[0] == 200
+
+    # response overrides: the upstream's 503 (its first answer on /retry*) becomes a 502
+    # with Outrider's body and header; Envoy's own 418 gets the ConfigMap's page
+    status, headers, body = fetch(f"{base}/retry-override/1")
+    assert (status, body) == (502, b"upstream failed"), (status, headers, body)
+    assert headers["content-type"] == "text/plain"
+    assert headers["x-overridden"] == "yes"
+    assert upstream.calls["/retry-override/1"] == 1
+    assert fetch(f"{base}/retry-override/1")[:3:2] == (200, b"ok")  # its second answer
+    status, headers, body = fetch(f"{base}/fault/y")
+    assert (status, body) == (418, b"<p>teapot page</p>"), (status, headers, body)
+    assert headers["content-type"] == "text/html"

@@ -506,3 +506,149 @@ def test_limit_from_metadata_and_costs_are_envoy_gateways(tmp_path: Path) -> Non
                 assert sorted(map(repr, expected)) in candidates, r["name"]
                 compared += 1
     assert compared
+
+
+RESPONSE_OVERRIDE_CASES = (
+    "backendtrafficpolicy-with-response-override",
+    "backendtrafficpolicy-with-response-override-source",
+    "backendtrafficpolicy-with-response-override-merged-diff-namespace",
+)
+
+
+def predicate_meaning(p: dict[str, Any]) -> dict[str, set[Any]]:
+    """A custom_response predicate as what it tests: status values, status ranges (from
+    the CEL expression), response headers, local-reply or not."""
+    out: dict[str, set[Any]] = {"codes": set(), "ranges": set(), "headers": set(), "local": set()}
+    for kind in ("and_matcher", "or_matcher"):
+        if kind in p:
+            for sub in p[kind]["predicate"]:
+                for k, v in predicate_meaning(sub).items():
+                    out[k] |= v
+            return out
+    single = p["single_predicate"]
+    typed = single["input"]["typed_config"]["@type"].rsplit(".", 1)[-1]
+    if typed == "HttpResponseStatusCodeMatchInput":
+        out["codes"].add(int(single["value_match"]["exact"]))
+    elif typed == "HttpAttributesCelMatchInput":
+        expr = single["custom_match"]["typed_config"]["expr_match"]["cel_expr_parsed"]["expr"]
+        ge, le = expr["call_expr"]["args"]
+        assert (ge["call_expr"]["function"], le["call_expr"]["function"]) == ("_>=_", "_<=_")
+        out["ranges"].add(
+            (
+                ge["call_expr"]["args"][1]["const_expr"]["int64_value"],
+                le["call_expr"]["args"][1]["const_expr"]["int64_value"],
+            )
+        )
+    elif typed == "HttpResponseHeaderMatchInput":
+        (kind, value), *_ = single["value_match"].items()
+        if kind == "safe_regex":
+            kind, value = "safeRegex", value["regex"]
+        out["headers"].add((single["input"]["typed_config"]["header_name"], kind, value))
+    else:
+        assert typed == "HttpResponseLocalReplyMatchInput"
+        out["local"].add(single["value_match"]["exact"] == "true")
+    return out
+
+
+def http_filters(envoy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Listener name → its HTTP filter chain."""
+    return {
+        lst["name"]: f["typed_config"]["http_filters"]
+        for lst in envoy["static_resources"]["listeners"]
+        for chain in lst["filter_chains"]
+        for f in chain["filters"]
+        if "http_filters" in f["typed_config"]
+    }
+
+
+@pytest.mark.parametrize("case", RESPONSE_OVERRIDE_CASES)
+def test_response_overrides_are_envoy_gateways(case: str, tmp_path: Path) -> None:
+    """``responseOverride`` → a custom_response filter per policy, first in the chain and
+    switched on by the routes, whose rules match the statuses (values, ranges), response
+    headers and reply source of Envoy Gateway's IR and answer with its body (inline or
+    from a ConfigMap — in the namespace of the policy it came from when merged), content
+    type, status, headers, or redirect."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    routes = all_routes(envoy)
+    filters = {f["name"]: f for chain in http_filters(envoy).values() for f in chain}
+    for chain in http_filters(envoy).values():
+        names = [f["name"] for f in chain]
+        custom = [n for n in names if n.startswith("envoy.filters.http.custom_response/")]
+        assert names[: len(custom)] == custom  # first, as Envoy Gateway orders it
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                ro = (r.get("traffic") or {}).get("responseOverride")
+                if ro is None:
+                    continue
+                name = f"envoy.filters.http.custom_response/{ro['name']}"
+                assert any(
+                    name in ours.get("typed_per_filter_config", {}) for ours in routes[r["name"]]
+                )
+                assert filters[name]["disabled"] is True
+                matchers = filters[name]["typed_config"]["custom_response_matcher"]["matcher_list"][
+                    "matchers"
+                ]
+                assert len(matchers) == len(ro["rules"])
+                for ours, rule in zip(matchers, ro["rules"], strict=True):
+                    action = ours["on_match"]["action"]
+                    assert action["name"] == rule["name"]
+                    meaning = predicate_meaning(ours["predicate"])
+                    match = rule["match"]
+                    codes = match.get("statusCodes") or ()
+                    assert meaning["codes"] == {c["value"] for c in codes if "value" in c}
+                    assert meaning["ranges"] == {
+                        (c["range"]["start"], c["range"]["end"]) for c in codes if "range" in c
+                    }
+                    assert meaning["headers"] == {
+                        (h["name"], k, v)
+                        for h in match.get("responseHeaders") or ()
+                        for k, v in h.items()
+                        if k in ("exact", "prefix", "suffix", "safeRegex")
+                    }
+                    source = rule.get("source") or "All"
+                    assert meaning["local"] == (set() if source == "All" else {source == "Local"})
+                    typed = action["typed_config"]
+                    if (redirect := rule.get("redirect")) is not None:
+                        ra = typed["redirect_action"]
+                        assert typed["status_code"] == redirect["statusCode"]
+                        assert ra.get("scheme_redirect") == redirect.get("scheme")
+                        assert ra.get("host_redirect") == redirect.get("hostname")
+                        assert ra.get("port_redirect") == redirect.get("port")
+                        assert ra.get("path_redirect") == (redirect.get("path") or {}).get(
+                            "fullReplace"
+                        )
+                        continue
+                    response = rule["response"]
+                    body = (
+                        base64.b64decode(response["body"]).decode()
+                        if response.get("body")
+                        else None
+                    )
+                    assert (typed.get("body_format") or {}).get("text_format") == body
+                    assert typed.get("status_code") == response.get("statusCode")
+                    headers = [
+                        (
+                            h["header"]["key"],
+                            h["header"]["value"],
+                            h.get("append_action", "APPEND_IF_EXISTS_OR_ADD")
+                            == "APPEND_IF_EXISTS_OR_ADD",
+                        )
+                        for h in typed.get("response_headers_to_add") or ()
+                    ]
+                    expected = (
+                        [("Content-Type", response["contentType"], False)]
+                        if response.get("contentType")
+                        else []
+                    )
+                    expected += [
+                        (h["name"], h["value"][0], h["append"])
+                        for h in response.get("addResponseHeaders") or ()
+                    ]
+                    assert headers == expected
+                compared += 1
+    assert compared

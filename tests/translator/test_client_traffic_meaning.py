@@ -195,3 +195,143 @@ spec:
     (hcm,) = hcms(yaml.safe_load(out.files["envoy.yaml"])).values()
     (rl,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ratelimit"]
     assert rl["typed_config"]["enable_x_ratelimit_headers"] == "OFF"
+
+
+TLS_CASES = (
+    "clienttrafficpolicy-mtls",
+    "clienttrafficpolicy-mtls-forward-client-cert",
+    "clienttrafficpolicy-mtls-forward-client-cert-custom-data",
+    "clienttrafficpolicy-mtls-cert-bundle",
+    "clienttrafficpolicy-mtls-cert-bundle-both-valid",
+    "clienttrafficpolicy-mtls-dup-ca-refs",
+    "clienttrafficpolicy-mtls-allow-expired-cert",
+    "clienttrafficpolicy-http3",
+)
+VERSIONS = {"1.0": "TLSv1_0", "1.1": "TLSv1_1", "1.2": "TLSv1_2", "1.3": "TLSv1_3"}
+XFCC = {
+    "Sanitize": "SANITIZE",
+    "ForwardOnly": "FORWARD_ONLY",
+    "AppendForward": "APPEND_FORWARD",
+    "SanitizeSet": "SANITIZE_SET",
+    "AlwaysForwardOnly": "ALWAYS_FORWARD_ONLY",
+}
+
+
+def der_set(pem: str) -> set[bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return {c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(pem.encode())}
+
+
+@pytest.mark.parametrize("case", TLS_CASES)
+def test_tls_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
+    """Per HTTPS listener Outrider programs (others on the same port and hostname are left
+    out: one Envoy for every Gateway), the TLS context carries Envoy Gateway's ``ir.TLSConfig``:
+    certificates, versions, ciphers, curves, signature algorithms, ALPN, client validation
+    (CA bundle by content, required or not, untrusted accepted, expired allowed), session
+    resumption — and the HCM its XFCC mode."""
+    import base64
+
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    files = {Path(k).name: v for k, v in out.secret_files.items()}
+    secrets = {s["name"]: s for s in envoy["static_resources"].get("secrets", [])}
+    chains, quic_chains = {}, {}
+    for lst in envoy["static_resources"]["listeners"]:
+        udp = lst["address"]["socket_address"].get("protocol") == "UDP"
+        for c in lst["filter_chains"]:
+            if c.get("name"):
+                (quic_chains if udp else chains)[c["name"]] = c
+    compared = 0
+    for ir in ir_listeners(DATA / f"{case}.out.yaml"):
+        tls = ir.get("tls")
+        if not tls or ir["name"] not in chains:
+            continue
+        chain = chains[ir["name"]]
+        ctx = chain["transport_socket"]["typed_config"]
+        common = ctx["common_tls_context"]
+        assert [c["name"] for c in common["tls_certificate_sds_secret_configs"]] == [
+            c["name"] for c in tls["certificates"]
+        ]
+        for cert in tls["certificates"]:
+            ours = secrets[cert["name"]]["tls_certificate"]["certificate_chain"]["filename"]
+            assert der_set(files[Path(ours).name]) == der_set(
+                base64.b64decode(cert["certificate"]).decode()
+            )
+        params = common.get("tls_params", {})
+        assert params.get("tls_minimum_protocol_version") == VERSIONS.get(tls.get("minVersion"))
+        assert params.get("tls_maximum_protocol_version") == VERSIONS.get(tls.get("maxVersion"))
+        assert params.get("cipher_suites", []) == tls.get("ciphers", [])
+        assert params.get("ecdh_curves", []) == tls.get("ecdhCurves", [])
+        assert params.get("signature_algorithms", []) == tls.get("signatureAlgorithms", [])
+        alpn = tls.get("alpnProtocols")
+        if alpn is not None:
+            assert common.get("alpn_protocols", []) == alpn
+        else:
+            assert common["alpn_protocols"] in (["h2", "http/1.1"], ["http/1.1"])
+        assert ctx.get("disable_stateful_session_resumption", False) is not tls.get(
+            "statefulSessionResumption", False
+        )
+        assert ctx.get("disable_stateless_session_resumption", False) is not tls.get(
+            "statelessSessionResumption", False
+        )
+        if (ca := tls.get("caCertificate")) is not None:
+            assert ctx["require_client_certificate"] is tls.get("requireClientCertificate", False)
+            sds = (
+                common.get("validation_context_sds_secret_config")
+                or common["combined_validation_context"]["validation_context_sds_secret_config"]
+            )
+            assert sds["name"] == ca["name"]
+            ours = secrets[ca["name"]]["validation_context"]["trusted_ca"]["filename"]
+            assert der_set(files[Path(ours).name]) == der_set(
+                base64.b64decode(ca["certificate"]).decode()
+            )
+            default = common.get("combined_validation_context", {}).get(
+                "default_validation_context", {}
+            )
+            assert default.get("allow_expired_certificate", False) is tls.get(
+                "allowExpiredCertificate", False
+            )
+            assert (default.get("trust_chain_verification") == "ACCEPT_UNTRUSTED") is tls.get(
+                "acceptUntrusted", False
+            )
+        else:
+            assert "require_client_certificate" not in ctx
+        hcm = chain["filters"][-1]["typed_config"]
+        mode = ((ir.get("headers") or {}).get("xForwardedClientCert") or {}).get("mode")
+        assert hcm.get("forward_client_cert_details", "SANITIZE") == XFCC.get(mode, "SANITIZE")
+        if ir.get("hostnames", ["*"]) != ["*"]:
+            assert chain["filter_chain_match"]["server_names"] == ir["hostnames"]
+        quic = quic_chains.get(ir["name"])
+        if ir.get("http3") is None:
+            assert quic is None
+        else:  # Envoy Gateway's QUIC listener: a chain per HTTPS listener, HTTP/3, ALPN h3
+            qhcm = quic["filters"][-1]["typed_config"]
+            assert qhcm["codec_type"] == "HTTP3"
+            qctx = quic["transport_socket"]["typed_config"]["downstream_tls_context"]
+            assert qctx["common_tls_context"]["alpn_protocols"] == ["h3"]
+            assert quic["filter_chain_match"] == chain.get("filter_chain_match")
+            for vhost in hcm["route_config"].get("virtual_hosts", []):
+                for route in vhost["routes"]:
+                    assert {
+                        "header": {
+                            "key": "alt-svc",
+                            "value": f'h3=":{ir["externalPort"]}"; ma=86400',
+                        }
+                    } in route["response_headers_to_add"]
+        compared += 1
+    assert compared
+
+
+def test_names_envoy_refuses_reject_the_policy(tmp_path: Path) -> None:
+    """Envoy Gateway passes ``ecdhCurves: [curve1]`` through (its Envoy then refuses the
+    listener); Outrider rejects the policy naming the field, so the config stays valid."""
+    out = translate(
+        [DATA / "clienttrafficpolicy-tls-settings.in.yaml"], Options(secrets_dir=tmp_path / "s")
+    )
+    (r,) = out.rejections
+    assert r.ref == "ClientTrafficPolicy envoy-gateway/target-gateway-1"
+    assert "tls.ecdhCurves" in str(r)
+    assert "'curve1' is not one Envoy accepts" in str(r)

@@ -253,8 +253,8 @@ listenerSets:
     routes = resources.of("HTTPRoute")
     assert [r.key for r in routes] == ["default/r", "default/r#2"]
     assert resources.get("HTTPRoute", "default", "r") is routes[0]
-    assert resources.trust_bundle("ca") == "-----BEGIN CERTIFICATE-----"
-    assert resources.trust_bundle("other") is None
+    (bundle,) = resources.of("ClusterTrustBundle")
+    assert bundle.spec.req("trustBundle").str() == "-----BEGIN CERTIFICATE-----"
     assert [r.ref for r in resources.of("ListenerSet")] == ["ListenerSet default/ls"]
 
 

@@ -51,13 +51,14 @@ def _ir_ext_auths(out_file: Path) -> dict[str, dict[str, Any]]:
 def _endpoints(cluster: dict[str, Any]) -> list[tuple[int, set[tuple[str, int]]]]:
     out = []
     for loc in cluster["load_assignment"]["endpoints"]:
-        hosts = {
-            (
-                e["endpoint"]["address"]["socket_address"]["address"],
-                e["endpoint"]["address"]["socket_address"]["port_value"],
-            )
-            for e in loc["lb_endpoints"]
-        }
+        hosts = set()
+        for e in loc["lb_endpoints"]:
+            address = e["endpoint"]["address"]
+            if "pipe" in address:  # Envoy Gateway's IR: a unix socket's path, port 0
+                hosts.add((address["pipe"]["path"], 0))
+            else:
+                sa = address["socket_address"]
+                hosts.add((sa["address"], sa["port_value"]))
         out.append((loc.get("load_balancing_weight", 1), hosts))
     return sorted(out, key=lambda x: sorted(x[1]))
 
@@ -292,4 +293,95 @@ def test_merged_policy_has_envoy_gateways_features(case: str, tmp_path: Path) ->
                 else:
                     assert "envoy.filters.http.cors" not in ours
                 compared += 1
+    assert compared
+
+
+EXTPROC_CASES = (
+    "envoyextensionpolicy-shadowmode",
+    "envoyextensionpolicy-with-extproc-with-hc-log",
+    "envoyextensionpolicy-with-extproc-with-mixed-backendrefs",
+    "envoyextensionpolicy-with-extproc-with-retries",
+    "envoyextensionpolicy-with-extproc-with-traffic-features",
+)
+
+
+@pytest.mark.parametrize("case", EXTPROC_CASES)
+def test_ext_proc_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
+    """EnvoyExtensionPolicy ``extProc`` against ``envoyExtensions.extProcs`` of Envoy
+    Gateway's IR: filter and cluster names, a weighted locality per backendRef, authority,
+    fail open, message timeout, shadow mode, status on error, and ``backendSettings`` (the
+    service retry policy, connect timeout, circuit breaker, health checks), and each
+    backendRef's upstream TLS (SNI) on its own locality."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    filters = _filters(envoy)
+    routes = envoy_routes(envoy)
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                for ep in (r.get("envoyExtensions") or {}).get("extProcs") or ():
+                    name = "envoy.filters.http.ext_proc/" + ep["name"]
+                    assert name in routes[r["name"]]["typed_per_filter_config"], r["name"]
+                    f = filters[name]
+                    grpc = f["grpc_service"]
+                    assert grpc["envoy_grpc"]["cluster_name"] == ep["destination"]["name"]
+                    assert grpc["envoy_grpc"]["authority"] == ep["authority"]
+                    assert secs(grpc["timeout"]) == 10
+                    assert f.get("failure_mode_allow", False) == ep.get("failOpen", False)
+                    assert f.get("observability_mode", False) == ep.get("shadowMode", False)
+                    if "messageTimeout" in ep:
+                        assert secs(f["message_timeout"]) == secs(ep["messageTimeout"])
+                    if "statusOnError" in ep:
+                        assert f["status_on_error"]["code"] == ep["statusOnError"]
+                    cluster = clusters[ep["destination"]["name"]]
+                    settings = ep["destination"]["settings"]
+                    expected = sorted(
+                        (
+                            s.get("weight", 1) if len(settings) > 1 else 1,
+                            {(e.get("path") or e["host"], e["port"]) for e in s["endpoints"]},
+                        )
+                        for s in settings
+                    )
+                    assert _endpoints(cluster) == sorted(expected, key=lambda x: sorted(x[1]))
+                    # a backendRef's BackendTLSPolicy: its locality's own transport socket
+                    matches = {
+                        m["name"]: m["transport_socket"]
+                        for m in cluster.get("transport_socket_matches", [])
+                    }
+                    if len(settings) > 1:
+                        for s, loc in zip(
+                            settings, cluster["load_assignment"]["endpoints"], strict=True
+                        ):
+                            md = loc.get("metadata", {}).get("filter_metadata", {})
+                            name = md.get("envoy.transport_socket_match", {}).get("name")
+                            if "tls" not in s:
+                                assert name is None
+                                continue
+                            tls = matches[name]["typed_config"]
+                            assert tls["sni"] == s["tls"]["sni"]
+                    traffic = ep.get("traffic") or {}
+                    if (retry := traffic.get("retry")) is not None:
+                        rp = grpc["retry_policy"]
+                        assert rp["num_retries"] == retry["numRetries"]
+                        triggers = set(retry["retryOn"]["triggers"])
+                        assert set(rp["retry_on"].split(",")) == triggers
+                    if (cb := traffic.get("circuitBreaker")) is not None:
+                        t = cluster["circuit_breakers"]["thresholds"][0]
+                        assert t["max_connections"] == cb["maxConnections"]
+                    if (ct := (traffic.get("timeout") or {}).get("tcp")) is not None:
+                        assert secs(cluster["connect_timeout"]) == secs(ct["connectTimeout"])
+                    if (hc := traffic.get("healthCheck")) is not None:
+                        if "active" in hc:
+                            assert cluster["health_checks"][0]["interval"]
+                        if "passive" in hc:
+                            od = cluster["outlier_detection"]
+                            passive = hc["passive"]
+                            assert (
+                                od["consecutive_gateway_failure"]
+                                == passive["consecutiveGatewayErrors"]
+                            )
+                    compared += 1
     assert compared

@@ -15,10 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import json
+import logging
+import math
 import os
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,6 +33,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from services.extauth.oidc.config import CookieSettings
+
+log = logging.getLogger("outrider.extauth.oidc")
 
 _FORMAT = b"outrider-oidc-cookie/v1"
 _KEY_ID_LEN = 4
@@ -308,6 +314,8 @@ LOGIN_PURPOSE = "login"
 #: (they were sent before the browser saw the new one): they reuse the new tokens
 #: instead of spending the (possibly rotated) refresh token again.
 REFRESH_REUSE_SECONDS = 30.0
+#: Completed refreshes remembered at most (the oldest forgotten first).
+MAX_REMEMBERED_REFRESHES = 100_000
 
 
 def digest(text: str) -> str:
@@ -316,25 +324,60 @@ def digest(text: str) -> str:
 
 
 class ExpiringSet:
-    """Keys remembered until their deadline, bounded in size (oldest dropped first)."""
+    """Keys remembered until their deadline, at most ``max_items`` of them.
+
+    A dict for membership and a heap of ``(deadline, key)`` in step with it (a key is
+    added again only after its entry expired and left both), so an insertion costs
+    O(log n) however full the set is: expired keys leave from the heap's top, and when
+    live keys fill the set the one closest to its deadline is evicted. Anyone can fill
+    the login-state set (a login and a callback with its state need no account), so a
+    full set must neither slow every callback down nor refuse logins: eviction gives up
+    only this process's memory of the oldest unexpired states, whose replay the
+    provider's single-use code and the cleared login cookie still stop (oauth2-proxy
+    keeps no server-side record at all); evictions are counted and logged.
+    """
 
     def __init__(self, max_items: int = 100_000) -> None:
         self._deadlines: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
         self._max_items = max_items
+        self.evicted = 0
+        self._warned_at = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def __contains__(self, key: str) -> bool:
+        deadline = self._deadlines.get(key)
+        return deadline is not None and deadline > time.monotonic()
 
     def add_new(self, key: str, ttl: float) -> bool:
         """Remember ``key``; False when it is already remembered (a replay)."""
         now = time.monotonic()
-        deadline = self._deadlines.get(key)
-        if deadline is not None and deadline > now:
+        heap, deadlines = self._heap, self._deadlines
+        while heap and heap[0][0] <= now:
+            del deadlines[heapq.heappop(heap)[1]]
+        if key in deadlines:
             return False
-        self._deadlines[key] = now + ttl
-        if len(self._deadlines) > self._max_items:
-            for old in [k for k, d in self._deadlines.items() if d <= now]:
-                del self._deadlines[old]
-            while len(self._deadlines) > self._max_items:
-                del self._deadlines[next(iter(self._deadlines))]
+        deadline = now + ttl
+        deadlines[key] = deadline
+        heapq.heappush(heap, (deadline, key))
+        if len(deadlines) > self._max_items:
+            del deadlines[heapq.heappop(heap)[1]]
+            self.evicted += 1
+            if now >= self._warned_at + EVICTION_WARNING_SECONDS:
+                self._warned_at = now
+                log.warning(
+                    "%d unexpired login states held: the oldest are forgotten before their "
+                    "deadline (%d so far); a flood of sign-in callbacks?",
+                    self._max_items,
+                    self.evicted,
+                )
         return True
+
+
+#: At most one warning about evicted login states this often.
+EVICTION_WARNING_SECONDS = 60.0
 
 
 class SessionStore(Protocol):
@@ -375,7 +418,7 @@ class CookieSessionStore:
         self._sealer = sealer
         self._name = cookie_name
         self._used_states = ExpiringSet()
-        self._refreshed: dict[str, tuple[float, Session]] = {}
+        self._refreshed: OrderedDict[str, tuple[float, Session]] = OrderedDict()
 
     async def load(self, cookie_value: str) -> Session | None:
         data = self._sealer.open(self._name, SESSION_PURPOSE, cookie_value)
@@ -399,10 +442,18 @@ class CookieSessionStore:
 
     def remember_refresh(self, session: Session, fresh: Session) -> None:
         now = time.monotonic()
-        for key in [k for k, (deadline, _) in self._refreshed.items() if deadline < now]:
-            del self._refreshed[key]
+        refreshed = self._refreshed
+        # One fixed lifetime: insertion order is deadline order, so the expired come
+        # first; past the bound the oldest go too. O(1) amortized, never a scan.
+        while refreshed:
+            deadline = next(iter(refreshed.values()))[0]  # OrderedDict: O(1) from the front
+            if deadline >= now and len(refreshed) < MAX_REMEMBERED_REFRESHES:
+                break
+            refreshed.popitem(last=False)
         # Keyed by the access token being replaced: the refresh token may stay the same.
-        self._refreshed[digest(session.access_token)] = (now + REFRESH_REUSE_SECONDS, fresh)
+        key = digest(session.access_token)
+        refreshed[key] = (now + REFRESH_REUSE_SECONDS, fresh)
+        refreshed.move_to_end(key)  # in deadline order
 
     async def ping(self) -> str | None:
         return None

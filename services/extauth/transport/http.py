@@ -10,7 +10,11 @@ The policy travels in the path prefix, ``/policy/NAME`` (a ``/`` in the name as
 ``check_settings.http_service``; the client cannot change it, unlike a header. The
 client address, which HTTP mode does not carry, comes from
 ``x-outrider-client-address`` set by the filter's ``authorization_request.headers_to_add``
-(which overrides a client copy); without it ``clientCIDRs`` never match.
+(which overrides a client copy), and only when the prefix opts in with the path parameter
+``;client_address=header`` (``/policy/NAME;client_address=header``), as gRPC mode trusts
+the header only with the route's ``client_address: header`` context extension: a config
+that forwards client headers without ``headers_to_add`` must not let a client pick its
+address. Without both, ``clientCIDRs`` never match.
 
 Allow: 200, upstream headers as response headers (Envoy copies those listed in
 ``authorization_response.allowed_upstream_headers``), headers to remove in
@@ -45,6 +49,8 @@ log = logging.getLogger("outrider.extauth.http")
 
 POLICY_PREFIX = "/policy/"
 CLIENT_ADDRESS_HEADER = "x-outrider-client-address"
+#: The path parameter after the policy name that says Envoy sets the client address header.
+CLIENT_ADDRESS_PARAM = "client_address=header"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 #: Allowed checks carry the dynamic metadata in headers with this prefix.
 METADATA_HEADER_PREFIX = "x-outrider-"
@@ -54,21 +60,32 @@ _ENVOY_ADDED = frozenset({CLIENT_ADDRESS_HEADER, "x-envoy-expected-rq-timeout-ms
 Decide = Callable[[CheckRequest, str], Awaitable[Decision]]
 
 
-def split_policy_path(raw_path: str) -> tuple[str | None, str]:
-    """``/policy/NAME/orig?q`` → (NAME, ``/orig?q``); no prefix → (None, raw_path)."""
+def split_policy_target(raw_path: str) -> tuple[str | None, frozenset[str], str]:
+    """``/policy/NAME;p=v/orig?q`` → (NAME, {``p=v``}, ``/orig?q``); no prefix →
+    (None, {}, raw_path). Parameters follow the name after ``;`` (a ``;`` in the name
+    itself is written ``%3B``)."""
     if not raw_path.startswith(POLICY_PREFIX):
-        return None, raw_path
+        return None, frozenset(), raw_path
     rest = raw_path[len(POLICY_PREFIX) :]
     cut = len(rest)
     for sep in ("/", "?"):
         i = rest.find(sep)
         if i != -1:
             cut = min(cut, i)
+    segment, original = rest[:cut], rest[cut:]
+    raw_name, _, raw_params = segment.partition(";")
+    params = frozenset(p for p in raw_params.split(";") if p)
     # A NAMESPACE/NAME policy is written NAMESPACE%2FNAME in the prefix.
-    name, original = unquote(rest[:cut]), rest[cut:]
+    name = unquote(raw_name)
     if not original.startswith("/"):
         original = "/" + original
-    return (name or None), original
+    return (name or None), params, original
+
+
+def split_policy_path(raw_path: str) -> tuple[str | None, str]:
+    """``/policy/NAME/orig?q`` → (NAME, ``/orig?q``); no prefix → (None, raw_path)."""
+    name, _, original = split_policy_target(raw_path)
+    return name, original
 
 
 def request_from_message(
@@ -82,7 +99,11 @@ def request_from_message(
     source = collected.get(CLIENT_ADDRESS_HEADER, "")
     for name in _ENVOY_ADDED:
         collected.pop(name, None)
-    policy, path = split_policy_path(target)
+    policy, params, path = split_policy_target(target)
+    if CLIENT_ADDRESS_PARAM not in params:
+        # Not opted in: the header may be the client's own (a config that forwards every
+        # client header without headers_to_add); the address stays unknown.
+        source = ""
     return CheckRequest(
         method=method,
         path=path,

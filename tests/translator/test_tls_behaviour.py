@@ -1,0 +1,221 @@
+"""HTTPS listeners and ClientTrafficPolicy ``tls`` through the real Envoy: the translated
+config in front of a loopback upstream that echoes the request's XFCC header.
+
+Two HTTPS listeners share one port: ``a.example.com`` (mutual TLS required by a
+ClientTrafficPolicy naming that listener, XFCC ``SanitizeSet`` with the subject, a late
+response header) and ``b.example.com`` (a policy turning HTTP/3 on: its QUIC listener is
+advertised by ``alt-svc`` on the port, as Envoy Gateway does). Each answers with its own Secret's
+certificate by SNI; ``a`` refuses a client without a certificate, and its upstream receives
+the client's subject in ``x-forwarded-client-cert``.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from tests.harness.certs import CertFiles, TestCA
+from tests.harness.procs import free_port
+from translator.translate import Options, translate
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def policies(a: CertFiles, b: CertFiles) -> str:
+    ca = "\n".join("      " + line for line in a.ca.read_text().splitlines())
+    return f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg, namespace: default}}
+spec:
+  gatewayClassName: eg
+  listeners:
+  - name: a
+    protocol: HTTPS
+    port: 8443
+    hostname: a.example.com
+    tls: {{certificateRefs: [{{name: cert-a}}]}}
+  - name: b
+    protocol: HTTPS
+    port: 8443
+    hostname: b.example.com
+    tls: {{certificateRefs: [{{name: cert-b}}]}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert-a, namespace: default}}
+type: kubernetes.io/tls
+data: {{tls.crt: {b64(a.cert)}, tls.key: {b64(a.key)}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert-b, namespace: default}}
+type: kubernetes.io/tls
+data: {{tls.crt: {b64(b.cert)}, tls.key: {b64(b.key)}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: client-ca, namespace: default}}
+data:
+  ca.crt: |
+{ca}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: app, namespace: default}}
+spec:
+  parentRefs: [{{name: eg}}]
+  rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {{name: mtls, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: eg, sectionName: a}}]
+  tls:
+    minVersion: "1.2"
+    clientValidation:
+      caCertificateRefs: [{{kind: ConfigMap, name: client-ca}}]
+  headers:
+    xForwardedClientCert: {{mode: SanitizeSet, certDetailsToAdd: [Subject]}}
+    lateResponseHeaders:
+      set: [{{name: x-served-by, value: listener-a}}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {{name: h3, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: eg, sectionName: b}}]
+  http3: {{}}
+"""
+
+
+class Upstream:
+    """Answers every request with the XFCC header it received as the body."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = (self.headers.get("x-forwarded-client-cert") or "-").encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def https_get(
+    port: int, sni: str, ca: Path, client: CertFiles | None = None
+) -> tuple[x509.Certificate, str, dict[str, str], str]:
+    """GET / over TLS with ``sni``: the server's certificate, status line, headers, body."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=sni) as tls,
+    ):
+        peer = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+        tls.sendall(f"GET / HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    status, *lines = head.split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return peer, status, headers, body
+
+
+def common_name(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    ca = TestCA(tmp_path / "pki")
+    certs = {
+        "a": ca.issue("a.example.com", dns=()),
+        "b": ca.issue("b.example.com", dns=()),
+        "client": ca.issue("client", dns=()),
+    }
+    src = tmp_path / "in.yaml"
+    src.write_text(policies(certs["a"], certs["b"]))
+    port = free_port()
+    with Upstream() as upstream:
+        out = translate(
+            [src],
+            Options(
+                backends={"up": ("127.0.0.1", upstream.port)},
+                listen_address="127.0.0.1",
+                admin_port=free_port(),
+                port_map={8443: port},
+                secrets_dir=tmp_path / "out" / "secrets",
+            ),
+        )
+        assert not out.rejections, [str(r) for r in out.rejections]
+        assert not out.unprogrammed, [str(r) for r in out.unprogrammed]
+        out.write(tmp_path / "out")
+        key_files = [p for p in (tmp_path / "out" / "secrets").iterdir() if p.suffix == ".key"]
+        assert key_files
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
+        envoy((tmp_path / "out" / "envoy.yaml").read_text())
+        yield {"port": port, "certs": certs}
+
+
+def test_https_listeners_serve_their_certificates_and_require_client_certificates(
+    stack: dict[str, Any],
+) -> None:
+    port, certs = stack["port"], stack["certs"]
+    ca = certs["a"].ca
+
+    # SNI picks the listener, and the listener its Secret's certificate
+    peer, status, headers, body = https_get(port, "b.example.com", ca)
+    assert common_name(peer) == "b.example.com"
+    assert status.endswith("200 OK")
+    assert body == "-"  # no client certificate, no XFCC
+    assert "x-served-by" not in headers  # the policy names listener a only
+    assert headers["alt-svc"] == 'h3=":8443"; ma=86400'  # b's policy turns HTTP/3 on
+
+    # listener a: mutual TLS required — no client certificate, no answer
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_get(port, "a.example.com", ca)
+
+    # with the CA's client certificate: served, the subject reaches the upstream in XFCC
+    peer, status, headers, body = https_get(port, "a.example.com", ca, certs["client"])
+    assert common_name(peer) == "a.example.com"
+    assert status.endswith("200 OK")
+    assert headers["x-served-by"] == "listener-a"
+    # Envoy Gateway turns HTTP/3 on per port: listener a is advertised too
+    assert headers["alt-svc"] == 'h3=":8443"; ma=86400'
+    assert 'Subject="CN=client"' in body
+
+    # a certificate the CA did not sign is refused
+    other = TestCA(ca.parent / "other", "another CA").issue("intruder", dns=())
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_get(port, "a.example.com", ca, other)
