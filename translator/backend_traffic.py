@@ -125,6 +125,9 @@ class Traffic:
     http2: dict[str, Any] = field(default_factory=dict)  # upstream HTTP/2 options
     health_check_port: int | None = None  # active health check overrides.port
     connect_match: bool = False  # an httpUpgrade CONNECT: the route matches CONNECT requests
+    remove_response_headers: list[str] = field(default_factory=list)  # on the route
+    locality: dict[str, Any] | None = None  # common_lb_config zone-aware / locality-weighted
+    zone_weights: dict[str, int] = field(default_factory=dict)  # zoneAware.weightedZones
     upstream_filters: list[dict[str, Any]] = field(default_factory=list)  # cluster's HTTP filters
     #: filter name → (listener-level filter config, per-route config)
     filters: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
@@ -139,11 +142,15 @@ class Traffic:
             or self.service_routing
             or self.health_check_port is not None
             or bool(self.upstream_filters)
+            or self.locality is not None
+            or bool(self.zone_weights)
         )
 
     @property
     def empty(self) -> bool:
-        return not (self.route or self.has_cluster_settings or self.filters)
+        return not (
+            self.route or self.has_cluster_settings or self.filters or self.remove_response_headers
+        )
 
 
 def _d(node: Node, res: Resource, what: str) -> str:
@@ -176,79 +183,214 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+LB = "envoy.load_balancing_policies."
+LBT = T + "extensions.load_balancing_policies."
+
+
+def _policy(name: str, typed: dict[str, Any]) -> dict[str, Any]:
+    """A cluster ``load_balancing_policy`` of one typed policy."""
+    return {"policies": [{"typed_extension_config": {"name": LB + name, "typed_config": typed}}]}
+
+
+def _backend_utilization(lb: Node, res: Resource, slow: dict[str, Any] | None) -> dict[str, Any]:
+    """Client-side weighted round robin from the endpoints' ORCA load reports (Envoy
+    Gateway's ``buildBackendUtilizationLoadBalancingPolicy``)."""
+    cswrr: dict[str, Any] = {
+        "@type": LBT + "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin"
+    }
+    bu = lb.get("backendUtilization")
+    if bu is not None:
+        check_fields(
+            bu,
+            res,
+            (
+                "blackoutPeriod",
+                "weightExpirationPeriod",
+                "weightUpdatePeriod",
+                "errorUtilizationPenaltyPercent",
+                "metricNamesForComputingUtilization",
+                "keepResponseHeaders",
+                "outOfBand",
+            ),
+        )
+        for key, target in (
+            ("blackoutPeriod", "blackout_period"),
+            ("weightExpirationPeriod", "weight_expiration_period"),
+            ("weightUpdatePeriod", "weight_update_period"),
+        ):
+            if (n := bu.get(key)) is not None and duration_s(n, res, key) > 0:
+                cswrr[target] = _d(n, res, key)
+        if (n := bu.get("errorUtilizationPenaltyPercent")) is not None:
+            cswrr["error_utilization_penalty"] = n.int(minimum=0) / 100
+        if (n := bu.get("metricNamesForComputingUtilization")) is not None and n.list():
+            cswrr["metric_names_for_computing_utilization"] = n.str_list(nonempty_items=True)
+        if (oob := bu.get("outOfBand")) is not None:
+            check_fields(oob, res, ("reportingPeriod", "port", "authority"))
+            cswrr["enable_oob_load_report"] = True
+            if (n := oob.get("reportingPeriod")) is not None:
+                cswrr["oob_reporting_period"] = _d(n, res, "OutOfBand reportingPeriod")
+            config: dict[str, Any] = {}
+            if (n := oob.get("port")) is not None:
+                config["port_value"] = n.int(minimum=1, maximum=65535)
+            if (n := oob.get("authority")) is not None:
+                config["authority"] = n.str(nonempty=True)
+            if config:
+                cswrr["oob_reporting_config"] = config
+    if slow:
+        cswrr["slow_start_config"] = slow["slow_start_config"]
+    return cswrr
+
+
+def _zone_aware(za: Node, res: Resource, t: Traffic) -> None:
+    check_fields(za, res, ("preferLocal", "weightedZones"))
+    if (pl := za.get("preferLocal")) is not None:
+        check_fields(pl, res, ("force", "minEndpointsThreshold", "percentageEnabled"))
+        zone: dict[str, Any] = {
+            "min_cluster_size": pl.opt_int("minEndpointsThreshold", 6, minimum=0)
+        }
+        if (n := pl.get("percentageEnabled")) is not None:
+            zone["routing_enabled"] = {"value": float(n.int(minimum=0, maximum=100))}
+        if (f := pl.get("force")) is not None:
+            check_fields(f, res, ("minEndpointsInZoneThreshold",))
+            zone["force_local_zone"] = {
+                "min_size": f.opt_int("minEndpointsInZoneThreshold", 1, minimum=0)
+            }
+        t.locality = {"zone_aware_lb_config": zone}
+    if (wz := za.get("weightedZones")) is not None and wz.list():
+        weights = {}
+        for item in wz.list():
+            check_fields(item, res, ("zone", "weight"))
+            weights[item.req("zone").str()] = item.req("weight").int(minimum=0, maximum=2**32 - 1)
+        t.zone_weights = weights
+
+
 def _load_balancer(lb: Node, res: Resource, t: Traffic) -> None:
     check_fields(
         lb,
         res,
-        ("type", "consistentHash", "slowStart"),
-        {
-            "zoneAware": "zone-aware routing is not translated",
-            "endpointOverride": "endpoint overrides are not translated",
-            "backendUtilization": "backend utilization is not translated",
-        },
+        (
+            "type",
+            "consistentHash",
+            "slowStart",
+            "backendUtilization",
+            "zoneAware",
+            "endpointOverride",
+        ),
     )
     kind = lb.req("type").str(
         choices=("RoundRobin", "LeastRequest", "Random", "ConsistentHash", "BackendUtilization")
     )
-    if kind == "BackendUtilization":
-        raise unsupported(lb.req("type"), res, "BackendUtilization load balancing")
     slow = None
     if (ss := lb.get("slowStart")) is not None:
         check_fields(ss, res, ("window",))
         if (w := ss.get("window")) is not None:
             slow = {"slow_start_config": {"slow_start_window": _d(w, res, "SlowStart window")}}
+    if (za := lb.get("zoneAware")) is not None:
+        _zone_aware(za, res, t)
+    fallback: dict[str, Any]
     if kind == "RoundRobin":
         t.cluster["lb_policy"] = "ROUND_ROBIN"
         if slow:
             t.cluster["round_robin_lb_config"] = slow
+        fallback = _policy("round_robin", {"@type": LBT + "round_robin.v3.RoundRobin"})
     elif kind == "LeastRequest":
         t.cluster["lb_policy"] = "LEAST_REQUEST"
         if slow:
             t.cluster["least_request_lb_config"] = slow
+        fallback = _policy("least_request", {"@type": LBT + "least_request.v3.LeastRequest"})
     elif kind == "Random":
         t.cluster["lb_policy"] = "RANDOM"
+        fallback = _policy("random", {"@type": LBT + "random.v3.Random"})
+    elif kind == "BackendUtilization":
+        cswrr = _policy("client_side_weighted_round_robin", _backend_utilization(lb, res, slow))
+        if t.zone_weights:
+            # CSWRR has no locality config: wrr_locality honours the zones' weights
+            cswrr = _policy(
+                "wrr_locality",
+                {"@type": LBT + "wrr_locality.v3.WrrLocality", "endpoint_picking_policy": cswrr},
+            )
+        t.cluster["load_balancing_policy"] = fallback = cswrr
+        bu = lb.get("backendUtilization")
+        if bu is None or not bu.opt_bool("keepResponseHeaders"):
+            # Envoy Gateway strips the load reports from the client's response
+            t.remove_response_headers = ["endpoint-load-metrics", "endpoint-load-metrics-bin"]
     else:
-        ch = check_fields(
-            lb.req("consistentHash"),
-            res,
-            ("type", "header", "headers", "cookie", "queryParams", "tableSize"),
+        _consistent_hash(lb, res, t)
+        maglev: dict[str, Any] = {"@type": LBT + "maglev.v3.Maglev"}
+        if "maglev_lb_config" in t.cluster:
+            maglev["table_size"] = t.cluster["maglev_lb_config"]["table_size"]
+        fallback = _policy("maglev", maglev)
+    if (eo := lb.get("endpointOverride")) is not None:
+        # the endpoint a request names (header) first, else the configured policy
+        check_fields(eo, res, ("extractFrom",))
+        sources = []
+        for src in eo.req("extractFrom").list():
+            check_fields(src, res, ("header",))
+            if src.get("header") is None:
+                raise error_at(src, res, "expected header")
+            sources.append({"header": src.req("header").str(nonempty=True)})
+        t.cluster["load_balancing_policy"] = _policy(
+            "override_host",
+            {
+                "@type": LBT + "override_host.v3.OverrideHost",
+                "override_host_sources": sources,
+                "fallback_policy": fallback,
+            },
         )
-        t.cluster["lb_policy"] = "MAGLEV"
-        if (ts := ch.get("tableSize")) is not None:
-            size = ts.int(minimum=1)
-            if size > 5000011 or not _is_prime(size):
-                raise error_at(
-                    ts, res, f"LoadBalancer: ConsistentHash: invalid TableSize value {size}"
-                )
-            t.cluster["maglev_lb_config"] = {"table_size": size}
-        ctype = ch.req("type").str(
-            choices=("SourceIP", "Header", "Headers", "Cookie", "QueryParams")
-        )
-        if ctype == "SourceIP":
-            hashes: list[dict[str, Any]] = [{"connection_properties": {"source_ip": True}}]
-        elif ctype == "Header":
-            hashes = [{"header": {"header_name": ch.req("header").req("name").str(nonempty=True)}}]
-        elif ctype == "Headers":
-            hashes = [
-                {"header": {"header_name": h.req("name").str(nonempty=True)}}
-                for h in ch.req("headers").list()
+    if "load_balancing_policy" in t.cluster:
+        for key in ("lb_policy", "round_robin_lb_config", "least_request_lb_config"):
+            t.cluster.pop(key, None)
+        t.cluster.pop("maglev_lb_config", None)
+        if t.locality is not None:
+            # Envoy takes no common_lb_config locality setting beside a typed policy, and
+            # Envoy Gateway drops preferLocal there: refused rather than dropped
+            raise unsupported(
+                lb.req("zoneAware").req("preferLocal"),
+                res,
+                "preferLocal with backendUtilization or endpointOverride",
+            )
+    elif t.zone_weights and t.locality is None:
+        t.locality = {"locality_weighted_lb_config": {}}
+
+
+def _consistent_hash(lb: Node, res: Resource, t: Traffic) -> None:
+    ch = check_fields(
+        lb.req("consistentHash"),
+        res,
+        ("type", "header", "headers", "cookie", "queryParams", "tableSize"),
+    )
+    t.cluster["lb_policy"] = "MAGLEV"
+    if (ts := ch.get("tableSize")) is not None:
+        size = ts.int(minimum=1)
+        if size > 5000011 or not _is_prime(size):
+            raise error_at(ts, res, f"LoadBalancer: ConsistentHash: invalid TableSize value {size}")
+        t.cluster["maglev_lb_config"] = {"table_size": size}
+    ctype = ch.req("type").str(choices=("SourceIP", "Header", "Headers", "Cookie", "QueryParams"))
+    if ctype == "SourceIP":
+        hashes: list[dict[str, Any]] = [{"connection_properties": {"source_ip": True}}]
+    elif ctype == "Header":
+        hashes = [{"header": {"header_name": ch.req("header").req("name").str(nonempty=True)}}]
+    elif ctype == "Headers":
+        hashes = [
+            {"header": {"header_name": h.req("name").str(nonempty=True)}}
+            for h in ch.req("headers").list()
+        ]
+    elif ctype == "QueryParams":
+        hashes = [
+            {"query_parameter": {"name": q.req("name").str(nonempty=True)}}
+            for q in ch.req("queryParams").list()
+        ]
+    else:
+        c = check_fields(ch.req("cookie"), res, ("name", "ttl", "attributes"))
+        cookie: dict[str, Any] = {"name": c.req("name").str(nonempty=True)}
+        if (ttl := c.get("ttl")) is not None:
+            cookie["ttl"] = _d(ttl, res, "Cookie TTL")
+        if (attrs := c.get("attributes")) is not None:
+            cookie["attributes"] = [
+                {"name": k, "value": v} for k, v in sorted(attrs.str_map().items())
             ]
-        elif ctype == "QueryParams":
-            hashes = [
-                {"query_parameter": {"name": q.req("name").str(nonempty=True)}}
-                for q in ch.req("queryParams").list()
-            ]
-        else:
-            c = check_fields(ch.req("cookie"), res, ("name", "ttl", "attributes"))
-            cookie: dict[str, Any] = {"name": c.req("name").str(nonempty=True)}
-            if (ttl := c.get("ttl")) is not None:
-                cookie["ttl"] = _d(ttl, res, "Cookie TTL")
-            if (attrs := c.get("attributes")) is not None:
-                cookie["attributes"] = [
-                    {"name": k, "value": v} for k, v in sorted(attrs.str_map().items())
-                ]
-            hashes = [{"cookie": cookie}]
-        t.route["hash_policy"] = hashes
+        hashes = [{"cookie": cookie}]
+    t.route["hash_policy"] = hashes
 
 
 def _circuit_breaker(cb: Node, res: Resource, t: Traffic) -> None:
@@ -1158,6 +1300,12 @@ def apply_backend_traffic(
         return
     resources = bootstrap["static_resources"]
     clusters = {c["name"]: c for c in resources.get("clusters", [])}
+    zones = {
+        wb.backend.cluster: wb.backend.zones
+        for lst in listeners
+        for r in lst.routes
+        for wb in r.backends
+    }
     for listener in resources.get("listeners", []):
         for chain in listener.get("filter_chains", []):
             for f in chain["filters"]:
@@ -1170,7 +1318,7 @@ def apply_backend_traffic(
                         t = by_route.get((listener.get("name"), route.get("name")))
                         if t is None or "route" not in route:
                             continue
-                        _apply_route(route, t, clusters, used, service_ips)
+                        _apply_route(route, t, clusters, used, service_ips, zones)
                 _add_filters(hcm, [t for t in by_route.values() if t.filters], used)
     resources["clusters"] = [clusters[k] for k in sorted(clusters)]
 
@@ -1181,10 +1329,14 @@ def _apply_route(
     clusters: dict[str, Any],
     used: set[str],
     service_ips: dict[str, tuple[str, int]],
+    zones: dict[str, tuple[str, ...]],
 ) -> None:
     action = route["route"]
     for key, value in t.route.items():
         action[key] = copy.deepcopy(value)
+    if t.remove_response_headers:
+        remove = route.setdefault("response_headers_to_remove", [])
+        remove += [h for h in t.remove_response_headers if h not in remove]
     if t.connect_match:
         match = route["match"]
         for key in PATH_SPECIFIERS:
@@ -1200,10 +1352,33 @@ def _apply_route(
         return
     prefix = _rule_prefix(route["name"])
     if "cluster" in action:
-        action["cluster"] = _own_cluster(clusters, action["cluster"], prefix, t, service_ips)
+        action["cluster"] = _own_cluster(clusters, action["cluster"], prefix, t, service_ips, zones)
     elif "weighted_clusters" in action:
         for i, wc in enumerate(action["weighted_clusters"]["clusters"]):
-            wc["name"] = _own_cluster(clusters, wc["name"], f"{prefix}/backend/{i}", t, service_ips)
+            wc["name"] = _own_cluster(
+                clusters, wc["name"], f"{prefix}/backend/{i}", t, service_ips, zones
+            )
+
+
+def _zone_localities(
+    localities: list[dict[str, Any]], weights: dict[str, int], zones: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """The endpoints regrouped in one locality per zone (``zones``: each endpoint's, in
+    order; none known: one zone ""), weighted as ``weightedZones`` says (unlisted zones 1),
+    sorted by zone — Envoy Gateway's ``buildWeightedZonalLocalities``."""
+    endpoints = [ep for loc in localities for ep in loc.get("lb_endpoints", [])]
+    by_zone: dict[str, list[dict[str, Any]]] = {}
+    for i, ep in enumerate(endpoints):
+        zone = zones[i] if i < len(zones) else ""
+        by_zone.setdefault(zone, []).append(ep)
+    return [
+        {
+            "locality": {"zone": zone},
+            "lb_endpoints": eps,
+            "load_balancing_weight": weights.get(zone, 1),
+        }
+        for zone, eps in sorted(by_zone.items())
+    ]
 
 
 def _own_cluster(
@@ -1212,6 +1387,7 @@ def _own_cluster(
     name: str,
     t: Traffic,
     service_ips: dict[str, tuple[str, int]],
+    zones: dict[str, tuple[str, ...]] | None = None,
 ) -> str:
     if name in clusters:
         return name
@@ -1235,6 +1411,12 @@ def _own_cluster(
         ]
     inner = c.get("transport_socket")  # a BackendTLSPolicy's TLS
     c.update(copy.deepcopy(t.cluster))
+    if t.locality is not None:
+        c.setdefault("common_lb_config", {}).update(copy.deepcopy(t.locality))
+    if t.zone_weights and "load_assignment" in c:
+        c["load_assignment"]["endpoints"] = _zone_localities(
+            c["load_assignment"]["endpoints"], t.zone_weights, (zones or {}).get(base, ())
+        )
     if inner is not None and "transport_socket" in t.cluster:  # PROXY protocol, then TLS
         c["transport_socket"]["typed_config"]["transport_socket"] = inner
     if t.health_check_port is not None:

@@ -32,11 +32,10 @@ LISTENER_PROTOCOLS = {
     "UDP": ("UDPRoute",),
 }
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
-RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts")
+RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts", "retry")
 GRPC_RULE_FIELDS = ("name", "matches", "filters", "backendRefs")
 RULE_UNSUPPORTED = {
     "sessionPersistence": "session persistence is not translated",
-    "retry": "retries are not translated",
 }
 
 
@@ -111,6 +110,8 @@ class BackendResolver:
     resources: ResourceSet
     overrides: dict[str, tuple[str, int]]
     clusters: dict[str, Backend] = field(default_factory=dict)
+    #: (address, port) → the zone its EndpointSlice or Backend endpoint names
+    zones: dict[tuple[str, int], str] = field(default_factory=dict)
     #: (kind, namespace, name, port name or number) → the target's BackendTLSPolicy TLS
     #: (``backend_tls.tls_for``); None: no BackendTLSPolicies
     tls_lookup: Callable[[str, str, str, str | None], UpstreamTLS | None] | None = None
@@ -318,6 +319,8 @@ class BackendResolver:
                 for addr in ep.get("addresses") or ():
                     if (int(target),) and (str(addr), int(target)) not in out:
                         out.append((str(addr), int(target)))
+                        if ep.get("zone"):
+                            self.zones[(str(addr), int(target))] = str(ep["zone"])
         return out
 
     def _backend(
@@ -358,6 +361,8 @@ class BackendResolver:
                 unix.append(ux.req("path").str(nonempty=True))
             else:
                 raise error_at(ep, backend, "expected one of fqdn, ip or unix")
+            if ep.get("unix") is None and (zone := ep.opt_str("zone")):
+                self.zones[endpoints[-1]] = zone
         if unix and not all(_is_ip(h) for h, _ in endpoints):
             raise error_at(
                 spec.req("endpoints"), backend, "mixes unix sockets and host names (fqdn)"
@@ -370,7 +375,11 @@ class BackendResolver:
 
     def _cluster(self, name: str, endpoints: list[tuple[str, int]], http2: bool = False) -> Backend:
         static = all(_is_ip(h) or p == 0 for h, p in endpoints)
-        return self._store(Backend(name, "static" if static else "dns", tuple(endpoints), http2))
+        zones = tuple(self.zones.get(e, "") for e in endpoints)
+        kind = "static" if static else "dns"
+        return self._store(
+            Backend(name, kind, tuple(endpoints), http2, zones=zones if any(zones) else ())
+        )
 
     def _store(self, backend: Backend) -> Backend:
         self.clusters.setdefault(backend.cluster, backend)
@@ -627,8 +636,8 @@ def _filters(rule: Node, res: Resource, route: dict[str, object]) -> None:
                 kind = path.req("type").str(choices=("ReplaceFullPath", "ReplacePrefixMatch"))
                 path.req("replaceFullPath" if kind == "ReplaceFullPath" else "replacePrefixMatch")
             route["rewrite"] = dict(body.value)
-        else:
-            raise unsupported(f.req("type"), res, f"HTTPRoute filter type {t}")
+        elif t not in ("RequestMirror", "ExtensionRef") or res.kind != "HTTPRoute":
+            raise unsupported(f.req("type"), res, f"{res.kind} filter type {t}")
 
 
 def _grpc_method(node: Node, res: Resource) -> StringMatch:
@@ -716,14 +725,14 @@ def build_routes(
                 "rewrite": None,
             }
             _filters(rule, hr, extra)
+            extras = None
+            if not grpc:
+                from .route_filters import rule_extras  # it builds on this module
+
+                extras = rule_extras(rule, hr, resources, resolver)
             timeout_ms = None
             if (t := rule.get("timeouts")) is not None:
-                check_fields(
-                    t,
-                    hr,
-                    ("request",),
-                    {"backendRequest": "backend request timeouts are not translated"},
-                )
+                check_fields(t, hr, ("request", "backendRequest"))
                 if (req := t.get("request")) is not None:
                     timeout_ms = _duration_ms(req, hr)
             matches = (rule.get("matches") or Node([], rule.file)).list()
@@ -789,9 +798,12 @@ def build_routes(
                                 method=method,
                                 backends=tuple(backends),
                                 timeout_ms=timeout_ms,
-                                direct_status=None
+                                direct_status=extras.direct_status
+                                if extras is not None and extras.direct_status is not None
+                                else None
                                 if extra["redirect"] or any(b.weight > 0 for b in backends)
                                 else 500,
+                                extras=extras,
                                 **extra,  # type: ignore[arg-type]
                             )
                         )

@@ -103,6 +103,7 @@ class Backend:
     #: builds it): (locality name, weight, backend) each, endpoints unused
     localities: tuple[tuple[str, int, Backend], ...] = ()
     upstream_tls: UpstreamTLS | None = None  # a BackendTLSPolicy's
+    zones: tuple[str, ...] = ()  # each endpoint's zone ("" unknown); () when none is known
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,9 @@ class Route:
     security: Security | None = None
     ext_procs: tuple[ExtProc, ...] = ()
     traffic: Any = None  # backend_traffic.Traffic: BackendTrafficPolicy beyond rate limits
-    luas: tuple[Any, ...] = ()  # extension.Lua: EnvoyExtensionPolicy lua filters
+    luas: tuple[Any, ...] = ()  # extension.Lua / extension.Wasm: EnvoyExtensionPolicy filters
     tcp_authorization: dict[str, Any] | None = None  # a TCPRoute's SecurityPolicy (l4.py)
+    extras: Any = None  # route_filters.RouteExtras: retry, mirrors, HTTPRouteFilters
 
 
 @dataclass

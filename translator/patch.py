@@ -23,6 +23,7 @@ import jsonpointer
 
 from services.common.configfile import ConfigError, Node
 
+from .envoyproxy import merge_gateways
 from .gatewayapi import GATEWAY_GROUP, check_fields
 from .rejections import Rejections
 from .resources import Resource, ResourceSet, error_at, unsupported
@@ -154,31 +155,6 @@ def _apply_one(
         raise error_at(op_node, policy, f"{what} does not apply: {exc}") from None
 
 
-def _merge_gateways(resources: ResourceSet) -> set[str]:
-    """GatewayClasses whose EnvoyProxy sets ``mergeGateways: true``: Envoy Gateway then
-    translates all their Gateways into one Envoy, and a patch targets the GatewayClass."""
-    proxies = {p.key: p for p in resources.ignored("EnvoyProxy")}
-    merged = set()
-    for gc in resources.ignored("GatewayClass"):
-        ref = gc.spec.get("parametersRef")
-        if ref is None:
-            continue
-        key = f"{ref.opt_str('namespace', gc.namespace)}/{ref.opt_str('name', '')}"
-        proxy = proxies.get(key)
-        if proxy is not None and proxy.spec.opt_bool("mergeGateways", False):
-            merged.add(gc.name)
-    # Envoy Gateway's test data gives the GatewayClass's EnvoyProxy alone
-    # (``envoyProxyForGatewayClass``): it applies to the class the Gateways name
-    for proxy in proxies.values():
-        if proxy.node.path.startswith("envoyProxyForGatewayClass") and proxy.spec.opt_bool(
-            "mergeGateways", False
-        ):
-            merged |= {
-                g.spec.opt_str("gatewayClassName", "") or "" for g in resources.of("Gateway")
-            }
-    return merged
-
-
 def apply_patches(
     bootstrap: dict[str, Any], resources: ResourceSet, rejections: Rejections
 ) -> None:
@@ -187,7 +163,7 @@ def apply_patches(
     exist, leaves the policy accepted but not programmed (``Programmed: False``, reported),
     and the policy's other patches still apply."""
     gateways = {g.key for g in resources.of("Gateway")}
-    merged = _merge_gateways(resources)
+    merged = merge_gateways(resources)
     policies = sorted(
         resources.of("EnvoyPatchPolicy"),
         key=lambda p: (p.spec.value.get("priority") or 0, p.created, p.namespace, p.name),

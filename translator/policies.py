@@ -27,6 +27,7 @@ from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic, extension, extservice
 from .csrf import build_csrf
+from .envoyproxy import lua_validation
 from .gatewayapi import (
     GATEWAY_GROUP,
     BackendResolver,
@@ -35,6 +36,7 @@ from .gatewayapi import (
     regex_checked,
     rule_name,
 )
+from .lua_check import LuaChecker
 from .model import (
     CIDRMatch,
     Cors,
@@ -92,7 +94,14 @@ SP_UNSUPPORTED = {
 }
 #: SecurityPolicy fields whose references resolve in the policy that gave them (merging)
 SP_OWNED = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "extAuth", "authorization")
-EEP_FIELDS = ("targetRef", "targetRefs", "extProc", "lua", "wasm")  # lua, wasm: extension.py
+EEP_FIELDS = (
+    "targetRef",
+    "targetRefs",
+    "extProc",
+    "lua",
+    "wasm",
+    "mergeType",
+)  # lua, wasm: extension.py
 EEP_UNSUPPORTED = {
     "targetSelectors": "target selectors need cluster labels",
     "dynamicModule": "dynamic modules are not translated",
@@ -556,9 +565,16 @@ def build_security(
                             f"no ConfigMap {jwt_ns}/{vr.req('name').str()} in the input",
                         )
                     data = cm.node.value.get("data") or {}
-                    if "jwks" not in data:
-                        raise error_at(vr.req("name"), sp, f"ConfigMap {cm.key} has no key 'jwks'")
-                    provider["localJWKS"] = {"type": "Inline", "inline": data["jwks"]}
+                    if not data:
+                        raise error_at(
+                            vr.req("name"),
+                            sp,
+                            f"JWKS data not found in ConfigMap {cm.key}, no 'jwks' key and no "
+                            "other data found",
+                        )
+                    # Envoy Gateway's: the key jwks, else the ConfigMap's (first) other key
+                    jwks = data["jwks"] if "jwks" in data else next(iter(data.values()))
+                    provider["localJWKS"] = {"type": "Inline", "inline": str(jwks)}
             providers.append(provider)
         policy["jwt"] = {
             "providers": providers,
@@ -960,6 +976,8 @@ def attach(
     btps = resources.of("BackendTrafficPolicy")
     sps = resources.of("SecurityPolicy")
     eeps = resources.of("EnvoyExtensionPolicy")
+    lua_level = lua_validation(resources)
+    lua_checker = LuaChecker() if any(p.spec.get("lua") is not None for p in eeps) else None
     traffic = build_each(
         btps, resources, listeners, rejections, lambda p: build_traffic(p, resources)
     )
@@ -988,7 +1006,7 @@ def attach(
         resources,
         listeners,
         rejections,
-        lambda p: extension.build_luas(p, resources),
+        lambda p: extension.build_extensions(p, resources, lua_checker, lua_level),
     )
     for lst in listeners:
         for route in lst.routes:
@@ -1016,11 +1034,51 @@ def attach(
                     fail_closed(route)
             if (w := winner(eeps, lst, route, rule)) is not None:
                 if w.key in procs and w.key in luas:
-                    route.ext_procs = procs[w.key]
-                    route.luas = luas[w.key]
+                    route.ext_procs, route.luas = procs[w.key], luas[w.key]
+                    if w.spec.get("mergeType") is not None:
+                        route.ext_procs, route.luas = merged_extensions(
+                            w, eeps, lst, route, rule, procs, luas
+                        )
                 else:
                     fail_closed(route)
     return chains
+
+
+def merged_extensions(
+    policy: Resource,
+    eeps: list[Resource],
+    listener: Listener,
+    route: Route,
+    rule: str | None,
+    procs: dict[str, tuple[ExtProc, ...]],
+    extensions: dict[str, tuple[Any, ...]],
+) -> tuple[tuple[ExtProc, ...], tuple[Any, ...]]:
+    """A route's EnvoyExtensionPolicy with ``mergeType`` merged onto its listener's or
+    Gateway's policy as Envoy Gateway merges them: ``extProc``, ``lua`` and ``wasm`` are
+    lists without merge keys, so each comes whole from the route policy when it sets it,
+    else from the parent — built there, named after and resolved in the policy it came from
+    (Envoy Gateway's field owners)."""
+    mine_procs, mine_ext = procs[policy.key], extensions[policy.key]
+    if (specificity(policy, listener, route, rule) or 0) < 3:
+        return mine_procs, mine_ext
+    parents = [
+        p
+        for p in eeps
+        if p is not policy
+        and (specificity(p, listener, route, rule) or 9) <= 2
+        and p.key in procs
+        and p.key in extensions
+    ]
+    parent = winner(parents, listener, route, rule)
+    if parent is None:
+        return mine_procs, mine_ext
+
+    def pick(field: str, kind: type | None = None) -> tuple[Any, ...]:
+        owner = policy if policy.spec.get(field) is not None else parent
+        items = procs[owner.key] if kind is None else extensions[owner.key]
+        return tuple(i for i in items if kind is None or isinstance(i, kind))
+
+    return pick("extProc"), (*pick("lua", extension.Lua), *pick("wasm", extension.Wasm))
 
 
 def merge_patch(base: Any, patch: Any) -> Any:

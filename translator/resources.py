@@ -46,6 +46,7 @@ SUPPORTED_KINDS = (
     "TCPRoute",
     "UDPRoute",
     "ServiceImport",
+    "HTTPRouteFilter",
 )
 #: kinds accepted but without effect: they configure how a cluster deploys Envoy, not
 #: what Envoy does with a request (see docs/translator.md, "not applicable")

@@ -23,6 +23,7 @@ from .patch import apply_patches
 from .policies import SecretFiles, attach
 from .rejections import Rejection, Rejections
 from .resources import ResourceSet, load_resources
+from .route_filters import apply_route_extras
 from .tls import apply_listener_tls, report_not_programmed
 
 DEFAULT_SOCKETS = {
@@ -138,6 +139,7 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
     apply_client_traffic(bootstrap, client)
     apply_listener_tls(bootstrap, listeners, client, secret_files)
     apply_backend_traffic(bootstrap, listeners, resolver.service_ips())
+    apply_route_extras(bootstrap, listeners)
     apply_luas(bootstrap, listeners)
     apply_services(bootstrap, listeners)
     apply_csrf(bootstrap, listeners)

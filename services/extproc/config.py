@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from services.common.configfile import ConfigError, Node, config_files, read_yaml_files
+from services.common.regex import Regex, RegexError, compile_re2
 
 from .api import Processor
 from .core import Chain
@@ -113,15 +114,16 @@ def _paths(node: Node | None) -> tuple[JsonPath, ...]:
     return tuple(out)
 
 
-def _patterns(node: Node | None) -> tuple[re.Pattern[str], ...]:
+def _patterns(node: Node | None) -> tuple[Regex, ...]:
+    """RE2 patterns (linear time on request bodies, as Envoy's own regexes)."""
     if node is None:
         return ()
     out = []
     for item in node.list():
         try:
-            out.append(re.compile(item.str(nonempty=True)))
-        except re.error as exc:
-            raise item.error(f"invalid regular expression: {exc}") from None
+            out.append(compile_re2(item.str(nonempty=True)))
+        except RegexError as exc:
+            raise item.expected(str(exc)) from None
     return tuple(out)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from services.common.regex import Regex, literal_replacement
+
 from .api import BodyNeed, Context, HookResult, ImmediateResponse, Mutation, Processor
 
 # -- value templates ----------------------------------------------------------------------
@@ -335,7 +337,7 @@ class JsonSettings:
     drop: tuple[JsonPath, ...] = ()
     #: regular expressions masked wherever they occur: in every string (keys too) and in
     #: the text of every number, at any depth
-    patterns: tuple[re.Pattern[str], ...] = ()
+    patterns: tuple[Regex, ...] = ()  # RE2
     replacement: Any = "***"
     request: bool = True
     response: bool = True
@@ -411,6 +413,7 @@ class JsonProcessor(Processor):
         patterns = self.settings.patterns
         replacement = self.settings.replacement
         text = replacement if isinstance(replacement, str) else json.dumps(replacement)
+        text = literal_replacement(text)  # a backslash in it is itself, not \1
 
         def mask_text(s: str) -> tuple[str, int]:
             hits = 0

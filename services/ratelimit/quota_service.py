@@ -23,6 +23,7 @@ from . import grpc_quota
 from .backends.quota_state import DemandExchange, LocalExchange, RedisExchange
 from .config import RateLimitConfig
 from .core.quota import QuotaCore, QuotaOptions
+from .core.stats import split_key
 
 log = logging.getLogger("outrider.ratelimit.rlqs")
 
@@ -195,11 +196,9 @@ class QuotaCollector(Collector):
             ):
                 events.add_metric([name], getattr(c, name))
             events.add_metric(["exchange_errors"], self.runtime.exchange_errors)
-            for key, value in list(c.shadow_denials.items()):
-                domain, _, descriptor = key.partition(".")
-                shadow.add_metric([domain, descriptor], value)
-            for key, sid, value in core.shares():
-                domain, _, descriptor = key.partition(".")
-                share.add_metric([domain, descriptor, str(sid)], value)
+            for (domain, key), value in list(c.shadow_denials.items()):
+                shadow.add_metric(list(split_key(key, domain)), value)
+            for key, sid, value, domain in core.shares():
+                share.add_metric([*split_key(key, domain), str(sid)], value)
             degraded.add_metric([], 1 if core.degraded(time.monotonic()) else 0)
         yield from (streams, buckets, events, shadow, share, degraded)

@@ -81,8 +81,8 @@ class LimitStatsText:
         self._prefixes: dict[str, list[str]] = {}
         self._metrics = [f"outrider_ratelimit_{name}_total" for name in st.NAMES]
 
-    def _prefix(self, key: str) -> list[str]:
-        domain, _, descriptor = key.partition(".")
+    def _prefix(self, key: str, counted_for: str | None) -> list[str]:
+        domain, descriptor = st.split_key(key, counted_for)
         labels = f'{{descriptor="{_label(descriptor)}",domain="{_label(domain)}"}} '
         return [metric + labels for metric in self._metrics]
 
@@ -102,7 +102,7 @@ class LimitStatsText:
             for key, row in rows[start : start + self.CHUNK]:
                 prefix = prefixes.get(key)
                 if prefix is None:
-                    prefix = prefixes[key] = self._prefix(key)
+                    prefix = prefixes[key] = self._prefix(key, stats.domains.get(key))
                 for out, text, value in zip(lines, prefix, row, strict=True):
                     out.append(f"{text}{value}\n")
         return "".join(["".join(out) for out in lines])

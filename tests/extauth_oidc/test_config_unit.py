@@ -134,7 +134,15 @@ def test_every_option(files: dict[str, str]) -> None:
                     "headers": [{"name": "x", "type": "RegularExpression", "value": "("}]
                 }
             },
-            "valid regular expression",
+            "regular expression RE2 accepts",
+        ),
+        (  # Python's re accepts a lookahead; RE2, as Envoy Gateway, does not
+            {
+                "denyRedirect": {
+                    "headers": [{"name": "x", "type": "RegularExpression", "value": "(?=a)a"}]
+                }
+            },
+            "oidc.denyRedirect.headers[0].value: expected a regular expression RE2 accepts",
         ),
     ],
 )

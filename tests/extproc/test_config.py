@@ -147,8 +147,30 @@ chains:
 
 
 def test_json_pattern_errors_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"chains.default\[0\].json.patterns\[0\]: invalid"):
+    with pytest.raises(
+        ConfigError, match=r"chains.default\[0\].json.patterns\[0\]: expected a regular"
+    ):
         parse("chains:\n  default:\n    - json: {patterns: ['(']}\n")
+
+
+@pytest.mark.parametrize("pattern", [r"(?=4)\d+", r"(\d)\1", r"\d+\Z"])
+def test_json_patterns_are_re2(pattern: str) -> None:
+    """Patterns have RE2 semantics, as Envoy's regexes: what Python's re accepts but RE2
+    refuses (lookaround, backreferences, \\Z) is a config error naming the file and field."""
+    with pytest.raises(ConfigError) as info:
+        parse(f"chains:\n  default:\n    - json: {{patterns: ['{pattern}']}}\n")
+    assert str(info.value).startswith("chains.yaml: chains.default[0].json.patterns[0]: expected a")
+    assert "RE2" in str(info.value)
+
+
+def test_json_patterns_match_as_re2() -> None:
+    """\\d is ASCII in RE2 (Python's re also takes other scripts' digits); a backslash in
+    the replacement is itself."""
+    config = parse("chains:\n  default:\n    - json: {patterns: ['\\d{3}'], replacement: 'x\\1'}\n")
+    (proc,) = config.chains["default"].processors
+    doc = {"ascii": "id 123", "arabic": "id \u0661\u0662\u0663"}
+    out = json.loads(proc.transform(json.dumps(doc).encode()))
+    assert out == {"ascii": "id x\\1", "arabic": "id \u0661\u0662\u0663"}
 
 
 def test_templates() -> None:

@@ -124,3 +124,30 @@ async def test_redis_round_trip_histogram(tmp_path: Path) -> None:
     assert samples["outrider_ratelimit_redis_pipeline_seconds_count", None] == 4
     assert abs(samples["outrider_ratelimit_redis_pipeline_seconds_sum", None] - 0.5035) < 1e-9
     await service.stop()
+
+
+async def test_labels_of_a_domain_with_dots(tmp_path: Path) -> None:
+    """Stats keys are ``domain.descriptor`` (envoyproxy/ratelimit's names); a domain may
+    hold dots (``api.v1``), so the labels come from the domain each row was counted for."""
+    (tmp_path / "d.yaml").write_text(
+        "domain: api.v1\ndescriptors:\n"
+        "  - key: user\n    rate_limit: {unit: hour, requests_per_unit: 5}\n"
+    )
+    registry = CollectorRegistry()
+    service = await start_service(tmp_path / "d.yaml", registry)
+    assert service.limiter is not None
+    await service.limiter.should_rate_limit("api.v1", [Descriptor((("user", "u"),))], 1)
+    labels = {
+        (s.labels["domain"], s.labels["descriptor"])
+        for family in text_string_to_metric_families(await service.metrics_text())
+        for s in family.samples
+        if s.name == "outrider_ratelimit_total_hits_total"
+    }
+    assert labels == {("api.v1", "user")}
+    await service.stop()
+
+
+def test_split_key() -> None:
+    assert st.split_key("api.v1.user_a.b", "api.v1") == ("api.v1", "user_a.b")
+    assert st.split_key("api.v1x.user", "api.v1") == ("api", "v1x.user")  # not its domain
+    assert st.split_key(st.OVERFLOW_KEY, None) == (st.OVERFLOW_KEY, "")

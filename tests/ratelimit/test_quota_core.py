@@ -127,7 +127,7 @@ def test_shadow_mode_counts_would_be_denials() -> None:
     core.report(sid, "api", [usage(b, 1, 0, 0)], 0.0)
     core.report(sid, "api", [usage(b, 100, 0, 5)], 5.0)  # 20/s against 10/s
     core.report(sid, "api", [usage(b, 100, 0, 5)], 10.0)
-    assert core.counters.shadow_denials["api.user_shadow"] >= 40
+    assert core.counters.shadow_denials[("api", "api.user_shadow")] >= 40
     # under the limit: nothing counted
     quiet = QuotaCore(config(), QuotaOptions())
     s2 = quiet.open_stream()
@@ -158,7 +158,7 @@ def test_new_subscriber_gets_a_share_at_once_and_demand_splits_the_limit() -> No
     for t in (5.0, 10.0, 15.0):
         core.report(s1, "api", [usage(b, 100, 100, 5)], t)
         core.report(s2, "api", [usage(b, 50, 50, 5)], t + 0.5)
-    shares = {sid: share for _, sid, share in core.shares()}
+    shares = {sid: share for _, sid, share, _ in core.shares()}
     assert sum(shares.values()) == pytest.approx(20, rel=0.01)
     assert shares[s1] > 1.6 * shares[s2]
     assert shares[s2] >= 0.25 * 20  # not starved
@@ -361,7 +361,7 @@ def test_share_rows_are_one_per_limit_and_stream_whatever_the_buckets() -> None:
     users = [usage(bucket(user=name), 1) for name in ("alice", "bob", "carol")]
     core.report(sid, "api", users, 0.0)
     rows = list(core.shares())
-    assert [(key, stream) for key, stream, _ in rows] == [("api.user", sid)]
+    assert [(key, stream, domain) for key, stream, _, domain in rows] == [("api.user", sid, "api")]
     assert rows[0][2] == pytest.approx(3 * 60)  # each user's own limit of 60 a minute
     registry = CollectorRegistry()
     registry.register(QuotaCollector(SimpleNamespace(core=core, exchange_errors=0)))
@@ -371,3 +371,38 @@ def test_share_rows_are_one_per_limit_and_stream_whatever_the_buckets() -> None:
         for s in family.samples
     ]
     assert len(samples) == len(set(samples))
+
+
+def test_metric_labels_of_a_domain_with_dots() -> None:
+    """Stats keys are ``domain.descriptor``; a domain may itself hold dots (``api.v1``):
+    the labels come from the domain the limit was counted for, not the key's first dot."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.ratelimit.quota_service import QuotaCollector
+
+    core = QuotaCore(
+        parse_texts(
+            [("a.yaml", "domain: api.v1\ndescriptors:\n  - key: user\n    shadow_mode: true\n"
+              "    rate_limit: {unit: second, requests_per_unit: 10}\n")]
+        ),
+        QuotaOptions(),
+    )  # fmt: skip
+    sid = core.open_stream()
+    b = bucket(user="x")
+    core.report(sid, "api.v1", [usage(b, 1, 0, 0)], 0.0)
+    core.report(sid, "api.v1", [usage(b, 100, 0, 5)], 5.0)  # 20/s against 10/s
+    registry = CollectorRegistry()
+    registry.register(QuotaCollector(SimpleNamespace(core=core, exchange_errors=0)))
+    labels = {
+        s.name: (s.labels["domain"], s.labels["descriptor"])
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if "domain" in s.labels
+    }
+    assert labels == {
+        "outrider_ratelimit_rlqs_shadow_denials_total": ("api.v1", "user"),
+        "outrider_ratelimit_rlqs_share": ("api.v1", "user"),
+    }

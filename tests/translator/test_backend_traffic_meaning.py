@@ -54,7 +54,9 @@ def envoy_routes(envoy: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def ir_routes(out_file: Path) -> dict[str, dict[str, Any]]:
     doc = yaml.load(out_file.read_text(), Loader=yaml.CSafeLoader)
     return {
-        r["name"]: r.get("traffic") or {}
+        # the route's own timeout (HTTPRoute timeouts) rides along: it wins over the policy's
+        # requestTimeout, as Envoy Gateway's getEffectiveRequestTimeout
+        r["name"]: {**(r.get("traffic") or {}), "route_timeout": r.get("timeout")}
         for ir in doc["xdsIR"].values()
         for lst in ir.get("http") or ()
         for r in lst.get("routes") or ()
@@ -111,7 +113,8 @@ def test_settings_mean_what_envoy_gateway_means(case: str, tmp_path: Path) -> No
             compared += 1
         if (timeout := traffic.get("timeout")) is not None:
             http, tcp = timeout.get("http") or {}, timeout.get("tcp") or {}
-            assert secs(action.get("timeout")) == secs(http.get("requestTimeout"))
+            expected = traffic["route_timeout"] or http.get("requestTimeout")
+            assert secs(action.get("timeout")) == secs(expected)
             assert secs(action.get("idle_timeout")) == secs(http.get("streamIdleTimeout"))
             assert secs(
                 (action.get("max_stream_duration") or {}).get("max_stream_duration")
@@ -652,3 +655,228 @@ def test_response_overrides_are_envoy_gateways(case: str, tmp_path: Path) -> Non
                     assert headers == expected
                 compared += 1
     assert compared
+
+
+LB_CASES = (
+    "backendtrafficpolicy-with-loadbalancer",
+    "backendtrafficpolicy-with-loadbalancer-remove-headers",
+    "backendtrafficpolicy-with-backend-utilization-out-of-band",
+    "backendtrafficpolicy-with-backend-utilization-weighted-zones",
+    "backendtrafficpolicy-with-endpointoverride-backend-utilization-weighted-zones",
+    "backendtrafficpolicy-with-endpointoverride-loadbalancer",
+    "backendtrafficpolicy-with-endpointoverride-loadbalancer-multiple-mixed",
+    "backendtrafficpolicy-with-endpointoverride-loadbalancer-single-header",
+    "backendtrafficpolicy-with-weighted-zones",
+)
+LEGACY = {"ROUND_ROBIN": "roundRobin", "LEAST_REQUEST": "leastRequest", "RANDOM": "random"}
+TYPED = {
+    "round_robin": "roundRobin",
+    "least_request": "leastRequest",
+    "random": "random",
+    "maglev": "consistentHash",
+    "client_side_weighted_round_robin": "backendUtilization",
+}
+
+
+def lb_meaning(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The load balancing a cluster does, in Envoy Gateway's IR words."""
+    out: dict[str, Any] = {}
+    policy = cluster.get("load_balancing_policy")
+    if policy is not None:
+        (entry,) = policy["policies"]
+        name = entry["typed_extension_config"]["name"].rsplit(".", 1)[-1]
+        typed = entry["typed_extension_config"]["typed_config"]
+        if name == "override_host":
+            out["endpointOverride"] = [s["header"] for s in typed["override_host_sources"]]
+            return {**out, **lb_meaning({"load_balancing_policy": typed["fallback_policy"]})}
+        if name == "wrr_locality":
+            out["zoneWeighted"] = True
+            return {
+                **out,
+                **lb_meaning({"load_balancing_policy": typed["endpoint_picking_policy"]}),
+            }
+        kind = TYPED[name]
+        settings: dict[str, Any] = {}
+        if kind == "backendUtilization":
+            for ours, theirs in (
+                ("blackout_period", "blackoutPeriod"),
+                ("weight_expiration_period", "weightExpirationPeriod"),
+                ("weight_update_period", "weightUpdatePeriod"),
+            ):
+                if ours in typed:
+                    settings[theirs] = secs(typed[ours])
+            if typed.get("enable_oob_load_report"):
+                oob = typed.get("oob_reporting_config") or {}
+                settings["outOfBand"] = {
+                    k: v
+                    for k, v in (
+                        ("port", oob.get("port_value")),
+                        ("authority", oob.get("authority")),
+                        ("reportingPeriod", secs(typed.get("oob_reporting_period"))),
+                    )
+                    if v is not None
+                }
+        out[kind] = settings
+        return out
+    kind = LEGACY.get(cluster.get("lb_policy", "ROUND_ROBIN"), "consistentHash")
+    slow = (cluster.get(f"{cluster.get('lb_policy', '').lower()}_lb_config") or {}).get(
+        "slow_start_config"
+    )
+    out[kind] = {"slowStart": secs(slow["slow_start_window"])} if slow else {}
+    common = cluster.get("common_lb_config") or {}
+    if "locality_weighted_lb_config" in common:
+        out["zoneWeighted"] = True
+    if (zone := common.get("zone_aware_lb_config")) is not None:
+        out["preferLocal"] = {
+            "minEndpointsThreshold": zone["min_cluster_size"],
+            "percentageEnabled": (zone.get("routing_enabled") or {}).get("value"),
+            "force": (zone.get("force_local_zone") or {}).get("min_size"),
+        }
+    return out
+
+
+def ir_lb_meaning(lb: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in ("roundRobin", "leastRequest", "random", "consistentHash"):
+        if kind in lb:
+            slow = (lb[kind] or {}).get("slowStart") if kind != "consistentHash" else None
+            out[kind] = {"slowStart": secs(slow["window"])} if slow else {}
+    if (bu := lb.get("backendUtilization")) is not None:
+        settings = {
+            k: secs(bu[k])
+            for k in ("blackoutPeriod", "weightExpirationPeriod", "weightUpdatePeriod")
+            if k in bu
+        }
+        if (oob := bu.get("outOfBand")) is not None:
+            settings["outOfBand"] = {
+                k: secs(v) if k == "reportingPeriod" else v for k, v in oob.items()
+            }
+        out["backendUtilization"] = settings
+    if (eo := lb.get("endpointOverride")) is not None:
+        out["endpointOverride"] = [s["header"] for s in eo["extractFrom"]]
+    if lb.get("weightedZones"):
+        out["zoneWeighted"] = True
+    if (pl := lb.get("preferLocal")) is not None:
+        out["preferLocal"] = {
+            "minEndpointsThreshold": pl.get("minEndpointsThreshold", 6),
+            "percentageEnabled": pl.get("percentageEnabled"),
+            "force": (pl.get("force") or {}).get("minEndpointsInZoneThreshold"),
+        }
+    return out
+
+
+@pytest.mark.parametrize("case", LB_CASES)
+def test_load_balancers_are_envoy_gateways(case: str, tmp_path: Path) -> None:
+    """``loadBalancer`` per route cluster as Envoy Gateway's IR: the policy (round robin,
+    least request, random, Maglev, client-side weighted round robin from ORCA load reports
+    with its periods and out-of-band reporting), slow start, an endpoint override by
+    header in front of it, zone-aware routing, zones' weights on the localities; the load
+    report headers removed from responses unless kept."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    routes = all_routes(envoy)
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                lb = (r.get("traffic") or {}).get("loadBalancer")
+                if lb is None or r.get("directResponse"):
+                    continue
+                candidates = []
+                for ours in routes[r["name"]]:
+                    action = ours["route"]
+                    names = (
+                        [action["cluster"]]
+                        if "cluster" in action
+                        else [w["name"] for w in action["weighted_clusters"]["clusters"]]
+                    )
+                    meaning = [lb_meaning(clusters[n]) for n in names]
+                    removed = sorted(ours.get("response_headers_to_remove") or ())
+                    candidates.append((meaning, removed))
+                expected = ir_lb_meaning(lb)
+                removed = sorted(r.get("removeResponseHeaders") or ())
+                assert any(
+                    all(m == expected for m in meaning) and rm == removed
+                    for meaning, rm in candidates
+                ), (r["name"], expected, candidates)
+                if lb.get("weightedZones"):
+                    weights = {z["zone"]: z["weight"] for z in lb["weightedZones"]}
+                    for n in names:
+                        for loc in clusters[n]["load_assignment"]["endpoints"]:
+                            zone = loc["locality"]["zone"]
+                            assert loc["load_balancing_weight"] == weights.get(zone, 1)
+                compared += 1
+    assert compared
+
+
+ZONES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.0.0.1], zone: us-east-1a}
+  - {addresses: [10.0.0.2], zone: us-east-1b}
+  - {addresses: [10.0.0.3], zone: us-east-1a}
+  - {addresses: [10.0.0.4]}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: zones, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  loadBalancer:
+    type: RoundRobin
+    zoneAware:
+      weightedZones: [{zone: us-east-1a, weight: 70}, {zone: us-east-1b, weight: 30}]
+"""
+
+
+def test_weighted_zones_group_endpoints_by_their_zone(tmp_path: Path) -> None:
+    """The EndpointSlice's zones become the cluster's localities, weighted as
+    ``weightedZones`` says (a zone it does not list weighs 1), with locality-weighted
+    balancing — Envoy Gateway's ``buildWeightedZonalLocalities``."""
+    (tmp_path / "in.yaml").write_text(ZONES)
+    out = translate([tmp_path / "in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    (cluster,) = [
+        c
+        for c in envoy["static_resources"]["clusters"]
+        if c["name"] == "httproute/default/app/rule/0"
+    ]
+    assert "locality_weighted_lb_config" in cluster["common_lb_config"]
+    localities = {
+        loc["locality"]["zone"]: (
+            loc["load_balancing_weight"],
+            [e["endpoint"]["address"]["socket_address"]["address"] for e in loc["lb_endpoints"]],
+        )
+        for loc in cluster["load_assignment"]["endpoints"]
+    }
+    assert localities == {
+        "": (1, ["10.0.0.4"]),
+        "us-east-1a": (70, ["10.0.0.1", "10.0.0.3"]),
+        "us-east-1b": (30, ["10.0.0.2"]),
+    }

@@ -115,6 +115,8 @@ def _ir_rule(r: RateLimitRule) -> dict[str, Any]:
         d["shared"] = True
     if r.x_ratelimit_headers is not None:
         d["xRateLimitOption"] = r.x_ratelimit_headers
+    if r.limit_metadata is not None:
+        d["limit"]["fromMetadata"] = dict(zip(("namespace", "key"), r.limit_metadata, strict=True))
     return d
 
 

@@ -5,7 +5,8 @@
 - ``extAuth.http`` with ``backendSettings.retry``: the authorization service's first 503 is
   retried and the request passes, with the service's ``headersToBackend`` header reaching
   the upstream (and ``path`` prefixing the check);
-- ``extAuth.statusOnError``: an unreachable authorization service answers that status.
+- ``extAuth.statusOnError``: an unreachable authorization service answers that status;
+- an EnvoyExtensionPolicy Lua script reads its ``filterContext``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ spec:
     - name: down
       matches: [{path: {type: PathPrefix, value: /down}}]
       backendRefs: [{name: up, port: 80}]
+    - name: lua
+      matches: [{path: {type: PathPrefix, value: /lua}}]
+      backendRefs: [{name: up, port: 80}]
 ---
 apiVersion: v1
 kind: Service
@@ -81,6 +85,19 @@ spec:
           numRetries: 2
           retryOn: {triggers: [5xx]}
           perRetry: {backOff: {baseInterval: 10ms, maxInterval: 50ms}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: lua, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: lua}]
+  lua:
+    - type: Inline
+      filterContext: {greeting: hello}
+      inline: |
+        function envoy_on_response(handle)
+          handle:headers():add("x-greeting", handle:filterContext():get("greeting"))
+        end
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: SecurityPolicy
@@ -203,3 +220,6 @@ def test_security_policies_behave(stack: dict[str, Any]) -> None:
     # statusOnError: the authorization service cannot be reached
     assert call(f"{base}/down")[0] == 503
     assert server.calls["/down"] == 0
+
+    # Lua filterContext: the policy's value reaches the script
+    assert call(f"{base}/lua")[1].get("x-greeting") == "hello"

@@ -385,3 +385,110 @@ def test_ext_proc_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> N
                             )
                     compared += 1
     assert compared
+
+
+def test_local_jwks_from_a_configmap_without_the_jwks_key(tmp_path: Path) -> None:
+    """Envoy Gateway takes a ConfigMap's only other key when it has no ``jwks`` key."""
+    case = "securitypolicy-with-jwt-local-jwks"
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    policies = yaml.safe_load(out.files["extauth.yaml"])["policies"]
+    doc = yaml.safe_load((DATA / f"{case}.in.yaml").read_text())
+    cm = next(c for c in doc["configMaps"] if c["metadata"]["name"] == "example2-jwks")
+    provider = policies["default/securitypolicy-with-jwt-local-jwks-valueref-missing-key"]
+    assert provider["jwt"]["providers"][0]["localJWKS"]["inline"] == cm["data"]["some-key"]
+
+
+def test_merged_extension_policy_and_wasm_are_envoy_gateways(tmp_path: Path) -> None:
+    """EnvoyExtensionPolicy ``mergeType``: the route gets the route policy's Lua and Wasm and
+    the Gateway policy's extProc, named after the policy each came from, as in Envoy Gateway's
+    IR; the Wasm filter fetches the module from its URL, checked against its sha256, with the
+    IR's name, host environment keys and fail-open."""
+    case = "envoyextensionpolicy-with-merge-needs-fieldowner"
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    routes = envoy_routes(envoy)
+    filters = _filters(envoy)
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                ext = r.get("envoyExtensions") or {}
+                expected = {
+                    *("envoy.filters.http.ext_proc/" + e["name"] for e in ext.get("extProcs", [])),
+                    *("envoy.filters.http.lua/" + e["Name"] for e in ext.get("luas", [])),
+                    *("envoy.filters.http.wasm/" + e["name"] for e in ext.get("wasms", [])),
+                }
+                ours = routes[r["name"]].get("typed_per_filter_config", {})
+                assert {
+                    n
+                    for n in ours
+                    if n.split("/")[0]
+                    in {
+                        "envoy.filters.http.ext_proc",
+                        "envoy.filters.http.lua",
+                        "envoy.filters.http.wasm",
+                    }
+                } == expected, r["name"]
+                for w in ext.get("wasms", []):
+                    plugin = filters["envoy.filters.http.wasm/" + w["name"]]["config"]
+                    assert plugin["name"] == w["wasmName"]
+                    assert plugin.get("fail_open", False) == w["failOpen"]
+                    vm = plugin["vm_config"]
+                    assert vm["vm_id"] == w["name"]
+                    assert vm["runtime"] == "envoy.wasm.runtime.v8"
+                    assert vm["environment_variables"]["host_env_keys"] == w["hostKeys"]
+                    remote = vm["code"]["remote"]
+                    code = w["httpWasmCode"]
+                    assert remote["sha256"] == code["sha256"]
+                    assert remote["http_uri"]["uri"] == code["originalDownloadingURL"]
+                    fetch = clusters[remote["http_uri"]["cluster"]]
+                    assert fetch["transport_socket"]["typed_config"]["sni"] == "www.example.com"
+                compared += 1
+    assert compared
+
+
+WASM_POLICY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: eg, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: eg}]
+  rules: [{backendRefs: [{name: app, port: 80}]}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyExtensionPolicy
+metadata: {name: w, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  wasm: [{code: CODE}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        (
+            "{type: Image, image: {url: 'oci://r.example/w:v1'}}",
+            "Wasm from an OCI image needs a registry to pull from",
+        ),
+        ("{type: HTTP, http: {url: 'https://h.example/w.wasm'}}", "sha256 is required"),
+        ("{type: HTTP, http: {url: 'ftp://h.example/w', sha256: x}}", "an http or https URL"),
+    ],
+)
+def test_wasm_it_cannot_fetch_is_rejected(code: str, why: str, tmp_path: Path) -> None:
+    src = tmp_path / "in.yaml"
+    src.write_text(WASM_POLICY.replace("CODE", code))
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    assert [r.ref for r in out.rejections] == ["EnvoyExtensionPolicy default/w"]
+    assert why in str(out.rejections[0])
+    assert "spec.wasm[0].code" in str(out.rejections[0])

@@ -28,6 +28,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from services.common.configfile import Node
+from services.common.regex import Regex, RegexError, compile_re2
 
 from ..config import (
     ClaimToHeader,
@@ -117,7 +118,7 @@ class HeaderMatch:
     name: str  # lower-cased, as ext_authz reports headers
     type: Literal["Exact", "Prefix", "Suffix", "RegularExpression"]
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: Regex | None = None  # RE2, as Envoy Gateway's RegularExpression
 
     def matches(self, headers: dict[str, str]) -> bool:
         actual = headers.get(self.name)
@@ -317,9 +318,9 @@ def _parse_header_match(node: Node) -> HeaderMatch:
     regex = None
     if kind == "RegularExpression":
         try:
-            regex = re.compile(value)
-        except re.error as exc:
-            raise value_node.expected(f"a valid regular expression ({exc})") from None
+            regex = compile_re2(value)
+        except RegexError as exc:
+            raise value_node.expected(str(exc)) from None
     return HeaderMatch(name=name.lower(), type=kind, value=value, regex=regex)  # type: ignore[arg-type]
 
 

@@ -309,6 +309,9 @@ class AutoPipeline:
                 self._drop(f"Redis protocol error: {error_text(exc)}")
                 return
             if reply is False:
+                if not waiting and self._outbox_waiters and conn is self._conn:
+                    # the batch in flight is answered (all this data read): the held calls
+                    self._flush()
                 return
             if not waiting:
                 self._drop("Redis sent a reply without a request")
@@ -319,8 +322,6 @@ class AutoPipeline:
             if len(replies) == waiter.wanted:
                 waiting.popleft()
                 self._complete(waiter)
-                if not waiting and self._outbox_waiters and conn is self._conn:
-                    self._flush()  # the batch in flight is answered: send the held calls
 
     def _complete(self, waiter: _Waiter) -> None:
         future = waiter.future

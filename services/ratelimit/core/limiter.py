@@ -310,7 +310,7 @@ class Limiter:
             hits = descriptors[i].hits
             if hits is None:
                 hits = default_hits
-            row = stats.row(match.stats_key)
+            row = stats.row(match.stats_key, domain_name)
             row[st.TOTAL_HITS] += hits
             algorithm = rule.algorithm
             window = rule.window_seconds

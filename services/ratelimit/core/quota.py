@@ -96,8 +96,9 @@ class Counters:
     #: Buckets refused because ``max_buckets`` were tracked.
     overflow: int = 0
     unknown_domain: int = 0
-    #: Requests a shadow_mode limit would have denied, by stats key.
-    shadow_denials: dict[str, int] = field(default_factory=dict)
+    #: Requests a shadow_mode limit would have denied, by (domain, stats key): the key
+    #: alone cannot say where the domain ends (a domain may contain dots).
+    shadow_denials: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _child(node: DescriptorNode, key: str, value: str) -> DescriptorNode | None:
@@ -189,6 +190,7 @@ class Group:
 
     rule: RateLimitRule
     stats_key: str
+    domain: str = ""
     consumers: dict[tuple[int, BucketKey], Consumer] = field(default_factory=dict)
     #: Other replicas' demand and consumers, and how many replicas they are.
     remote_demand: float = 0.0
@@ -270,7 +272,7 @@ class QuotaCore:
         key = group_key(domain, match)
         group = self.groups.get(key)
         if group is None or group.rule != match.rule:
-            group = self.groups[key] = Group(match.rule, match.stats_key)
+            group = self.groups[key] = Group(match.rule, match.stats_key, domain)
         group.consumers[(consumer.stream, consumer.bucket)] = consumer
         consumer.group = key
 
@@ -422,11 +424,12 @@ class QuotaCore:
         """Would-be denials of a shadow_mode limit: requests past the share in a report."""
         if consumer.group is None or consumer.match is None or span <= 0:
             return
-        rule = self.groups[consumer.group].rule
+        group = self.groups[consumer.group]
+        rule = group.rule
         excess = int(count - consumer.share / rule.window_seconds * span)
         if excess > 0:
             table = self.counters.shadow_denials
-            key = consumer.match.stats_key
+            key = (group.domain, consumer.match.stats_key)
             if key in table or len(table) < MAX_SHADOW_KEYS:
                 table[key] = table.get(key, 0) + excess
 
@@ -478,15 +481,17 @@ class QuotaCore:
         )
 
     # -- metrics ------------------------------------------------------------------------
-    def shares(self) -> Iterator[tuple[str, int, float]]:
-        """(stats key, stream, share per window): a stream's shares of every limit with
-        that stats key, summed. One row per pair, however many buckets: the buckets of a
-        key-only descriptor (``user`` with any value) share a stats key, and metric
-        labels never carry request values (one row per bucket repeated its labels)."""
-        totals: dict[tuple[str, int], float] = {}
+    def shares(self) -> Iterator[tuple[str, int, float, str]]:
+        """(stats key, stream, share per window, domain): a stream's shares of every limit
+        with that stats key in that domain, summed. One row per pair, however many
+        buckets: the buckets of a key-only descriptor (``user`` with any value) share a
+        stats key, and metric labels never carry request values (one row per bucket
+        repeated its labels). The domain is given: a stats key cannot say where a domain
+        with dots ends."""
+        totals: dict[tuple[str, str, int], float] = {}
         for group in self.groups.values():
             for consumer in group.consumers.values():
-                key = (group.stats_key, consumer.stream)
+                key = (group.domain, group.stats_key, consumer.stream)
                 totals[key] = totals.get(key, 0.0) + consumer.share
-        for (stats_key, stream), share in totals.items():
-            yield stats_key, stream, share
+        for (domain, stats_key, stream), share in totals.items():
+            yield stats_key, stream, share, domain

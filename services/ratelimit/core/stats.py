@@ -47,8 +47,10 @@ class ServiceCounters:
 class StatsTable:
     by_key: dict[str, list[int]] = field(default_factory=dict)
     service: ServiceCounters = field(default_factory=ServiceCounters)
+    #: stats key -> its domain (a domain may contain dots: the key alone cannot say)
+    domains: dict[str, str] = field(default_factory=dict)
 
-    def row(self, key: str) -> list[int]:
+    def row(self, key: str, domain: str = "") -> list[int]:
         row = self.by_key.get(key)
         if row is None:
             if len(self.by_key) >= MAX_KEYS:
@@ -56,8 +58,21 @@ class StatsTable:
                 row = self.by_key.get(key)
                 if row is not None:
                     return row
+            elif domain:
+                self.domains[key] = domain
             row = self.by_key[key] = [0, 0, 0, 0, 0, 0]
         return row
+
+
+def split_key(key: str, domain: str | None) -> tuple[str, str]:
+    """A stats key (``domain.descriptor...``) as its (domain, descriptor) labels. The key
+    alone is ambiguous when the domain holds a dot (``api.v1`` + ``user`` is
+    ``api.v1.user``), so the domain it was counted for is given; without it (the overflow
+    row), the key splits at its first dot."""
+    if domain and key.startswith(domain) and key[len(domain) : len(domain) + 1] == ".":
+        return domain, key[len(domain) + 1 :]
+    head, _, rest = key.partition(".")
+    return head, rest
 
 
 class LatencyHistogram:
