@@ -189,18 +189,21 @@ def _owned_by(listener: Listener, kind: str, namespace: str, name: str) -> bool:
 
 #: precedence of a policy by what it targets (higher wins), as Envoy Gateway: route rule >
 #: route > listener (of a Gateway or a ListenerSet) > ListenerSet > Gateway
-GATEWAY, LISTENER_SET, LISTENER, ROUTE, RULE = 1, 2, 3, 4, 5
+#: (a ListenerSet sits between a Gateway and a listener: 1.5 keeps the other levels' numbers)
+GATEWAY, LISTENER_SET, LISTENER, ROUTE, RULE = 1, 1.5, 2, 3, 4
 
 
-def specificity(policy: Resource, listener: Listener, route: Route, rule: str | None) -> int | None:
+def specificity(
+    policy: Resource, listener: Listener, route: Route, rule: str | None
+) -> float | None:
     """How specifically ``policy`` targets ``route`` on ``listener`` (higher wins), or None."""
-    best: int | None = None
+    best: float | None = None
     try:
         refs = targets(policy)
     except TranslateError:  # rejected already: targets nothing
         return None
     for t in refs:
-        level = None
+        level: float | None = None
         if (
             t.kind == route.route_kind
             and policy.namespace == route.route_ns
@@ -1059,13 +1062,13 @@ def merged_extensions(
     else from the parent — built there, named after and resolved in the policy it came from
     (Envoy Gateway's field owners)."""
     mine_procs, mine_ext = procs[policy.key], extensions[policy.key]
-    if (specificity(policy, listener, route, rule) or 0) < 3:
+    if (specificity(policy, listener, route, rule) or 0) < ROUTE:
         return mine_procs, mine_ext
     parents = [
         p
         for p in eeps
         if p is not policy
-        and (specificity(p, listener, route, rule) or 9) <= 2
+        and (specificity(p, listener, route, rule) or 9) <= LISTENER
         and p.key in procs
         and p.key in extensions
     ]
