@@ -22,6 +22,7 @@ from typing import Any
 
 import betterproto2
 
+from services.common.runtime import RECYCLE_CONNECTION_DURATION
 from translator.envoy import extauth_http_filter, extauth_http_service, upstream_headers
 
 ROUTER = {
@@ -89,6 +90,13 @@ def tcp_cluster(name: str, port: int) -> dict[str, Any]:
     }
 
 
+#: what the translator gives every sidecar cluster: Envoy ends its connections itself, so a
+#: ``--workers`` replacement never closes one under a stream (see services/common/workers.py)
+SIDECAR_CONNECTION_OPTIONS = {
+    "common_http_protocol_options": {"max_connection_duration": f"{RECYCLE_CONNECTION_DURATION:g}s"}
+}
+
+
 def grpc_uds_cluster(name: str, socket_path: str, *more_paths: str) -> dict[str, Any]:
     """An HTTP/2 cluster over Unix sockets (several: one per ``--workers`` process)."""
     return {
@@ -100,6 +108,7 @@ def grpc_uds_cluster(name: str, socket_path: str, *more_paths: str) -> dict[str,
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
                 "HttpProtocolOptions",
                 "explicit_http_config": {"http2_protocol_options": {}},
+                **SIDECAR_CONNECTION_OPTIONS,
             }
         },
         "load_assignment": {
@@ -122,6 +131,14 @@ def http_uds_cluster(name: str, socket_path: str) -> dict[str, Any]:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                **SIDECAR_CONNECTION_OPTIONS,
+            }
+        },
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [

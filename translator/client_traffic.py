@@ -208,7 +208,7 @@ def _timeout(t: Node, res: Resource, s: ClientSettings) -> None:
             # TCP listeners' tcp_proxy; none on an HTTP one (as Envoy Gateway)
             s.tcp_proxy["idle_timeout"] = _dur(n, res, "Timeout: TCP IdleTimeout")
         if (n := tcp.get("tlsHandshakeTimeout")) is not None:
-            # the TLS filter chains' handshake deadline (none on plain HTTP)
+            # the filter chains' transport socket (TLS handshake) deadline
             s.chain["transport_socket_connect_timeout"] = _dur(
                 n, res, "Timeout: invalid TCP TLSHandshakeTimeout"
             )
@@ -854,7 +854,9 @@ def attach_client_traffic(
                 _fail_closed(lst)
                 continue
             others = [o for o in same_port(lst) if o.tls is None and lst.tls is None]
-            if others:
+            # Envoy Gateway's rule: plain listeners of the same Gateway share the settings
+            own = [o for o in others if (o.gateway_ns, o.gateway_name) == gateway_of(lst)]
+            if own:
                 note(
                     p,
                     error_at(
@@ -862,8 +864,22 @@ def attach_client_traffic(
                         p,
                         "ClientTrafficPolicy is being applied to multiple http (non "
                         "https) listeners ("
-                        + ", ".join(o.name for o in others)
+                        + ", ".join(o.name for o in own)
                         + ") on the same port, which is not allowed",
+                    ),
+                )
+                _fail_closed(lst)
+                continue
+            if others and not _empty(built[p.key]):  # Outrider: one Envoy for every Gateway
+                note(
+                    p,
+                    error_at(
+                        t.node,
+                        p,
+                        "Outrider runs one Envoy for every Gateway: "
+                        f"listener {lst.name} shares port {lst.port} with "
+                        + ", ".join(o.name for o in others)
+                        + ", which this policy does not apply to (not supported)",
                     ),
                 )
                 _fail_closed(lst)
@@ -928,6 +944,7 @@ def attach_client_traffic(
                             # an HTTPS listener has a filter chain of its own: only settings
                             # of the whole Envoy listener would reach the others
                             and (lst.tls is None or o.tls is None or _listener_level(built[p.key]))
+                            and not _empty(built[p.key])
                         ]
                     if foreign:
                         note(
@@ -992,6 +1009,15 @@ def attach_client_traffic(
     return out
 
 
+def gateway_of(lst: Listener) -> tuple[str, str]:
+    return (lst.gateway_ns, lst.gateway_name)
+
+
+def _empty(s: ClientSettings) -> bool:
+    """A policy that sets nothing: it may reach listeners of other Gateways harmlessly."""
+    return s == ClientSettings(s.policy)
+
+
 def _listener_level(s: ClientSettings) -> bool:
     """Whether the settings reach the whole Envoy listener (not one filter chain)."""
     return bool(s.listener or s.socket_options or s.listener_filters)
@@ -1047,6 +1073,7 @@ def apply_client_traffic(
 def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
     filters = chain["filters"]
     hcm = next((f for f in filters if f["name"].endswith("http_connection_manager")), None)
+    chain.update(copy.deepcopy(s.chain))  # Envoy Gateway sets these on every filter chain
     if hcm is None:  # a TCP route's chain (l4.py)
         proxy = filters[-1]["typed_config"]
         if filters[-1]["name"].endswith("tcp_proxy"):
@@ -1070,5 +1097,3 @@ def _apply_chain(chain: dict[str, Any], s: ClientSettings) -> None:
         for nf in network:
             nf["typed_config"]["stat_prefix"] = cfg.get("stat_prefix", "http")
         chain["filters"] = network + filters
-    if chain.get("name"):  # an HTTPS listener's filter chain
-        chain.update(copy.deepcopy(s.chain))

@@ -691,7 +691,7 @@ def build(
     # (Envoy Gateway's addHCMToXDSListener); a listener not programmed is left out
     by_port: dict[tuple[int, str], list[ListenerIR]] = {}
     for lst in listeners:
-        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP"):  # l4.py's
+        if lst.not_programmed is None and lst.protocol not in ("TCP", "UDP", "TLS"):  # l4.py's
             chain_key = lst.name if lst.tls is not None else ""
             by_port.setdefault((lst.port, chain_key), []).append(lst)
     by_envoy_port: dict[int, Listener] = {}
@@ -779,7 +779,11 @@ def build(
                     clusters.setdefault(ext.backend.cluster, cluster(ext.backend))
                     add_filter(25, ext.filter_name, _user_ext_authz(ext), disabled=True)
                     per_filter[ext.filter_name] = _enable(
-                        ExtAuthzPerRoute(check_settings=CheckSettings())
+                        ExtAuthzPerRoute(
+                            check_settings=CheckSettings(
+                                context_extensions=dict(ext.context_extensions)
+                            )
+                        )
                     )
                 if route.local_rate_limit is not None:
                     add_filter(

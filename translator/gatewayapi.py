@@ -30,6 +30,7 @@ LISTENER_PROTOCOLS = {
     "HTTPS": ("HTTPRoute", "GRPCRoute"),
     "TCP": ("TCPRoute",),
     "UDP": ("UDPRoute",),
+    "TLS": ("TCPRoute",),  # mode Terminate (tls.py); Passthrough needs TLSRoute
 }
 ROUTE_SPEC = ("parentRefs", "hostnames", "rules")
 RULE_FIELDS = ("name", "matches", "filters", "backendRefs", "timeouts", "retry")
@@ -451,8 +452,12 @@ def _listeners(
             raise unsupported(
                 proto,
                 owner,
-                f"protocol {proto.str()}: HTTP, HTTPS, TCP and UDP listeners are translated",
+                f"protocol {proto.str()}: HTTP, HTTPS, TCP, UDP and TLS (Terminate) "
+                "listeners are translated",
             )
+        tls_mode = item.get("tls") and item.req("tls").get("mode")
+        if proto.str() == "TLS" and tls_mode is not None and tls_mode.str() == "Passthrough":
+            raise unsupported(tls_mode, owner, "TLS Passthrough needs TLSRoutes, not translated")
         hostname = item.opt_str("hostname")
         prefix = f"{gw.namespace}/{gw.name}"
         if listener_set is not None:

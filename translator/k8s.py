@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from services.common.runtime import RECYCLE_CONNECTION_DURATION
+
 from . import rlqs
 from .model import Listener
 from .policies import OUTRIDER_EXTPROC_BACKEND, SecretFiles
@@ -38,6 +40,9 @@ from .translate import Output, dump
 IMAGE = "outrider:0.1.0"
 SECRETS_MOUNT = "/etc/outrider/extauth-secrets"
 PASS_THROUGH = ("Gateway", "HTTPRoute", "Backend", "Service", "Secret", "ReferenceGrant")
+#: Envoy ends its connections to a sidecar itself, as on the envoy target's sidecar
+#: clusters (what lets --max-requests/--max-rss replace a worker without a failed call)
+SIDECAR_CONNECTION_DURATION = f"{RECYCLE_CONNECTION_DURATION:g}s"
 
 
 def _strip(doc: dict[str, Any]) -> dict[str, Any]:
@@ -210,9 +215,27 @@ def _ratelimit_patch(namespace: str, gateway: str) -> dict[str, Any]:
                     }
                 ),
                 op({"op": "remove", "path": "/transport_socket"}),
+                op(
+                    {
+                        "op": "add",
+                        "path": "/typed_extension_protocol_options/"
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions/"
+                        "common_http_protocol_options",
+                        "value": {"max_connection_duration": SIDECAR_CONNECTION_DURATION},
+                    }
+                ),
             ],
         },
     }
+
+
+def _sidecar_backend_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a policy's ``backendSettings``) with Envoy ending each connection to
+    the sidecar after SIDECAR_CONNECTION_DURATION, unless the policy sets its own."""
+    out = copy.deepcopy(settings)
+    http = out.setdefault("timeout", {}).setdefault("http", {})
+    http.setdefault("maxConnectionDuration", SIDECAR_CONNECTION_DURATION)
+    return out
 
 
 def _config_map(name: str, namespace: str, data: dict[str, str]) -> dict[str, Any]:
@@ -332,7 +355,8 @@ def gateway_manifests(
                             "name": "outrider-extauth",
                             "namespace": ns,
                         }
-                    ]
+                    ],
+                    "backendSettings": _sidecar_backend_settings({}),
                 },
                 "contextExtensions": [{"name": "policy", "type": "Value", "value": sp.key}],
                 "failOpen": False,
@@ -349,6 +373,9 @@ def gateway_manifests(
                 ):
                     if ref.get("name") == OUTRIDER_EXTPROC_BACKEND:
                         ref.setdefault("namespace", ns)
+                        ep["backendSettings"] = _sidecar_backend_settings(
+                            ep.get("backendSettings") or {}
+                        )
             policies.append(doc)
 
     used_chains = sorted(

@@ -44,7 +44,7 @@ from .resources import Resource, ResourceSet, TranslateError, error_at, unsuppor
 T = "type.googleapis.com/envoy."
 #: route kind → the listener protocol it attaches to
 ROUTE_KINDS = {"TCPRoute": "TCP", "UDPRoute": "UDP"}
-PROTOCOLS = ("TCP", "UDP")
+PROTOCOLS = ("TCP", "UDP", "TLS")  # TLS: terminated (tls.py), then as TCP
 #: BackendTrafficPolicy cluster settings that apply to TCP / UDP routes (Envoy Gateway's
 #: ``applyTrafficFeatureToRoute``)
 TCP_CLUSTER_KEYS = (
@@ -96,10 +96,11 @@ def _listeners_for(
     port = parent.opt_int("port")
     out = []
     for lst in listeners:
+        kind = "TCP" if lst.protocol == "TLS" else lst.protocol  # TLS terminated: TCPRoutes
         if (
             lst.listener_set is not None  # a ListenerSet's: not selected by a Gateway parentRef
             or (lst.gateway_ns, lst.gateway_name) != (ns, name)
-            or lst.protocol != ROUTE_KINDS[res.kind]
+            or kind != ROUTE_KINDS[res.kind]
         ):
             continue
         if (section is not None and lst.section != section) or (
@@ -479,12 +480,12 @@ def add_listeners(
     clusters = {c["name"]: c for c in resources.get("clusters", [])}
     out = resources.setdefault("listeners", [])
     for lst in listeners:
-        if lst.protocol not in PROTOCOLS or not lst.routes:
+        if lst.protocol not in PROTOCOLS or not lst.routes or lst.not_programmed is not None:
             continue
         route = lst.routes[0]
         port = port_map.get(lst.port, lst.port)
         address: dict[str, Any] = {"address": listen_address, "port_value": port}
-        if lst.protocol == "TCP":
+        if lst.protocol in ("TCP", "TLS"):
             out.append(
                 {
                     "name": lst.name,

@@ -132,6 +132,7 @@ class ExternalAuth:
     authority: str = ""  # the first backendRef's host:port, Envoy Gateway's
     retry: dict[str, Any] | None = None  # backendSettings.retry: a core.v3 RetryPolicy
     settings: Any = None  # extservice.Settings: backendSettings for the service's cluster
+    context_extensions: tuple[tuple[str, str], ...] = ()  # sent with each check (per route)
 
 
 @dataclass(frozen=True)

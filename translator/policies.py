@@ -672,7 +672,12 @@ def build_security(
                 r.req("principal"),
                 sp,
                 ("clientCIDRs", "jwt", "headers"),
-                {"sourceCIDRs": "sourceCIDRs are not translated; use clientCIDRs"},
+                {
+                    "sourceCIDRs": "sourceCIDRs are not translated; use clientCIDRs",
+                    "clientIPGeoLocations": "geolocation needs Envoy's geoip filter with a "
+                    "MaxMind database, and matching its country/region/city/ASN results in "
+                    "authorization rules; not translated",
+                },
             )
             for c in (pr.get("clientCIDRs") or Node([], pr.file)).list():
                 _cidr(c, sp)
@@ -680,7 +685,7 @@ def build_security(
         native["authorization"] = policy["authorization"]
     external = None
     if (e := spec.get("extAuth")) is not None:
-        external = _ext_auth(e, owners.get("extAuth", sp), resolver, resources)
+        external = _ext_auth(e, owners.get("extAuth", sp), resolver, resources, owners)
     cors = None
     if (c := spec.get("cors")) is not None:
         cors = _cors(c, sp)
@@ -727,7 +732,11 @@ def service_refs(svc: Node) -> list[Node]:
 
 
 def _ext_auth(
-    e: Node, sp: Resource, resolver: BackendResolver, resources: ResourceSet
+    e: Node,
+    sp: Resource,
+    resolver: BackendResolver,
+    resources: ResourceSet,
+    owners: dict[str, Resource] | None = None,
 ) -> ExternalAuth:
     check_fields(
         e,
@@ -742,8 +751,8 @@ def _ext_auth(
             "recomputeRoute",
             "statusOnError",
             "includeRouteMetadata",
+            "contextExtensions",
         ),
-        {"contextExtensions": "context extensions are not translated"},
     )
     grpc, http = e.get("grpc"), e.get("http")
     if (grpc is None) == (http is None):
@@ -789,7 +798,47 @@ def _ext_auth(
         authority=authority(refs[0], sp, resources),
         retry=settings.retry if settings is not None else None,
         settings=settings,
+        context_extensions=_context_extensions(e, sp, resources, owners or {}),
     )
+
+
+def _context_extensions(
+    e: Node, sp: Resource, resources: ResourceSet, owners: dict[str, Resource]
+) -> tuple[tuple[str, str], ...]:
+    """``extAuth.contextExtensions`` (Envoy Gateway's ``buildContextExtensions``): a value, or
+    a ConfigMap's or Secret's key in the namespace of the policy that gave the entry."""
+    out = []
+    for ext in (e.get("contextExtensions") or Node([], e.file)).list():
+        check_fields(ext, sp, ("name", "type", "value", "valueRef"))
+        name = ext.req("name").str(nonempty=True)
+        kind = ext.opt_str("type", "Value", choices=("Value", "ValueRef"))
+        if kind == "Value":
+            out.append((name, ext.opt_str("value", "") or ""))
+            continue
+        ref = check_fields(ext.req("valueRef"), sp, ("group", "kind", "name", "key"))
+        ns = owners.get(f"contextExtensions/{name}", sp).namespace
+        ref_kind = ref.req("kind").str(choices=("ConfigMap", "Secret"))
+        ref_name, key = ref.req("name").str(nonempty=True), ref.req("key").str(nonempty=True)
+        target = resources.get(ref_kind, ns, ref_name)
+        what = ref_kind.lower()
+        if target is None:
+            raise error_at(
+                ref.req("name"),
+                sp,
+                f"can't find the referenced {what} {ref_name!r} in namespace {ns!r}",
+            )
+        if ref_kind == "Secret":
+            data = resources.secret_data(target)
+        else:
+            data = {k: str(v) for k, v in (target.node.value.get("data") or {}).items()}
+        if key not in data:
+            raise error_at(
+                ref.req("key"),
+                sp,
+                f"can't find the key {key!r} in the referenced {what} {ref_name!r}",
+            )
+        out.append((name, data[key]))
+    return tuple(out)
 
 
 def _cors(c: Node, sp: Resource) -> Cors:
@@ -1246,6 +1295,24 @@ def merged_security(
     base = {k: v for k, v in parent.spec.value.items() if k not in ("targetRef", "targetRefs")}
     doc = dict(policy.node.value)
     doc["spec"] = merge_patch(base, mine)
+    owners = {
+        f: (policy if policy.spec.get(f) is not None else parent)
+        for f in SP_OWNED
+        if doc["spec"].get(f) is not None
+    }
+    # contextExtensions is the one list with a merge key (name): StrategicMerge merges it
+    # entry by entry, the route's winning; each entry resolves in its own policy's namespace
+    exts: dict[str, tuple[Any, Resource]] = {}
+    for source in (parent, policy):
+        for item in (source.spec.value.get("extAuth") or {}).get("contextExtensions") or ():
+            if isinstance(item, dict) and "name" in item:
+                exts[str(item["name"])] = (item, source)
+    if policy.spec.value.get("mergeType") == "StrategicMerge" and exts:
+        merged_ext = doc["spec"].get("extAuth")
+        if isinstance(merged_ext, dict):
+            merged_ext["contextExtensions"] = [item for item, _ in exts.values()]
+    for name, (_, source) in exts.items():
+        owners[f"contextExtensions/{name}"] = source
     merged_res = Resource(
         policy.kind,
         policy.namespace,
@@ -1255,11 +1322,6 @@ def merged_security(
         policy.annotations,
         policy.duplicate,
     )
-    owners = {
-        f: (policy if policy.spec.get(f) is not None else parent)
-        for f in SP_OWNED
-        if doc["spec"].get(f) is not None
-    }
     try:
         cache[key] = build(merged_res, owners, f"{policy.key}+{parent.key}")
     except ConfigError as exc:

@@ -662,6 +662,7 @@ def downstream_tls_context(
     *,
     overlapping: bool = False,
     quic: bool = False,
+    tcp: bool = False,
 ) -> dict[str, Any]:
     """The ``DownstreamTlsContext`` of an HTTPS listener (Envoy Gateway's
     ``buildXdsDownstreamTLSSocket``); its certificates become static secrets in ``out``,
@@ -684,6 +685,8 @@ def downstream_tls_context(
     elif ctls is not None and ctls.alpn is not None:
         if ctls.alpn:
             common["alpn_protocols"] = list(ctls.alpn)
+    elif tcp:  # a TLS listener proxying TCP: no ALPN unless a policy sets one
+        pass
     elif overlapping:  # Envoy Gateway: no HTTP/2 connection coalescing across listeners
         common["alpn_protocols"] = ["http/1.1"]
     else:
@@ -865,14 +868,18 @@ def apply_listener_tls(
     for listener in resources.get("listeners", []):
         inspector = False
         fingerprints: list[str] = []
+        tcp = by_name.get(listener.get("name", ""))
+        if tcp is not None and tcp.protocol != "TLS":
+            tcp = None
         for chain in listener.get("filter_chains", []):
-            lst = by_name.get(chain.get("name", ""))
+            # an HTTPS listener's chain is named after it; a TLS listener's are its routes'
+            lst = tcp or by_name.get(chain.get("name", ""))
             if lst is None:
                 continue
             s = settings.get(lst.name)
             ctls = None if s is None else (s.tls or ClientTLS())
             chain["transport_socket"] = downstream_tls_context(
-                lst.tls, ctls, files, out, overlapping=lst.name in overlapping
+                lst.tls, ctls, files, out, overlapping=lst.name in overlapping, tcp=tcp is not None
             )
             if lst.hostname and lst.hostname != "*":
                 chain["filter_chain_match"] = {"server_names": [lst.hostname]}

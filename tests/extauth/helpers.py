@@ -168,6 +168,8 @@ class JWKSServer:
     document: dict[str, Any] = field(default_factory=lambda: {"keys": []})
     mode: str = "ok"
     fetches: int = 0
+    #: requests held unanswered right now (``hang``)
+    hanging: int = 0
     port: int = field(default_factory=free_port)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -183,8 +185,12 @@ class JWKSServer:
         if self.mode == "down":
             return web.Response(status=503, text="down")
         # polled: mode and _stopping are flipped from the test thread, not this loop
-        while self.mode == "hang" and not self._stopping:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        self.hanging += 1
+        try:
+            while self.mode == "hang" and not self._stopping:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        finally:
+            self.hanging -= 1
         if self._stopping:
             return web.Response(status=503, text="stopping")
         return web.json_response(self.document)

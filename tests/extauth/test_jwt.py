@@ -272,17 +272,25 @@ async def test_remote_rotation_idp_down_and_cooldown(
         )
 
 
+#: Turns a check that waits on a hanging endpoint into a failure; far beyond check_wait
+#: (0.1 s), far below the fetch timeout (an hour), within pytest's timeout.
+HANG_DEADLINE = 60.0
+
+
 async def test_hanging_jwks_never_blocks_a_check(
     tmp_path: Path, rsa1: SigningKey, jwks_server: JWKSServer
 ) -> None:
+    """Counted, not timed: the fetch may take an hour (``jwks_fetch_timeout``) and the
+    endpoint never answers, so a check decided while the fetch is still held there was
+    decided by ``check_wait`` alone. The deadline only turns a hang into a failure."""
     jwks_server.mode = "hang"
     config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
-    async with EngineHarness(config, jwks_check_wait=0.1) as h:
-        started = time.monotonic()
-        decision = await asyncio.wait_for(h.check(request(headers=bearer(rsa1.sign(claims())))), 2)
-        elapsed = time.monotonic() - started
+    async with EngineHarness(config, jwks_check_wait=0.1, jwks_fetch_timeout=3600) as h:
+        decision = await asyncio.wait_for(
+            h.check(request(headers=bearer(rsa1.sign(claims())))), HANG_DEADLINE
+        )
+        assert jwks_server.hanging == 1  # the fetch is still waiting on the endpoint
     assert (decision.status, decision.reason) == (401, "jwks_unavailable")
-    assert elapsed < 1.0  # check_wait is 0.1 s; the endpoint itself never answers
 
 
 async def test_hanging_jwks_with_cached_keys_still_allows(
@@ -290,13 +298,18 @@ async def test_hanging_jwks_with_cached_keys_still_allows(
 ) -> None:
     jwks_server.document = jwks(rsa1)
     config = config_from(tmp_path, jwt_policy(uri=jwks_server.uri))
-    async with EngineHarness(config, jwks_check_wait=0.1, jwks_refetch_cooldown=0.0) as h:
+    async with EngineHarness(
+        config, jwks_check_wait=0.1, jwks_refetch_cooldown=0.0, jwks_fetch_timeout=3600
+    ) as h:
         assert (await h.check(request(headers=bearer(rsa1.sign(claims()))))).allow
         jwks_server.mode = "hang"
-        started = time.monotonic()
-        unknown = await h.check(request(headers=bearer(rsa2.sign(claims()))))
-        known = await h.check(request(headers=bearer(rsa1.sign(claims(sub="zed")))))
-        assert time.monotonic() - started < 1.5
+        unknown = await asyncio.wait_for(
+            h.check(request(headers=bearer(rsa2.sign(claims())))), HANG_DEADLINE
+        )
+        known = await asyncio.wait_for(
+            h.check(request(headers=bearer(rsa1.sign(claims(sub="zed"))))), HANG_DEADLINE
+        )
+        assert jwks_server.hanging >= 1  # decided while the refetch is held by the endpoint
     assert (unknown.status, unknown.reason) == (401, "jwt_unknown_kid")
     assert known.allow
 

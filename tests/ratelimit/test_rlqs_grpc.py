@@ -30,19 +30,30 @@ def report(domain: str, **bucket: str) -> rlqs_pb2.RateLimitQuotaUsageReports:
     return rlqs_pb2.RateLimitQuotaUsageReports(domain=domain, bucket_quota_usages=[usage])
 
 
+#: The drain bound of the SIGTERM test: far beyond the stream's own deadline, so a stream
+#: the server holds until the drain runs out fails the test (DEADLINE_EXCEEDED), however
+#: busy the machine is; one that ends at SIGTERM does not wait for it.
+LONG_DRAIN = "3600"
+
+
 @pytest.fixture
 def service(outrider: Callable[..., Any], tmp_path: Path, sockdir: Path) -> Any:
     (tmp_path / "g.yaml").write_text(CONFIG)
     socket = sockdir / "q.sock"
-    proc = outrider("ratelimit", "--config", str(tmp_path), "--listen", f"unix:{socket}")
+    proc = outrider(
+        "ratelimit",
+        "--config", str(tmp_path),
+        "--listen", f"unix:{socket}",
+        "--drain-timeout", LONG_DRAIN,
+    )  # fmt: skip
     proc.socket = socket
     return proc
 
 
-def stream(socket: Path, requests: Iterator[Any]) -> Any:
+def stream(socket: Path, requests: Iterator[Any], deadline: float = 20) -> Any:
     channel = grpc.insecure_channel(f"unix:{socket}")
     stub = rlqs_pb2_grpc.RateLimitQuotaServiceStub(channel)
-    return channel, stub.StreamRateLimitQuotas(requests, timeout=20)
+    return channel, stub.StreamRateLimitQuotas(requests, timeout=deadline)
 
 
 def test_report_gets_a_token_bucket_and_a_malformed_one_an_error(service: Any) -> None:
@@ -78,14 +89,13 @@ def test_sigterm_ends_open_streams(service: Any) -> None:
         while not stop:  # the client never closes its side: only the server can end it
             time.sleep(0.05)
 
-    channel, responses = stream(service.socket, requests())
+    channel, responses = stream(service.socket, requests(), deadline=60)
     with channel:
         assert next(responses).bucket_action
-        started = time.monotonic()
         service.signal(signal.SIGTERM)
-        rest = list(responses)  # ends cleanly (OK) instead of waiting out the drain
-        took = time.monotonic() - started
+        # ends cleanly (OK) at SIGTERM: waiting out the drain (an hour) would raise
+        # DEADLINE_EXCEEDED at the stream's deadline instead
+        rest = list(responses)
         stop = True
     assert rest == []
-    assert took < 4.0  # well inside --drain-timeout (5 s)
-    assert service.wait(10) == 0
+    assert service.wait(60) == 0  # and the process exits without waiting out the drain

@@ -206,6 +206,7 @@ TLS_CASES = (
     "clienttrafficpolicy-mtls-dup-ca-refs",
     "clienttrafficpolicy-mtls-allow-expired-cert",
     "clienttrafficpolicy-http3",
+    "clienttrafficpolicy-mtls-client-verification",
 )
 VERSIONS = {"1.0": "TLSv1_0", "1.1": "TLSv1_1", "1.2": "TLSv1_2", "1.3": "TLSv1_3"}
 XFCC = {
@@ -215,6 +216,11 @@ XFCC = {
     "SanitizeSet": "SANITIZE_SET",
     "AlwaysForwardOnly": "ALWAYS_FORWARD_ONLY",
 }
+
+
+def ours_match(m: dict[str, Any]) -> dict[str, str]:
+    ((key, value),) = m.items()
+    return {"safeRegex": value["regex"]} if key == "safe_regex" else {key: value}
 
 
 def der_set(pem: str) -> set[bytes]:
@@ -244,8 +250,12 @@ def test_tls_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
         for c in lst["filter_chains"]:
             if c.get("name"):
                 (quic_chains if udp else chains)[c["name"]] = c
+        if lst["name"] not in chains and lst["filter_chains"] and not udp:
+            chains[lst["name"]] = lst["filter_chains"][0]  # a TLS listener's (TCP) first chain
     compared = 0
-    for ir in ir_listeners(DATA / f"{case}.out.yaml"):
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    tcp = [lst for ir in doc["xdsIR"].values() for lst in ir.get("tcp") or ()]
+    for ir in ir_listeners(DATA / f"{case}.out.yaml") + tcp:
         tls = ir.get("tls")
         if not tls or ir["name"] not in chains:
             continue
@@ -297,9 +307,27 @@ def test_tls_means_what_envoy_gateway_means(case: str, tmp_path: Path) -> None:
             assert (default.get("trust_chain_verification") == "ACCEPT_UNTRUSTED") is tls.get(
                 "acceptUntrusted", False
             )
+            assert default.get("verify_certificate_spki", []) == tls.get(
+                "verifyCertificateSpki", []
+            )
+            assert default.get("verify_certificate_hash", []) == tls.get(
+                "verifyCertificateHash", []
+            )
+            sans = [
+                (m.get("oid") or m["san_type"], ours_match(m["matcher"]))
+                for m in default.get("match_typed_subject_alt_names", [])
+            ]
+            assert sans == [
+                (m["name"], {k: m[k] for k in MATCH_KEYS if k in m})
+                for m in tls.get("matchTypedSubjectAltNames", [])
+            ]
         else:
             assert "require_client_certificate" not in ctx
         hcm = chain["filters"][-1]["typed_config"]
+        if chain["filters"][-1]["name"].endswith("tcp_proxy"):
+            assert "alpn_protocols" not in common or alpn
+            compared += 1
+            continue
         mode = ((ir.get("headers") or {}).get("xForwardedClientCert") or {}).get("mode")
         assert hcm.get("forward_client_cert_details", "SANITIZE") == XFCC.get(mode, "SANITIZE")
         if ir.get("hostnames", ["*"]) != ["*"]:
@@ -335,3 +363,121 @@ def test_names_envoy_refuses_reject_the_policy(tmp_path: Path) -> None:
     assert r.ref == "ClientTrafficPolicy envoy-gateway/target-gateway-1"
     assert "tls.ecdhCurves" in str(r)
     assert "'curve1' is not one Envoy accepts" in str(r)
+
+
+SHARED_PORT = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: one, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: two, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners: [{name: http, protocol: HTTP, port: 8080}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {name: p, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: two, sectionName: http}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("settings", "rejected"), [("", False), ("  path: {disableMergeSlashes: true}\n", True)]
+)
+def test_a_policy_for_one_gateway_on_a_shared_port(
+    settings: str, rejected: bool, tmp_path: Path
+) -> None:
+    """Two Gateways' plain listeners on one port share Outrider's one HCM: a policy for one of
+    them that sets nothing is accepted (as Envoy Gateway, which runs an Envoy per Gateway);
+    one that sets something is rejected, saying why (it would reach the other Gateway)."""
+    src = tmp_path / "in.yaml"
+    src.write_text(SHARED_PORT + settings)
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    assert [r.ref for r in out.rejections] == (
+        ["ClientTrafficPolicy default/p"] if rejected else []
+    )
+    if rejected:
+        assert "Outrider runs one Envoy for every Gateway" in str(out.rejections[0])
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_a_crl_past_its_next_update_rejects_the_policy(expired: bool, tmp_path: Path) -> None:
+    """Envoy Gateway's ``validateCrl``: a CRL whose next update has passed rejects the policy
+    (and its listener's routes answer 500); a current one reaches the validation context."""
+    import base64
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from tests.harness.certs import TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    server = ca.issue("www.example.com", dns=())
+    now = datetime.datetime.now(datetime.UTC)
+    shift = datetime.timedelta(days=2 if expired else 0)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - datetime.timedelta(days=3) if expired else now)
+        .next_update(now + datetime.timedelta(days=1) - shift)
+        .sign(ca.key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+
+    def b64(data: bytes | str) -> str:
+        return base64.b64encode(data if isinstance(data, bytes) else data.encode()).decode()
+
+    src = tmp_path / "in.yaml"
+    src.write_text(
+        f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: eg, namespace: default}}
+spec:
+  gatewayClassName: eg
+  listeners:
+  - {{name: https, protocol: HTTPS, port: 8443, tls: {{certificateRefs: [{{name: cert}}]}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert, namespace: default}}
+type: kubernetes.io/tls
+data: {{tls.crt: {b64(server.cert.read_bytes())}, tls.key: {b64(server.key.read_bytes())}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: ca, namespace: default}}
+data: {{ca.crt: {b64(ca.ca_path.read_bytes())}, ca.crl: {b64(crl)}}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: ClientTrafficPolicy
+metadata: {{name: mtls, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: eg}}]
+  tls:
+    clientValidation:
+      caCertificateRefs: [{{name: ca}}]
+      crl: {{refs: [{{name: ca}}], onlyVerifyLeafCertificate: true}}
+"""
+    )
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    if expired:
+        (r,) = out.rejections
+        assert "TLS: invalid crl in ca: CRL is expired" in str(r)
+        return
+    assert not out.rejections
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    secrets = {s["name"]: s for s in envoy["static_resources"]["secrets"]}
+    vc = secrets["default/mtls/ca.crt"]["validation_context"]
+    assert vc["only_verify_leaf_cert_crl"] is True
+    crl_file = Path(vc["crl"]["filename"]).name
+    assert {Path(k).name: v for k, v in out.secret_files.items()}[crl_file] == crl

@@ -492,3 +492,43 @@ def test_wasm_it_cannot_fetch_is_rejected(code: str, why: str, tmp_path: Path) -
     assert [r.ref for r in out.rejections] == ["EnvoyExtensionPolicy default/w"]
     assert why in str(out.rejections[0])
     assert "spec.wasm[0].code" in str(out.rejections[0])
+
+
+def test_merged_context_extensions_are_envoy_gateways(tmp_path: Path) -> None:
+    """``extAuth.contextExtensions`` with ``StrategicMerge``: merged by name (the route's
+    winning), each ValueRef read in the namespace of the policy that gave it; the entries
+    are Envoy Gateway's IR's (its values are redacted there: read from the ConfigMaps).
+    Envoy Gateway's input without its OIDC part (an OIDC provider backendRef is refused)."""
+    case = "securitypolicy-with-merge-needs-fieldowner"
+    doc = yaml.safe_load((DATA / f"{case}.in.yaml").read_text())
+    for sp in doc["securityPolicies"]:
+        sp["spec"].pop("oidc", None)
+    src = tmp_path / "in.yaml"
+    src.write_text(yaml.safe_dump(doc))
+    out = translate([src], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    routes = envoy_routes(yaml.safe_load(out.files["envoy.yaml"]))
+    cms = {
+        (c["metadata"]["namespace"], c["metadata"]["name"]): c["data"] for c in doc["configmaps"]
+    }
+    route_cm = cms[("default", "context-extension-for-route")]
+    gateway_cm = cms[("envoy-gateway", "context-extension-for-gateway")]
+    expected = {
+        "shared": route_cm["data-shared"],
+        "route-only": route_cm["data"],
+        "parent-only": gateway_cm["data"],
+    }
+    ir = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for gw in ir["xdsIR"].values():
+        for lst in gw.get("http") or ():
+            for r in lst.get("routes") or ():
+                ext = (r.get("security") or {}).get("extAuth")
+                if ext is None:
+                    continue
+                assert {e["name"] for e in ext["contextExtensions"]} == set(expected)
+                config = routes[r["name"]]["typed_per_filter_config"][F_EXTAUTHZ + ext["name"]]
+                ours = config["config"]["check_settings"]["context_extensions"]
+                assert ours == expected
+                compared += 1
+    assert compared

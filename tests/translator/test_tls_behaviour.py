@@ -1,29 +1,33 @@
 """HTTPS listeners and ClientTrafficPolicy ``tls`` through the real Envoy: the translated
-config in front of a loopback upstream that echoes the request's XFCC header.
+config in front of the echo upstream (it reports the request it received, XFCC included).
 
 Two HTTPS listeners share one port: ``a.example.com`` (mutual TLS required by a
-ClientTrafficPolicy naming that listener, XFCC ``SanitizeSet`` with the subject, a late
-response header) and ``b.example.com`` (a policy turning HTTP/3 on: its QUIC listener is
-advertised by ``alt-svc`` on the port, as Envoy Gateway does). Each answers with its own Secret's
-certificate by SNI; ``a`` refuses a client without a certificate, and its upstream receives
-the client's subject in ``x-forwarded-client-cert``.
+ClientTrafficPolicy naming that listener, with a CRL revoking one client certificate, XFCC
+``SanitizeSet`` with the subject, a late response header) and ``b.example.com`` (a policy
+turning HTTP/3 on: its QUIC listener is advertised by ``alt-svc`` on the port, as Envoy
+Gateway does). Each answers with its own Secret's certificate by SNI; ``a`` refuses a client
+without a certificate, with a revoked one or one from another CA, and its upstream receives
+the client's subject in ``x-forwarded-client-cert``. A ``protocol: TLS`` listener terminates
+TLS for a TCPRoute.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
+import json
 import socket
 import ssl
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.harness.certs import CertFiles, TestCA
+from tests.harness.echo import EchoUpstream
 from tests.harness.procs import free_port
 from translator.translate import Options, translate
 
@@ -32,8 +36,33 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def policies(a: CertFiles, b: CertFiles) -> str:
-    ca = "\n".join("      " + line for line in a.ca.read_text().splitlines())
+def crl(ca: TestCA, revoked: CertFiles) -> str:
+    """A CRL of ``ca`` that revokes ``revoked``'s certificate, valid for a day."""
+    serial = x509.load_pem_x509_certificate(revoked.cert.read_bytes()).serial_number
+    now = datetime.datetime.now(datetime.UTC)
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(now - datetime.timedelta(minutes=1))
+        .build()
+    )
+    built = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(entry)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return built.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def indent(text: str) -> str:
+    return "\n".join("      " + line for line in text.splitlines())
+
+
+def policies(a: CertFiles, b: CertFiles, revocations: str) -> str:
+    ca = indent(a.ca.read_text())
     return f"""\
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -51,6 +80,10 @@ spec:
     port: 8443
     hostname: b.example.com
     tls: {{certificateRefs: [{{name: cert-b}}]}}
+  - name: tcp
+    protocol: TLS
+    port: 9443
+    tls: {{mode: Terminate, certificateRefs: [{{name: cert-b}}]}}
 ---
 apiVersion: v1
 kind: Secret
@@ -71,11 +104,25 @@ data:
   ca.crt: |
 {ca}
 ---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: client-crl, namespace: default}}
+data:
+  ca.crl: |
+{indent(revocations)}
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: app, namespace: default}}
 spec:
   parentRefs: [{{name: eg}}]
+  rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: raw, namespace: default}}
+spec:
+  parentRefs: [{{name: eg, sectionName: tcp}}]
   rules: [{{backendRefs: [{{name: up, port: 80}}]}}]
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
@@ -87,6 +134,7 @@ spec:
     minVersion: "1.2"
     clientValidation:
       caCertificateRefs: [{{kind: ConfigMap, name: client-ca}}]
+      crl: {{refs: [{{kind: ConfigMap, name: client-crl}}]}}
   headers:
     xForwardedClientCert: {{mode: SanitizeSet, certDetailsToAdd: [Subject]}}
     lateResponseHeaders:
@@ -99,35 +147,6 @@ spec:
   targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: eg, sectionName: b}}]
   http3: {{}}
 """
-
-
-class Upstream:
-    """Answers every request with the XFCC header it received as the body."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = (self.headers.get("x-forwarded-client-cert") or "-").encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Upstream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def https_get(
@@ -156,36 +175,41 @@ def common_name(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
 
 
+def xfcc(body: str) -> str | None:
+    """The XFCC header the echo upstream received."""
+    return json.loads(body)["headers"].get("x-forwarded-client-cert")
+
+
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+def stack(tmp_path: Path, envoy: Callable[..., Any], echo_upstream: EchoUpstream) -> dict[str, Any]:
     ca = TestCA(tmp_path / "pki")
     certs = {
         "a": ca.issue("a.example.com", dns=()),
         "b": ca.issue("b.example.com", dns=()),
         "client": ca.issue("client", dns=()),
+        "revoked": ca.issue("revoked", dns=()),
     }
     src = tmp_path / "in.yaml"
-    src.write_text(policies(certs["a"], certs["b"]))
-    port = free_port()
-    with Upstream() as upstream:
-        out = translate(
-            [src],
-            Options(
-                backends={"up": ("127.0.0.1", upstream.port)},
-                listen_address="127.0.0.1",
-                admin_port=free_port(),
-                port_map={8443: port},
-                secrets_dir=tmp_path / "out" / "secrets",
-            ),
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        assert not out.unprogrammed, [str(r) for r in out.unprogrammed]
-        out.write(tmp_path / "out")
-        key_files = [p for p in (tmp_path / "out" / "secrets").iterdir() if p.suffix == ".key"]
-        assert key_files
-        assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"port": port, "certs": certs}
+    src.write_text(policies(certs["a"], certs["b"], crl(ca, certs["revoked"])))
+    port, tcp_port = free_port(), free_port()
+    out = translate(
+        [src],
+        Options(
+            backends={"up": ("127.0.0.1", echo_upstream.port)},
+            listen_address="127.0.0.1",
+            admin_port=free_port(),
+            port_map={8443: port, 9443: tcp_port},
+            secrets_dir=tmp_path / "out" / "secrets",
+        ),
+    )
+    assert not out.rejections, [str(r) for r in out.rejections]
+    assert not out.unprogrammed, [str(r) for r in out.unprogrammed]
+    out.write(tmp_path / "out")
+    key_files = [p for p in (tmp_path / "out" / "secrets").iterdir() if p.suffix == ".key"]
+    assert key_files
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
+    envoy((tmp_path / "out" / "envoy.yaml").read_text())
+    return {"port": port, "tcp_port": tcp_port, "certs": certs}
 
 
 def test_https_listeners_serve_their_certificates_and_require_client_certificates(
@@ -198,7 +222,7 @@ def test_https_listeners_serve_their_certificates_and_require_client_certificate
     peer, status, headers, body = https_get(port, "b.example.com", ca)
     assert common_name(peer) == "b.example.com"
     assert status.endswith("200 OK")
-    assert body == "-"  # no client certificate, no XFCC
+    assert xfcc(body) is None  # no client certificate, no XFCC
     assert "x-served-by" not in headers  # the policy names listener a only
     assert headers["alt-svc"] == 'h3=":8443"; ma=86400'  # b's policy turns HTTP/3 on
 
@@ -213,9 +237,23 @@ def test_https_listeners_serve_their_certificates_and_require_client_certificate
     assert headers["x-served-by"] == "listener-a"
     # Envoy Gateway turns HTTP/3 on per port: listener a is advertised too
     assert headers["alt-svc"] == 'h3=":8443"; ma=86400'
-    assert 'Subject="CN=client"' in body
+    assert 'Subject="CN=client"' in (xfcc(body) or "")
+
+    # the CA signed it, but the policy's CRL revokes it: refused
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        https_get(port, "a.example.com", ca, certs["revoked"])
 
     # a certificate the CA did not sign is refused
     other = TestCA(ca.parent / "other", "another CA").issue("intruder", dns=())
     with pytest.raises((ssl.SSLError, ConnectionError)):
         https_get(port, "a.example.com", ca, other)
+
+
+def test_tls_listener_terminates_for_a_tcp_route(stack: dict[str, Any]) -> None:
+    """A ``protocol: TLS`` listener (mode Terminate) with a TCPRoute: Envoy ends TLS with the
+    Secret's certificate and passes the bytes on (here an HTTP request to the upstream)."""
+    certs = stack["certs"]
+    peer, status, _headers, body = https_get(stack["tcp_port"], "b.example.com", certs["b"].ca)
+    assert common_name(peer) == "b.example.com"
+    assert status.endswith("200 OK")
+    assert json.loads(body)["path"] == "/"
