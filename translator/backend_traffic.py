@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +53,9 @@ FIELDS = (
     "admissionControl",
     "bandwidthLimit",
     "responseOverride",
+    "telemetry",
 )
 UNSUPPORTED = {
-    "telemetry": "per-backend telemetry is not translated",
     "targetSelectors": "target selectors need cluster labels",
 }
 RETRY_TRIGGERS = {
@@ -128,6 +129,9 @@ class Traffic:
     remove_response_headers: list[str] = field(default_factory=list)  # on the route
     locality: dict[str, Any] | None = None  # common_lb_config zone-aware / locality-weighted
     zone_weights: dict[str, int] = field(default_factory=dict)  # zoneAware.weightedZones
+    route_stat_name: str | None = None  # telemetry.metrics.routeStatName (a template)
+    stat_prefix: str | None = None  # ... filled in for one route (policies.attach)
+    tracing: dict[str, Any] | None = None  # the route's tracing (telemetry.tracing)
     upstream_filters: list[dict[str, Any]] = field(default_factory=list)  # cluster's HTTP filters
     #: filter name → (listener-level filter config, per-route config)
     filters: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
@@ -149,7 +153,12 @@ class Traffic:
     @property
     def empty(self) -> bool:
         return not (
-            self.route or self.has_cluster_settings or self.filters or self.remove_response_headers
+            self.route
+            or self.has_cluster_settings
+            or self.filters
+            or self.remove_response_headers
+            or self.route_stat_name
+            or self.tracing is not None
         )
 
 
@@ -1068,6 +1077,96 @@ def _response_override(
     )
 
 
+ROUTE_STAT_OPERATORS = ("%ROUTE_NAME%", "%ROUTE_NAMESPACE%", "%ROUTE_KIND%", "%ROUTE_RULE_NAME%")
+
+
+def _million(node: Node | None, res: Resource, default: int | None = None) -> dict[str, Any]:
+    """A Gateway API ``Fraction`` as an Envoy ``FractionalPercent`` (per million)."""
+    if node is None:
+        return {"numerator": default or 0, "denominator": "MILLION"}
+    check_fields(node, res, ("numerator", "denominator"))
+    num = node.req("numerator").int(minimum=0)
+    den = node.opt_int("denominator", 100, minimum=1) or 100
+    return {"numerator": num * 1_000_000 // den, "denominator": "MILLION"}
+
+
+def _telemetry(tm: Node, res: Resource, t: Traffic) -> None:
+    """``metrics.routeStatName`` → the route's ``stat_prefix`` (its operators filled in per
+    route); ``tracing`` → the route's ``tracing`` (sampling, custom tags, span names) —
+    Envoy Gateway's ``buildRouteStatName`` / ``buildRouteTracing``."""
+    check_fields(tm, res, ("metrics", "tracing"))
+    if (m := tm.get("metrics")) is not None:
+        check_fields(m, res, ("routeStatName",))
+        if (n := m.get("routeStatName")) is not None and n.str():
+            name = n.str()
+            operators = re.findall(r"%[^%]*%", name)
+            if not operators and "%" in name:
+                raise error_at(n, res, "unable to configure Route Stat Name: invalid operator")
+            if bad := [op for op in operators if op not in ROUTE_STAT_OPERATORS]:
+                raise error_at(
+                    n,
+                    res,
+                    f"unable to configure Route Stat Name: unsupported operators: {bad}",
+                )
+            t.route_stat_name = name
+    if (tr := tm.get("tracing")) is not None:
+        check_fields(
+            tr,
+            res,
+            (
+                "samplingFraction",
+                "clientSamplingFraction",
+                "overallSamplingFraction",
+                "customTags",
+                "tags",
+                "spanName",
+            ),
+        )
+        tracing: dict[str, Any] = {
+            "client_sampling": _million(tr.get("clientSamplingFraction"), res)
+        }
+        for key, target in (
+            ("samplingFraction", "random_sampling"),
+            ("overallSamplingFraction", "overall_sampling"),
+        ):
+            if (n := tr.get(key)) is not None:
+                tracing[target] = _million(n, res)
+        tags: dict[str, dict[str, Any]] = {}
+        for key, tag in (tr.get("customTags") or Node({}, tr.file)).items():
+            check_fields(tag, res, ("type", "literal", "environment", "requestHeader"))
+            kind = tag.opt_str(
+                "type", "Literal", choices=("Literal", "Environment", "RequestHeader")
+            )
+            if kind == "Literal":
+                lit = check_fields(tag.req("literal"), res, ("value",))
+                tags[key] = {"tag": key, "literal": {"value": lit.req("value").str()}}
+            else:
+                field_name = "environment" if kind == "Environment" else "requestHeader"
+                src = check_fields(tag.req(field_name), res, ("name", "defaultValue"))
+                spec = {
+                    "name": src.req("name").str(nonempty=True),
+                    "default_value": src.opt_str("defaultValue", "") or "",
+                }
+                target = "environment" if kind == "Environment" else "request_header"
+                tags[key] = {"tag": key, target: spec}
+        for key, value in (tr.get("tags") or Node({}, tr.file)).str_map().items():
+            tags[key] = {"tag": key, "value": value}
+        if tags:
+            tracing["custom_tags"] = [tags[k] for k in sorted(tags)]
+        if (sn := tr.get("spanName")) is not None:
+            check_fields(sn, res, ("client", "server"))
+            tracing["operation"] = sn.req("client").str()
+            tracing["upstream_operation"] = sn.req("server").str()
+        t.tracing = tracing
+
+
+def stat_prefix(template: str, kind: str, namespace: str, name: str, rule: str | None) -> str:
+    """A ``routeStatName`` for one route (Envoy Gateway's ``buildRouteStatName``)."""
+    out = template.replace("%ROUTE_NAME%", name).replace("%ROUTE_NAMESPACE%", namespace)
+    out = out.replace("%ROUTE_KIND%", kind)
+    return out.replace("%ROUTE_RULE_NAME%", rule or "-")
+
+
 def build(
     btp: Resource,
     resources: ResourceSet | None = None,
@@ -1201,6 +1300,8 @@ def build(
             if (j := v.get("intervalJitter")) is not None:
                 keepalive["interval_jitter"] = {"value": float(j.int(minimum=0, maximum=100))}
             t.http2["connection_keepalive"] = keepalive
+    if (n := spec.get("telemetry")) is not None:
+        _telemetry(n, btp, t)
     if (n := spec.get("responseOverride")) is not None:
         _response_override(n, btp, t, resources, response_override_namespace or btp.namespace)
     if (n := spec.get("admissionControl")) is not None:
@@ -1220,7 +1321,15 @@ def build(
             check_fields(a, btp, ("httpStatus", "grpcStatus", "percentage"))
             abort: dict[str, Any] = {"percentage": _percent(a.get("percentage"))}
             if (s := a.get("httpStatus")) is not None:
-                abort["http_status"] = s.int(minimum=200, maximum=599)
+                status = s.int()
+                if not 200 <= status <= 599:
+                    # Envoy refuses such an abort status; Envoy Gateway's CRD allows
+                    # 200-600 (its translator passes any value on, and Envoy then refuses
+                    # the whole configuration)
+                    raise error_at(
+                        s, btp, f"faultInjection abort httpStatus {status}: Envoy accepts 200-599"
+                    )
+                abort["http_status"] = status
             elif (s := a.get("grpcStatus")) is not None:
                 abort["grpc_status"] = s.int(minimum=0)
             else:
@@ -1334,6 +1443,10 @@ def _apply_route(
     action = route["route"]
     for key, value in t.route.items():
         action[key] = copy.deepcopy(value)
+    if t.stat_prefix:
+        route["stat_prefix"] = t.stat_prefix
+    if t.tracing is not None:
+        route["tracing"] = copy.deepcopy(t.tracing)
     if t.remove_response_headers:
         remove = route.setdefault("response_headers_to_remove", [])
         remove += [h for h in t.remove_response_headers if h not in remove]

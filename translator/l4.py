@@ -6,15 +6,18 @@ Envoy Gateway's rules (``internal/gatewayapi/route.go``, ``internal/xds/translat
   route attaches (``creationTimestamp``, then ``namespace/name``); backendRefs of weight 0
   carry no traffic. The route is named ``tcproute/<ns>/<name>`` (``udproute/...``).
 - A TCP listener is an Envoy listener whose filter chain ends in ``tcp_proxy`` (stat prefix
-  ``tcp-<port>``), to the backend's cluster or, for several, ``weighted_clusters``; with
-  no live backend the connection is closed at once. A UDP listener is a ``udp_proxy``
-  listener filter routing every datagram to the cluster (several backends: one cluster,
-  ``udproute/<ns>/<name>/rule/-1``, with a weighted locality per backend).
-- Policies (``policies.py`` picks the winner per route, most specific first):
+  ``tcp-<port>``; a TLS listener with ``mode: Terminate``, ``tls-terminate-<port>``, its
+  certificates given by ``tls.py``), to the backend's cluster or, for several,
+  ``weighted_clusters``; with no live backend the connection is closed at once. A UDP
+  listener is a ``udp_proxy`` listener filter routing every datagram to the cluster
+  (several backends: one cluster, ``udproute/<ns>/<name>/rule/-1``, with a weighted
+  locality per backend).
+- Policies (most specific first, as ``policies.winner`` ranks them):
   a **BackendTrafficPolicy** gives a TCP route's clusters its ``loadBalancer``
   (``ConsistentHash`` ``SourceIP`` → ``tcp_proxy`` ``hash_policy``), ``circuitBreaker``,
   ``healthCheck``, ``tcpKeepalive``, ``timeout.tcp``, ``connection``, ``proxyProtocol``,
-  ``dns``, ``routingType`` — and a UDP route's only its ``loadBalancer`` and ``dns``; its
+  ``dns``, ``routingType`` — and a UDP route's only its ``loadBalancer`` and ``dns``, each
+  field from the most specific policy that sets it (Envoy Gateway's ``setIfNil``); its
   HTTP-only fields do not apply to them (Envoy Gateway applies those to the HTTP routes it
   also targets). A **SecurityPolicy** gives a TCP route its ``authorization``
   (``clientCIDRs`` rules → Envoy's network ``rbac`` filter before ``tcp_proxy``); one that
@@ -47,32 +50,25 @@ ROUTE_KINDS = {"TCPRoute": "TCP", "UDPRoute": "UDP"}
 PROTOCOLS = ("TCP", "UDP", "TLS")  # TLS: terminated (tls.py), then as TCP
 #: BackendTrafficPolicy cluster settings that apply to TCP / UDP routes (Envoy Gateway's
 #: ``applyTrafficFeatureToRoute``)
-TCP_CLUSTER_KEYS = (
-    "lb_policy",
-    "round_robin_lb_config",
-    "least_request_lb_config",
-    "maglev_lb_config",
-    "circuit_breakers",
-    "connect_timeout",
-    "common_lb_config",
-    "health_checks",
-    "outlier_detection",
-    "upstream_connection_options",
-    "per_connection_buffer_limit_bytes",
-    "transport_socket",
-    "dns_refresh_rate",
-    "respect_dns_ttl",
-    "dns_lookup_family",
-)
-UDP_CLUSTER_KEYS = (
-    "lb_policy",
-    "round_robin_lb_config",
-    "least_request_lb_config",
-    "maglev_lb_config",
-    "dns_refresh_rate",
-    "respect_dns_ttl",
-    "dns_lookup_family",
-)
+#: BackendTrafficPolicy fields that apply to TCP / UDP routes (Envoy Gateway's
+#: ``applyTrafficFeatureToRoute``), with the cluster settings each gives
+TCP_FIELDS = {
+    "loadBalancer": (
+        "lb_policy",
+        "round_robin_lb_config",
+        "least_request_lb_config",
+        "maglev_lb_config",
+    ),
+    "circuitBreaker": ("circuit_breakers",),
+    "healthCheck": ("health_checks", "outlier_detection", "common_lb_config"),
+    "tcpKeepalive": ("upstream_connection_options",),
+    "timeout": ("connect_timeout",),
+    "connection": ("per_connection_buffer_limit_bytes",),
+    "proxyProtocol": ("transport_socket",),
+    "dns": ("dns_refresh_rate", "respect_dns_ttl", "dns_lookup_family"),
+    "routingType": (),
+}
+UDP_FIELDS = ("loadBalancer", "dns", "routingType")
 SP_TCP_ONLY = ("cors", "csrf", "jwt", "oidc", "apiKeyAuth", "basicAuth", "extAuth")
 
 
@@ -271,12 +267,8 @@ def attach_l4_policies(
             route.direct_status = None
             rule = rule_name(resources, route)
             live = [p for p in btps if not rejections.rejected(p)]
-            if (w := winner(live, lst, route, rule)) is not None:
-                t = build_traffic(w, resources).backend
-                if t is not None and not t.empty:
-                    keys = TCP_CLUSTER_KEYS if lst.protocol == "TCP" else UDP_CLUSTER_KEYS
-                    route.traffic = replace_traffic(t, keys)
-            if lst.protocol == "TCP":
+            route.traffic = _l4_traffic(live, lst, route, rule, resources)
+            if lst.protocol != "UDP":
                 live = [p for p in sps if not rejections.rejected(p)]
                 if (w := winner(live, lst, route, rule)) is not None:
                     route.tcp_authorization = _authorization(w, strict=_targets_tcp_route(w))
@@ -309,15 +301,38 @@ def _merged(sp: Resource, sps: list[Resource], listeners: list[Listener]) -> Res
     return sp
 
 
-def replace_traffic(t: backend_traffic.Traffic, keys: tuple[str, ...]) -> backend_traffic.Traffic:
-    """The part of a BackendTrafficPolicy's settings that applies to a TCP or UDP route."""
+def _l4_traffic(
+    btps: list[Resource],
+    lst: Listener,
+    route: Route,
+    rule: str | None,
+    resources: ResourceSet,
+) -> backend_traffic.Traffic | None:
+    """The BackendTrafficPolicy settings of a TCP or UDP route, filled field by field from
+    the most specific policy that sets each (route rule, route, listener, Gateway; oldest
+    first among equals), as Envoy Gateway's ``setIfNil``."""
+    fields = TCP_FIELDS if lst.protocol != "UDP" else {k: TCP_FIELDS[k] for k in UDP_FIELDS}
     out = backend_traffic.Traffic()
-    out.cluster = {k: copy.deepcopy(v) for k, v in t.cluster.items() if k in keys}
-    out.service_routing = t.service_routing
-    hashes = t.route.get("hash_policy") or []
-    if any((h.get("connection_properties") or {}).get("source_ip") for h in hashes):
-        out.route["source_ip_hash"] = True
-    return out
+    taken: set[str] = set()
+    remaining = list(btps)
+    while (w := winner(remaining, lst, route, rule)) is not None:
+        remaining.remove(w)
+        t = build_traffic(w, resources).backend
+        if t is None:
+            continue
+        for name, keys in fields.items():
+            if name in taken or w.spec.get(name) is None:
+                continue
+            taken.add(name)
+            out.cluster.update({k: copy.deepcopy(v) for k, v in t.cluster.items() if k in keys})
+            if name == "routingType":
+                out.service_routing = t.service_routing
+            hashes = t.route.get("hash_policy") or []
+            if name == "loadBalancer" and any(
+                (h.get("connection_properties") or {}).get("source_ip") for h in hashes
+            ):
+                out.route["source_ip_hash"] = True
+    return None if out.empty else out
 
 
 # -- Envoy --------------------------------------------------------------------------------
@@ -404,7 +419,9 @@ def _tcp_chain(
     clusters: dict[str, Any],
     service_ips: dict[str, tuple[str, int]],
 ) -> dict[str, Any]:
-    stat_prefix = f"tcp-{port}"
+    # (a TLS listener's chain gets its certificates from tls.apply_listener_tls)
+    stat_prefix = f"tls-terminate-{port}" if lst.protocol == "TLS" else f"tcp-{port}"
+    chain_name = route_name(route)
     filters: list[dict[str, Any]] = []
     if route.tcp_authorization is not None:
         filters.append(_rbac(route.tcp_authorization, stat_prefix))
@@ -421,7 +438,7 @@ def _tcp_chain(
                 },
             }
         )
-        return {"name": route_name(route), "filters": filters}
+        return {"name": chain_name, "filters": filters}
     proxy: dict[str, Any] = {
         "@type": T + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": stat_prefix,
@@ -443,7 +460,7 @@ def _tcp_chain(
     if traffic is not None and traffic.route.get("source_ip_hash"):
         proxy["hash_policy"] = [{"source_ip": {}}]
     filters.append({"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy})
-    return {"name": route_name(route), "filters": filters}
+    return {"name": chain_name, "filters": filters}
 
 
 def _udp_cluster(

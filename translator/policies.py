@@ -13,6 +13,7 @@ there (:func:`attachment_errors`). Policies do not merge (except ``mergeType``).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import secrets
@@ -1072,6 +1073,17 @@ def attach(
                     route.local_rate_limit = t.local
                     if t.backend is not None and not t.backend.empty:
                         route.traffic = t.backend
+                        if t.backend.route_stat_name:  # its operators, for this route
+                            route.traffic = dataclasses.replace(
+                                t.backend,
+                                stat_prefix=backend_traffic.stat_prefix(
+                                    t.backend.route_stat_name,
+                                    route.route_kind,
+                                    route.route_ns,
+                                    route.route_name,
+                                    rule,
+                                ),
+                            )
                 else:
                     fail_closed(route)
             if (w := winner(sps, lst, route, rule)) is not None:

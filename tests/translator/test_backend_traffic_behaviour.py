@@ -10,6 +10,7 @@ test upstreams (an HTTP server and a TCP echo server).
 - ``responseOverride``: an upstream 503 becomes a 502 with an inline body and a header;
   Envoy's own 418 (the fault above) gets a body from a ConfigMap, its local rate limit's
   429 an inline one;
+- ``telemetry.metrics.routeStatName``: the route's own stats, under the name it gives.
 """
 
 from __future__ import annotations
@@ -150,6 +151,14 @@ spec:
   responseOverride:
     - match: {statusCodes: [{value: 429}]}
       response: {body: {inline: slow down}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: stats, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app, sectionName: plain}]
+  telemetry:
+    metrics: {routeStatName: "%ROUTE_KIND%-%ROUTE_NAME%-%ROUTE_RULE_NAME%"}
 """
 
 
@@ -201,14 +210,14 @@ def recv_until(sock: socket.socket, marker: bytes) -> bytes:
 def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
     policies = tmp_path / "policies.yaml"
     policies.write_text(POLICIES)
-    port = free_port()
+    port, admin = free_port(), free_port()
     with Upstream() as upstream, Echo() as echo:
         out = translate(
             [policies],
             Options(
                 backends={"up": ("127.0.0.1", upstream.port), "echo": ("127.0.0.1", echo.port)},
                 listen_address="127.0.0.1",
-                admin_port=free_port(),
+                admin_port=admin,
                 port_map={8080: port},
                 secrets_dir=tmp_path / "out" / "secrets",
             ),
@@ -216,7 +225,12 @@ def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]
         assert not out.rejections, [str(r) for r in out.rejections]
         out.write(tmp_path / "out")
         envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"port": port, "base": f"http://127.0.0.1:{port}", "upstream": upstream}
+        yield {
+            "port": port,
+            "base": f"http://127.0.0.1:{port}",
+            "admin": f"http://127.0.0.1:{admin}",
+            "upstream": upstream,
+        }
 
 
 def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
@@ -260,3 +274,7 @@ def test_backend_traffic_behaves(stack: dict[str, Any]) -> None:
     status, headers, body = fetch(f"{base}/fault/y")
     assert (status, body) == (418, b"<p>teapot page</p>"), (status, headers, body)
     assert headers["content-type"] == "text/html"
+
+    # the route's stats under its routeStatName, operators filled in (kind, name, rule)
+    stats = fetch(f"{stack['admin']}/stats?filter=route\\.HTTPRoute-app-plain\\.")[2].decode()
+    assert ".route.HTTPRoute-app-plain.upstream_rq_200: 1" in stats, stats

@@ -880,3 +880,79 @@ def test_weighted_zones_group_endpoints_by_their_zone(tmp_path: Path) -> None:
         "us-east-1a": (70, ["10.0.0.1", "10.0.0.3"]),
         "us-east-1b": (30, ["10.0.0.2"]),
     }
+
+
+def million(fraction: dict[str, Any] | None) -> int:
+    if fraction is None:
+        return 0
+    return fraction["numerator"] * 1_000_000 // fraction.get("denominator", 100)
+
+
+def per_million(percent: dict[str, Any] | None) -> int:
+    if percent is None:
+        return 0
+    scale = {"HUNDRED": 10_000, "TEN_THOUSAND": 100, "MILLION": 1}[percent["denominator"]]
+    return percent.get("numerator", 0) * scale
+
+
+TELEMETRY_CASES = ("backendtrafficpolicy-with-stats", "backendtrafficpolicy-tracing")
+
+
+@pytest.mark.parametrize("case", TELEMETRY_CASES)
+def test_telemetry_is_envoy_gateways(case: str, tmp_path: Path) -> None:
+    """``telemetry.metrics.routeStatName`` → the route's ``stat_prefix`` with its
+    operators filled in (Envoy Gateway's IR ``statName``); ``telemetry.tracing`` → the
+    route's ``tracing``: sampling fractions and tags (``tags`` win over ``customTags``)."""
+    out = translate([DATA / f"{case}.in.yaml"], Options(secrets_dir=tmp_path / "s"))
+    assert not out.rejections, [str(r) for r in out.rejections]
+    routes = all_routes(yaml.safe_load(out.files["envoy.yaml"]))
+    doc = yaml.load((DATA / f"{case}.out.yaml").read_text(), Loader=yaml.CSafeLoader)
+    compared = 0
+    for ir in doc["xdsIR"].values():
+        for lst in ir.get("http") or ():
+            for r in lst.get("routes") or ():
+                ours = routes[r["name"]]
+                if (stat := r.get("statName")) is not None:
+                    assert stat in [o.get("stat_prefix") for o in ours], r["name"]
+                    compared += 1
+                tracing = ((r.get("traffic") or {}).get("telemetry") or {}).get("tracing")
+                if tracing is None:
+                    continue
+                tags: dict[str, Any] = {}
+                for entry in tracing.get("customTags") or ():
+                    v = entry["value"]
+                    if v["type"] == "Literal":
+                        tags[entry["key"]] = ("literal", v["literal"]["value"])
+                    else:
+                        src = v["environment"] if v["type"] == "Environment" else v["requestHeader"]
+                        tags[entry["key"]] = (v["type"], src["name"], src.get("defaultValue", ""))
+                for entry in tracing.get("tags") or ():
+                    tags[entry["key"]] = ("value", entry["value"])
+                expected = (
+                    million(tracing.get("clientSamplingFraction")),
+                    million(tracing.get("samplingFraction")),
+                    tags,
+                )
+                found = []
+                for o in ours:
+                    t = o.get("tracing") or {}
+                    mine: dict[str, Any] = {}
+                    for tag in t.get("custom_tags") or ():
+                        if "literal" in tag:
+                            mine[tag["tag"]] = ("literal", tag["literal"]["value"])
+                        elif "value" in tag:
+                            mine[tag["tag"]] = ("value", tag["value"])
+                        else:
+                            kind = "Environment" if "environment" in tag else "RequestHeader"
+                            src = tag.get("environment") or tag["request_header"]
+                            mine[tag["tag"]] = (kind, src["name"], src.get("default_value", ""))
+                    found.append(
+                        (
+                            per_million(t.get("client_sampling")),
+                            per_million(t.get("random_sampling")),
+                            mine,
+                        )
+                    )
+                assert expected in found, (r["name"], expected, found)
+                compared += 1
+    assert compared
