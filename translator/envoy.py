@@ -113,6 +113,8 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CommonTlsContext,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
+    TlsParameters,
+    TlsParametersTlsProtocol,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
@@ -256,11 +258,19 @@ def upstream_tls_socket(tls: UpstreamTLS) -> TransportSocket:
             for t, value in tls.subject_alt_names
         ],
     )
+    # TLS 1.2 to 1.3: Envoy Gateway's upstream defaults (its IR's minVersion/maxVersion)
+    params = TlsParameters(
+        tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_2,
+        tls_maximum_protocol_version=TlsParametersTlsProtocol.TLSv1_3,
+    )
     return TransportSocket(
         name="envoy.transport_sockets.tls",
         typed_config=_any(
             UpstreamTlsContext(
-                sni=tls.sni, common_tls_context=CommonTlsContext(validation_context=validation)
+                sni=tls.sni,
+                common_tls_context=CommonTlsContext(
+                    validation_context=validation, tls_params=params
+                ),
             )
         ),
     )

@@ -121,6 +121,11 @@ def test_system_trust_store_as_envoy_gateway(tmp_path: Path) -> None:
     ]["matchTypedSubjectAltNames"]
     assert their_sans == [{"matcher": {"exact": theirs["sni"]}, "sanType": "DNS"}]
     assert ours["sni"] == "backend.example.com"
+    # Envoy Gateway's IR for a BackendTLSPolicy: minVersion 1.2, maxVersion 1.3
+    assert ours["common_tls_context"]["tls_params"] == {
+        "tls_minimum_protocol_version": "TLSv1_2",
+        "tls_maximum_protocol_version": "TLSv1_3",
+    }
     validation = ours["common_tls_context"]["validation_context"]
     assert validation["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": "backend.example.com"}}
@@ -159,6 +164,13 @@ def test_ca_from_configmap_reaches_an_ext_proc_service(tmp_path: Path) -> None:
                         continue
                     ctx = ours["typed_config"]
                     assert ctx["sni"] == tls["sni"]
+                    params = ctx["common_tls_context"]["tls_params"]
+                    assert params[
+                        "tls_minimum_protocol_version"
+                    ] == f"TLSv{tls['minVersion']}".replace(".", "_")
+                    assert params[
+                        "tls_maximum_protocol_version"
+                    ] == f"TLSv{tls['maxVersion']}".replace(".", "_")
                     trusted = ctx["common_tls_context"]["validation_context"]["trusted_ca"]
                     if tls.get("useSystemTrustStore"):
                         assert "filename" in trusted
