@@ -1393,7 +1393,18 @@ def apply_backend_traffic(
 ) -> None:
     """Write each route's BackendTrafficPolicy settings into the generated bootstrap.
     ``service_ips``: Service cluster name → (cluster IP, port), for ``routingType: Service``."""
-    by_route = {r.name: r.traffic for lst in listeners for r in lst.routes if r.traffic}
+    # A route attached to several listeners has one name and a policy per listener (a
+    # ListenerSet's listener, a Gateway's): key by the Envoy listener (named after the
+    # first Gateway listener on its port) too.
+    envoy_listener: dict[int, str] = {}
+    for lst in listeners:
+        envoy_listener.setdefault(lst.port, lst.name)
+    by_route = {
+        (envoy_listener[lst.port], r.name): r.traffic
+        for lst in listeners
+        for r in lst.routes
+        if r.traffic
+    }
     if not by_route:
         return
     resources = bootstrap["static_resources"]
@@ -1413,7 +1424,7 @@ def apply_backend_traffic(
                 used: set[str] = set()
                 for vhost in hcm["route_config"]["virtual_hosts"]:
                     for route in vhost["routes"]:
-                        t = by_route.get(route.get("name"))
+                        t = by_route.get((listener.get("name"), route.get("name")))
                         if t is None or "route" not in route:
                             continue
                         _apply_route(route, t, clusters, used, service_ips, zones)

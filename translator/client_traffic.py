@@ -1,9 +1,10 @@
 """ClientTrafficPolicy → settings of the Envoy listener (and its HTTP connection manager).
 
 Attachment is Envoy Gateway's (``ProcessClientTrafficPolicies``): policies in age order;
-first every policy that names a listener (``sectionName``) claims it, a later one naming the
-same listener is *Conflicted*; then every policy for a whole Gateway applies to the
-listeners no section policy claimed, a later whole-Gateway policy is *Conflicted*. A policy
+first every policy that names a listener (``sectionName``, of a Gateway or a ListenerSet)
+claims it, a later one naming the same listener is *Conflicted*; then every policy for a
+whole ListenerSet, then every policy for a whole Gateway (ListenerSet listeners included)
+applies to the listeners nothing claimed, a later one for the same target is *Conflicted*. A policy
 that names one of several plain-HTTP listeners sharing a port is rejected (the others
 would be affected too). A policy whose settings are invalid is rejected and the routes of
 the listeners it targets answer 500. A policy is accepted when one of its targets is.
@@ -681,7 +682,8 @@ def build_settings(policy: Resource) -> ClientSettings:
 
 @dataclass(frozen=True)
 class _Target:
-    gateway: str  # namespace/name
+    kind: str  # Gateway or ListenerSet
+    key: str  # namespace/name of the Gateway or ListenerSet
     section: str | None
     node: Node
 
@@ -693,23 +695,41 @@ def _targets(policy: Resource) -> list[_Target]:
         refs.append(one)
     refs += (spec.get("targetRefs") or Node([], spec.file)).list()
     if not refs:
-        raise error_at(spec, policy, "expected targetRefs (a Gateway)")
+        raise error_at(spec, policy, "expected targetRefs (a Gateway or a ListenerSet)")
     out = []
     for ref in refs:
         check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))
         kind = ref.req("kind").str()
-        if kind != "Gateway":
+        if kind not in ("Gateway", "ListenerSet"):
             raise unsupported(ref.req("kind"), policy, f"target kind {kind}; Gateway is")
         if ref.opt_str("group", GATEWAY_GROUP) != GATEWAY_GROUP:
             raise error_at(ref.req("group"), policy, f"expected group {GATEWAY_GROUP}")
         out.append(
             _Target(
+                kind,
                 f"{policy.namespace}/{ref.req('name').str(nonempty=True)}",
                 ref.opt_str("sectionName"),
                 ref,
             )
         )
     return out
+
+
+def _scope(lst: Listener) -> str:
+    """What owns ``lst``: ``Gateway ns/name`` or ``ListenerSet ns/name``."""
+    if lst.listener_set is not None:
+        return f"ListenerSet {lst.listener_set}"
+    return f"Gateway {lst.gateway_ns}/{lst.gateway_name}"
+
+
+def _section_key(lst: Listener) -> tuple[str, str]:
+    """A listener as a sectionName names it: its Gateway and, for a ListenerSet's listener,
+    ``<ls ns>/<ls name>/<section>`` (so a Gateway and a ListenerSet listener of one name
+    are different sections, as Envoy Gateway keys them)."""
+    gateway = f"{lst.gateway_ns}/{lst.gateway_name}"
+    if lst.listener_set is not None:
+        return gateway, f"{lst.listener_set}/{lst.section}"
+    return gateway, lst.section
 
 
 def _fail_closed(listener: Listener) -> None:
@@ -743,7 +763,11 @@ def attach_client_traffic(
 ) -> dict[str, ClientSettings | None]:
     """Envoy listener name (the first Gateway listener on its port) or HTTPS listener name (its
     filter chain) → the settings to apply.
-    Rejected policies are added to ``rejections``."""
+    Rejected policies are added to ``rejections``.
+
+    Precedence is Envoy Gateway's: a listener named by ``sectionName`` (of a Gateway or a
+    ListenerSet) > a whole ListenerSet > a whole Gateway (which covers its ListenerSets'
+    listeners too); among equals the first (oldest) claims and later ones are Conflicted."""
     policies = sorted(resources.of(KIND), key=lambda p: p.created)
     errors: dict[str, ConfigError] = {}
     accepted: set[str] = set()
@@ -756,13 +780,23 @@ def attach_client_traffic(
         except ConfigError as exc:
             errors[p.key] = exc
             targets.setdefault(p.key, [])
-    gateways = {f"{lst.gateway_ns}/{lst.gateway_name}" for lst in listeners}
+    scopes = {_scope(lst) for lst in listeners}
     claimed: dict[int, str] = {}  # id(listener) → policy key
     claimed_sections: set[tuple[str, str]] = set()
-    claimed_gateways: set[str] = set()
+    claimed_scopes: dict[str, str] = {}  # scope → policy key
 
     def note(p: Resource, exc: ConfigError) -> None:
         errors.setdefault(p.key, exc)
+
+    def _also_applies(key: str, mine: list[_Target], other: Listener) -> bool:
+        """Whether policy ``key`` applies to ``other`` through another whole-Gateway target
+        (one policy for several Gateways sharing a port: one Envoy listener, one setting)."""
+        gw = f"{other.gateway_ns}/{other.gateway_name}"
+        return (
+            any(t.kind == "Gateway" and t.section is None and t.key == gw for t in mine)
+            and claimed_scopes.get(f"Gateway {gw}", key) == key
+            and _section_key(other) not in claimed_sections
+        )
 
     def same_port(lst: Listener) -> list[Listener]:
         return [
@@ -788,15 +822,11 @@ def attach_client_traffic(
     # 1. policies naming a listener
     for p in policies:
         for t in targets[p.key]:
-            if t.section is None or t.gateway not in gateways:
+            scope = f"{t.kind} {t.key}"
+            if t.section is None or scope not in scopes:
                 continue
             lst = next(
-                (
-                    x
-                    for x in listeners
-                    if f"{x.gateway_ns}/{x.gateway_name}" == t.gateway and x.section == t.section
-                ),
-                None,
+                (x for x in listeners if _scope(x) == scope and x.section == t.section), None
             )
             if lst is None:
                 note(
@@ -804,22 +834,22 @@ def attach_client_traffic(
                     error_at(
                         t.node.req("sectionName"),
                         p,
-                        f"Gateway {t.gateway} has no listener {t.section!r}",
+                        f"{scope} has no listener {t.section!r}",
                     ),
                 )
                 continue
-            if (t.gateway, t.section) in claimed_sections:
+            if _section_key(lst) in claimed_sections:
                 note(
                     p,
                     error_at(
                         t.node,
                         p,
-                        f"Unable to target section of {t.gateway}, another "
+                        f"Unable to target section of {t.key}, another "
                         "ClientTrafficPolicy has already attached to it (Conflicted)",
                     ),
                 )
                 continue
-            claimed_sections.add((t.gateway, t.section))
+            claimed_sections.add(_section_key(lst))
             if p.key not in built:
                 _fail_closed(lst)
                 continue
@@ -859,76 +889,91 @@ def attach_client_traffic(
                 continue
             claimed[id(lst)] = p.key
             accepted.add(p.key)
-    # 2. policies for a whole Gateway (the oldest policy naming a Gateway claims it)
-    owner: dict[str, str] = {}
-    for p in policies:
-        for t in targets[p.key]:
-            if t.section is None:
-                owner.setdefault(t.gateway, p.key)
-
-    def also_mine(o: Listener, key: str) -> bool:
-        gw = f"{o.gateway_ns}/{o.gateway_name}"
-        return owner.get(gw) == key and (gw, o.section) not in claimed_sections
-
-    for p in policies:
-        for t in targets[p.key]:
-            if t.section is not None or t.gateway not in gateways:
-                continue
-            if t.gateway in claimed_gateways:
-                note(
-                    p,
-                    error_at(
-                        t.node,
-                        p,
-                        f"Unable to target Gateway {t.gateway}, another "
-                        "ClientTrafficPolicy has already attached to it (Conflicted)",
-                    ),
-                )
-                continue
-            claimed_gateways.add(t.gateway)
-            mine = [
-                x
-                for x in listeners
-                if f"{x.gateway_ns}/{x.gateway_name}" == t.gateway
-                and (t.gateway, x.section) not in claimed_sections
-            ]
-            if p.key not in built:
-                for lst in mine:
-                    _fail_closed(lst)
-                continue
-            ok = True  # accepted for this Gateway unless a listener fails
-            for lst in mine:
-                foreign = [
-                    o
-                    for o in same_port(lst)
-                    if f"{o.gateway_ns}/{o.gateway_name}" != t.gateway
-                    and not also_mine(o, p.key)
-                    # an HTTPS listener has a filter chain of its own: only settings of the
-                    # whole Envoy listener would reach the others
-                    and (lst.tls is None or o.tls is None or _listener_level(built[p.key]))
-                    and not _empty(built[p.key])
-                ]
-                if foreign:
+    # 2. policies for a whole ListenerSet, then for a whole Gateway (the more specific
+    # first, whatever the input order)
+    for kind in ("ListenerSet", "Gateway"):
+        for p in policies:
+            for t in targets[p.key]:
+                scope = f"{t.kind} {t.key}"
+                if t.section is not None or t.kind != kind or scope not in scopes:
+                    continue
+                if scope in claimed_scopes:
                     note(
                         p,
                         error_at(
                             t.node,
                             p,
-                            "Outrider runs one Envoy for every Gateway: "
-                            f"listener {lst.name} shares port {lst.port} with "
-                            + ", ".join(o.name for o in foreign)
-                            + ", which this policy does not apply to (not supported)",
+                            f"Unable to target {scope}, another "
+                            "ClientTrafficPolicy has already attached to it (Conflicted)",
                         ),
                     )
-                    ok = False
                     continue
-                if not tls_ok(p, lst):
-                    _fail_closed(lst)
-                    ok = False
+                claimed_scopes[scope] = p.key
+                mine = [
+                    x
+                    for x in listeners
+                    if (
+                        _scope(x) == scope
+                        if kind == "ListenerSet"
+                        else f"{x.gateway_ns}/{x.gateway_name}" == t.key
+                    )
+                    and _section_key(x) not in claimed_sections
+                ]
+                if p.key not in built:
+                    for lst in mine:
+                        _fail_closed(lst)
                     continue
-                claimed[id(lst)] = p.key
-            if ok:
-                accepted.add(p.key)
+                ok = True  # accepted for this target unless a listener fails
+                for lst in mine:
+                    if kind == "ListenerSet":
+                        # plain HTTP listeners of another ListenerSet (or of the Gateway) on
+                        # the port: Envoy Gateway's validatePortOverlapForClientTrafficPolicy
+                        foreign = [
+                            o
+                            for o in same_port(lst)
+                            if o.listener_set != lst.listener_set
+                            and o.tls is None
+                            and lst.tls is None
+                        ]
+                    else:
+                        foreign = [
+                            o
+                            for o in same_port(lst)
+                            if (o.gateway_ns, o.gateway_name) != (lst.gateway_ns, lst.gateway_name)
+                            and not _also_applies(p.key, targets[p.key], o)
+                            # an HTTPS listener has a filter chain of its own: only settings
+                            # of the whole Envoy listener would reach the others
+                            and (lst.tls is None or o.tls is None or _listener_level(built[p.key]))
+                            and not _empty(built[p.key])
+                        ]
+                    if foreign:
+                        note(
+                            p,
+                            error_at(
+                                t.node,
+                                p,
+                                "Outrider runs one Envoy for every Gateway: "
+                                f"listener {lst.name} shares port {lst.port} with "
+                                + ", ".join(o.name for o in foreign)
+                                + ", which this policy does not apply to (not supported)"
+                                if kind == "Gateway"
+                                else "ClientTrafficPolicy is being applied to multiple http "
+                                "(non https) listeners ("
+                                + ", ".join(o.name for o in foreign)
+                                + ") on the same port, which is not allowed",
+                            ),
+                        )
+                        ok = False
+                        continue
+                    if not tls_ok(p, lst):
+                        _fail_closed(lst)
+                        ok = False
+                        continue
+                    claimed[id(lst)] = p.key
+                    if kind == "ListenerSet":
+                        claimed_sections.add(_section_key(lst))
+                if ok:
+                    accepted.add(p.key)
     for p in policies:  # accepted when one target is (Envoy Gateway's status per ancestor)
         if p.key not in accepted:
             rejections.add(

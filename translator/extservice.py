@@ -71,7 +71,14 @@ def settings(node: Node | None, res: Resource) -> Settings | None:
         return None
     check_fields(node, res, CLUSTER_SETTINGS)
     wrapped = _Settings(
-        res.kind, res.namespace, res.name, res.created, res.node, res.annotations, node
+        res.kind,
+        res.namespace,
+        res.name,
+        res.created,
+        res.node,
+        res.annotations,
+        duplicate=res.duplicate,
+        settings=node,
     )
     traffic = backend_traffic.build(wrapped)
     retry = None

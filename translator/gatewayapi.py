@@ -17,13 +17,12 @@ EG_GROUP = "gateway.envoyproxy.io"
 MCS_GROUP = "multicluster.x-k8s.io"  # ServiceImport (Kubernetes multi-cluster services)
 MCS_SERVICE_LABEL = "multicluster.kubernetes.io/service-name"
 
-GATEWAY_SPEC = ("gatewayClassName", "listeners")
+GATEWAY_SPEC = ("gatewayClassName", "listeners", "infrastructure", "allowedListeners")
 GATEWAY_SPEC_UNSUPPORTED = {
     "addresses": "Envoy listens on the listener ports of the machine it runs on",
-    "infrastructure": "there is no infrastructure to provision",
     "backendTLS": "upstream TLS is not translated",
-    "allowedListeners": "ListenerSets are not translated",
 }
+LISTENER_SET_SPEC = ("parentRef", "listeners")
 LISTENER_FIELDS = ("name", "port", "protocol", "hostname", "allowedRoutes")
 #: listener protocol → the route kinds it takes (Gateway API's defaults)
 LISTENER_PROTOCOLS = {
@@ -397,68 +396,159 @@ def _is_ip(host: str) -> bool:
 
 
 def build_listeners(resources: ResourceSet) -> list[Listener]:
-    from .tls import ListenerNotProgrammed, listener_tls, resolve_conflicts  # tls builds on this
+    """Every Gateway's listeners, then the listeners ListenerSets add to their Gateways."""
+    from .tls import resolve_conflicts  # tls builds on this module
 
     listeners: list[Listener] = []
     for gw in resources.of("Gateway"):
         spec = check_fields(gw.spec, gw, GATEWAY_SPEC, GATEWAY_SPEC_UNSUPPORTED)
-        seen: set[str] = set()
-        for item in spec.req("listeners").list():
-            check_fields(item, gw, (*LISTENER_FIELDS, "tls"))
-            name = item.req("name").str(nonempty=True)
-            if name in seen:
-                raise error_at(item.req("name"), gw, f"duplicate listener name {name!r}")
-            seen.add(name)
-            proto = item.req("protocol")
-            if proto.str() not in LISTENER_PROTOCOLS:
-                raise unsupported(
-                    proto,
-                    gw,
-                    f"protocol {proto.str()}: HTTP, HTTPS, TCP, UDP and TLS (Terminate) "
-                    "listeners are translated",
-                )
-            tls_mode = item.get("tls") and item.req("tls").get("mode")
-            if proto.str() == "TLS" and tls_mode is not None and tls_mode.str() == "Passthrough":
-                raise unsupported(tls_mode, gw, "TLS Passthrough needs TLSRoutes, not translated")
-            hostname = item.opt_str("hostname")
-            listener = Listener(
-                name=f"{gw.namespace}/{gw.name}/{name}",
-                gateway_ns=gw.namespace,
-                gateway_name=gw.name,
-                section=name,
-                port=item.req("port").int(minimum=1, maximum=65535),
-                hostname=hostname,
-                protocol=proto.str(),
-            )
-            try:
-                listener.tls = listener_tls(item, gw, resources, proto.str())
-            except ListenerNotProgrammed as exc:
-                listener.not_programmed = str(exc)
-            listeners.append(listener)
-            allowed = item.get("allowedRoutes")
-            if allowed is not None:
-                check_fields(allowed, gw, ("namespaces", "kinds"))
-                if (ns := allowed.get("namespaces")) is not None:
-                    check_fields(ns, gw, ("from",), {"selector": "namespace labels are not known"})
-                    ns.req("from").str(choices=("All", "Same"))
+        if (infra := spec.get("infrastructure")) is not None:
+            _infrastructure(infra, gw)
+        if (allowed := spec.get("allowedListeners")) is not None:
+            check_fields(allowed, gw, ("namespaces",))
+            if (ns := allowed.get("namespaces")) is not None:
+                check_fields(ns, gw, ("from", "selector"))
+                ns.opt_str("from", "None", choices=("All", "Same", "Selector", "None"))
+        listeners += _listeners(resources, spec.req("listeners"), gw, gw, None)
+    listeners += listener_set_listeners(resources)
     resolve_conflicts(listeners)
     return listeners
 
 
-def _allows(listener: Listener, gw: Resource, route: Resource) -> bool:
-    route_ns = route.namespace
-    spec = gw.spec
-    for item in spec.req("listeners").list():
-        if item.req("name").str() != listener.section:
-            continue
+def _infrastructure(infra: Node, gw: Resource) -> None:
+    """``spec.infrastructure``: how a cluster deploys this Gateway's Envoy. Labels and
+    annotations go on Kubernetes objects; ``parametersRef`` names an EnvoyProxy, which is
+    read as a deployment setting too (see ``IGNORED_KINDS``). None changes what Envoy does
+    with a request, so none has an effect here."""
+    check_fields(infra, gw, ("labels", "annotations", "parametersRef"))
+    if (ref := infra.get("parametersRef")) is not None:
+        check_fields(ref, gw, ("group", "kind", "name"))
+        if (ref.opt_str("group"), ref.opt_str("kind")) != (EG_GROUP, "EnvoyProxy"):
+            raise unsupported(
+                ref.get("kind") or ref, gw, f"parametersRef other than {EG_GROUP} EnvoyProxy"
+            )
+
+
+def _listeners(
+    resources: ResourceSet,
+    items: Node,
+    owner: Resource,
+    gw: Resource,
+    listener_set: Resource | None,
+) -> list[Listener]:
+    """The listeners of a Gateway (``owner`` is ``gw``) or of a ListenerSet attached to it."""
+    from .tls import ListenerNotProgrammed, listener_tls  # tls builds on this module
+
+    out: list[Listener] = []
+    seen: set[str] = set()
+    for item in items.list():
+        check_fields(item, owner, (*LISTENER_FIELDS, "tls"))
+        name = item.req("name").str(nonempty=True)
+        if name in seen:
+            raise error_at(item.req("name"), owner, f"duplicate listener name {name!r}")
+        seen.add(name)
+        proto = item.req("protocol")
+        if proto.str() not in LISTENER_PROTOCOLS:
+            raise unsupported(
+                proto,
+                owner,
+                f"protocol {proto.str()}: HTTP, HTTPS, TCP, UDP and TLS (Terminate) "
+                "listeners are translated",
+            )
+        tls_mode = item.get("tls") and item.req("tls").get("mode")
+        if proto.str() == "TLS" and tls_mode is not None and tls_mode.str() == "Passthrough":
+            raise unsupported(tls_mode, owner, "TLS Passthrough needs TLSRoutes, not translated")
+        hostname = item.opt_str("hostname")
+        prefix = f"{gw.namespace}/{gw.name}"
+        if listener_set is not None:
+            prefix += f"/{listener_set.namespace}/{listener_set.name}"
+        listener = Listener(
+            name=f"{prefix}/{name}",  # Envoy Gateway's IR listener name
+            gateway_ns=gw.namespace,
+            gateway_name=gw.name,
+            section=name,
+            port=item.req("port").int(minimum=1, maximum=65535),
+            hostname=hostname,
+            listener_set=listener_set.key if listener_set is not None else None,
+            protocol=proto.str(),
+        )
+        try:
+            listener.tls = listener_tls(item, owner, resources, proto.str())
+        except ListenerNotProgrammed as exc:
+            listener.not_programmed = str(exc)
+        out.append(listener)
         allowed = item.get("allowedRoutes")
-        ns = allowed.get("namespaces") if allowed is not None else None
-        frm = ns.opt_str("from", "Same") if ns is not None else "Same"
-        kinds = allowed.get("kinds") if allowed is not None else None
-        if kinds is not None and not any(k.opt_str("kind") == route.kind for k in kinds.list()):
-            return False
-        return frm == "All" or route_ns == listener.gateway_ns
-    return False
+        if allowed is not None:
+            check_fields(allowed, owner, ("namespaces", "kinds"))
+            if (ns := allowed.get("namespaces")) is not None:
+                check_fields(ns, owner, ("from",), {"selector": "namespace labels are not known"})
+                ns.req("from").str(choices=("All", "Same"))
+    return out
+
+
+def listener_set_parent(resources: ResourceSet, ls: Resource) -> Resource | None:
+    """The Gateway a ListenerSet attaches to, when the Gateway is in the input and allows it
+    (``allowedListeners``, as Envoy Gateway's ``isListenerSetAllowed``); else None: the
+    ListenerSet is not accepted and its listeners do not exist."""
+    spec = check_fields(ls.spec, ls, LISTENER_SET_SPEC)
+    ref = check_fields(spec.req("parentRef"), ls, ("group", "kind", "name", "namespace"))
+    if (
+        ref.opt_str("kind", "Gateway") != "Gateway"
+        or ref.opt_str("group", GATEWAY_GROUP) != GATEWAY_GROUP
+    ):
+        raise error_at(ref, ls, f"expected a parentRef to a {GATEWAY_GROUP} Gateway")
+    ns = ref.opt_str("namespace", ls.namespace) or ls.namespace
+    gw = resources.get("Gateway", ns, ref.req("name").str(nonempty=True))
+    if gw is None:
+        return None
+    allowed = gw.spec.get("allowedListeners")
+    namespaces = allowed.get("namespaces") if allowed is not None else None
+    frm = namespaces.opt_str("from", "None") if namespaces is not None else "None"
+    if frm == "All" or (frm == "Same" and gw.namespace == ls.namespace):
+        return gw
+    return None  # None, another namespace, or a Selector on namespace labels we do not know
+
+
+def listener_set_listeners(resources: ResourceSet) -> list[Listener]:
+    """The listeners of every accepted ListenerSet, merged into its parent Gateway as Envoy
+    Gateway merges them (``ProcessListenerSets``): named ``<gateway ns>/<gateway>/<listener
+    set ns>/<listener set>/<listener>``, after the Gateway's own listeners."""
+    out: list[Listener] = []
+    for ls in resources.of("ListenerSet"):
+        gw = listener_set_parent(resources, ls)
+        if gw is not None:
+            out += _listeners(resources, ls.spec.req("listeners"), ls, gw, ls)
+    return out
+
+
+def _listener_item(resources: ResourceSet, listener: Listener) -> Node | None:
+    """The YAML of ``listener`` in its Gateway or ListenerSet."""
+    if listener.listener_set is not None:
+        ns, name = listener.listener_set.split("/", 1)
+        owner = resources.get("ListenerSet", ns, name)
+    else:
+        owner = resources.get("Gateway", listener.gateway_ns, listener.gateway_name)
+    if owner is None:
+        return None
+    for item in owner.spec.req("listeners").list():
+        if item.req("name").str() == listener.section:
+            return item
+    return None
+
+
+def _allows(resources: ResourceSet, listener: Listener, route: Resource) -> bool:
+    item = _listener_item(resources, listener)
+    if item is None:
+        return False
+    allowed = item.get("allowedRoutes")
+    ns = allowed.get("namespaces") if allowed is not None else None
+    frm = ns.opt_str("from", "Same") if ns is not None else "Same"
+    kinds = allowed.get("kinds") if allowed is not None else None
+    if kinds is not None and not any(k.opt_str("kind") == route.kind for k in kinds.list()):
+        return False
+    # "Same": the namespace of the listener's owner (its ListenerSet's, as Envoy Gateway)
+    owner_ns = listener.listener_set.split("/", 1)[0] if listener.listener_set else None
+    return frm == "All" or route.namespace == (owner_ns or listener.gateway_ns)
 
 
 def _host_matches(pattern: str, host: str) -> bool:
@@ -591,30 +681,31 @@ def build_routes(
         parents = spec.req("parentRefs").list()
         for p in parents:
             check_fields(p, hr, ("group", "kind", "namespace", "name", "sectionName", "port"))
-            if p.opt_str("kind", "Gateway") != "Gateway":
-                raise unsupported(p.req("kind"), hr, "parentRefs other than Gateway")
+            kind = p.opt_str("kind", "Gateway")
+            if kind not in ("Gateway", "ListenerSet"):
+                raise unsupported(p.req("kind"), hr, "parentRefs other than Gateway, ListenerSet")
             ns = p.opt_str("namespace", hr.namespace) or hr.namespace
-            gw_name = p.req("name").str(nonempty=True)
-            gw = gateways.get(f"{ns}/{gw_name}")
-            if gw is None:
-                raise error_at(p.req("name"), hr, f"no Gateway {ns}/{gw_name} in the input")
+            parent_name = p.req("name").str(nonempty=True)
+            if kind == "Gateway" and f"{ns}/{parent_name}" not in gateways:
+                raise error_at(p.req("name"), hr, f"no Gateway {ns}/{parent_name} in the input")
+            if kind == "ListenerSet" and resources.get(kind, ns, parent_name) is None:
+                raise error_at(p.req("name"), hr, f"no ListenerSet {ns}/{parent_name} in the input")
             section = p.opt_str("sectionName")
             port = p.opt_int("port")
             matched = [
                 lst
                 for lst in listeners
-                if lst.gateway_ns == ns
-                and lst.gateway_name == gw_name
+                if _parent_is(lst, kind, ns, parent_name)
                 and (section is None or lst.section == section)
                 and (port is None or lst.port == port)
                 and hr.kind in LISTENER_PROTOCOLS.get(lst.protocol, (hr.kind,))
-                and _allows(lst, gw, hr)
+                and _allows(resources, lst, hr)
             ]
             if section is not None and not matched:
                 raise error_at(
                     p.req("sectionName"),
                     hr,
-                    f"Gateway {ns}/{gw_name} has no listener {section!r} that allows this route",
+                    f"{kind} {ns}/{parent_name} has no listener {section!r} that allows this route",
                 )
             attached += [m for m in matched if m not in attached]
         rules = spec.get("rules") or Node([{}], spec.file, f"{spec.path}.rules")
@@ -721,6 +812,18 @@ def build_routes(
                                 **extra,  # type: ignore[arg-type]
                             )
                         )
+
+
+def _parent_is(listener: Listener, kind: str, namespace: str, name: str) -> bool:
+    """Whether a parentRef to ``kind namespace/name`` selects ``listener``: a Gateway's own
+    listeners, or a ListenerSet's (Envoy Gateway's ``GetReferencedListeners``)."""
+    if kind == "ListenerSet":
+        return listener.listener_set == f"{namespace}/{name}"
+    return (
+        listener.listener_set is None
+        and listener.gateway_ns == namespace
+        and listener.gateway_name == name
+    )
 
 
 def rule_name(resources: ResourceSet, route: Route) -> str | None:

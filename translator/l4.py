@@ -93,7 +93,11 @@ def _listeners_for(
     out = []
     for lst in listeners:
         kind = "TCP" if lst.protocol == "TLS" else lst.protocol  # TLS terminated: TCPRoutes
-        if (lst.gateway_ns, lst.gateway_name) != (ns, name) or kind != ROUTE_KINDS[res.kind]:
+        if (
+            lst.listener_set is not None  # a ListenerSet's: not selected by a Gateway parentRef
+            or (lst.gateway_ns, lst.gateway_name) != (ns, name)
+            or kind != ROUTE_KINDS[res.kind]
+        ):
             continue
         if (section is not None and lst.section != section) or (
             port is not None and lst.port != port

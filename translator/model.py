@@ -224,13 +224,16 @@ class Route:
 class Listener:
     """A Gateway listener. Listeners on one port share one Envoy listener."""
 
-    name: str  # <ns>/<gateway>/<listener>, as Envoy Gateway
+    #: <ns>/<gateway>/<listener>, or <ns>/<gateway>/<ls ns>/<ls>/<listener> for a ListenerSet's
+    #: listener, as Envoy Gateway names them
+    name: str
     gateway_ns: str
     gateway_name: str
     section: str
     port: int
     hostname: str | None
     routes: list[Route] = field(default_factory=list)
+    listener_set: str | None = None  # <ns>/<name> of the ListenerSet it comes from, if any
     protocol: str = "HTTP"  # or HTTPS; TCP, UDP: their routes are TCPRoutes, UDPRoutes (l4.py)
     tls: Any = None  # tls.ListenerTLS: an HTTPS listener's certificates
     #: why Envoy Gateway would not program the listener (left out of the Envoy config)

@@ -2,10 +2,13 @@
 
 Attachment and precedence are Envoy Gateway's: a policy names its targets with
 ``targetRefs`` (or the deprecated ``targetRef``) in its own namespace: a Gateway (all its
-listeners, or one with ``sectionName``) or an HTTPRoute (all its rules, or one named rule
-with ``sectionName``). For each route the most specific policy of a kind wins (route rule
-> route > listener > gateway); among policies of the same specificity the oldest
-(``creationTimestamp``) wins, then the first by ``namespace/name``. Policies do not merge.
+listeners, its ListenerSets' included, or one of its own with ``sectionName``), a
+ListenerSet (all its listeners, or one with ``sectionName``) or an HTTPRoute (all its
+rules, or one named rule with ``sectionName``). For each route the most specific policy of
+a kind wins (route rule > route > listener > ListenerSet > Gateway); among policies of the
+same specificity the oldest (``creationTimestamp``) wins, then the first by
+``namespace/name``; a later policy targeting what an earlier one claimed is *Conflicted*
+there (:func:`attachment_errors`). Policies do not merge (except ``mergeType``).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ EEP_UNSUPPORTED = {
 }
 
 
-TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute")
+TARGET_KINDS = ("Gateway", "ListenerSet", "HTTPRoute", "GRPCRoute", "TCPRoute", "UDPRoute")
 
 
 @dataclass(frozen=True)
@@ -144,64 +147,86 @@ def targets(policy: Resource) -> list[Target]:
     return out
 
 
-def check_targets_exist(
-    resources: ResourceSet, policy: Resource, listeners: list[Listener]
+def check_target(
+    resources: ResourceSet, policy: Resource, t: Target, listeners: list[Listener]
 ) -> None:
-    for t in targets(policy):
-        target = resources.get(t.kind, policy.namespace, t.name)
-        if target is None:
-            raise error_at(
-                t.node.req("name"),
-                policy,
-                f"target {t.kind} {policy.namespace}/{t.name} is not in the input",
-            )
-        if t.section is None:
-            continue
-        if t.kind == "Gateway":
-            ok = any(
-                lst.gateway_ns == policy.namespace
-                and lst.gateway_name == t.name
-                and lst.section == t.section
-                for lst in listeners
-            )
-        else:
-            rules = target.spec.get("rules")
-            ok = rules is not None and any(r.opt_str("name") == t.section for r in rules.list())
-        if not ok:
-            raise error_at(
-                t.node.req("sectionName"),
-                policy,
-                f"{t.kind} {policy.namespace}/{t.name} has no section {t.section!r}",
-            )
+    """Raise unless ``t`` (a target of ``policy``) is in the input with its section."""
+    target = resources.get(t.kind, policy.namespace, t.name)
+    if target is None:
+        raise error_at(
+            t.node.req("name"),
+            policy,
+            f"target {t.kind} {policy.namespace}/{t.name} is not in the input",
+        )
+    if t.section is None:
+        return
+    if t.kind in ("Gateway", "ListenerSet"):
+        ok = any(
+            _owned_by(lst, t.kind, policy.namespace, t.name) and lst.section == t.section
+            for lst in listeners
+        )
+    else:
+        rules = target.spec.get("rules")
+        ok = rules is not None and any(r.opt_str("name") == t.section for r in rules.list())
+    if not ok:
+        raise error_at(
+            t.node.req("sectionName"),
+            policy,
+            f"{t.kind} {policy.namespace}/{t.name} has no section {t.section!r}",
+        )
 
 
-def specificity(policy: Resource, listener: Listener, route: Route, rule: str | None) -> int | None:
+def _owned_by(listener: Listener, kind: str, namespace: str, name: str) -> bool:
+    """Whether ``listener`` is one of the listeners of Gateway/ListenerSet ``namespace/name``
+    that a sectionName can name (a Gateway's sections are its own listeners only)."""
+    if kind == "ListenerSet":
+        return listener.listener_set == f"{namespace}/{name}"
+    return (
+        listener.listener_set is None
+        and listener.gateway_ns == namespace
+        and listener.gateway_name == name
+    )
+
+
+#: precedence of a policy by what it targets (higher wins), as Envoy Gateway: route rule >
+#: route > listener (of a Gateway or a ListenerSet) > ListenerSet > Gateway
+#: (a ListenerSet sits between a Gateway and a listener: 1.5 keeps the other levels' numbers)
+GATEWAY, LISTENER_SET, LISTENER, ROUTE, RULE = 1, 1.5, 2, 3, 4
+
+
+def specificity(
+    policy: Resource, listener: Listener, route: Route, rule: str | None
+) -> float | None:
     """How specifically ``policy`` targets ``route`` on ``listener`` (higher wins), or None."""
-    best: int | None = None
+    best: float | None = None
     try:
         refs = targets(policy)
     except TranslateError:  # rejected already: targets nothing
         return None
     for t in refs:
-        level = None
+        level: float | None = None
         if (
             t.kind == route.route_kind
             and policy.namespace == route.route_ns
             and t.name == route.route_name
         ):
             if t.section is None:
-                level = 3
+                level = ROUTE
             elif t.section == rule:
-                level = 4
+                level = RULE
+        elif t.kind in ("Gateway", "ListenerSet") and t.section is not None:
+            if _owned_by(listener, t.kind, policy.namespace, t.name) and t.section == (
+                listener.section
+            ):
+                level = LISTENER
         elif (
-            t.kind == "Gateway"
+            t.kind == "Gateway"  # a whole Gateway: its ListenerSets' listeners too
             and policy.namespace == listener.gateway_ns
             and t.name == listener.gateway_name
         ):
-            if t.section is None:
-                level = 1
-            elif t.section == listener.section:
-                level = 2
+            level = GATEWAY
+        elif t.kind == "ListenerSet" and listener.listener_set == f"{policy.namespace}/{t.name}":
+            level = LISTENER_SET
         if level is not None and (best is None or level > best):
             best = level
     return best
@@ -1098,13 +1123,13 @@ def merged_extensions(
     else from the parent — built there, named after and resolved in the policy it came from
     (Envoy Gateway's field owners)."""
     mine_procs, mine_ext = procs[policy.key], extensions[policy.key]
-    if (specificity(policy, listener, route, rule) or 0) < 3:
+    if (specificity(policy, listener, route, rule) or 0) < ROUTE:
         return mine_procs, mine_ext
     parents = [
         p
         for p in eeps
         if p is not policy
-        and (specificity(p, listener, route, rule) or 9) <= 2
+        and (specificity(p, listener, route, rule) or 9) <= LISTENER
         and p.key in procs
         and p.key in extensions
     ]
@@ -1205,7 +1230,9 @@ def merged_traffic(
     as Envoy Gateway merges them; None when the merged policy is invalid. ConfigMap bodies
     of ``responseOverride`` resolve in the namespace of the policy the field came from."""
     parents = [
-        p for p in btps if p is not policy and (specificity(p, listener, route, rule) or 9) <= 2
+        p
+        for p in btps
+        if p is not policy and (specificity(p, listener, route, rule) or 9) <= LISTENER
     ]
     parent = winner(parents, listener, route, rule)
     if parent is None or rejections.rejected(parent):
@@ -1228,6 +1255,7 @@ def merged_traffic(
             policy.created,
             Node(doc, policy.node.file, policy.node.path),
             policy.annotations,
+            policy.duplicate,
         )
         try:
             owner = policy if policy.spec.get("responseOverride") is not None else parent
@@ -1266,10 +1294,10 @@ def merged_security(
         p
         for p in sps
         if p is not policy
-        and (specificity(p, listener, route, rule) or 9) <= 2
+        and (specificity(p, listener, route, rule) or 9) <= LISTENER
         and not rejections.rejected(p)
     ]
-    parent = winner(parents, listener, route, rule) if own >= 3 else None
+    parent = winner(parents, listener, route, rule) if own >= ROUTE else None
     key = (policy.key, parent.key if parent is not None else "")
     if key in cache:
         return cache[key]
@@ -1304,6 +1332,7 @@ def merged_security(
         policy.created,
         Node(doc, policy.node.file, policy.node.path),
         policy.annotations,
+        policy.duplicate,
     )
     try:
         cache[key] = build(merged_res, owners, f"{policy.key}+{parent.key}")
@@ -1334,10 +1363,62 @@ def build_each(
 ) -> dict[str, T]:
     """``namespace/name`` → what each accepted policy builds; the others are rejected."""
     built: dict[str, T] = {}
+    attached = attachment_errors(policies, resources, listeners)
     for p in policies:
         try:
-            check_targets_exist(resources, p, listeners)
+            if (err := attached.get(p.key)) is not None:
+                raise err
             built[p.key] = build(p)
         except ConfigError as exc:
             rejections.add(p, exc)
     return built
+
+
+def attachment_errors(
+    policies: list[Resource], resources: ResourceSet, listeners: list[Listener]
+) -> dict[str, ConfigError]:
+    """Policies (of one kind) that attach to none of their targets → why.
+
+    As Envoy Gateway resolves targets (``resolve<Kind>TargetRef``): in age order, the first
+    policy to target a Gateway, a Gateway listener, a ListenerSet, a ListenerSet listener,
+    a route or a route rule claims it; a later policy targeting the same is *Conflicted*
+    there. A target that is not in the input, or a sectionName that names nothing, does not
+    attach either. A policy is accepted when one of its targets attaches (Envoy Gateway's
+    status per ancestor); it then applies where it attached (``winner`` picks the same
+    policy: the oldest of the most specific)."""
+    claimed: set[tuple[str, str, str, str | None]] = set()
+    errors: dict[str, ConfigError] = {}
+    for p in sorted(policies, key=lambda p: (p.created or "~", p.namespace, p.name)):
+        first: ConfigError | None = None
+        attached = False
+        try:
+            refs = targets(p)
+        except ConfigError as exc:
+            errors[p.key] = exc
+            continue
+        for t in refs:
+            try:
+                check_target(resources, p, t, listeners)
+            except ConfigError as exc:
+                first = first or exc
+                continue
+            claim = (t.kind, p.namespace, t.name, t.section)
+            if claim in claimed:
+                what = (
+                    t.kind
+                    if t.section is None
+                    else ("Listener" if t.kind in ("Gateway", "ListenerSet") else "RouteRule")
+                )
+                name = t.name if t.section is None else f"{t.name}/{t.section}"
+                first = first or error_at(
+                    t.node,
+                    p,
+                    f"Unable to target {what} {name}, another {p.kind} has already attached "
+                    "to it (Conflicted)",
+                )
+                continue
+            claimed.add(claim)
+            attached = True
+        if not attached and first is not None:
+            errors[p.key] = first
+    return errors

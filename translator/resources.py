@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common.configfile import ConfigError, Node, parse_yaml
@@ -41,6 +41,8 @@ SUPPORTED_KINDS = (
     "ClientTrafficPolicy",
     "EnvoyPatchPolicy",
     "BackendTLSPolicy",
+    "ListenerSet",
+    "ClusterTrustBundle",
     "TCPRoute",
     "UDPRoute",
     "ServiceImport",
@@ -78,11 +80,15 @@ LIST_KEYS = {
     "envoyProxiesForGateways": "EnvoyProxy",
     "extensionRefFilters": "ExtensionRefFilter",
     "httpFilters": "HTTPRouteFilter",
-    "listenerSets": "XListenerSet",
+    "listenerSets": "ListenerSet",
+    "clusterTrustBundles": "ClusterTrustBundle",
     "processingChains": "ProcessingChain",
 }
 
 LIST_KEYS_LOWER = {k.lower(): v for k, v in LIST_KEYS.items()}
+#: earlier names of a kind → the kind (Gateway API's experimental ``XListenerSet``,
+#: ``gateway.networking.x-k8s.io``, is today's ``ListenerSet``)
+KIND_ALIASES = {"XListenerSet": "ListenerSet"}
 
 
 class TranslateError(ConfigError):
@@ -108,6 +114,9 @@ class Resource:
     created: str  # metadata.creationTimestamp (RFC 3339 sorts as text); "" when absent
     node: Node  # the whole document
     annotations: dict[str, str] = field(default_factory=dict)
+    #: how many resources of this kind, namespace and name came before this one (see
+    #: :meth:`ResourceSet.add`); 0 for the first
+    duplicate: int = 0
 
     @property
     def ref(self) -> str:
@@ -115,7 +124,9 @@ class Resource:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        """``namespace/name``, unique per kind: a later duplicate gets ``#2``, ``#3``..."""
+        suffix = f"#{self.duplicate + 1}" if self.duplicate else ""
+        return f"{self.namespace}/{self.name}{suffix}"
 
     @property
     def spec(self) -> Node:
@@ -141,14 +152,14 @@ class ResourceSet:
         return list(self.ignored_by_kind.get(kind, []))
 
     def add(self, res: Resource) -> None:
+        """Add ``res``. A second resource of the same kind, namespace and name is kept as a
+        resource of its own, as Envoy Gateway's loader keeps it (its test data has such
+        pairs: two policies of one name with different targets both apply, two HTTPRoutes
+        of one name attach to their own parents); :meth:`get` finds the first."""
         same = self.by_kind.setdefault(res.kind, [])
-        for other in same:
-            if other.key == res.key:
-                raise error_at(
-                    res.node.get("metadata") or res.node,
-                    res,
-                    f"defined twice (first in {other.node.file})",
-                )
+        dups = sum(1 for o in same if o.namespace == res.namespace and o.name == res.name)
+        if dups:
+            res = replace(res, duplicate=dups)
         same.append(res)
 
     def of(self, kind: str) -> list[Resource]:
@@ -179,6 +190,7 @@ class ResourceSet:
 def _resource(doc: Node, kind_hint: str | None = None) -> Resource:
     doc.mapping()
     kind = doc.get("kind").str(nonempty=True) if doc.get("kind") is not None else kind_hint
+    kind = KIND_ALIASES.get(kind, kind) if kind is not None else None
     if kind is None:
         raise doc.error("expected a Kubernetes resource with apiVersion, kind and metadata")
     meta = doc.req("metadata").mapping()
