@@ -6,9 +6,10 @@ listeners, its ListenerSets' included, or one of its own with ``sectionName``), 
 ListenerSet (all its listeners, or one with ``sectionName``) or an HTTPRoute (all its
 rules, or one named rule with ``sectionName``). For each route the most specific policy of
 a kind wins (route rule > route > listener > ListenerSet > Gateway); among policies of the
-same specificity the oldest (``creationTimestamp``) wins, then the first by
-``namespace/name``; a later policy targeting what an earlier one claimed is *Conflicted*
-there (:func:`attachment_errors`). Policies do not merge (except ``mergeType``).
+same specificity the oldest (``creationTimestamp``) wins, then the first in the input (as
+ClientTrafficPolicies, and Envoy Gateway on its test data); a later policy targeting what
+an earlier one claimed is *Conflicted* there (:func:`attachment_errors`). Policies do not
+merge (except ``mergeType``).
 """
 
 from __future__ import annotations
@@ -240,14 +241,14 @@ def winner(
 ) -> Resource | None:
     """The policy that applies to ``route`` (a rejected one too: the route then fails closed)."""
     scored = []
-    for p in policies:
+    for i, p in enumerate(policies):
         level = specificity(p, listener, route, rule)
         if level is not None:
-            scored.append((-level, p.created or "~", p.namespace, p.name, p))
+            scored.append((-level, p.created or "~", i, p))
     if not scored:
         return None
-    scored.sort(key=lambda s: s[:4])
-    return scored[0][4]
+    scored.sort(key=lambda s: s[:3])
+    return scored[0][3]
 
 
 # -- BackendTrafficPolicy -----------------------------------------------------------------
@@ -1388,7 +1389,7 @@ def attachment_errors(
     policy: the oldest of the most specific)."""
     claimed: set[tuple[str, str, str, str | None]] = set()
     errors: dict[str, ConfigError] = {}
-    for p in sorted(policies, key=lambda p: (p.created or "~", p.namespace, p.name)):
+    for p in sorted(policies, key=lambda p: p.created or "~"):  # then input order
         first: ConfigError | None = None
         attached = False
         try:

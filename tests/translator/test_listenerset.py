@@ -324,3 +324,23 @@ def test_listenerset_listener_serves_its_routes(
     assert get(f"http://127.0.0.1:{gw_port}/gw") == 200
     assert get(f"http://127.0.0.1:{ls_port}/gw") == 404
     assert get(f"http://127.0.0.1:{gw_port}/set") == 404
+
+
+def test_equally_old_policies_claim_in_input_order(tmp_path: Path) -> None:
+    """Without timestamps the first policy in the input claims a target (Envoy Gateway's
+    order on its test data, as for ClientTrafficPolicies), not the first by name."""
+    text = GATEWAY + "".join(
+        f"""\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: on-gateway}}]
+  timeout: {{http: {{requestTimeout: {t}}}}}
+"""
+        for name, t in (("b-first", "2s"), ("a-second", "3s"))
+    )
+    envoy, out = run(tmp_path, text)
+    assert [r.name for r in out.rejections] == ["a-second"]
+    assert route_timeouts(envoy)["on-gateway"] == "2s"
