@@ -222,15 +222,24 @@ class BackendResolver:
                 f"{kind} {namespace}/{name} is in another namespace "
                 "and no ReferenceGrant allows it",
             )
-        if kind == "Backend" and group == EG_GROUP:
+        # group and kind are checked apart, and the kind decides (Envoy Gateway's
+        # validateBackendRefGroup / validateBackendRefKind): a Backend without its group is one
+        if group not in ("", "core", MCS_GROUP, EG_GROUP):
+            raise error_at(
+                ref.req("group"),
+                res,
+                f"Group is invalid, only the core API group, {MCS_GROUP} and {EG_GROUP} "
+                "are supported",
+            )
+        if kind == "Backend":
             return self._backend(ref, res, namespace, name, port)
-        if kind == "ServiceImport" and group == MCS_GROUP:
+        if kind == "ServiceImport":
             return self._service_import(ref, res, namespace, name, port)
-        if kind != "Service" or group not in ("", "core"):
+        if kind != "Service":
             raise unsupported(
                 ref.get("kind") or ref,
                 res,
-                f"backendRef kind {group}/{kind}; use Service, ServiceImport or Backend",
+                f"backendRef kind {kind}; use Service, ServiceImport or Backend",
             )
         if port is None:
             raise error_at(ref, res, "a Service backendRef needs a port")

@@ -93,3 +93,30 @@ def test_missing_service_import_or_port(tmp_path: Path, text: str, words: str) -
         translate([path], Options(secrets_dir=tmp_path / "s"))
     assert words in str(err.value)
     assert "rules[0].backendRefs[0]" in err.value.path
+
+
+def test_kind_decides_and_group_is_checked_apart(tmp_path: Path) -> None:
+    """As Envoy Gateway: ``kind: Backend`` without its group is the Envoy Gateway Backend;
+    a group other than core, multicluster.x-k8s.io and gateway.envoyproxy.io is an error."""
+    backend = """\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: Backend
+metadata: {name: be, namespace: default}
+spec: {endpoints: [{ip: {address: 10.1.2.3, port: 8080}}]}
+"""
+    text = BASE.replace(
+        "{group: multicluster.x-k8s.io, kind: ServiceImport, name: imp, port: PORT}",
+        "{kind: Backend, name: be, port: 8080}",
+    )
+    path = tmp_path / "in.yaml"
+    path.write_text(text + backend)
+    out = translate([path], Options(secrets_dir=tmp_path / "s"))
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    assert "backend/default/be" in {c["name"] for c in envoy["static_resources"]["clusters"]}
+    path.write_text(
+        text.replace("{kind: Backend,", "{group: example.com, kind: Backend,") + backend
+    )
+    with pytest.raises(ConfigError) as err:
+        translate([path], Options(secrets_dir=tmp_path / "s"))
+    assert "Group is invalid" in str(err.value)
