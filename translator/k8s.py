@@ -39,7 +39,20 @@ from .translate import Output, dump
 
 IMAGE = "outrider:0.1.0"
 SECRETS_MOUNT = "/etc/outrider/extauth-secrets"
-PASS_THROUGH = ("Gateway", "HTTPRoute", "Backend", "Service", "Secret", "ReferenceGrant")
+PASS_THROUGH = (
+    "Gateway",
+    "HTTPRoute",
+    "Backend",
+    "Service",
+    "Secret",
+    "ReferenceGrant",
+    # Envoy Gateway translates these itself
+    "TCPRoute",
+    "UDPRoute",
+    "ServiceImport",
+    "BackendTLSPolicy",
+    "HTTPRouteFilter",
+)
 #: Envoy ends its connections to a sidecar itself, as on the envoy target's sidecar
 #: clusters (what lets --max-requests/--max-rss replace a worker without a failed call)
 SIDECAR_CONNECTION_DURATION = f"{RECYCLE_CONNECTION_DURATION:g}s"
@@ -296,6 +309,11 @@ def gateway_manifests(
                     "Service": "v1",
                     "ReferenceGrant": "gateway.networking.k8s.io/v1beta1",
                     "Backend": "gateway.envoyproxy.io/v1alpha1",
+                    "TCPRoute": "gateway.networking.k8s.io/v1alpha2",
+                    "UDPRoute": "gateway.networking.k8s.io/v1alpha2",
+                    "ServiceImport": "multicluster.x-k8s.io/v1alpha1",
+                    "BackendTLSPolicy": "gateway.networking.k8s.io/v1",
+                    "HTTPRouteFilter": "gateway.envoyproxy.io/v1alpha1",
                 }[kind],
             )
             doc.setdefault("kind", kind)

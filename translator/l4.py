@@ -38,7 +38,7 @@ from services.common.configfile import ConfigError, Node
 
 from . import backend_traffic
 from .envoy import cluster as envoy_cluster
-from .gatewayapi import BackendResolver, check_fields, rule_name
+from .gatewayapi import BackendResolver, _allows, check_fields, rule_name
 from .model import Backend, Listener, Route, WeightedBackend
 from .policies import build_traffic, targets, winner
 from .rejections import Rejections
@@ -78,7 +78,11 @@ def route_name(route: Route) -> str:
 
 
 def _listeners_for(
-    res: Resource, parent: Node, listeners: list[Listener], gateways: dict[str, Resource]
+    res: Resource,
+    parent: Node,
+    listeners: list[Listener],
+    gateways: dict[str, Resource],
+    resources: ResourceSet,
 ) -> list[Listener]:
     check_fields(parent, res, ("group", "kind", "namespace", "name", "sectionName", "port"))
     if parent.opt_str("kind", "Gateway") != "Gateway":
@@ -103,16 +107,7 @@ def _listeners_for(
             port is not None and lst.port != port
         ):
             continue
-        item = next(
-            i for i in gw.spec.req("listeners").list() if i.req("name").str() == lst.section
-        )
-        allowed = item.get("allowedRoutes")
-        namespaces = allowed.get("namespaces") if allowed is not None else None
-        frm = namespaces.opt_str("from", "Same") if namespaces is not None else "Same"
-        kinds = allowed.get("kinds") if allowed is not None else None
-        if kinds is not None and not any(k.opt_str("kind") == res.kind for k in kinds.list()):
-            continue
-        if frm == "All" or res.namespace == lst.gateway_ns:
+        if _allows(resources, lst, res):  # allowedRoutes (kinds, namespaces), as HTTPRoutes
             out.append(lst)
     if section is not None and not out:
         raise error_at(
@@ -149,7 +144,7 @@ def build_l4_routes(
             backends.append(WeightedBackend(backend, weight))
         attached: list[Listener] = []
         for parent in spec.req("parentRefs").list():
-            for lst in _listeners_for(res, parent, listeners, gateways):
+            for lst in _listeners_for(res, parent, listeners, gateways, resources):
                 if lst not in attached:
                     attached.append(lst)
         for lst in attached:

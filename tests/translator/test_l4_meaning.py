@@ -438,3 +438,37 @@ spec:
     assert udp["lb_policy"] == "RANDOM"
     assert "circuit_breakers" not in udp
     assert udp["connect_timeout"] == "1s"
+
+
+def test_gateway_target_passes_tcp_and_udp_routes(tmp_path: Path) -> None:
+    """``--target gateway``: TCPRoutes and UDPRoutes reach ``routes.yaml`` for Envoy Gateway."""
+    path = tmp_path / "in.yaml"
+    path.write_text(
+        """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {name: tcp, protocol: TCP, port: 9000}
+    - {name: udp, protocol: UDP, port: 9000}
+---
+kind: TCPRoute
+metadata: {name: app, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: svc, port: 80}]}]
+---
+kind: UDPRoute
+metadata: {name: dns, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: dns, port: 53}]}]
+"""
+    )
+    out = translate([path], Options(target="gateway", secrets_dir=tmp_path / "s"))
+    docs = list(yaml.safe_load_all(out.files["routes.yaml"]))
+    kinds = {(d["kind"], d["apiVersion"]) for d in docs}
+    assert ("TCPRoute", "gateway.networking.k8s.io/v1alpha2") in kinds
+    assert ("UDPRoute", "gateway.networking.k8s.io/v1alpha2") in kinds

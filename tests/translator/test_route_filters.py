@@ -259,3 +259,14 @@ def test_behaviour_through_envoy(stack: dict[str, Any]) -> None:
     assert get(f"{base}/private")[0] == 200
     (headers,) = [h for p, h in up.requests if p == "/private"]
     assert headers["authorization"] == "Bearer s3cret"
+
+
+def test_gateway_target_passes_them_to_envoy_gateway(tmp_path: Path) -> None:
+    """``--target gateway``: Envoy Gateway translates HTTPRouteFilters itself, so they reach
+    ``routes.yaml`` unchanged (with the HTTPRoute that names them)."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTES)
+    out = translate([path], Options(target="gateway", secrets_dir=tmp_path / "s"))
+    docs = list(yaml.safe_load_all(out.files["routes.yaml"]))
+    filters = {d["metadata"]["name"] for d in docs if d["kind"] == "HTTPRouteFilter"}
+    assert filters == {"teapot", "regex", "creds"}
