@@ -33,6 +33,7 @@ from .resources import Resource, ResourceSet, error_at, unsupported
 T = "type.googleapis.com/envoy."
 #: BackendTrafficPolicy fields this module translates (rateLimit: policies.py / ratelimit.py)
 FIELDS = (
+    "targetSelectors",  # resolved by the loader (resources.select_targets)
     "loadBalancer",
     "retry",
     "proxyProtocol",
@@ -55,9 +56,7 @@ FIELDS = (
     "responseOverride",
     "telemetry",
 )
-UNSUPPORTED = {
-    "targetSelectors": "target selectors need cluster labels",
-}
+UNSUPPORTED = {}
 RETRY_TRIGGERS = {
     "5xx": "5xx",
     "gateway-error": "gateway-error",

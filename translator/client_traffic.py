@@ -36,13 +36,21 @@ from .gatewayapi import GATEWAY_GROUP, check_fields, regex_checked
 from .model import Listener
 from .quantity import duration_s, envoy_duration, quantity
 from .rejections import Rejections
-from .resources import Resource, ResourceSet, TranslateError, error_at, unsupported
+from .resources import (
+    Resource,
+    ResourceSet,
+    TranslateError,
+    error_at,
+    selected_targets,
+    unsupported,
+)
 from .tls import ClientTLS, client_tls
 
 KIND = "ClientTrafficPolicy"
 SPEC_FIELDS = (
     "targetRef",
     "targetRefs",
+    "targetSelectors",
     "clientIPDetection",
     "tcpKeepalive",
     "timeout",
@@ -59,7 +67,7 @@ SPEC_FIELDS = (
     "grpc",
     "scheme",
 )
-SPEC_UNSUPPORTED = {"targetSelectors": "target selectors need cluster labels"}
+SPEC_UNSUPPORTED: dict[str, str] = {}
 T = "type.googleapis.com/envoy.extensions."
 #: the listener's late response header_mutation filter (Envoy Gateway's header_mutation; a
 #: name of its own beside the per-route header_mutation Outrider's ext_authz routes use)
@@ -694,8 +702,11 @@ def _targets(policy: Resource) -> list[_Target]:
     if (one := spec.get("targetRef")) is not None:
         refs.append(one)
     refs += (spec.get("targetRefs") or Node([], spec.file)).list()
+    refs += selected_targets(policy)
     if not refs:
-        raise error_at(spec, policy, "expected targetRefs (a Gateway or a ListenerSet)")
+        raise error_at(
+            spec, policy, "expected targetRefs or targetSelectors (a Gateway or a ListenerSet)"
+        )
     out = []
     for ref in refs:
         check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))

@@ -53,7 +53,14 @@ from .model import (
     StringMatch,
 )
 from .rejections import Rejections
-from .resources import Resource, ResourceSet, TranslateError, error_at, unsupported
+from .resources import (
+    Resource,
+    ResourceSet,
+    TranslateError,
+    error_at,
+    selected_targets,
+    unsupported,
+)
 
 UNITS = {
     "Second": "second",
@@ -81,6 +88,7 @@ BTP_UNSUPPORTED = backend_traffic.UNSUPPORTED
 SP_FIELDS = (
     "targetRef",
     "targetRefs",
+    "targetSelectors",
     "jwt",
     "basicAuth",
     "apiKeyAuth",
@@ -91,21 +99,19 @@ SP_FIELDS = (
     "mergeType",
     "csrf",
 )
-SP_UNSUPPORTED = {
-    "targetSelectors": "target selectors need cluster labels",
-}
+SP_UNSUPPORTED: dict[str, str] = {}
 #: SecurityPolicy fields whose references resolve in the policy that gave them (merging)
 SP_OWNED = ("jwt", "basicAuth", "apiKeyAuth", "oidc", "extAuth", "authorization")
 EEP_FIELDS = (
     "targetRef",
     "targetRefs",
+    "targetSelectors",
     "extProc",
     "lua",
     "wasm",
     "mergeType",
 )  # lua, wasm: extension.py
 EEP_UNSUPPORTED = {
-    "targetSelectors": "target selectors need cluster labels",
     "dynamicModule": "dynamic modules are not translated",
 }
 
@@ -127,8 +133,11 @@ def targets(policy: Resource) -> list[Target]:
     if (one := spec.get("targetRef")) is not None:
         refs.append(one)
     refs += (spec.get("targetRefs") or Node([], spec.file)).list()
+    refs += selected_targets(policy)
     if not refs:
-        raise error_at(spec, policy, "expected targetRefs (a Gateway or an HTTPRoute)")
+        raise error_at(
+            spec, policy, "expected targetRefs or targetSelectors that select a Gateway or a route"
+        )
     out = []
     for ref in refs:
         check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))

@@ -20,6 +20,7 @@ import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from services.common.configfile import ConfigError, Node, parse_yaml
 
@@ -117,6 +118,9 @@ class Resource:
     #: how many resources of this kind, namespace and name came before this one (see
     #: :meth:`ResourceSet.add`); 0 for the first
     duplicate: int = 0
+    #: targets its ``targetSelectors`` select: (kind, name, YAML path of the selector), set by
+    #: :meth:`ResourceSet.select_targets`
+    selected: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def ref(self) -> str:
@@ -127,6 +131,12 @@ class Resource:
         """``namespace/name``, unique per kind: a later duplicate gets ``#2``, ``#3``..."""
         suffix = f"#{self.duplicate + 1}" if self.duplicate else ""
         return f"{self.namespace}/{self.name}{suffix}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        meta = self.node.value.get("metadata") if isinstance(self.node.value, dict) else None
+        labels = (meta or {}).get("labels") or {}
+        return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
     @property
     def spec(self) -> Node:
@@ -162,6 +172,33 @@ class ResourceSet:
             res = replace(res, duplicate=dups)
         same.append(res)
 
+    def select_targets(self) -> None:
+        """Resolve every policy's ``targetSelectors`` (Envoy Gateway's
+        ``resolvePolicyTargetsFromSelectors``): each selects the resources of its ``kind`` in
+        the policy's namespace whose labels match ``matchLabels`` and ``matchExpressions``
+        (no label condition: all of them). A selector this cannot resolve selects nothing
+        here; :func:`selected_targets` refuses it when the policy's targets are read."""
+        for kind in SELECTOR_POLICY_KINDS:
+            items = self.by_kind.get(kind, [])
+            for i, policy in enumerate(items):
+                sels = policy.spec.get("targetSelectors")
+                if sels is None or not isinstance(sels.value, list):
+                    continue
+                chosen: list[tuple[str, str, str]] = []
+                for sel in sels.list():
+                    if not isinstance(sel.value, dict) or _selector_problem(sel) is not None:
+                        continue
+                    target_kind = sel.value.get("kind")
+                    for cand in self.by_kind.get(str(target_kind), []):
+                        hit = (cand.kind, cand.name, sel.path)
+                        if (
+                            cand.namespace == policy.namespace
+                            and _labels_match(sel.value, cand.labels)
+                            and not any(c[:2] == hit[:2] for c in chosen)
+                        ):
+                            chosen.append(hit)
+                items[i] = replace(policy, selected=tuple(chosen))
+
     def of(self, kind: str) -> list[Resource]:
         return list(self.by_kind.get(kind, []))
 
@@ -185,6 +222,79 @@ class ResourceSet:
             for key, value in sdata.items():
                 out[key] = value.str()
         return out
+
+
+#: policy kinds whose ``targetSelectors`` the loader resolves
+SELECTOR_POLICY_KINDS = (
+    "BackendTrafficPolicy",
+    "ClientTrafficPolicy",
+    "SecurityPolicy",
+    "EnvoyExtensionPolicy",
+)
+SELECTOR_FIELDS = ("group", "kind", "namespaces", "matchLabels", "matchExpressions")
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def _selector_problem(sel: Node) -> tuple[Node, str] | None:
+    """What about a target selector Outrider cannot resolve: (node, why), else None."""
+    for key in sel.value:
+        if key not in SELECTOR_FIELDS:
+            return Node(sel.value[key], sel.file, f"{sel.path}.{key}"), f"unknown field {key!r}"
+    if sel.value.get("group", "gateway.networking.k8s.io") != "gateway.networking.k8s.io":
+        return sel.req("group"), "expected group gateway.networking.k8s.io"
+    if not isinstance(sel.value.get("kind"), str):
+        return sel, "expected a kind"
+    ns = sel.value.get("namespaces")
+    if ns is not None and (not isinstance(ns, dict) or ns.get("from", "Same") != "Same"):
+        return sel.req("namespaces"), (
+            "namespaces other than Same: selecting in other namespaces needs their labels "
+            "and ReferenceGrants, not translated"
+        )
+    if not isinstance(sel.value.get("matchLabels") or {}, dict):
+        return sel.req("matchLabels"), "expected a mapping of labels"
+    for j, expr in enumerate(sel.value.get("matchExpressions") or []):
+        if not isinstance(expr, dict) or expr.get("operator") not in SELECTOR_OPERATORS:
+            return Node(expr, sel.file, f"{sel.path}.matchExpressions[{j}]"), (
+                f"expected key, operator ({', '.join(SELECTOR_OPERATORS)}) and values"
+            )
+    return None
+
+
+def _labels_match(sel: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label selector semantics (``metav1.LabelSelectorAsSelector``)."""
+    for key, value in (sel.get("matchLabels") or {}).items():
+        if labels.get(str(key)) != str(value):
+            return False
+    for expr in sel.get("matchExpressions") or []:
+        key, op = str(expr.get("key")), expr.get("operator")
+        values = [str(v) for v in expr.get("values") or []]
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def selected_targets(policy: Resource) -> list[Node]:
+    """The targets ``policy``'s ``targetSelectors`` selected, as ``targetRefs`` items whose
+    path is the selector's; a selector Outrider cannot resolve raises (the policy is
+    rejected, naming it)."""
+    sels = policy.spec.get("targetSelectors")
+    if sels is None:
+        return []
+    for sel in sels.list():
+        sel.mapping()
+        if (problem := _selector_problem(sel)) is not None:
+            node, why = problem
+            raise error_at(node, policy, f"targetSelectors: {why}")
+    return [
+        Node({"group": "gateway.networking.k8s.io", "kind": kind, "name": name}, sels.file, path)
+        for kind, name, path in policy.selected
+    ]
 
 
 def _resource(doc: Node, kind_hint: str | None = None) -> Resource:
@@ -259,4 +369,5 @@ def load_resources(paths: Iterable[Path]) -> ResourceSet:
                             f"(supported: {', '.join(SUPPORTED_KINDS)})",
                         )
                     resources.add(res)
+    resources.select_targets()
     return resources

@@ -242,6 +242,16 @@ class Worker:
     def listening(self) -> bool:
         return all(os.path.exists(p) for p in self.sockets.values())
 
+    def published(self) -> bool:
+        """Whether every name points at this process's socket (it takes new connections)."""
+        try:
+            return all(
+                os.readlink(name) == os.path.basename(target)
+                for name, target in self.sockets.items()
+            )
+        except OSError:
+            return False
+
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -547,6 +557,10 @@ class Supervisor:
             for w, (s, text) in zip(self.workers, results, strict=True)
             if s != 200
         ]
+        # a worker ready before the supervisor has pointed its socket name at it cannot be
+        # reached yet: not ready (a client told "ready" would find no socket)
+        bad += [f"worker {w.index}: socket not published yet" for w in self.workers
+                if not w.published()]  # fmt: skip
         if bad:
             return web.Response(status=503, text="not ready: " + "; ".join(bad) + "\n")
         return web.Response(text="ready\n")

@@ -76,6 +76,12 @@ def test_workers_each_serve_a_socket_and_are_restarted(
         raise AssertionError("worker was not restarted")
     ok = sum(request(port, "GET", "/")[0] == 200 for _ in range(10))
     assert ok == 10
+    # ready means reachable: a worker whose socket name does not lead to it is not ready
+    # (the supervisor once answered 200 before publishing a new worker's socket)
+    os.unlink(paths[1])
+    status, text = http_get(f"{ep.admin_url}/readyz", 5)
+    assert status == 503, text
+    assert "worker 1: socket not published" in text
     ep.signal(signal.SIGTERM)
     assert ep.wait(20) == 0
     for p in paths:

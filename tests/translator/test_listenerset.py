@@ -344,3 +344,38 @@ spec:
     envoy, out = run(tmp_path, text)
     assert [r.name for r in out.rejections] == ["a-second"]
     assert route_timeouts(envoy)["on-gateway"] == "2s"
+
+
+def test_target_selectors(tmp_path: Path) -> None:
+    """``targetSelectors`` select the routes of their kind in the policy's namespace whose
+    labels match (``matchLabels`` and ``matchExpressions``); another namespace: refused."""
+    text = (
+        GATEWAY.replace(
+            "metadata: {name: on-set, namespace: default}",
+            "metadata: {name: on-set, namespace: default, labels: {tier: gold, app: a}}",
+        )
+        + """\
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: by-label, namespace: default}
+spec:
+  targetSelectors:
+    - kind: HTTPRoute
+      matchLabels: {tier: gold}
+      matchExpressions: [{key: app, operator: In, values: [a, b]}]
+  timeout: {http: {requestTimeout: 4s}}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: elsewhere, namespace: default}
+spec:
+  targetSelectors: [{kind: HTTPRoute, namespaces: {from: All}}]
+  timeout: {http: {requestTimeout: 6s}}
+"""
+    )
+    envoy, out = run(tmp_path, text)
+    assert route_timeouts(envoy) == {"on-set": "4s", "on-gateway": None}
+    (rejected,) = out.rejections
+    assert rejected.name == "elsewhere"
+    assert "spec.targetSelectors[0].namespaces" in str(rejected)
