@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from services.common.configfile import ConfigError, Node
+from services.common.regex import RegexError, compile_re2
 
 from .model import Backend, Listener, Route, StringMatch, UpstreamTLS, WeightedBackend
 from .resources import Resource, ResourceSet, error_at, unsupported
@@ -69,11 +70,13 @@ def check_fields(
 
 
 def regex_checked(node: Node, res: Resource) -> str:
+    # Envoy matches with RE2: a pattern Python's re takes (a lookahead, a backreference)
+    # would only fail when Envoy loads the config
     value = node.str(nonempty=True)
     try:
-        re.compile(value)
-    except re.error as exc:
-        raise error_at(node, res, f"invalid regular expression {value!r}: {exc}") from None
+        compile_re2(value)
+    except RegexError as exc:
+        raise error_at(node, res, f"invalid regular expression {value!r}: expected {exc}") from None
     return value
 
 

@@ -79,6 +79,11 @@ def fail(tmp_path: Path, text: str) -> TranslateError:
             "spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].value",
             ["invalid regular expression"],
         ),
+        (  # Python's re takes a lookahead, Envoy's RE2 does not
+            btp(SELECTOR.format("{headers: [{name: x, type: RegularExpression, value: 'a(?=)'}]}")),
+            "spec.rateLimit.global.rules[0].clientSelectors[0].headers[0].value",
+            ["invalid regular expression", "RE2"],
+        ),
         (
             btp(
                 "        - {limit: {requests: 1, unit: Second}}",
