@@ -32,8 +32,9 @@ from typing import Any
 
 from services.common.configfile import ConfigError, Node
 
-from .gatewayapi import GATEWAY_GROUP, check_fields, regex_checked
+from .gatewayapi import check_fields, regex_checked
 from .model import Listener
+from .policies import targets
 from .quantity import duration_s, envoy_duration, quantity
 from .rejections import Rejections
 from .resources import (
@@ -41,8 +42,6 @@ from .resources import (
     ResourceSet,
     TranslateError,
     error_at,
-    selected_targets,
-    unsupported,
 )
 from .tls import ClientTLS, client_tls
 
@@ -697,33 +696,10 @@ class _Target:
 
 
 def _targets(policy: Resource) -> list[_Target]:
-    spec = policy.spec
-    refs: list[Node] = []
-    if (one := spec.get("targetRef")) is not None:
-        refs.append(one)
-    refs += (spec.get("targetRefs") or Node([], spec.file)).list()
-    refs += selected_targets(policy)
-    if not refs:
-        raise error_at(
-            spec, policy, "expected targetRefs or targetSelectors (a Gateway or a ListenerSet)"
-        )
-    out = []
-    for ref in refs:
-        check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))
-        kind = ref.req("kind").str()
-        if kind not in ("Gateway", "ListenerSet"):
-            raise unsupported(ref.req("kind"), policy, f"target kind {kind}; Gateway is")
-        if ref.opt_str("group", GATEWAY_GROUP) != GATEWAY_GROUP:
-            raise error_at(ref.req("group"), policy, f"expected group {GATEWAY_GROUP}")
-        out.append(
-            _Target(
-                kind,
-                f"{policy.namespace}/{ref.req('name').str(nonempty=True)}",
-                ref.opt_str("sectionName"),
-                ref,
-            )
-        )
-    return out
+    return [
+        _Target(t.kind, f"{policy.namespace}/{t.name}", t.section, t.node)
+        for t in targets(policy, ("Gateway", "ListenerSet"))
+    ]
 
 
 def _scope(lst: Listener) -> str:

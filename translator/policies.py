@@ -121,13 +121,14 @@ TARGET_KINDS = ("Gateway", "ListenerSet", "HTTPRoute", "GRPCRoute", "TCPRoute", 
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # Gateway or HTTPRoute
+    kind: str  # one of TARGET_KINDS
     name: str
     section: str | None
     node: Node
 
 
-def targets(policy: Resource) -> list[Target]:
+def targets(policy: Resource, kinds: tuple[str, ...] = TARGET_KINDS) -> list[Target]:
+    """The targets ``policy`` names or selects, each of one of ``kinds``."""
     spec = policy.spec
     refs: list[Node] = []
     if (one := spec.get("targetRef")) is not None:
@@ -136,16 +137,15 @@ def targets(policy: Resource) -> list[Target]:
     refs += selected_targets(policy)
     if not refs:
         raise error_at(
-            spec, policy, "expected targetRefs or targetSelectors that select a Gateway or a route"
+            spec, policy, f"expected targetRefs or targetSelectors (one of {', '.join(kinds)})"
         )
     out = []
     for ref in refs:
         check_fields(ref, policy, ("group", "kind", "name", "sectionName", "namespace"))
         kind = ref.req("kind").str()
-        if kind not in TARGET_KINDS:
-            raise unsupported(
-                ref.req("kind"), policy, f"target kind {kind}; {', '.join(TARGET_KINDS)} are"
-            )
+        if kind not in kinds:
+            reason = f"target kind {kind}; {', '.join(kinds)} are"
+            raise unsupported(ref.req("kind"), policy, reason)
         group = ref.opt_str("group", GATEWAY_GROUP)
         if group != GATEWAY_GROUP:
             raise error_at(ref.req("group"), policy, f"expected group {GATEWAY_GROUP}")
