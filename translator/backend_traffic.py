@@ -32,8 +32,9 @@ from .resources import Resource, ResourceSet, error_at, unsupported
 
 T = "type.googleapis.com/envoy."
 #: BackendTrafficPolicy fields this module translates (rateLimit: policies.py / ratelimit.py)
-FIELDS = (
-    "targetSelectors",  # resolved by the loader (resources.select_targets)
+#: Envoy Gateway's ClusterSettings (also a SecurityPolicy/EnvoyExtensionPolicy service's
+#: ``backendSettings``, see extservice.py)
+CLUSTER_SETTINGS = (
     "loadBalancer",
     "retry",
     "proxyProtocol",
@@ -44,6 +45,10 @@ FIELDS = (
     "connection",
     "dns",
     "http2",
+)
+FIELDS = (
+    "targetSelectors",  # resolved by the loader (resources.select_targets)
+    *CLUSTER_SETTINGS,
     "faultInjection",
     "useClientProtocol",
     "routingType",

@@ -24,19 +24,6 @@ from .gatewayapi import BackendResolver, check_fields
 from .model import Backend, Listener
 from .resources import Resource, error_at
 
-#: Envoy Gateway's ClusterSettings
-CLUSTER_SETTINGS = (
-    "loadBalancer",
-    "retry",
-    "proxyProtocol",
-    "tcpKeepalive",
-    "healthCheck",
-    "circuitBreaker",
-    "timeout",
-    "connection",
-    "dns",
-    "http2",
-)
 #: route-only parts of a retry policy (Envoy's core RetryPolicy has no such fields)
 _ROUTE_ONLY_RETRY = (
     "retriable_status_codes",
@@ -69,7 +56,7 @@ class Settings:
 def settings(node: Node | None, res: Resource) -> Settings | None:
     if node is None:
         return None
-    check_fields(node, res, CLUSTER_SETTINGS)
+    check_fields(node, res, backend_traffic.CLUSTER_SETTINGS)
     wrapped = _Settings(
         res.kind,
         res.namespace,

@@ -1258,15 +1258,7 @@ def merged_traffic(
             if merge_type == "StrategicMerge"
             else merge_patch(keep, mine)
         )
-        merged_res = Resource(
-            policy.kind,
-            policy.namespace,
-            policy.name,
-            policy.created,
-            Node(doc, policy.node.file, policy.node.path),
-            policy.annotations,
-            policy.duplicate,
-        )
+        merged_res = dataclasses.replace(policy, node=Node(doc, policy.node.file, policy.node.path))
         try:
             owner = policy if policy.spec.get("responseOverride") is not None else parent
             merged = build_traffic(merged_res, resources, owner.namespace)
@@ -1335,15 +1327,7 @@ def merged_security(
             merged_ext["contextExtensions"] = [item for item, _ in exts.values()]
     for name, (_, source) in exts.items():
         owners[f"contextExtensions/{name}"] = source
-    merged_res = Resource(
-        policy.kind,
-        policy.namespace,
-        policy.name,
-        policy.created,
-        Node(doc, policy.node.file, policy.node.path),
-        policy.annotations,
-        policy.duplicate,
-    )
+    merged_res = dataclasses.replace(policy, node=Node(doc, policy.node.file, policy.node.path))
     try:
         cache[key] = build(merged_res, owners, f"{policy.key}+{parent.key}")
     except ConfigError as exc:
