@@ -724,6 +724,7 @@ def build(
             order.append((rank, name))
 
         vhosts: dict[str, list[tuple[tuple[object, ...], EnvoyRoute]]] = {}
+        vhost_owner: dict[str, str] = {}
         quota = rlqs.QuotaFilters(RATELIMIT_CLUSTER)
         for lst in group:
             for route in lst.routes:
@@ -867,12 +868,16 @@ def build(
                 if per_filter:
                     kw["typed_per_filter_config"] = per_filter
                 vhosts.setdefault(route.hostname, []).append((sort_key(route), EnvoyRoute(**kw)))
+                # the virtual host is named after the first listener that serves its hostname
+                # (its Gateway's: gatewayapi.resolve_hostname_conflicts leaves one Gateway per
+                # hostname), as Envoy Gateway names a listener's virtual hosts
+                vhost_owner.setdefault(route.hostname, lst.name)
         for name, config in quota.filters():
             add_filter(49, name, config)
         first = group[0].name
         virtual_hosts = [
             VirtualHost(
-                name=f"{first}/{host}",
+                name=f"{vhost_owner[host]}/{host}",
                 domains=[host],
                 routes=[r for _, r in sorted(routes, key=lambda x: x[0])],
             )

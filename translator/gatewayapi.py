@@ -11,6 +11,7 @@ from services.common.configfile import ConfigError, Node
 from services.common.regex import RegexError, compile_re2
 
 from .model import Backend, Listener, Route, StringMatch, UpstreamTLS, WeightedBackend
+from .rejections import Rejections
 from .resources import Resource, ResourceSet, error_at, unsupported
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -569,19 +570,115 @@ def _host_matches(pattern: str, host: str) -> bool:
     return pattern == host
 
 
-def route_hostnames(listener_host: str | None, route_hosts: list[str]) -> list[str]:
-    """Gateway API hostname intersection of a listener and a route."""
+def route_hostnames(
+    listener_host: str | None, route_hosts: list[str], claimed: frozenset[str] = frozenset()
+) -> list[str]:
+    """Gateway API hostname intersection of a listener and a route, less the hostnames
+    ``claimed`` by other listeners on the port (Envoy Gateway's ``computeHosts``)."""
     if not route_hosts:
         return [listener_host or "*"]
     if listener_host is None:
-        return route_hosts
+        return [h for h in route_hosts if h not in claimed]
     out = []
     for h in route_hosts:
         if _host_matches(listener_host, h) or h == listener_host:
             out.append(h)
         elif _host_matches(h, listener_host):
             out.append(listener_host)
-    return out
+    return [h for h in dict.fromkeys(out) if h not in claimed]
+
+
+def _claimed(listener: Listener, listeners: list[Listener]) -> frozenset[str]:
+    """The hostnames other listeners on ``listener``'s port are named after: a route
+    hostname equal to one belongs to that listener, not to ``listener``. Envoy Gateway's
+    ``computeHosts`` takes the listeners of the route's Gateway; one Envoy serves every
+    Gateway here, so a plain HTTP listener also yields to the HTTP listeners of other
+    Gateways on its port (they share one filter chain)."""
+    out = set()
+    for other in listeners:
+        if other is listener or other.port != listener.port or other.hostname is None:
+            continue
+        same_gateway = (other.gateway_ns, other.gateway_name) == (
+            listener.gateway_ns,
+            listener.gateway_name,
+        )
+        shared_chain = (
+            listener.protocol == other.protocol == "HTTP" and other.not_programmed is None
+        )
+        if same_gateway or shared_chain:
+            out.add(other.hostname)
+    return frozenset(out)
+
+
+def _specificity(hostname: str | None) -> tuple[int, int]:
+    """How specific a listener hostname is: exact > wildcard (longer first) > none."""
+    if hostname is None:
+        return (0, 0)
+    if hostname.startswith("*"):
+        return (1, len(hostname))
+    return (2, len(hostname))
+
+
+def resolve_hostname_conflicts(
+    resources: ResourceSet, listeners: list[Listener], rejections: Rejections
+) -> None:
+    """Settle route hostnames that plain HTTP listeners of different Gateways on one port
+    both produce (``*.example.com`` and no hostname, say, for ``a.example.com``).
+
+    Outrider runs one Envoy for every Gateway: such listeners share one filter chain and
+    one route configuration, where a hostname can be one virtual host only, and a request
+    carries nothing else that tells the Gateways apart. The listener with the most specific
+    hostname keeps it (exact, then the longest wildcard, then none; the first Gateway in the
+    input among equals) — a request for it would reach that listener, as in Gateway API;
+    the other Gateways' routes for that hostname are left out and each such HTTPRoute is
+    reported ``not programmed``, naming the hostname and the Gateway that serves it."""
+    by_port: dict[int, list[Listener]] = {}
+    for lst in listeners:
+        if lst.protocol == "HTTP" and lst.not_programmed is None:
+            by_port.setdefault(lst.port, []).append(lst)
+    for group in by_port.values():
+        if len({(x.gateway_ns, x.gateway_name) for x in group}) < 2:
+            continue
+        ranked = sorted(
+            enumerate(group),
+            key=lambda ix: (
+                -_specificity(ix[1].hostname)[0],
+                -_specificity(ix[1].hostname)[1],
+                ix[0],
+            ),
+        )
+        owner: dict[str, Listener] = {}
+        for _, lst in ranked:
+            for route in lst.routes:
+                owner.setdefault(route.hostname, lst)
+        reported: set[tuple[str, str, str, str, str]] = set()
+        for lst in group:
+            kept = []
+            for route in lst.routes:
+                keeper = owner[route.hostname]
+                if (keeper.gateway_ns, keeper.gateway_name) == (lst.gateway_ns, lst.gateway_name):
+                    kept.append(route)
+                    continue
+                key = (route.route_kind, route.route_ns, route.route_name, lst.name, route.hostname)
+                if key in reported:
+                    continue
+                reported.add(key)
+                res = resources.get(route.route_kind, route.route_ns, route.route_name)
+                if res is None:
+                    continue
+                rejections.not_programmed(
+                    res,
+                    error_at(
+                        res.spec,
+                        res,
+                        f"hostname {route.hostname} on port {lst.port} left out for Gateway "
+                        f"{lst.gateway_ns}/{lst.gateway_name} listener {lst.section} "
+                        f"(Conflicted: Outrider runs one Envoy for every Gateway and Gateway "
+                        f"{keeper.gateway_ns}/{keeper.gateway_name} listener {keeper.section} "
+                        "serves that hostname on the port)",
+                    ),
+                )
+            lst.routes[:] = kept
 
 
 def _string_match(node: Node, res: Resource, types: dict[str, str], default: str) -> StringMatch:
@@ -797,7 +894,7 @@ def build_routes(
                             rule.req("filters"), hr, "ReplacePrefixMatch needs a PathPrefix match"
                         )
                 for lst in attached:
-                    for host in route_hostnames(lst.hostname, hosts):
+                    for host in route_hostnames(lst.hostname, hosts, _claimed(lst, listeners)):
                         m_name = m_idx if matches else -1
                         lst.routes.append(
                             Route(

@@ -17,7 +17,12 @@ from .client_traffic import apply_client_traffic, attach_client_traffic
 from .csrf import apply_csrf
 from .extension import apply_luas
 from .extservice import apply_services
-from .gatewayapi import BackendResolver, build_listeners, build_routes
+from .gatewayapi import (
+    BackendResolver,
+    build_listeners,
+    build_routes,
+    resolve_hostname_conflicts,
+)
 from .l4 import add_listeners, attach_l4_policies, build_l4_routes
 from .patch import apply_patches
 from .policies import SecretFiles, attach
@@ -105,6 +110,8 @@ def translate_resources(resources: ResourceSet, options: Options) -> Output:
         resolver.tls_lookup = partial(tls_for, tls_policies)
     listeners = build_listeners(resources)
     build_routes(resources, listeners, resolver)
+    if options.target != "gateway":  # Envoy Gateway settles its own Gateways' listeners
+        resolve_hostname_conflicts(resources, listeners, rejections)
     build_l4_routes(resources, listeners, resolver)
     secret_files = SecretFiles(options.secrets_dir, {})
     chains = attach(resources, listeners, resolver, secret_files, rejections)
