@@ -790,11 +790,11 @@ def resolve_conflicts(listeners: list[Any]) -> None:
     ``...HostnameListeners``): HTTP and HTTPS on one port conflict, and so do two listeners
     with one hostname; all of them are left out. Outrider runs one Envoy for every Gateway,
     as Envoy Gateway does with ``mergeGateways`` (``validateConflictedMergedListeners``): a
-    later Gateway's listener that repeats a port, protocol and hostname (plain HTTP too: two
-    Gateways' HTTP listeners on one port share one Envoy filter chain, where a request cannot
-    tell them apart by anything but its host), or uses another protocol on a port an earlier
-    Gateway's listener serves, is left out too. Route hostnames two Gateways' listeners still
-    share are settled per hostname (``gatewayapi.resolve_hostname_conflicts``)."""
+    later Gateway's listener that repeats a port, protocol and hostname, or uses another
+    protocol on a port an earlier Gateway's listener serves, is left out too. Plain HTTP
+    listeners are the exception: they share one filter chain and route configuration, where
+    two Gateways' listeners conflict only on the route hostnames both produce, settled per
+    hostname (``gatewayapi.resolve_hostname_conflicts``), the rest of each served."""
     live = [x for x in listeners if x.not_programmed is None and x.protocol in ("HTTP", "HTTPS")]
     by_gateway: dict[tuple[str, str], list[Any]] = {}
     for x in live:
@@ -832,7 +832,7 @@ def resolve_conflicts(listeners: list[Any]) -> None:
             )
             continue
         key = (x.port, x.protocol, x.hostname)
-        if key in taken:
+        if x.protocol != "HTTP" and key in taken:
             x.not_programmed = (
                 "Conflicted (HostnameConflict): Outrider runs one Envoy for every Gateway, as "
                 "Envoy Gateway with mergeGateways: port, protocol and hostname tuple must be "

@@ -7,6 +7,7 @@ the route's cluster — compared by value, not by text."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,27 @@ def all_routes(envoy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+LEFT_OUT = re.compile(r"hostname (\S+) on port \d+ left out for Gateway (\S+) listener (\S+) ")
+
+
+def left_out(out: Any, listener: str, route: dict[str, Any]) -> bool:
+    """Whether the IR ``route`` of Envoy Gateway's ``listener`` (``ns/gateway/section``) is
+    one Outrider leaves out: Envoy Gateway runs an Envoy per Gateway, Outrider one for all,
+    where a hostname another Gateway's listener on the port serves is that Gateway's
+    (reported ``not programmed``; ``test_merged_gateways.py``)."""
+    kind, ns, name = route["name"].split("/")[:3]
+    for problem in out.unprogrammed:
+        m = LEFT_OUT.search(str(problem))
+        if (
+            m is not None
+            and problem.ref.lower() == f"{kind} {ns}/{name}"
+            and f"{m[2]}/{m[3]}" == listener
+            and route["name"].endswith("/" + m[1].replace(".", "_"))
+        ):
+            return True
+    return False
+
+
 def rate_limit_meaning(route: dict[str, Any], kind: str) -> tuple[Any, ...]:
     """What limits a route: its header conditions by rule index and, for local limits,
     each rule's bucket (requests, seconds) and the default bucket's size."""
@@ -422,6 +444,8 @@ def test_merged_rate_limits_are_envoy_gateways(case: str, tmp_path: Path) -> Non
                 rl = (r.get("traffic") or {}).get("rateLimit")
                 if rl is None:
                     continue
+                if left_out(out, lst["name"], r):
+                    continue
                 kind = "global" if rl.get("global") else "local"
                 rules = rl[kind]["rules"]
                 conditions = {
@@ -461,7 +485,7 @@ def test_limit_from_metadata_and_costs_are_envoy_gateways(tmp_path: Path) -> Non
                 rules = (((r.get("traffic") or {}).get("rateLimit") or {}).get("global") or {}).get(
                     "rules"
                 ) or []
-                if not rules:
+                if not rules or left_out(out, lst["name"], r):
                     continue
                 expected = []
                 for rule in rules:

@@ -3,13 +3,11 @@
 
 - listeners of two Gateways on one port share one Envoy listener; each virtual host is named
   after the Gateway listener that serves it (``<ns>/<gateway>/<listener>/<hostname>``);
-- a later Gateway's listener repeating an earlier one's port, protocol and hostname is
-  ``Conflicted`` and reported, plain HTTP included (Envoy Gateway's
-  ``validateConflictedMergedListeners``);
+- a route hostname two Gateways' plain HTTP listeners both produce is kept by the listener
+  with the most specific hostname (the earlier Gateway among equals); the other Gateway's
+  HTTPRoute is reported ``not programmed`` for it, its other hostnames served;
 - a route hostname another listener on the port is named after belongs to that listener
   (Envoy Gateway's ``computeHosts``, across the Gateways sharing the filter chain);
-- a hostname two Gateways' listeners still both produce is kept by the most specific
-  listener; the other Gateway's HTTPRoute is reported ``not programmed`` for it;
 - through a real Envoy: two Gateways on one port, an HTTPRoute ``app`` in each namespace
   (the older one also asking for the other Gateway's hostname), each hostname reaches its
   own Gateway's backend.
@@ -128,22 +126,27 @@ def test_one_route_on_two_gateways_is_one_route_per_virtual_host(tmp_path: Path)
     }
 
 
-def test_same_port_and_hostname_is_a_reported_conflict(tmp_path: Path) -> None:
+def test_a_hostname_two_gateways_claim_is_a_reported_conflict(tmp_path: Path) -> None:
     text = (
         gateway("team-a", "gw", HTTP_ANY)
         + gateway("team-b", "gw", HTTP_ANY)
         + route("team-a", "app", "[{name: gw}]", "[a.example.com]")
-        + route("team-b", "app", "[{name: gw}]", "[a.example.com]")
+        + route("team-b", "app", "[{name: gw}]", "[a.example.com, b.example.com]")
     )
     out = translated(tmp_path, text)
     (problem,) = out.unprogrammed
-    assert problem.ref == "Gateway team-b/gw"
-    assert "listener http not programmed: Conflicted (HostnameConflict)" in str(problem)
-    # the earlier Gateway's route alone: nothing of team-b's shadows it or hides behind it
+    assert problem.ref == "HTTPRoute team-b/app"
+    assert "hostname a.example.com on port 8080 left out for Gateway team-b/gw" in str(problem)
+    assert "Gateway team-a/gw listener http serves that hostname" in str(problem)
+    # the earlier Gateway keeps the hostname: nothing of team-b's shadows it or hides behind
+    # it; team-b's other hostname is served
     assert virtual_hosts(out) == {
         "team-a/gw/http/a.example.com": [
             ("httproute/team-a/app/rule/0/match/-1/a_example_com", "service/team-a/svc/80")
-        ]
+        ],
+        "team-b/gw/http/b.example.com": [
+            ("httproute/team-b/app/rule/0/match/-1/b_example_com", "service/team-b/svc/80")
+        ],
     }
 
 
