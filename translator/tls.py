@@ -840,6 +840,28 @@ def resolve_conflicts(listeners: list[Any]) -> None:
             )
             continue
         taken.add(key)
+    _layer4_across_gateways(listeners)
+
+
+def _layer4_across_gateways(listeners: list[Any]) -> None:
+    """A TCP, TLS or UDP listener of one Gateway and any listener of another Gateway on the
+    same port and transport: one Envoy cannot listen there twice (``l4.add_listeners``
+    gives each such Gateway listener an Envoy listener of its own), so the later one is
+    left out as a conflict, as the HTTP/HTTPS ones above."""
+    owners: dict[tuple[int, str], Any] = {}
+    for x in listeners:
+        if x.not_programmed is not None or x.protocol not in ("HTTP", "HTTPS", "TCP", "TLS", "UDP"):
+            continue
+        owner = owners.setdefault((x.port, "udp" if x.protocol == "UDP" else "tcp"), x)
+        if owner is x or (owner.gateway_ns, owner.gateway_name) == (x.gateway_ns, x.gateway_name):
+            continue
+        if "HTTP" in owner.protocol and "HTTP" in x.protocol:
+            continue  # settled above
+        x.not_programmed = (
+            f"Conflicted ({'ProtocolConflict' if owner.protocol != x.protocol else 'PortConflict'}"
+            f"): Outrider runs one Envoy for every Gateway and port {x.port} serves "
+            f"{owner.protocol} for listener {owner.name}"
+        )
 
 
 def overlapping_certificates(listeners: list[Any]) -> set[str]:

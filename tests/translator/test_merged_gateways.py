@@ -8,6 +8,8 @@
   HTTPRoute is reported ``not programmed`` for it, its other hostnames served;
 - a route hostname another listener on the port is named after belongs to that listener
   (Envoy Gateway's ``computeHosts``, across the Gateways sharing the filter chain);
+- a TCP, TLS or UDP listener on a port another Gateway's listener serves (same transport) is
+  ``Conflicted`` and reported: one Envoy cannot listen on the port twice;
 - through a real Envoy: two Gateways on one port, an HTTPRoute ``app`` in each namespace
   (the older one also asking for the other Gateway's hostname), each hostname reaches its
   own Gateway's backend.
@@ -174,6 +176,29 @@ def test_a_hostname_both_gateways_produce_goes_to_the_more_specific_listener(
             ("httproute/team-a/app/rule/0/match/-1/other_test", "service/team-a/svc/80")
         ],
     }
+
+
+def test_tcp_on_another_gateways_http_port_is_a_reported_conflict(tmp_path: Path) -> None:
+    tcp_route = """\
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: app, namespace: team-b}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: svc, port: 80}]}]
+"""
+    text = (
+        gateway("team-a", "gw", HTTP_ANY)
+        + gateway("team-b", "gw", "{name: tcp, port: 8080, protocol: TCP}")
+        + route("team-a", "app", "[{name: gw}]", "[a.example.com]")
+        + tcp_route
+    )
+    out = translated(tmp_path, text)
+    (problem,) = out.unprogrammed
+    assert problem.ref == "Gateway team-b/gw"
+    assert "listener tcp not programmed: Conflicted (ProtocolConflict)" in str(problem)
+    envoy = yaml.safe_load(out.files["envoy.yaml"])
+    assert [x["name"] for x in envoy["static_resources"]["listeners"]] == ["team-a/gw/http"]
 
 
 class Named:
