@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: through (Envoy Gateway's default is to fail open). A busy laptop can make a Python sidecar
 #: slower than that, and the demo's limits would silently stop applying: ``up`` waits 1 s.
 RATELIMIT_TIMEOUT = "1s"
+RATELIMIT_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 EXAMPLES = REPO / "examples"
 TOKEN_SECONDS = 3600
 DEMO_ISSUER = "https://outrider.example"
@@ -109,7 +110,9 @@ def with_ratelimit_timeout(envoy_yaml: str, timeout: str = RATELIMIT_TIMEOUT) ->
             for network_filter in chain.get("filters") or ():
                 hcm = network_filter.get("typed_config") or {}
                 for http_filter in hcm.get("http_filters") or ():
-                    if http_filter.get("name") == "envoy.filters.http.ratelimit":
+                    # by type: a shared limit's filter is named ...ratelimit/<domain>
+                    typed = http_filter.get("typed_config") or {}
+                    if typed.get("@type") == RATELIMIT_FILTER_TYPE:
                         http_filter["typed_config"].setdefault("timeout", timeout)
     return yaml.safe_dump(doc, sort_keys=False)
 

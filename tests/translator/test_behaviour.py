@@ -22,7 +22,7 @@ import yaml
 from tests.harness.procs import free_port
 from translator.resources import load_resources
 from translator.translate import Options, translate_resources
-from translator.up import demo_key, use_demo_key
+from translator.up import RATELIMIT_FILTER_TYPE, demo_key, use_demo_key
 
 REPO = Path(__file__).resolve().parents[2]
 SIDECARS = ("ratelimit", "extauth", "extproc")
@@ -55,7 +55,6 @@ def request(
 #: (a 500, which no assertion here accepts) instead of passing unnoticed.
 RLS_TIMEOUT = "10s"
 REDIS_TIMEOUT = "2"
-RATELIMIT_FILTER = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 
 
 def patient_rate_limit_calls(envoy_yaml: Path) -> None:
@@ -68,7 +67,7 @@ def patient_rate_limit_calls(envoy_yaml: Path) -> None:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
                     typed = http_filter.get("typed_config", {})
-                    if typed.get("@type") == RATELIMIT_FILTER:
+                    if typed.get("@type") == RATELIMIT_FILTER_TYPE:
                         typed["timeout"] = RLS_TIMEOUT
                         typed["failure_mode_deny"] = True
                         found += 1

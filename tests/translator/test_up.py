@@ -331,3 +331,30 @@ def test_up_with_your_own_file(tmp_path: Path) -> None:
         shop.stop()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_every_rate_limit_filter_gets_the_up_timeout(tmp_path: Path) -> None:
+    """``up``'s rate limit timeout reaches every rate limit filter, the per-domain ones of
+    ``shared`` limits (``envoy.filters.http.ratelimit/<domain>``) too: without it such a
+    filter keeps Envoy's 20 ms and fails open on a busy machine."""
+    import yaml
+
+    from translator.resources import load_resources
+    from translator.translate import Options, translate_resources
+    from translator.up import RATELIMIT_TIMEOUT, with_ratelimit_timeout
+
+    out = translate_resources(
+        load_resources([REPO / "examples", REPO / "examples" / "more"]),
+        Options(secrets_dir=tmp_path / "secrets"),
+    )
+    doc = yaml.safe_load(with_ratelimit_timeout(out.files["envoy.yaml"]))
+    timeouts = {
+        f["name"]: f["typed_config"].get("timeout")
+        for listener in doc["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for nf in chain["filters"]
+        for f in nf["typed_config"].get("http_filters", [])
+        if f["name"].startswith("envoy.filters.http.ratelimit")
+    }
+    assert any("/" in name for name in timeouts), timeouts  # a shared limit's own filter
+    assert set(timeouts.values()) == {RATELIMIT_TIMEOUT}, timeouts
