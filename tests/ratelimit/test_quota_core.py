@@ -10,6 +10,7 @@ from services.ratelimit.config import parse_texts
 from services.ratelimit.core.quota import (
     ABANDON,
     ALLOW_ALL,
+    EMPTY_VALUE,
     TOKEN_BUCKET,
     Assignment,
     QuotaCore,
@@ -138,6 +139,26 @@ def test_a_bucket_without_entries_is_counted_and_skipped_the_others_answered() -
     assert core.counters.empty_buckets == 3
     assert core.buckets == 1
     assert core.streams[sid].consumers.keys() == {bucket(user="alice")}
+
+
+def test_the_empty_value_stand_in_matches_as_the_empty_value() -> None:
+    """The translator's bucket for a Distinct header sent empty carries EMPTY_VALUE (a
+    bucket id has no empty values): matched, counted and named as RLS's ``{who: ""}``."""
+    cfg = parse_texts(
+        [
+            (
+                "d.yaml",
+                "domain: d\ndescriptors:\n"
+                "  - {key: who, detailed_metric: true, "
+                "rate_limit: {unit: second, requests_per_unit: 4}}\n",
+            )
+        ]
+    )
+    stand_in = resolve(cfg, "d", {"who": EMPTY_VALUE})
+    assert stand_in is not None
+    assert stand_in == resolve(cfg, "d", {"who": ""})
+    assert stand_in.stats_key == "d.who"
+    assert stand_in.key_entries == (("who", ""),)
 
 
 def test_shadow_mode_counts_would_be_denials() -> None:

@@ -26,7 +26,10 @@ The contract (DESIGN.md "ratelimit over RLQS"):
   limit, as an RLS descriptor without entries does: allowed, counted
   (``empty_buckets``), never tracked and never answered (Envoy cannot address an answer
   to an id without entries: it keeps its ``no_assignment_behavior``). It never affects
-  the other buckets of the report or the stream.
+  the other buckets of the report or the stream;
+- an entry whose value is :data:`EMPTY_VALUE` is matched as the empty value: a bucket
+  id cannot carry an empty value, so the translator's bucket for a ``Distinct`` header
+  sent empty (which RLS sends as ``{key: ""}`` and limits) uses this stand-in.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from ..config import DescriptorNode, Domain, RateLimitConfig, RateLimitRule
 from .matcher import Entries, Match, find_limit
 
 BucketKey = tuple[tuple[str, str], ...]
+
+#: Stands for the empty value in a bucket id entry (RLQS bucket ids have no empty
+#: values): a line feed, which no request header value can hold (Envoy rejects it).
+EMPTY_VALUE = "\n"
 
 ALLOW_ALL = "allow_all"
 TOKEN_BUCKET = "token_bucket"
@@ -155,6 +162,8 @@ def resolve(config: RateLimitConfig, domain: str, bucket: Mapping[str, str]) -> 
     d = config.domains.get(domain)
     if d is None or not bucket:
         return None
+    if EMPTY_VALUE in bucket.values():
+        bucket = {k: "" if v == EMPTY_VALUE else v for k, v in bucket.items()}
     return find_limit(d, order_entries(d, bucket))
 
 
