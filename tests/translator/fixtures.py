@@ -2,8 +2,8 @@
 on, and "translate this, then serve it with the real Envoy".
 
 - ``gateway_and_route``: the Gateway ``eg`` (one HTTP listener on 8080) and the HTTPRoute
-  ``app`` with one named rule per path prefix, every rule to the backend ``up:80``; the
-  policies under test target those rules by ``sectionName``;
+  ``app`` with one named rule per path prefix (or a single rule for every path), every rule
+  to the backend ``up:80``; the policies under test target those rules by ``sectionName``;
 - ``translated_envoy``: translate the input for loopback (the given backends, listener
   ports mapped to free ones), check nothing was rejected, write the output and start the
   real Envoy on it (``tests.harness.envoy.EnvoyProcess``); stopped on leaving the block.
@@ -42,14 +42,14 @@ Rule = str | tuple[str, str]
 def http_route(*rules: Rule, name: str = "app", backend: str = "up") -> str:
     """An HTTPRoute on the Gateway ``eg`` with a named rule per ``rules`` entry, each to
     ``backend`` port 80: ``"retry"`` matches the path prefix ``/retry``, ``("plain", "/")``
-    the prefix ``/``."""
+    the prefix ``/``. Without ``rules``: one rule, for every request."""
     lines = [
         "apiVersion: gateway.networking.k8s.io/v1",
         "kind: HTTPRoute",
         f"metadata: {{name: {name}, namespace: default}}",
         "spec:",
         "  parentRefs: [{name: eg}]",
-        "  rules:",
+        "  rules:" if rules else f"  rules: [{{backendRefs: [{{name: {backend}, port: 80}}]}}]",
     ]
     for rule in rules:
         rule_name, prefix = (rule, f"/{rule}") if isinstance(rule, str) else rule
@@ -61,9 +61,9 @@ def http_route(*rules: Rule, name: str = "app", backend: str = "up") -> str:
     return "\n".join(lines) + "\n"
 
 
-def gateway_and_route(*rules: Rule) -> str:
+def gateway_and_route(*rules: Rule, backend: str = "up") -> str:
     """The Gateway ``eg`` and its HTTPRoute ``app`` (``http_route``)."""
-    return documents(GATEWAY, http_route(*rules))
+    return documents(GATEWAY, http_route(*rules, backend=backend))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.translator.eg_conformance import DATA, EG_DATA
+from tests.translator.fixtures import gateway_and_route
 from tests.translator.test_backend_traffic_meaning import envoy_routes, secs
 from translator.translate import Options, translate
 
@@ -450,20 +451,9 @@ def test_merged_extension_policy_and_wasm_are_envoy_gateways(tmp_path: Path) -> 
     assert compared
 
 
-WASM_POLICY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules: [{backendRefs: [{name: app, port: 80}]}]
+WASM_POLICY = (
+    gateway_and_route(backend="app")
+    + """\
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyExtensionPolicy
@@ -472,6 +462,7 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
   wasm: [{code: CODE}]
 """
+)
 
 
 @pytest.mark.parametrize(
