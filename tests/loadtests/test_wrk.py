@@ -161,3 +161,48 @@ def test_the_generated_script_runs_in_real_wrk(tmp_path: Path) -> None:
     assert 0 < good.loadgen_cpu < 5
     # the header the server does not send is caught on every 200
     assert wrk.failures(bad.doc, spec_bad, 2) == {"x-missing missing": bad.doc["statuses"]["200"]}
+
+
+def test_a_paced_script_waits_between_requests() -> None:
+    """Fixed rate: ``delay()`` draws exponential waits of the asked mean, whole ms."""
+    paced = wrk.script(RATELIMIT, Path("/tmp/out"), pace_ms=13.333)
+    assert "function delay()" in paced
+    assert "-math.log(1 - math.random()) * 13.333" in paced
+    assert "function delay()" not in wrk.script(RATELIMIT, Path("/tmp/out"))
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk not installed (make bench installs it)"
+)
+def test_a_paced_run_stays_near_its_rate(tmp_path: Path) -> None:
+    """A real paced wrk run sends at most about the asked rate (a busy machine only slows
+    it down), where the same run unpaced sends as fast as the server answers."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    spec = wrk.WrkSpec((wrk.WrkRequest("ordinary"),))
+    try:
+        # 2 connections, 100 ms mean wait each: ~20 requests/s, ~40 in 2 s
+        paced = wrk.run(
+            url, spec, seconds=2, threads=1, connections=2, work_dir=tmp_path, name="paced",
+            pace_ms=100.0,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert wrk.failures(paced.doc, spec, 2) == {}
+    assert 0 < paced.doc["requests"] < 120  # unpaced, this server answers thousands
+    assert {"p50", "p99"} <= set(paced.doc["latency_us"])
