@@ -374,7 +374,10 @@ def scenario_section(
         + (" — **quick run** (short, fewer rounds: indicative only)" if res["quick"] else "")
         + f"; {plan['rounds']} rounds x {plan['seconds']:g} s per setup and mode after "
         f"{plan['warmup']:g} s warm-up; {plan['saturation_users']} users at saturation, "
-        f"{plan['fixed_users']} users at {res['fixed_rate']:g} req/s for the latency tax. "
+        f"{plan['fixed_users']} users (Locust) or connections (wrk) at "
+        f"{res['fixed_rate']:g} req/s for the latency tax"
+        + (f", {plan['fixed_seconds']:g} s per fixed-rate run" if plan.get("fixed_seconds") else "")
+        + ". "
         f"Load average at start: {', '.join(str(x) for x in m['loadavg_at_start'])}"
         + (f"; run at niceness {m['niceness']}" if m.get("niceness") else "")
         + ".",

@@ -78,6 +78,13 @@ class Plan:
     wrk: bool = True  # also drive every saturation run with wrk (the C load generator)
     wrk_threads: int = 1
     wrk_connections: int = 32
+    #: measured seconds of each fixed-rate run (default: ``seconds``); p99 at ~300 req/s
+    #: needs longer windows than capacity does
+    fixed_seconds: float | None = None
+
+    @property
+    def fixed_window(self) -> float:
+        return self.fixed_seconds or self.seconds
 
     @staticmethod
     def full() -> Plan:
@@ -684,7 +691,7 @@ def run_scenario(
         stack.start(setups)
         smoke_check(scenario, stack, material)
 
-        def measure(mode: str, rate: float, users: int) -> None:
+        def measure(mode: str, rate: float, users: int, plan: Plan = plan) -> None:
             for rnd in range(1, plan.rounds + 1):
                 for name, running in stack.setups.items():
                     out = run_dir / f"{mode}-{rnd}-{name}.json"
@@ -725,7 +732,7 @@ def run_scenario(
         slowest = min(float(row["rps"] or 0) for row in sat.values())
         rate = max(50.0, min(300.0, round(slowest / 4 / 10) * 10))
         progress(f"{scenario.name}: fixed rate {rate:g} req/s (a quarter of the slowest setup)")
-        measure("fixed", rate, plan.fixed_users)
+        measure("fixed", rate, plan.fixed_users, replace(plan, seconds=plan.fixed_window))
 
         for name, running in stack.setups.items():
             spec = running.setup.sidecar
@@ -1029,6 +1036,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="alternating rounds (default: the plan's)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run")
     parser.add_argument(
+        "--fixed-seconds",
+        type=float,
+        help="measured seconds per fixed-rate run (default: --seconds); longer windows "
+        "steady the p99 of the latency tax",
+    )
+    parser.add_argument(
         "--no-service",
         action="store_true",
         help="skip the Locust gRPC service-capacity runs (loadtests/scaling.py measures "
@@ -1064,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, rounds=args.rounds)
     if args.seconds:
         plan = replace(plan, seconds=args.seconds)
+    if args.fixed_seconds:
+        plan = replace(plan, fixed_seconds=args.fixed_seconds)
     if args.no_service:
         plan = replace(plan, service_rounds=0)
     if args.no_wrk:
