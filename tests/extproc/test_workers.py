@@ -113,6 +113,12 @@ def test_workers_exit_when_the_supervisor_is_killed(
             "both workers of the killed supervisor to exit",
             interval=0.2,
         )
+        # the socket names it left dangle: a new supervisor takes them over
+        again = outrider(
+            "extproc", "--config", str(config), "--listen", f"unix:{sockdir / 'x.sock'}",
+            "--workers", "2",
+        )  # fmt: skip
+        assert len(descendants(again.proc.pid)) == 2
     finally:
         kill_leftovers(workers)
 
