@@ -247,13 +247,30 @@ def outrider_ratelimit_config() -> str:
     )
 
 
-def local_ratelimit_filter() -> dict[str, Any]:
-    """Native twin: per-hot-user token buckets, everyone else on a never-exhausted default."""
+def local_ratelimit_filter(per_user: bool = False) -> dict[str, Any]:
+    """Native twin: per-hot-user token buckets, everyone else on a never-exhausted default
+    shared by all. ``per_user``: everyone else gets a bucket of their own instead (a
+    wildcard descriptor, Envoy's dynamic descriptors), as Outrider's ``key: user`` default
+    and the RLQS filter's per-user buckets give."""
 
     def bucket(n: int) -> dict[str, Any]:
         return {"max_tokens": n, "tokens_per_fill": n, "fill_interval": "1s"}
 
     full = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "rl"}
+    descriptors: list[dict[str, Any]] = [
+        {
+            "entries": [{"key": "user", "value": f"hot-{i}"}],
+            "token_bucket": bucket(HOT_LIMIT_PER_SECOND),
+        }
+        for i in range(HOT_USERS)
+    ]
+    dynamic: dict[str, Any] = {}
+    if per_user:
+        # an entry without a value matches every value, one bucket per value (LRU-bounded)
+        descriptors.append(
+            {"entries": [{"key": "user"}], "token_bucket": bucket(ORDINARY_LIMIT_PER_SECOND)}
+        )
+        dynamic = {"max_dynamic_descriptors": 1000}
     return {
         "name": "envoy.filters.http.local_ratelimit",
         "typed_config": {
@@ -263,13 +280,8 @@ def local_ratelimit_filter() -> dict[str, Any]:
             "token_bucket": bucket(ORDINARY_LIMIT_PER_SECOND),
             "filter_enabled": full,
             "filter_enforced": {**full, "runtime_key": "rl_enforced"},
-            "descriptors": [
-                {
-                    "entries": [{"key": "user", "value": f"hot-{i}"}],
-                    "token_bucket": bucket(HOT_LIMIT_PER_SECOND),
-                }
-                for i in range(HOT_USERS)
-            ],
+            "descriptors": descriptors,
+            **dynamic,
         },
     }
 
@@ -291,11 +303,25 @@ def global_ratelimit_filter() -> dict[str, Any]:
     }
 
 
-def rate_limit_quota_filter() -> dict[str, Any]:
-    """The RLQS twin of ``global_ratelimit_filter``: bucket ``{user: <x-user>}`` in the same
-    domain, enforced by Envoy from the sidecar's token-bucket assignments. Without an
-    assignment (the first request of a bucket) or when one expires: allow, as the
-    filter is used by hand (docs/ratelimit.md); the smoke check proves the limits bite."""
+#: the bucket every user but the hot ones shares with ``rate_limit_quota_filter(listed=True)``
+RLQS_SHARED_USER = "ordinary"
+
+
+def rate_limit_quota_filter(listed: bool = False) -> dict[str, Any]:
+    """The RLQS twin of ``global_ratelimit_filter``, enforced by Envoy from the sidecar's
+    token-bucket assignments, in the same domain. Without an assignment (the first request
+    of a bucket) or when one expires: allow, as the filter is used by hand
+    (docs/ratelimit.md); the smoke check proves the limits bite.
+
+    Default: one bucket per user, ``{user: <x-user>}`` (a ``custom_value`` read from the
+    header; requests without it are not limited). ``listed``: the shape of
+    ``local_ratelimit_filter()`` — the hot users matched by name, each with a constant
+    bucket id, every other request in one shared bucket ``{user: ordinary}`` — which spares
+    Envoy building a data input from its config on every request."""
+    settings_type = (
+        "type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3."
+        "RateLimitQuotaBucketSettings"
+    )
     header = {
         "name": "x-user",
         "typed_config": {
@@ -304,15 +330,43 @@ def rate_limit_quota_filter() -> dict[str, Any]:
         },
     }
     allow = {"fallback_rate_limit": {"blanket_rule": "ALLOW_ALL"}}
-    settings = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.rate_limit_quota.v3."
-        "RateLimitQuotaBucketSettings",
-        "bucket_id_builder": {"bucket_id_builder": {"user": {"custom_value": header}}},
-        "reporting_interval": "5s",
-        "no_assignment_behavior": allow,
-        "expired_assignment_behavior": allow,
-    }
-    present = {"safe_regex": {"google_re2": {}, "regex": ".+"}}
+
+    def bucket(user: dict[str, Any]) -> dict[str, Any]:
+        settings = {
+            "@type": settings_type,
+            "bucket_id_builder": {"bucket_id_builder": {"user": user}},
+            "reporting_interval": "5s",
+            "no_assignment_behavior": allow,
+            "expired_assignment_behavior": allow,
+        }
+        return {"action": {"name": "bucket", "typed_config": settings}}
+
+    if listed:
+        matchers: dict[str, Any] = {
+            "matcher_tree": {
+                "input": header,
+                "exact_match_map": {
+                    "map": {
+                        f"hot-{i}": bucket({"string_value": f"hot-{i}"}) for i in range(HOT_USERS)
+                    }
+                },
+            },
+            "on_no_match": bucket({"string_value": RLQS_SHARED_USER}),
+        }
+    else:
+        present = {"safe_regex": {"google_re2": {}, "regex": ".+"}}
+        matchers = {
+            "matcher_list": {
+                "matchers": [
+                    {
+                        "predicate": {
+                            "single_predicate": {"input": header, "value_match": present}
+                        },
+                        "on_match": bucket({"custom_value": header}),
+                    }
+                ]
+            }
+        }
     return {
         "name": "envoy.filters.http.rate_limit_quota",
         "typed_config": {
@@ -320,18 +374,7 @@ def rate_limit_quota_filter() -> dict[str, Any]:
             "RateLimitQuotaFilterConfig",
             "rlqs_server": {"envoy_grpc": {"cluster_name": "outrider_ratelimit"}},
             "domain": RATELIMIT_DOMAIN,
-            "bucket_matchers": {
-                "matcher_list": {
-                    "matchers": [
-                        {
-                            "predicate": {
-                                "single_predicate": {"input": header, "value_match": present}
-                            },
-                            "on_match": {"action": {"name": "bucket", "typed_config": settings}},
-                        }
-                    ]
-                }
-            },
+            "bucket_matchers": matchers,
         },
     }
 

@@ -64,8 +64,14 @@ INTRO = """\
   the added response header on every 200; statuses that are right only for some
   requests (429 for the hot rate limit keys) are checked in aggregate (never more than
   hot requests were sent; a limiter must refuse all but what the limit lets through).
-  **Latency tax**: Locust at a constant rate (a quarter of the slowest setup's Locust
-  saturation, 50-300 req/s), p50/p99 of the setup minus `baseline`.
+  **Latency tax**: at a constant rate (a quarter of the slowest setup's Locust
+  saturation, 50-300 req/s), p50/p99 of the setup minus `baseline`, measured twice in
+  each round: by Locust (4 users at a constant throughput) and right after by wrk paced
+  at the same rate over the same number of connections (its Lua `delay()` waits a random,
+  exponentially distributed time between a connection's answer and its next request;
+  wrk times each request from its write). The headline tax is wrk's: Locust's own Python
+  client adds 2-3 ms at p50 and its scheduling jitter at p99 on this machine, which
+  `baseline` only partly cancels.
   **Service capacity**: `loadtests/scaling.py` (h2load, see *Scaling*) and, per
   scenario, a gRPC Locust user (grpcio with `grpc.experimental.gevent.init_gevent()`).
 - **Latency resolution.** Locust rounds response times to whole milliseconds; the
@@ -181,7 +187,7 @@ def wrk_percentile(res: dict[str, Any], setup: str, name: str) -> float | None:
 def wrk_failure_reasons(res: dict[str, Any]) -> dict[str, str]:
     out: dict[str, dict[str, int]] = {}
     for r in res["runs"]:
-        if r["mode"] == "wrk":
+        if r["mode"] in ("wrk", "wrk-fixed"):
             for why, n in r.get("failure_reasons", {}).items():
                 out.setdefault(r["setup"], {})[why] = out.get(r["setup"], {}).get(why, 0) + n
     return {s: ", ".join(f"{k}: {v}" for k, v in d.items()) for s, d in out.items()}
@@ -315,9 +321,10 @@ def goals_table(results: list[dict[str, Any]]) -> list[str]:
         "## Goals",
         "",
         "Capacity ratios are wrk's where wrk ran (Locust's otherwise, marked), medians of "
-        "rps with the per-round ratios of adjacent runs. Taxes are p99 at a fixed rate "
-        "(Locust, constant throughput), the setup minus `baseline`; a negative tax means the "
-        "difference is below this machine's noise.",
+        "rps with the per-round ratios of adjacent runs. Taxes are p99 at a fixed rate, the "
+        "setup minus `baseline`, medians over the rounds: wrk's (paced) where it ran, "
+        "Locust's in the Locust column; a negative tax means the difference is below this "
+        "machine's noise.",
         "",
         "| scenario | figure | measured | rounds | Locust | goal | met |",
         "|---|---|---|---|---|---|---|",
@@ -339,10 +346,14 @@ def goals_table(results: list[dict[str, Any]]) -> list[str]:
         for t in res["taxes"]:
             if res["setups"].get(t["setup"]) not in ("outrider", "reference"):
                 continue
+            source = t.get("source", "locust")
             lines.append(
                 f"| {res['scenario']} | p99 latency tax {t['setup']} (p50 "
-                f"{_fmt(t['p50_us'], '+.0f', ' µs')}) | {_fmt(t['p99_us'], '+.0f', ' µs')} | | | "
-                f"{t['goal'] or 'none set'} | {_met(t['met'])} |"
+                f"{_fmt(t['p50_us'], '+.0f', ' µs')}) | {_fmt(t['p99_us'], '+.0f', ' µs')}"
+                + (" (Locust)" if source != "wrk" else "")
+                + " | | "
+                + (_fmt(t.get("p99_us_locust"), "+.0f", " µs") if source == "wrk" else "")
+                + f" | {t['goal'] or 'none set'} | {_met(t['met'])} |"
             )
     lines.append("")
     return lines
@@ -363,7 +374,10 @@ def scenario_section(
         + (" — **quick run** (short, fewer rounds: indicative only)" if res["quick"] else "")
         + f"; {plan['rounds']} rounds x {plan['seconds']:g} s per setup and mode after "
         f"{plan['warmup']:g} s warm-up; {plan['saturation_users']} users at saturation, "
-        f"{plan['fixed_users']} users at {res['fixed_rate']:g} req/s for the latency tax. "
+        f"{plan['fixed_users']} users (Locust) or connections (wrk) at "
+        f"{res['fixed_rate']:g} req/s for the latency tax"
+        + (f", {plan['fixed_seconds']:g} s per fixed-rate run" if plan.get("fixed_seconds") else "")
+        + ". "
         f"Load average at start: {', '.join(str(x) for x in m['loadavg_at_start'])}"
         + (f"; run at niceness {m['niceness']}" if m.get("niceness") else "")
         + ".",
@@ -376,15 +390,17 @@ def scenario_section(
     lines += [
         "| setup | role | req/s wrk | wrk p99 ms | wrk loadgen | req/s Locust | Locust loadgen "
         "| est. capacity req/s | Envoy µs/req | sidecar µs/req | Redis µs/req | fixed p50 ms | "
-        "fixed p99 ms | failures |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "fixed p99 ms | wrk fixed p50 ms | wrk fixed p99 ms | failures |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    wrk_fixed = _rows(res["summary"], "wrk-fixed")
     for setup, role in res["setups"].items():
         s, f, w = sat.get(setup, {}), fixed.get(setup, {}), wrk_rows.get(setup, {})
+        wf = wrk_fixed.get(setup, {})
         # CPU per request from wrk's runs where it ran: they are the saturated ones
         cpu_row = w or s
-        failures = sum(int(r.get("failures") or 0) for r in (s, f, w))
-        requests = sum(int(r.get("requests") or 0) for r in (s, f, w))
+        failures = sum(int(r.get("failures") or 0) for r in (s, f, w, wf))
+        requests = sum(int(r.get("requests") or 0) for r in (s, f, w, wf))
         lines.append(
             f"| {setup} | {role} | {_fmt(w.get('rps'))} | "
             f"{_fmt(wrk_percentile(res, setup, 'p99'), '.2f')} | "
@@ -394,6 +410,7 @@ def scenario_section(
             f"{_fmt(cpu_row.get('cpu_us_per_req.sidecar'))} | "
             f"{_fmt(cpu_row.get('cpu_us_per_req.redis'))} | "
             f"{_fmt(f.get('p50'), '.2f')} | {_fmt(f.get('p99'), '.2f')} | "
+            f"{_fmt(wf.get('p50'), '.2f')} | {_fmt(wf.get('p99'), '.2f')} | "
             f"{failures}/{requests} |"
         )
     lines.append("")
@@ -548,7 +565,9 @@ def plot(res: dict[str, Any], plot_dir: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = ["p50", "p75", "p90", "p95", "p99", "p99.9"]
-    fixed = _rows(res["summary"], "fixed")
+    # wrk's paced runs where they exist (Locust's own client latency hides the setups')
+    client = "wrk" if _rows(res["summary"], "wrk-fixed") else "Locust"
+    fixed = _rows(res["summary"], "wrk-fixed" if client == "wrk" else "fixed")
     for s in setups:
         row = fixed.get(s)
         if not row:
@@ -557,7 +576,7 @@ def plot(res: dict[str, Any], plot_dir: Path) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_ylabel("ms (median over rounds, log scale)")
-    ax.set_title(f"{name}: latency at {res['fixed_rate']:g} req/s")
+    ax.set_title(f"{name}: latency at {res['fixed_rate']:g} req/s ({client})")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -78,6 +78,13 @@ class Plan:
     wrk: bool = True  # also drive every saturation run with wrk (the C load generator)
     wrk_threads: int = 1
     wrk_connections: int = 32
+    #: measured seconds of each fixed-rate run (default: ``seconds``); p99 at ~300 req/s
+    #: needs longer windows than capacity does
+    fixed_seconds: float | None = None
+
+    @property
+    def fixed_window(self) -> float:
+        return self.fixed_seconds or self.seconds
 
     @staticmethod
     def full() -> Plan:
@@ -492,7 +499,7 @@ def describe(doc: dict[str, Any]) -> str:
     )
 
 
-def wrk_saturation(
+def wrk_run(
     scenario: Scenario,
     stack: Stack,
     running: Running,
@@ -501,38 +508,52 @@ def wrk_saturation(
     plan: Plan,
     run_dir: Path,
     rnd: int,
+    rate: float | None = None,
 ) -> tuple[RunStats, dict[str, Any]]:
-    """One wrk run at saturation against one setup; every response checked (``wrk.py``)."""
+    """One wrk run against one setup, every response checked (``wrk.py``): at saturation
+    (mode "wrk", ``plan.wrk_connections``), or paced at ``rate`` requests/s over
+    ``plan.fixed_users`` connections (mode "wrk-fixed", the C client's latency tax)."""
     assert scenario.wrk is not None
     data = json.loads((running.data or data_file).read_text())
     spec = scenario.wrk(material, data, running.setup.role)
     processes = watched(stack.cpu_spec(running), loadgen=False)
     name = running.setup.name
+    mode = "wrk-fixed" if rate else "wrk"
+    connections = plan.fixed_users if rate else plan.wrk_connections
+    pace_ms = connections * 1000.0 / rate if rate else None
     result = wrk.run(
         running.url + "/",
         spec,
         seconds=plan.seconds,
         threads=plan.wrk_threads,
-        connections=plan.wrk_connections,
+        connections=connections,
         work_dir=run_dir,
-        name=f"wrk-{rnd}-{name}",
+        name=f"{mode}-{rnd}-{name}",
         cpu_of=lambda: snapshot(processes),
+        pace_ms=pace_ms,
     )
-    reasons = wrk.failures(result.doc, spec, plan.wrk_connections)
+    reasons = wrk.failures(result.doc, spec, connections)
     cpu = {**result.cpu_seconds, "loadgen": round(result.loadgen_cpu, 4)}
+    latency_us = result.doc["latency_us"]
     stats = RunStats(
         setup=name,
-        mode="wrk",
+        mode=mode,
         round=rnd,
         requests=int(result.doc["requests"]),
         failures=sum(reasons.values()),
         seconds=result.seconds,
         histogram={},
         cpu_seconds=cpu,
+        latency_ms={k: v / 1000 for k, v in latency_us.items() if k.startswith("p")},
+    )
+    pacing = (
+        f"-s <pool, checks, delay() of mean {pace_ms:.1f} ms>"
+        if pace_ms
+        else ("-s <generated pool and checks>")
     )
     raw = {
         "setup": name,
-        "mode": "wrk",
+        "mode": mode,
         "round": rnd,
         "requests": stats.requests,
         "failures": stats.failures,
@@ -541,11 +562,11 @@ def wrk_saturation(
         "statuses": result.doc["statuses"],
         "sent": result.doc["sent"],
         "socket_errors": result.doc["errors"],
-        "latency_us": result.doc["latency_us"],
+        "latency_us": latency_us,
         "cpu_seconds": cpu,
         "loadgen_util": round(result.loadgen_util, 3),
-        "command": f"wrk -t{plan.wrk_threads} -c{plan.wrk_connections} -d{plan.seconds:g}s "
-        f"-s <generated pool and checks> {running.url}/",
+        "command": f"wrk -t{plan.wrk_threads} -c{connections} -d{plan.seconds:g}s {pacing} "
+        f"{running.url}/",
     }
     return stats, raw
 
@@ -670,7 +691,7 @@ def run_scenario(
         stack.start(setups)
         smoke_check(scenario, stack, material)
 
-        def measure(mode: str, rate: float, users: int) -> None:
+        def measure(mode: str, rate: float, users: int, plan: Plan = plan) -> None:
             for rnd in range(1, plan.rounds + 1):
                 for name, running in stack.setups.items():
                     out = run_dir / f"{mode}-{rnd}-{name}.json"
@@ -690,15 +711,16 @@ def run_scenario(
                     progress(
                         f"{scenario.name} {mode} {rnd}/{plan.rounds} {name:<16} {describe(doc)}"
                     )
-                    if mode == "saturation" and use_wrk:
+                    if use_wrk:
                         # the C client right after Locust, same round: same machine state
-                        stats, raw = wrk_saturation(
-                            scenario, stack, running, material, data_file, plan, run_dir, rnd
-                        )
+                        stats, raw = wrk_run(
+                            scenario, stack, running, material, data_file, plan, run_dir, rnd,
+                            rate=rate if mode == "fixed" else None,
+                        )  # fmt: skip
                         runs.append(stats)
                         raw_runs.append(raw)
                         progress(
-                            f"{scenario.name} wrk {rnd}/{plan.rounds} {name:<16} "
+                            f"{scenario.name} {stats.mode} {rnd}/{plan.rounds} {name:<16} "
                             f"{describe_wrk(raw)}"
                         )
 
@@ -710,7 +732,7 @@ def run_scenario(
         slowest = min(float(row["rps"] or 0) for row in sat.values())
         rate = max(50.0, min(300.0, round(slowest / 4 / 10) * 10))
         progress(f"{scenario.name}: fixed rate {rate:g} req/s (a quarter of the slowest setup)")
-        measure("fixed", rate, plan.fixed_users)
+        measure("fixed", rate, plan.fixed_users, replace(plan, seconds=plan.fixed_window))
 
         for name, running in stack.setups.items():
             spec = running.setup.sidecar
@@ -857,16 +879,22 @@ def build_result(
         if comp.setup in summary.get("saturation", {}) and comp.versus in summary["saturation"]
     ]
     taxes = []
-    for setup in summary.get("fixed", {}):
+    # the headline tax is wrk's where it ran (a C client adds little jitter of its own),
+    # Locust's beside it
+    tax_mode = "wrk-fixed" if "wrk-fixed" in summary else "fixed"
+    for setup in summary.get(tax_mode, {}):
         if setup == "baseline":
             continue
         goal = scenario.p99_tax_goals.get(setup)
-        p99 = tax_us(summary, setup, "baseline", "p99")
+        p99 = tax_us(summary, setup, "baseline", "p99", tax_mode)
         taxes.append(
             {
                 "setup": setup,
-                "p50_us": tax_us(summary, setup, "baseline", "p50"),
+                "source": "wrk" if tax_mode == "wrk-fixed" else "locust",
+                "p50_us": tax_us(summary, setup, "baseline", "p50", tax_mode),
                 "p99_us": p99,
+                "p50_us_locust": tax_us(summary, setup, "baseline", "p50"),
+                "p99_us_locust": tax_us(summary, setup, "baseline", "p99"),
                 "goal": goal.describe() if goal else None,
                 "met": goal.met(p99) if goal else None,
             }
@@ -961,11 +989,33 @@ def headline(result: dict[str, Any]) -> list[str]:
         )
     for t in result["taxes"]:
         if t["p99_us"] is not None:
+            locust_p99 = t.get("p99_us_locust")
             lines.append(
-                f"latency tax {t['setup']}: p50 {t['p50_us']:+.0f} µs, p99 {t['p99_us']:+.0f} µs"
+                f"latency tax {t['setup']}: p50 {t['p50_us']:+.0f} µs, p99 {t['p99_us']:+.0f} µs "
+                f"({t.get('source', 'locust')}"
+                + (
+                    f"; Locust p99 {locust_p99:+.0f} µs"
+                    if t.get("source") == "wrk" and locust_p99 is not None
+                    else ""
+                )
+                + ")"
                 + (f" (goal {t['goal']})" if t["goal"] else "")
             )
     return lines
+
+
+def only_setups(scenario: Scenario, names: str | None) -> Scenario:
+    """``scenario`` with only the setups ``--setups`` names (and always ``baseline``)."""
+    if not names:
+        return scenario
+    wanted = {n.strip() for n in names.split(",") if n.strip()} | {"baseline"}
+    known = {s.name for s in scenario.setups}
+    if unknown := wanted - known:
+        raise ValueError(
+            f"--setups: {', '.join(sorted(unknown))} not in {scenario.name} "
+            f"(its setups: {', '.join(s.name for s in scenario.setups)})"
+        )
+    return replace(scenario, setups=tuple(s for s in scenario.setups if s.name in wanted))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -985,6 +1035,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, help="alternating rounds (default: the plan's)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run")
+    parser.add_argument(
+        "--fixed-seconds",
+        type=float,
+        help="measured seconds per fixed-rate run (default: --seconds); longer windows "
+        "steady the p99 of the latency tax",
+    )
     parser.add_argument(
         "--no-service",
         action="store_true",
@@ -1008,6 +1064,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="concurrent Locust users of the saturation runs (default: the plan's)",
     )
+    parser.add_argument(
+        "--setups",
+        help="comma-separated setup names to run (default: all of the scenario's; "
+        "`baseline` is always kept, the taxes are measured against it)",
+    )
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan.full()
     if args.saturation_users:
@@ -1016,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, rounds=args.rounds)
     if args.seconds:
         plan = replace(plan, seconds=args.seconds)
+    if args.fixed_seconds:
+        plan = replace(plan, fixed_seconds=args.fixed_seconds)
     if args.no_service:
         plan = replace(plan, service_rounds=0)
     if args.no_wrk:
@@ -1036,7 +1099,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 profile_scenario(SCENARIOS[name], 5.0 if args.quick else 15.0, args.results_dir)
                 continue
-            run_scenario(SCENARIOS[name], plan, args.results_dir, args.quick, command)
+            run_scenario(
+                only_setups(SCENARIOS[name], args.setups),
+                plan,
+                args.results_dir,
+                args.quick,
+                command,
+            )
         except Exception as exc:  # one broken scenario must not lose the others' results
             failed.append(name)
             progress(f"{name}: FAILED: {exc}")

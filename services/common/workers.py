@@ -74,6 +74,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from .children import dies_with_parent
 from .cli import env_name
 from .httpserver import start_http
 from .listeners import Address, ListenError, prepare_unix_path
@@ -198,8 +199,12 @@ class Worker:
     async def start(self, on_message: object) -> None:
         read_fd, write_fd = os.pipe()
         try:
+            # The worker gets SIGTERM (and drains) if the supervisor dies without stopping
+            # it (SIGKILL, a crash): no orphan keeps serving a stale socket. asyncio forks
+            # from the event loop's thread, which lives as long as the supervisor
+            # (see services.common.children).
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *dies_with_parent(self.argv),
                 "--supervisor-fd",
                 str(write_fd),
                 pass_fds=(write_fd,),

@@ -63,16 +63,18 @@ def to_response(actions: list[Action]) -> rlqs_pb2.RateLimitQuotaResponse:
 
 
 class MalformedReport(ValueError):
-    pass
+    """A report that breaks the stream's contract as a whole (no domain, another domain):
+    the stream ends with INVALID_ARGUMENT. A bad bucket never does (see :func:`usages`)."""
 
 
 def usages(
     report: rlqs_pb2.RateLimitQuotaUsageReports,
 ) -> list[tuple[BucketKey, int, int, float]]:
+    """(bucket, allowed, denied, elapsed) per bucket. A bucket id without entries is
+    passed on as ``()``: the core counts and skips it, the other buckets are answered
+    (Envoy reports one for a bucket built only from a header sent empty)."""
     out = []
     for usage in report.bucket_quota_usages:
-        if not usage.bucket_id.bucket:
-            raise MalformedReport("a bucket_quota_usage without bucket_id.bucket entries")
         elapsed = usage.time_elapsed.seconds + usage.time_elapsed.nanos / 1e9
         out.append(
             (
@@ -115,6 +117,7 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         domain: str | None = None
+        told_empty = False
         try:
             async for report in requests:
                 if not report.domain:
@@ -125,13 +128,26 @@ class QuotaServicer(rlqs_pb2_grpc.RateLimitQuotaServiceServicer):
                     raise MalformedReport(
                         f"domain {report.domain!r} after {domain!r}: a stream has one domain"
                     )
-                actions = self._core().report(sid, domain, usages(report), self.clock())
+                reported = usages(report)
+                if not told_empty and any(not bucket for bucket, *_ in reported):
+                    told_empty = True  # once per stream: Envoy repeats it every report
+                    log.warning(
+                        "RLQS stream %d (domain %r): a bucket id without entries (a bucket "
+                        "built only from request values that were empty): it reaches no "
+                        "limit and is not answered; counted as empty_buckets",
+                        sid,
+                        domain,
+                    )
+                actions = self._core().report(sid, domain, reported, self.clock())
                 if actions:
                     queue.put_nowait(to_response(actions))
         except MalformedReport as exc:
             log.warning("RLQS stream %d: %s", sid, exc)
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(str(exc))
+        except Exception:  # a bug: logged, and Envoy opens a new stream
+            log.exception("RLQS stream %d: report failed", sid)
+            context.set_code(grpc.StatusCode.INTERNAL)
         finally:
             queue.put_nowait(_END)
 

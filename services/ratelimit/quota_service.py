@@ -164,6 +164,7 @@ class QuotaCollector(Collector):
             f"{prefix}_events",
             "RLQS events: streams_opened, reports, bucket_reports, assignments (pushed), "
             "abandoned (buckets), overflow (buckets over the bound), unknown_domain, "
+            "empty_buckets (bucket reports without entries: no limit, not answered), "
             "exchange_errors (Redis).",
             labels=["event"],
         )
@@ -193,6 +194,7 @@ class QuotaCollector(Collector):
                 "abandoned",
                 "overflow",
                 "unknown_domain",
+                "empty_buckets",
             ):
                 events.add_metric([name], getattr(c, name))
             events.add_metric(["exchange_errors"], self.runtime.exchange_errors)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from services.common.runtime import RECYCLE_CONNECTION_DURATION
-from tests.harness.procs import http_get
+from tests.harness.procs import descendants, http_get, kill_leftovers, still_running, wait_until
 
 from .envoycfg import envoy_config
 from .test_envoy import request
@@ -86,6 +86,41 @@ def test_workers_each_serve_a_socket_and_are_restarted(
     assert ep.wait(20) == 0
     for p in paths:
         assert not Path(p).exists()
+
+
+def test_workers_exit_when_the_supervisor_is_killed(
+    outrider, sockdir: Path, tmp_path: Path
+) -> None:
+    """A supervisor SIGKILLed (or crashed, or OOM-killed) cannot stop its workers: they
+    get SIGTERM from the kernel (PR_SET_PDEATHSIG) and exit, instead of serving on as
+    orphans behind stale socket names."""
+    config = tmp_path / "chains.yaml"
+    config.write_text(CHAINS)
+    ep = outrider(
+        "extproc", "--config", str(config), "--listen", f"unix:{sockdir / 'x.sock'}",
+        "--workers", "2",
+    )  # fmt: skip
+    workers: dict[int, int] = {}
+    try:
+        workers = descendants(ep.proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(ep.proc.pid, signal.SIGKILL)
+        ep.proc.wait(30)
+        # A hang guard, not a speed expectation: each worker drains (5 s at most) first.
+        wait_until(
+            lambda: not still_running(workers),
+            60,
+            "both workers of the killed supervisor to exit",
+            interval=0.2,
+        )
+        # the socket names it left dangle: a new supervisor takes them over
+        again = outrider(
+            "extproc", "--config", str(config), "--listen", f"unix:{sockdir / 'x.sock'}",
+            "--workers", "2",
+        )  # fmt: skip
+        assert len(descendants(again.proc.pid)) == 2
+    finally:
+        kill_leftovers(workers)
 
 
 def _traffic(port: int, stop: threading.Event) -> list[int | str]:

@@ -53,6 +53,53 @@ def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
         return 0, str(exc)
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` from the state on (field 3), or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Every live process below ``pid`` (children, theirs, ...): pid → start time.
+
+    The start time tells a process from a later one that reuses its pid (see
+    :func:`still_running`). Linux only (``/proc``).
+    """
+    parents: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
+            parents[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, start) in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = start
+                todo.append(child)
+    return found
+
+
+def still_running(procs: dict[int, int]) -> dict[int, int]:
+    """Those of ``procs`` (pid → start time) still running: not exited, not a zombie."""
+    out: dict[int, int] = {}
+    for pid, start in procs.items():
+        fields = _stat(pid)
+        if fields is not None and fields[0] != "Z" and int(fields[19]) == start:
+            out[pid] = start
+    return out
+
+
+def kill_leftovers(procs: dict[int, int]) -> None:
+    """SIGKILL those of ``procs`` (pid → start time) still running (a test's clean-up)."""
+    for pid in still_running(procs):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class ManagedProcess:
     """A subprocess whose output goes to a log file, stopped by ``stop()`` (idempotent)."""
 

@@ -45,9 +45,12 @@ def quota_filter(
     domain: str,
     matchers: list[tuple[str | None, dict[str, Any]]],
     cluster: str = "rlqs",
+    *,
+    present: str = ".+",
 ) -> dict[str, Any]:
     """The filter: each matcher is (header that must be present, or None for any request,
-    bucket settings); the first whose header is present builds the bucket."""
+    bucket settings); the first whose header is present builds the bucket. ``present``:
+    the regex the header's value must match (``.*``: an empty value too)."""
     items = []
     fallback = None
     for header, settings in matchers:
@@ -60,7 +63,7 @@ def quota_filter(
                 "predicate": {
                     "single_predicate": {
                         "input": header_input(header),
-                        "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
+                        "value_match": {"safe_regex": {"google_re2": {}, "regex": present}},
                     }
                 },
                 "on_match": action,

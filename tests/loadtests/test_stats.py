@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loadtests.run import build_result, run_stats
+from loadtests.run import Plan, build_result, run_stats
 from loadtests.scenarios import SCENARIOS
 from loadtests.stats import (
     Goal,
@@ -145,9 +145,7 @@ def test_goal_directions() -> None:
     assert Goal("tax_max_us", 1000).met(None) is None
 
 
-def _plan(doc: dict):
-    from loadtests.run import Plan
-
+def _plan(doc: dict) -> Plan:
     return Plan(**doc["plan"])
 
 
@@ -155,3 +153,33 @@ def _now():
     import datetime as dt
 
     return dt.datetime.now(dt.UTC)
+
+
+def test_wrk_paced_runs_give_the_headline_tax_with_locusts_beside() -> None:
+    """wrk's own percentiles (no histogram) are summarised like Locust's histograms, and
+    the tax is taken from them where they exist."""
+
+    def run(setup: str, mode: str, rnd: int, p99: float) -> RunStats:
+        latency = {"p50": p99 / 2, "p99": p99} if mode == "wrk-fixed" else {}
+        hist = {} if latency else {p99 / 2: 98, p99: 2}
+        return RunStats(setup, mode, rnd, 100, 0, 1.0, hist, {}, latency_ms=latency)
+
+    runs = [
+        run("baseline", "wrk-fixed", 1, 1.0),
+        run("baseline", "wrk-fixed", 2, 2.0),
+        run("baseline", "wrk-fixed", 3, 9.0),
+        run("outrider", "wrk-fixed", 1, 2.0),
+        run("outrider", "wrk-fixed", 2, 3.5),
+        run("outrider", "wrk-fixed", 3, 3.0),
+        run("baseline", "fixed", 1, 4.0),
+        run("outrider", "fixed", 1, 9.0),
+    ]
+    summary = summarize(runs)
+    assert summary["wrk-fixed"]["baseline"]["p99"] == 2.0  # median of the rounds
+    assert summary["wrk-fixed"]["outrider"]["p99"] == 3.0
+    result = build_result(SCENARIOS["extauth-jwt"], runs, [], Plan.full(), True, "t", _now(), 1.0)
+    (tax,) = result["taxes"]
+    assert tax["source"] == "wrk"
+    assert tax["p99_us"] == pytest.approx(1000.0)
+    assert tax["p99_us_locust"] == pytest.approx(5000.0)
+    assert tax["met"] is True

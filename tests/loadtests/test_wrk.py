@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,11 +117,10 @@ def test_every_wrk_scenario_builds_a_pool() -> None:
             assert script.count("\n") > len(spec.requests)
 
 
-@pytest.mark.skipif(
-    shutil.which("wrk") is None, reason="wrk not installed (make bench installs it)"
-)
-def test_the_generated_script_runs_in_real_wrk(tmp_path: Path) -> None:
-    """A real wrk run against a tiny HTTP server: statuses counted, header checked."""
+@contextlib.contextmanager
+def tiny_server() -> Iterator[str]:
+    """A threaded HTTP server on loopback, serving before it is yielded: 429 for the hot
+    users, 200 with ``x-outrider-bench: 1`` for everyone else."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
 
@@ -139,21 +140,30 @@ def test_the_generated_script_runs_in_real_wrk(tmp_path: Path) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/"
-    with urllib.request.urlopen(url, timeout=30) as resp:  # serving before wrk starts
-        assert resp.status == 200
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:  # serving before wrk starts
+            assert resp.status == 200
+        yield url
+    finally:
+        server.shutdown()
 
-    def run(header: str) -> tuple[wrk.WrkSpec, wrk.WrkRun]:
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk not installed (make bench installs it)"
+)
+def test_the_generated_script_runs_in_real_wrk(tmp_path: Path) -> None:
+    """A real wrk run against a tiny HTTP server: statuses counted, header checked."""
+
+    def run(url: str, header: str) -> tuple[wrk.WrkSpec, wrk.WrkRun]:
         spec = wrk.WrkSpec(RATELIMIT.requests, limited=HOT, response_header=(header, "1"))
         result = wrk.run(
             url, spec, seconds=2, threads=1, connections=2, work_dir=tmp_path, name=header
         )
         return spec, result
 
-    try:
-        spec, good = run("x-outrider-bench")
-        spec_bad, bad = run("x-missing")
-    finally:
-        server.shutdown()
+    with tiny_server() as url:
+        spec, good = run(url, "x-outrider-bench")
+        spec_bad, bad = run(url, "x-missing")
     assert good.doc["statuses"].get("200", 0) > 0
     assert good.doc["statuses"].get("429", 0) > 0
     assert good.doc["bad_header"] == 0
@@ -161,3 +171,29 @@ def test_the_generated_script_runs_in_real_wrk(tmp_path: Path) -> None:
     assert 0 < good.loadgen_cpu < 5
     # the header the server does not send is caught on every 200
     assert wrk.failures(bad.doc, spec_bad, 2) == {"x-missing missing": bad.doc["statuses"]["200"]}
+
+
+def test_a_paced_script_waits_between_requests() -> None:
+    """Fixed rate: ``delay()`` draws exponential waits of the asked mean, whole ms."""
+    paced = wrk.script(RATELIMIT, Path("/tmp/out"), pace_ms=13.333)
+    assert "function delay()" in paced
+    assert "-math.log(1 - math.random()) * 13.333" in paced
+    assert "function delay()" not in wrk.script(RATELIMIT, Path("/tmp/out"))
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk not installed (make bench installs it)"
+)
+def test_a_paced_run_stays_near_its_rate(tmp_path: Path) -> None:
+    """A real paced wrk run sends at most about the asked rate (a busy machine only slows
+    it down), where the same run unpaced sends as fast as the server answers."""
+    spec = wrk.WrkSpec((wrk.WrkRequest("ordinary"),))
+    with tiny_server() as url:
+        # 2 connections, 100 ms mean wait each: ~20 requests/s, ~40 in 2 s
+        paced = wrk.run(
+            url, spec, seconds=2, threads=1, connections=2, work_dir=tmp_path, name="paced",
+            pace_ms=100.0,
+        )  # fmt: skip
+    assert wrk.failures(paced.doc, spec, 2) == {}
+    assert 0 < paced.doc["requests"] < 120  # unpaced, this server answers thousands
+    assert {"p50", "p99"} <= set(paced.doc["latency_us"])

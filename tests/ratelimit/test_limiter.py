@@ -357,6 +357,31 @@ async def test_token_bucket_refuses_a_request_larger_than_the_bucket_with_a_boun
     assert await codes(limiter, d("bucket", "big"), 5) == [OK] * 4 + [OVER_LIMIT]
 
 
+@pytest.mark.parametrize("stop_counting", [False, True], ids=["counting", "stop-counting"])
+@pytest.mark.parametrize("hits", [2**32, 2**62, 2**63, 2**64 - 1])
+async def test_fixed_window_hits_beyond_any_limit_are_over_limit(
+    make_limiter: Any, hits: int, stop_counting: bool
+) -> None:
+    """A descriptor's hits_addend (a uint64) past every limit is OVER_LIMIT on both stores,
+    twice in a row. Redis counters are signed 64-bit: INCRBY 2**63 is refused and two
+    INCRBY 2**62 overflow, which answered UNAVAILABLE (so Envoy, failing open by default,
+    let the request through) where the memory store said OVER_LIMIT. envoyproxy/ratelimit
+    fails the call there too (a Redis error); its memcached backend counts the hits.
+    The counter then stays over for the window, as upstream's; with
+    --stop-counting-over-limit nothing is added, so the next single hit is admitted."""
+    limiter = await make_limiter(local_cache_size=0, stop_counting_over_limit=stop_counting)
+    for _ in range(2):
+        decision = await limiter.should_rate_limit("test-domain", [d("key3", "x", hits=hits)], 0)
+        assert decision.code == OVER_LIMIT
+        assert decision.statuses[0].remaining == 0
+    row = limiter.stats.by_key["test-domain.key3"]
+    # total_hits and over_limit count the hits as sent, with upstream's accounting: of a
+    # first hit from an empty counter, the one hit up to the limit (1) is near, not over
+    assert row[:2] == [2 * hits, 2 * hits - (2 if stop_counting else 1)]
+    expected = [OK, OVER_LIMIT] if stop_counting else [OVER_LIMIT, OVER_LIMIT]
+    assert await codes(limiter, d("key3", "x"), 2) == expected
+
+
 async def test_local_cache_answers_over_limit(make_limiter: Any) -> None:
     limiter = await make_limiter()
     assert await codes(limiter, d("key3", "lc"), 4) == [OK] + [OVER_LIMIT] * 3

@@ -10,6 +10,7 @@ from services.ratelimit.config import parse_texts
 from services.ratelimit.core.quota import (
     ABANDON,
     ALLOW_ALL,
+    EMPTY_VALUE,
     TOKEN_BUCKET,
     Assignment,
     QuotaCore,
@@ -118,6 +119,46 @@ def test_unknown_unlimited_and_shadow_are_allow_all() -> None:
         ALLOW_ALL
     )
     assert core.counters.unknown_domain == 1
+
+
+def test_a_bucket_without_entries_is_counted_and_skipped_the_others_answered() -> None:
+    """Envoy reports ``{}`` for a bucket built only from a header sent empty: it reaches
+    no limit (as an RLS descriptor without entries), gets no answer (Envoy could not
+    address one), and the report's other buckets are answered as without it."""
+    core = QuotaCore(config(), QuotaOptions())
+    sid = core.open_stream()
+    empty = usage((), 50, 0, 5.0)
+    actions = core.report(sid, "api", [empty, usage(bucket(user="alice"), 10, 0, 5.0)], 0.0)
+    assert [a.bucket for a in actions] == [bucket(user="alice")]
+    assert actions[0].assignment.kind == TOKEN_BUCKET
+    assert rate(actions[0].assignment) == pytest.approx(20, rel=0.02)
+    # again, alone and among others: still skipped, never tracked
+    assert core.report(sid, "api", [empty], 5.0) == []
+    again = core.report(sid, "api", [usage(bucket(user="alice"), 10), empty], 5.0)
+    assert [a.bucket for a in again] == [bucket(user="alice")]
+    assert core.counters.empty_buckets == 3
+    assert core.buckets == 1
+    assert core.streams[sid].consumers.keys() == {bucket(user="alice")}
+
+
+def test_the_empty_value_stand_in_matches_as_the_empty_value() -> None:
+    """The translator's bucket for a Distinct header sent empty carries EMPTY_VALUE (a
+    bucket id has no empty values): matched, counted and named as RLS's ``{who: ""}``."""
+    cfg = parse_texts(
+        [
+            (
+                "d.yaml",
+                "domain: d\ndescriptors:\n"
+                "  - {key: who, detailed_metric: true, "
+                "rate_limit: {unit: second, requests_per_unit: 4}}\n",
+            )
+        ]
+    )
+    stand_in = resolve(cfg, "d", {"who": EMPTY_VALUE})
+    assert stand_in is not None
+    assert stand_in == resolve(cfg, "d", {"who": ""})
+    assert stand_in.stats_key == "d.who"
+    assert stand_in.key_entries == (("who", ""),)
 
 
 def test_shadow_mode_counts_would_be_denials() -> None:

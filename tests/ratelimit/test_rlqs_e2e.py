@@ -21,6 +21,7 @@ from tests.harness.procs import free_port, wait_until
 from tests.harness.rlqs import PacedLoad, bucket_settings, quota_filter
 
 REPORT = 5.0  # Envoy 1.40's report interval
+EMPTY_BUCKETS = 'outrider_ratelimit_rlqs_events_total{event="empty_buckets"}'
 
 CONFIG = """domain: rlqs
 descriptors:
@@ -185,6 +186,53 @@ def test_replica_killed_and_restarted(
     assert after[200] > 0, after
     assert after[200] <= 10 * (time.monotonic() - reconnected) + 10
     assert reconnected - back < 2 * REPORT + 2
+
+
+def test_a_header_sent_empty_keeps_the_stream_and_the_other_limits(
+    replicas: Replicas, envoy: Callable[..., Any], echo_upstream: Any
+) -> None:
+    """A bucket id built only from ``x-user``, and clients sending ``x-user:`` (empty):
+    Envoy omits the empty entry and reports ``bucket_id {}`` with every report. The
+    server must keep the stream (one stream for the whole run, no INVALID_ARGUMENT) and
+    keep limiting alice past her assignment's TTL (15 s), which a failed stream would let
+    expire into the ALLOW_ALL fallback."""
+    service = replicas.start("a")
+    port = free_port()
+    envoy(
+        bootstrap(
+            port,
+            free_port(),
+            routes=[route("/", "upstream")],
+            # ".*": the header's presence, whatever its value, as a Distinct header did
+            http_filters=[quota_filter("rlqs", MATCHERS[1:2], present=".*")],
+            clusters=[
+                http_cluster("upstream", "127.0.0.1", echo_upstream.port),
+                grpc_uds_cluster("rlqs", str(replicas.socket("a"))),
+            ],
+        )
+    )
+    alice = PacedLoad(port, 30, {"x-user": "alice"}).start()  # 10/s
+    empty = PacedLoad(port, 10, {"x-user": ""}).start()
+    try:
+        # both buckets are reported at once (new buckets); then past the TTL (15 s) of
+        # any assignment given before the empty bucket's first report
+        time.sleep(4 * REPORT + 2)
+        window_start = time.monotonic()
+        time.sleep(REPORT + 1)
+        window_end = time.monotonic()
+    finally:
+        alice.stop()
+        empty.stop()
+    got = alice.between(window_start, window_end)
+    seconds = window_end - window_start
+    assert got[429] > 0, got
+    assert got[200] == pytest.approx(10 * seconds, rel=0.25, abs=3), (got, seconds)
+    assert set(empty.between(window_start, window_end)) == {200}
+    _, metrics = service.get("/metrics")
+    assert metric(metrics, 'outrider_ratelimit_rlqs_events_total{event="streams_opened"}') == 1
+    assert metric(metrics, "outrider_ratelimit_rlqs_streams") == 1
+    assert metric(metrics, EMPTY_BUCKETS) >= 3  # once per report, not the stream's end
+    assert "INVALID_ARGUMENT" not in service.output()
 
 
 def shared_pair(

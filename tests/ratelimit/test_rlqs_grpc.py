@@ -70,15 +70,31 @@ def test_report_gets_a_token_bucket_and_a_malformed_one_an_error(service: Any) -
         (other,) = next(responses).bucket_action
         strategy = other.quota_assignment_action.rate_limit_strategy
         assert strategy.blanket_rule == strategy.ALLOW_ALL
-    bad = rlqs_pb2.RateLimitQuotaUsageReports(
-        domain="g",
-        bucket_quota_usages=[rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage()],
-    )
-    for requests in ([bad], [report("")], [report("g", user="a"), report("h", user="a")]):
+    for requests in ([report("")], [report("g", user="a"), report("h", user="a")]):
         channel, responses = stream(service.socket, iter(requests))
         with channel, pytest.raises(grpc.RpcError) as err:
             list(responses)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+def test_a_bucket_without_entries_keeps_the_stream_and_the_other_buckets(service: Any) -> None:
+    """Envoy reports ``bucket_id {}`` for a bucket built only from a header sent empty:
+    not answered, counted, and neither the stream nor the report's other buckets suffer."""
+    empty = rlqs_pb2.RateLimitQuotaUsageReports.BucketQuotaUsage(
+        time_elapsed=duration_pb2.Duration(seconds=0), num_requests_allowed=3
+    )
+    mixed = report("g", user="alice")
+    mixed.bucket_quota_usages.insert(0, empty)
+    alone = rlqs_pb2.RateLimitQuotaUsageReports(domain="g", bucket_quota_usages=[empty])
+    sent = iter([mixed, alone, mixed, report("g", user="bob")])
+    channel, responses = stream(service.socket, sent)
+    with channel:
+        got = [[dict(a.bucket_id.bucket) for a in r.bucket_action] for r in responses]
+    # every report but the one with the empty bucket alone answered, the stream ended OK
+    assert got == [[{"user": "alice"}], [{"user": "alice"}], [{"user": "bob"}]]
+    _, metrics = service.get("/metrics")
+    assert 'outrider_ratelimit_rlqs_events_total{event="empty_buckets"} 3.0' in metrics
+    assert service.output().count("a bucket id without entries") == 1
 
 
 def test_sigterm_ends_open_streams(service: Any) -> None:

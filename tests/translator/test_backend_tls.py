@@ -17,7 +17,7 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from services.common.configfile import ConfigError
 from tests.harness.certs import TestCA
 from tests.harness.procs import free_port
 from tests.translator.eg_conformance import DATA, EG_DATA
+from tests.translator.fixtures import translated_envoy
 from translator.translate import Options, translate
 
 XDS = EG_DATA / "xds" / "translator" / "testdata-all"
@@ -241,25 +242,19 @@ class TLSUpstream:
 
 
 @pytest.fixture
-def tls_stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[str]:
+def tls_stack(tmp_path: Path) -> Iterator[str]:
     upstream = TLSUpstream(tmp_path / "ca")
     try:
-        port = free_port()
-        _, out = envoy_of(
-            GATEWAY + "---\n" + ca_map(upstream.ca.ca_path.read_text()),
+        with translated_envoy(
             tmp_path,
+            GATEWAY + "---\n" + ca_map(upstream.ca.ca_path.read_text()),
             backends={
                 "secure": ("127.0.0.1", upstream.port),
                 "misnamed": ("127.0.0.1", upstream.port),
             },
-            listen_address="127.0.0.1",
-            admin_port=free_port(),
-            port_map={8080: port},
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        out.write(tmp_path / "out")
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield f"http://127.0.0.1:{port}"
+            secrets_dir=tmp_path / "s",
+        ) as served:
+            yield served.base
     finally:
         upstream.close()
 

@@ -20,24 +20,20 @@ import socketserver
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness.procs import free_port
+from tests.translator.fixtures import GATEWAY, documents, http_route, translated_envoy
 from tests.translator.test_policy_behaviour import Upstream, get
-from translator.translate import Options, translate
 
-POLICIES = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
+POLICIES = (
+    documents(
+        GATEWAY,
+        """\
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: tunnel, namespace: default}
@@ -46,28 +42,10 @@ spec:
   hostnames: [tunnel.example]
   rules:
     - backendRefs: [{name: echo, port: 7}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - name: fault
-      matches: [{path: {type: PathPrefix, value: /fault}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: merged
-      matches: [{path: {type: PathPrefix, value: /merged}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: override
-      matches: [{path: {type: PathPrefix, value: /retry-override}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: costly
-      matches: [{path: {type: PathPrefix, value: /costly}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: plain
-      matches: [{path: {type: PathPrefix, value: /}}]
-      backendRefs: [{name: up, port: 80}]
+""",
+        http_route("fault", "merged", ("override", "/retry-override"), "costly", ("plain", "/")),
+    )
+    + """\
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: BackendTrafficPolicy
@@ -160,6 +138,7 @@ spec:
   telemetry:
     metrics: {routeStatName: "%ROUTE_KIND%-%ROUTE_NAME%-%ROUTE_RULE_NAME%"}
 """
+)
 
 
 class Echo(socketserver.ThreadingTCPServer):
@@ -207,28 +186,20 @@ def recv_until(sock: socket.socket, marker: bytes) -> bytes:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    policies = tmp_path / "policies.yaml"
-    policies.write_text(POLICIES)
-    port, admin = free_port(), free_port()
-    with Upstream() as upstream, Echo() as echo:
-        out = translate(
-            [policies],
-            Options(
-                backends={"up": ("127.0.0.1", upstream.port), "echo": ("127.0.0.1", echo.port)},
-                listen_address="127.0.0.1",
-                admin_port=admin,
-                port_map={8080: port},
-                secrets_dir=tmp_path / "out" / "secrets",
-            ),
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        out.write(tmp_path / "out")
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with (
+        Upstream() as upstream,
+        Echo() as echo,
+        translated_envoy(
+            tmp_path,
+            POLICIES,
+            backends={"up": ("127.0.0.1", upstream.port), "echo": ("127.0.0.1", echo.port)},
+        ) as served,
+    ):
         yield {
-            "port": port,
-            "base": f"http://127.0.0.1:{port}",
-            "admin": f"http://127.0.0.1:{admin}",
+            "port": served.ports[8080],
+            "base": served.base,
+            "admin": served.admin,
             "upstream": upstream,
         }
 

@@ -16,6 +16,7 @@ import yaml
 
 from services.common.configfile import Node
 from tests.translator.eg_conformance import DATA
+from tests.translator.fixtures import gateway_and_route
 from translator.quantity import duration_s
 from translator.resources import Resource
 from translator.translate import Options, translate
@@ -836,20 +837,9 @@ def test_load_balancers_are_envoy_gateways(case: str, tmp_path: Path) -> None:
     assert compared
 
 
-ZONES = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules: [{backendRefs: [{name: web, port: 80}]}]
+ZONES = (
+    gateway_and_route(backend="web")
+    + """\
 ---
 apiVersion: v1
 kind: Service
@@ -876,6 +866,7 @@ spec:
     zoneAware:
       weightedZones: [{zone: us-east-1a, weight: 70}, {zone: us-east-1b, weight: 30}]
 """
+)
 
 
 def test_weighted_zones_group_endpoints_by_their_zone(tmp_path: Path) -> None:

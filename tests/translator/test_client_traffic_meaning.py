@@ -15,6 +15,7 @@ import yaml
 
 from services.common.configfile import Node
 from tests.translator.eg_conformance import DATA
+from tests.translator.fixtures import gateway_and_route
 from translator.client_traffic import F_LATE_RESPONSE
 from translator.quantity import duration_s
 from translator.resources import Resource
@@ -157,20 +158,8 @@ def test_disabled_rate_limit_headers_reach_the_rate_limit_filters(tmp_path: Path
     rate limit filter (Envoy Gateway: ``enable_x_ratelimit_headers: OFF``)."""
     src = tmp_path / "in.yaml"
     src.write_text(
-        """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules: [{backendRefs: [{name: up, port: 80}]}]
+        gateway_and_route()
+        + """\
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: BackendTrafficPolicy

@@ -12,14 +12,14 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness.procs import free_port
-from translator.translate import Options, translate
+from tests.translator.fixtures import translated_envoy
 
 RESOURCES = """\
 apiVersion: gateway.networking.k8s.io/v1
@@ -131,30 +131,20 @@ def tcp_exchange(port: int, payload: bytes) -> bytes:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    resources = tmp_path / "routes.yaml"
-    resources.write_text(RESOURCES)
-    ports = {p: free_port() for p in (9000, 9001, 9002, 9003)}
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     tcp, udp = TCPEcho(), UDPEcho()
     threads = [_serve(tcp), _serve(udp)]
     try:
-        out = translate(
-            [resources],
-            Options(
-                backends={
-                    "tcp-echo": ("127.0.0.1", tcp.server_address[1]),
-                    "udp-echo": ("127.0.0.1", udp.server_address[1]),
-                },
-                listen_address="127.0.0.1",
-                admin_port=free_port(),
-                port_map=ports,
-                secrets_dir=tmp_path / "out" / "secrets",
-            ),
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        out.write(tmp_path / "out")
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"ports": ports, "tcp": tcp}
+        with translated_envoy(
+            tmp_path,
+            RESOURCES,
+            backends={
+                "tcp-echo": ("127.0.0.1", tcp.server_address[1]),
+                "udp-echo": ("127.0.0.1", udp.server_address[1]),
+            },
+            ports=(9000, 9001, 9002, 9003),
+        ) as served:
+            yield {"ports": served.ports, "tcp": tcp}
     finally:
         for server in (tcp, udp):
             server.shutdown()

@@ -22,10 +22,47 @@ import yaml
 from services.common.configfile import ConfigError
 from tests.translator.eg_conformance import DATA, EG_DATA
 from tests.translator.envoy_validate import envoy_validate
+from tests.translator.fixtures import documents
 from translator.translate import Options, translate
 
 XDS = EG_DATA / "xds" / "translator" / "testdata-all"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
+
+TCP_UDP_GATEWAY = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: eg
+  listeners:
+    - {name: tcp, protocol: TCP, port: 9000}
+    - {name: udp, protocol: UDP, port: 9000}
+"""
+
+
+def l4_routes(tcp: str, udp: str) -> str:
+    """The TCPRoute ``app`` and the UDPRoute ``dns`` on ``gw``, to the given ``backendRefs``."""
+    return f"""\
+kind: TCPRoute
+metadata: {{name: app, namespace: default}}
+spec:
+  parentRefs: [{{name: gw}}]
+  rules: [{{backendRefs: [{tcp}]}}]
+---
+kind: UDPRoute
+metadata: {{name: dns, namespace: default}}
+spec:
+  parentRefs: [{{name: gw}}]
+  rules: [{{backendRefs: [{udp}]}}]
+"""
+
+
+#: ``gw``, its TCPRoute ``app`` to ``svc:80`` and its UDPRoute ``dns`` to ``dns:53``
+TCP_AND_UDP = documents(
+    TCP_UDP_GATEWAY, l4_routes("{name: svc, port: 80}", "{name: dns, port: 53}")
+)
+#: two backends, weighted 1:3
+WEIGHTED = "{name: a, port: 53, weight: 1}, {name: b, port: 53, weight: 3}"
 
 
 def camel(value: Any) -> Any:
@@ -269,27 +306,8 @@ def _compare_cluster(route: dict[str, Any], cluster: dict[str, Any]) -> None:
 
 def test_client_traffic_policy_on_a_tcp_listener(tmp_path: Path) -> None:
     envoy = translated(
-        """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners:
-    - {name: tcp, protocol: TCP, port: 9000}
-    - {name: udp, protocol: UDP, port: 9000}
----
-kind: TCPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: svc, port: 80}]}]
----
-kind: UDPRoute
-metadata: {name: dns, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: dns, port: 53}]}]
+        TCP_AND_UDP
+        + """\
 ---
 kind: SecurityPolicy
 metadata: {name: sp, namespace: default}
@@ -332,15 +350,8 @@ spec:
 
 def test_weighted_backends(tmp_path: Path) -> None:
     envoy = translated(
-        """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners:
-    - {name: tcp, protocol: TCP, port: 9000}
-    - {name: udp, protocol: UDP, port: 9000}
+        TCP_UDP_GATEWAY
+        + """\
 ---
 kind: Service
 metadata: {name: a, namespace: default}
@@ -350,18 +361,8 @@ kind: Service
 metadata: {name: b, namespace: default}
 spec: {clusterIP: 10.0.0.2, ports: [{port: 53}]}
 ---
-kind: TCPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: a, port: 53, weight: 1}, {name: b, port: 53, weight: 3}]}]
----
-kind: UDPRoute
-metadata: {name: dns, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: a, port: 53, weight: 1}, {name: b, port: 53, weight: 3}]}]
-""",
+"""
+        + l4_routes(WEIGHTED, WEIGHTED),
         tmp_path,
     )
     clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
@@ -391,27 +392,8 @@ def test_policies_fill_a_tcp_route_field_by_field(tmp_path: Path) -> None:
     (Envoy Gateway's ``setIfNil`` for TCP routes); a UDP route takes only ``loadBalancer``
     and ``dns``."""
     envoy = translated(
-        """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners:
-    - {name: tcp, protocol: TCP, port: 9000}
-    - {name: udp, protocol: UDP, port: 9000}
----
-kind: TCPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: svc, port: 80}]}]
----
-kind: UDPRoute
-metadata: {name: dns, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: dns, port: 53}]}]
+        TCP_AND_UDP
+        + """\
 ---
 kind: BackendTrafficPolicy
 metadata: {name: gateway, namespace: default}
@@ -443,30 +425,7 @@ spec:
 def test_gateway_target_passes_tcp_and_udp_routes(tmp_path: Path) -> None:
     """``--target gateway``: TCPRoutes and UDPRoutes reach ``routes.yaml`` for Envoy Gateway."""
     path = tmp_path / "in.yaml"
-    path.write_text(
-        """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners:
-    - {name: tcp, protocol: TCP, port: 9000}
-    - {name: udp, protocol: UDP, port: 9000}
----
-kind: TCPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: svc, port: 80}]}]
----
-kind: UDPRoute
-metadata: {name: dns, namespace: default}
-spec:
-  parentRefs: [{name: gw}]
-  rules: [{backendRefs: [{name: dns, port: 53}]}]
-"""
-    )
+    path.write_text(TCP_AND_UDP)
     out = translate([path], Options(target="gateway", secrets_dir=tmp_path / "s"))
     docs = list(yaml.safe_load_all(out.files["routes.yaml"]))
     kinds = {(d["kind"], d["apiVersion"]) for d in docs}

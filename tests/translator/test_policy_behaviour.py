@@ -27,37 +27,12 @@ from typing import Any
 import pytest
 
 from tests.harness.procs import free_port
-from translator.translate import Options, translate
+from tests.translator.fixtures import gateway_and_route, translated_envoy
+from translator.translate import Options
 
-POLICIES = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - name: retry
-      matches: [{path: {type: PathPrefix, value: /retry}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: slow
-      matches: [{path: {type: PathPrefix, value: /slow}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: breaker
-      matches: [{path: {type: PathPrefix, value: /breaker}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: limited
-      matches: [{path: {type: PathPrefix, value: /limited}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: lua
-      matches: [{path: {type: PathPrefix, value: /lua}}]
-      backendRefs: [{name: up, port: 80}]
+POLICIES = (
+    gateway_and_route("retry", "slow", "breaker", "limited", "lua")
+    + """\
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -161,6 +136,7 @@ spec:
         path: /response_headers_to_add
         value: [{header: {key: x-patched, value: "yes"}}]
 """
+)
 
 
 class Upstream:
@@ -216,37 +192,27 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str,
 
 
 @pytest.fixture
-def stack(
-    tmp_path: Path,
-    sockdir: Path,
-    outrider: Callable[..., Any],
-    envoy: Callable[..., Any],
-) -> Iterator[dict[str, Any]]:
-    policies = tmp_path / "policies.yaml"
-    policies.write_text(POLICIES)
-    port = free_port()
-    with Upstream() as upstream:
-        sockets = {"extauth": str(sockdir / "extauth.sock")}
-        out = translate(
-            [policies],
-            Options(
-                backends={"up": ("127.0.0.1", upstream.port)},
-                sockets={**Options().sockets, **sockets},
-                listen_address="127.0.0.1",
-                admin_port=free_port(),
-                port_map={8080: port},
-                secrets_dir=tmp_path / "out" / "secrets",
-            ),
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        out.write(tmp_path / "out")
+def stack(tmp_path: Path, sockdir: Path, outrider: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    sockets = {"extauth": str(sockdir / "extauth.sock")}
+
+    def start_extauth(out: Path) -> None:
         outrider(
             "extauth",
-            "--config", str(tmp_path / "out" / "extauth.yaml"),
+            "--config", str(out / "extauth.yaml"),
             "--listen", f"unix:{sockets['extauth']}",
         )  # fmt: skip
-        proxy = envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"base": f"http://127.0.0.1:{port}", "upstream": upstream, "envoy": proxy}
+
+    with (
+        Upstream() as upstream,
+        translated_envoy(
+            tmp_path,
+            POLICIES,
+            backends={"up": ("127.0.0.1", upstream.port)},
+            sockets={**Options().sockets, **sockets},
+            before_envoy=start_extauth,
+        ) as served,
+    ):
+        yield {"base": served.base, "upstream": upstream, "envoy": served.proxy}
 
 
 def test_policies_behave(stack: dict[str, Any]) -> None:

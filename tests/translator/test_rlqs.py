@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from services.ratelimit.config import parse_texts
-from services.ratelimit.core.quota import resolve
+from services.ratelimit.core.quota import EMPTY_VALUE, resolve
 from tests.harness.envoy import bootstrap, grpc_uds_cluster, validate
 from tests.harness.envoy import route as envoy_route
 from tests.harness.procs import free_port
@@ -31,7 +31,7 @@ from tests.translator.envoy_validate import envoy_validate
 from tests.translator.test_ratelimit_conformance import CASES, DATA, _rule
 from translator.ratelimit import DomainConfigs, rule_descriptor
 from translator.resources import TranslateError, load_resources
-from translator.rlqs import F_RLQS, gateway_patch, rls_only, rule_bucket
+from translator.rlqs import F_RLQS, gateway_patch, rls_only, rule_buckets
 from translator.translate import Options, translate, translate_resources
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,10 +73,11 @@ def test_bucket_ids_are_the_rls_descriptors(case: str) -> None:
                         continue
                     key = rule.name if shared else route["name"]
                     domain = rule.policy if shared else listener["name"]
-                    _, bucket = rule_bucket(key, r, rule)
-                    sample = {k: sample_value(v) for k, v in bucket.items()}
                     want = [(key, key), *chain(rule_descriptor(r, rule))]
-                    checks.append((domain, sample, want, rule))
+                    # every variant: Distinct values non-empty, or sent empty
+                    for _, bucket in rule_buckets(key, r, rule):
+                        sample = {k: sample_value(v) for k, v in bucket.items()}
+                        checks.append((domain, sample, want, rule))
     assert checks or all(
         rls_only(_rule(r))
         for listener in ir["http"]
@@ -225,6 +226,105 @@ def test_translated_config_through_real_envoy(
     # alice's, bob's and the POST bucket (Envoy 1.40 shares one stream between filters
     # of one domain)
     assert "outrider_ratelimit_rlqs_buckets 3.0" in metrics
+
+
+EMPTY_POLICIES = POLICIES.replace(
+    """        - clientSelectors:
+            - methods: [{value: POST}]
+              sourceCIDR: {type: Exact, value: 127.0.0.0/8}
+          limit: {requests: 3, unit: Second}""",
+    """        - clientSelectors:
+            - queryParams: [{name: id, type: Distinct}]
+          limit: {requests: 3, unit: Second}""",
+)
+
+
+def test_distinct_rule_has_an_entry_for_the_empty_value() -> None:
+    """One entry per way the Distinct values are empty or not: ``.+`` with the value in
+    the bucket id, ``exact: ""`` with the stand-in; both reach the same limit."""
+    rule = SimpleNamespace(
+        header_matches=[SimpleNamespace(name="x-user", distinct=True)],
+        query_matches=[SimpleNamespace(name="id", distinct=True)],
+        method_matches=[],
+        path_match=None,
+        cidr_match=None,
+        is_match_set=lambda: True,
+    )
+    variants = rule_buckets("route", 0, rule)  # type: ignore[arg-type]
+    assert len(variants) == 4
+    seen = set()
+    for predicates, bucket in variants:
+        values = []
+        for p, key in zip(predicates, ("rule-0-match-0", "rule-0-match-1"), strict=True):
+            value = p.single_predicate.value_match
+            if value.exact == "":
+                assert bucket[key].string_value == EMPTY_VALUE
+                values.append("empty")
+            else:
+                assert value.safe_regex.regex == ".+"
+                assert bucket[key].custom_value is not None
+                values.append("set")
+        seen.add(tuple(values))
+    assert seen == {("set", "set"), ("empty", "set"), ("set", "empty"), ("empty", "empty")}
+
+
+@pytest.mark.parametrize("mode", ["rls", "rlqs"])
+def test_distinct_values_sent_empty_are_limited_as_rls_limits_them(
+    mode: str,
+    tmp_path: Path,
+    sockdir: Path,
+    echo_upstream: Any,
+    outrider: Callable[..., Any],
+    envoy: Callable[..., Any],
+) -> None:
+    """``x-user:`` and ``?id=`` (present, empty) through the real Envoy: RLS's
+    ``request_headers``/``query_parameters`` actions send ``{key: ""}``, which the
+    key-only descriptor limits as one value; the quota filter's buckets must limit the
+    same requests (they reached no limit when the empty entry was left out)."""
+    (tmp_path / "in.yaml").write_text(EMPTY_POLICIES)
+    port = free_port()
+    socket = sockdir / "rl.sock"
+    out = translate_resources(
+        load_resources([tmp_path / "in.yaml"]),
+        Options(
+            ratelimit_mode=mode,
+            backends={"echo": ("127.0.0.1", echo_upstream.port)},
+            sockets={"ratelimit": str(socket)},
+            listen_address="127.0.0.1",
+            admin_port=free_port(),
+            port_map={10000: port},
+            secrets_dir=tmp_path / "out" / "secrets",
+        ),
+    )
+    out.write(tmp_path / "out")
+    service = outrider(
+        "ratelimit", "--config", str(tmp_path / "out" / "ratelimit"), "--listen", f"unix:{socket}"
+    )
+    envoy((tmp_path / "out" / "envoy.yaml").read_text())
+    loads = {
+        "empty": PacedLoad(port, 20, {"x-user": ""}, path="/q"),  # 5/s
+        "alice": PacedLoad(port, 20, {"x-user": "alice"}, path="/q"),  # 5/s, own bucket
+        "no-id": PacedLoad(port, 15, path="/q?id="),  # 3/s
+        "id": PacedLoad(port, 15, path="/q?id=7"),  # 3/s, own bucket
+    }
+    for load in loads.values():
+        load.start()
+    try:
+        time.sleep(7)  # past Envoy's first report (5 s): every bucket assigned
+        start = time.monotonic()
+        time.sleep(5)
+        end = time.monotonic()
+    finally:
+        for load in loads.values():
+            load.stop()
+    seconds = end - start
+    got = {name: load.between(start, end) for name, load in loads.items()}
+    for name, limit in (("empty", 5), ("alice", 5), ("no-id", 3), ("id", 3)):
+        assert got[name][429] > 0, (mode, name, got)
+        assert got[name][200] == pytest.approx(limit * seconds, rel=0.3, abs=3), (mode, got)
+    if mode == "rlqs":
+        _, metrics = service.get("/metrics")
+        assert 'outrider_ratelimit_rlqs_events_total{event="empty_buckets"} 0.0' in metrics
 
 
 # ------------------------------------------------------------ --target gateway

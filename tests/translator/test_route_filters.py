@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import yaml
 
 from tests.harness.procs import free_port
 from tests.translator.eg_conformance import EG_DATA
+from tests.translator.fixtures import translated_envoy
 from translator.translate import Options, translate
 
 XDS = EG_DATA / "xds" / "translator" / "testdata-all"
@@ -205,21 +206,15 @@ def test_meaning_is_envoy_gateways(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     up, shadow = Upstream(), Upstream()
     try:
-        port = free_port()
-        out = translated(
+        with translated_envoy(
             tmp_path,
+            ROUTES,
             backends={"up": ("127.0.0.1", up.port), "shadow": ("127.0.0.1", shadow.port)},
-            listen_address="127.0.0.1",
-            admin_port=free_port(),
-            port_map={8080: port},
-        )
-        assert not out.rejections
-        out.write(tmp_path / "out")
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"base": f"http://127.0.0.1:{port}", "up": up, "shadow": shadow}
+        ) as served:
+            yield {"base": served.base, "up": up, "shadow": shadow}
     finally:
         up.close()
         shadow.close()

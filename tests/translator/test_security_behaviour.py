@@ -15,7 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,34 +23,11 @@ from typing import Any
 import pytest
 
 from tests.harness.procs import free_port
-from translator.translate import Options, translate
+from tests.translator.fixtures import gateway_and_route, translated_envoy
 
-POLICIES = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules:
-    - name: csrf
-      matches: [{path: {type: PathPrefix, value: /csrf}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: authz
-      matches: [{path: {type: PathPrefix, value: /authz}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: down
-      matches: [{path: {type: PathPrefix, value: /down}}]
-      backendRefs: [{name: up, port: 80}]
-    - name: lua
-      matches: [{path: {type: PathPrefix, value: /lua}}]
-      backendRefs: [{name: up, port: 80}]
+POLICIES = (
+    gateway_and_route("csrf", "authz", "down", "lua")
+    + """\
 ---
 apiVersion: v1
 kind: Service
@@ -109,6 +86,7 @@ spec:
     http:
       backendRefs: [{name: gone, port: 9000}]
 """
+)
 
 
 class Server:
@@ -175,29 +153,20 @@ def call(
 
 
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    policies = tmp_path / "policies.yaml"
-    policies.write_text(POLICIES)
-    port = free_port()
-    with Server() as server:
-        out = translate(
-            [policies],
-            Options(
-                backends={
-                    "up": ("127.0.0.1", server.port),
-                    "authz": ("127.0.0.1", server.port),
-                    "gone": ("127.0.0.1", free_port()),  # nothing listens there
-                },
-                listen_address="127.0.0.1",
-                admin_port=free_port(),
-                port_map={8080: port},
-                secrets_dir=tmp_path / "out" / "secrets",
-            ),
-        )
-        assert not out.rejections, [str(r) for r in out.rejections]
-        out.write(tmp_path / "out")
-        envoy((tmp_path / "out" / "envoy.yaml").read_text())
-        yield {"base": f"http://127.0.0.1:{port}", "host": f"127.0.0.1:{port}", "server": server}
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with (
+        Server() as server,
+        translated_envoy(
+            tmp_path,
+            POLICIES,
+            backends={
+                "up": ("127.0.0.1", server.port),
+                "authz": ("127.0.0.1", server.port),
+                "gone": ("127.0.0.1", free_port()),  # nothing listens there
+            },
+        ) as served,
+    ):
+        yield {"base": served.base, "host": served.base.removeprefix("http://"), "server": server}
 
 
 def test_security_policies_behave(stack: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.translator.eg_conformance import DATA, EG_DATA
+from tests.translator.fixtures import GATEWAY, gateway_and_route
 from tests.translator.test_backend_traffic_meaning import envoy_routes, secs
 from translator.translate import Options, translate
 
@@ -189,13 +190,9 @@ def test_ext_auth_retry_is_envoy_gateways(tmp_path: Path) -> None:
     assert set(mine) == {"num_retries", "retry_on", "retry_back_off"}
 
 
-PATCHES = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
+PATCHES = (
+    GATEWAY
+    + """\
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyPatchPolicy
@@ -225,6 +222,7 @@ spec:
       name: default/eg/http
       operation: {op: add, path: /ignore_global_conn_limit, value: true}
 """
+)
 
 
 def test_patch_policy_is_programmed_as_envoy_gateway(tmp_path: Path) -> None:
@@ -450,20 +448,9 @@ def test_merged_extension_policy_and_wasm_are_envoy_gateways(tmp_path: Path) -> 
     assert compared
 
 
-WASM_POLICY = """\
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: eg, namespace: default}
-spec:
-  gatewayClassName: eg
-  listeners: [{name: http, protocol: HTTP, port: 8080}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: app, namespace: default}
-spec:
-  parentRefs: [{name: eg}]
-  rules: [{backendRefs: [{name: app, port: 80}]}]
+WASM_POLICY = (
+    gateway_and_route(backend="app")
+    + """\
 ---
 apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: EnvoyExtensionPolicy
@@ -472,6 +459,7 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
   wasm: [{code: CODE}]
 """
+)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import datetime
 import json
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from tests.harness.certs import CertFiles, TestCA
 from tests.harness.echo import EchoUpstream
-from tests.harness.procs import free_port
-from translator.translate import Options, translate
+from tests.translator.fixtures import translated_envoy
 
 
 def b64(path: Path) -> str:
@@ -181,7 +180,7 @@ def xfcc(body: str) -> str | None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, envoy: Callable[..., Any], echo_upstream: EchoUpstream) -> dict[str, Any]:
+def stack(tmp_path: Path, echo_upstream: EchoUpstream) -> Iterator[dict[str, Any]]:
     ca = TestCA(tmp_path / "pki")
     certs = {
         "a": ca.issue("a.example.com", dns=()),
@@ -189,27 +188,17 @@ def stack(tmp_path: Path, envoy: Callable[..., Any], echo_upstream: EchoUpstream
         "client": ca.issue("client", dns=()),
         "revoked": ca.issue("revoked", dns=()),
     }
-    src = tmp_path / "in.yaml"
-    src.write_text(policies(certs["a"], certs["b"], crl(ca, certs["revoked"])))
-    port, tcp_port = free_port(), free_port()
-    out = translate(
-        [src],
-        Options(
-            backends={"up": ("127.0.0.1", echo_upstream.port)},
-            listen_address="127.0.0.1",
-            admin_port=free_port(),
-            port_map={8443: port, 9443: tcp_port},
-            secrets_dir=tmp_path / "out" / "secrets",
-        ),
-    )
-    assert not out.rejections, [str(r) for r in out.rejections]
-    assert not out.unprogrammed, [str(r) for r in out.unprogrammed]
-    out.write(tmp_path / "out")
-    key_files = [p for p in (tmp_path / "out" / "secrets").iterdir() if p.suffix == ".key"]
-    assert key_files
-    assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
-    envoy((tmp_path / "out" / "envoy.yaml").read_text())
-    return {"port": port, "tcp_port": tcp_port, "certs": certs}
+    with translated_envoy(
+        tmp_path,
+        policies(certs["a"], certs["b"], crl(ca, certs["revoked"])),
+        backends={"up": ("127.0.0.1", echo_upstream.port)},
+        ports=(8443, 9443),
+    ) as served:
+        assert not served.out.unprogrammed, [str(r) for r in served.out.unprogrammed]
+        key_files = [p for p in (served.out_dir / "secrets").iterdir() if p.suffix == ".key"]
+        assert key_files
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_files)
+        yield {"port": served.ports[8443], "tcp_port": served.ports[9443], "certs": certs}
 
 
 def test_https_listeners_serve_their_certificates_and_require_client_certificates(

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.procs import ManagedProcess, free_port, http_get, short_tmpdir, wait_until
+from tests.harness.procs import (
+    ManagedProcess,
+    descendants,
+    free_port,
+    http_get,
+    kill_leftovers,
+    short_tmpdir,
+    still_running,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MISSING = [
@@ -85,9 +94,8 @@ class Up:
         return Path(match.group(1))
 
 
-@contextlib.contextmanager
-def outrider_up(*args: str) -> Iterator[Up]:
-    """``outrider up ARGS`` until its guide is printed; then Ctrl-C, and it must exit 0."""
+def launch_up(*args: str) -> tuple[Up, threading.Thread]:
+    """Start ``outrider up ARGS``; its output is read into ``Up.lines`` by the thread."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.common.cli", "up", *args],
         cwd=REPO,
@@ -107,11 +115,23 @@ def outrider_up(*args: str) -> Iterator[Up]:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return up, reader
+
+
+def wait_for_guide(up: Up) -> None:
+    # No deadline of its own: a busy machine may take minutes to start everything
+    # (`up` bounds each start itself, and pytest-timeout bounds the test).
+    while not up.ready.wait(0.5):
+        assert up.proc.poll() is None, "outrider up exited early:\n" + up.text
+
+
+@contextlib.contextmanager
+def outrider_up(*args: str) -> Iterator[Up]:
+    """``outrider up ARGS`` until its guide is printed; then Ctrl-C, and it must exit 0."""
+    up, reader = launch_up(*args)
+    proc = up.proc
     try:
-        # No deadline of its own: a busy machine may take minutes to start everything
-        # (`up` bounds each start itself, and pytest-timeout bounds the test).
-        while not up.ready.wait(0.5):
-            assert proc.poll() is None, "outrider up exited early:\n" + up.text
+        wait_for_guide(up)
         yield up
     finally:
         proc.send_signal(signal.SIGINT)
@@ -233,6 +253,49 @@ def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.timeout(900)
+def test_up_killed_takes_its_children_along() -> None:
+    """`up` SIGKILLed (or crashed, or OOM-killed) cannot stop its children itself: they
+    must not outlive it holding Envoy's port, the sidecars' and Redis's, or the next
+    `make up` fails with "address in use". Every process it started gets SIGTERM from
+    the kernel (PR_SET_PDEATHSIG) and exits."""
+    port = free_port()
+    up, reader = launch_up("--port", str(port))
+    children: dict[int, int] = {}
+    workdir: Path | None = None
+    try:
+        wait_for_guide(up)
+        workdir = up.workdir()
+        children = descendants(up.proc.pid)
+        names = set(re.findall(r"(\w+)\.log", up.text))
+        # Redis when installed, the echo upstream, three sidecars and Envoy
+        assert {"echo", "ratelimit", "extauth", "extproc", "envoy"} <= names, up.text
+        assert len(children) >= len(names), (children, up.text)
+        up.proc.kill()
+        up.proc.wait(30)
+        # A hang guard, not a speed expectation: the sidecars drain (5 s at most) first.
+        wait_until(
+            lambda: not still_running(children),
+            120,
+            "every child of the killed `up` to exit",
+            interval=0.2,
+        )
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))  # the port is free for the next `make up`
+    finally:
+        if up.proc.poll() is None:  # failed before the kill: take what it started too
+            children.update(descendants(up.proc.pid))
+            up.proc.kill()
+            up.proc.wait(30)
+        kill_leftovers(children)
+        reader.join(5)
+        found = re.search(r"(/tmp/outrider-up-[^/\s]+)", up.text)
+        if workdir is None and found:
+            workdir = Path(found.group(1))
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 MY_YAML = """
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -331,3 +394,30 @@ def test_up_with_your_own_file(tmp_path: Path) -> None:
         shop.stop()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_every_rate_limit_filter_gets_the_up_timeout(tmp_path: Path) -> None:
+    """``up``'s rate limit timeout reaches every rate limit filter, the per-domain ones of
+    ``shared`` limits (``envoy.filters.http.ratelimit/<domain>``) too: without it such a
+    filter keeps Envoy's 20 ms and fails open on a busy machine."""
+    import yaml
+
+    from translator.resources import load_resources
+    from translator.translate import Options, translate_resources
+    from translator.up import RATELIMIT_TIMEOUT, with_ratelimit_timeout
+
+    out = translate_resources(
+        load_resources([REPO / "examples", REPO / "examples" / "more"]),
+        Options(secrets_dir=tmp_path / "secrets"),
+    )
+    doc = yaml.safe_load(with_ratelimit_timeout(out.files["envoy.yaml"]))
+    timeouts = {
+        f["name"]: f["typed_config"].get("timeout")
+        for listener in doc["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for nf in chain["filters"]
+        for f in nf["typed_config"].get("http_filters", [])
+        if f["name"].startswith("envoy.filters.http.ratelimit")
+    }
+    assert any("/" in name for name in timeouts), timeouts  # a shared limit's own filter
+    assert set(timeouts.values()) == {RATELIMIT_TIMEOUT}, timeouts

@@ -53,6 +53,12 @@ MEMO_SIZE = 50_000
 OK = 1
 OVER_LIMIT = 2
 
+#: The most a fixed-window counter is raised by in one call: past every limit
+#: (``requests_per_unit`` is a uint32). A descriptor's ``hits_addend`` is a uint64, and
+#: Redis counters are signed 64-bit: ``INCRBY 2**63`` is refused, and two large addends
+#: overflow. Any count at or past this is over every limit, so the answer is the same.
+FIXED_HITS_CAP = UINT32_MAX + 1
+
 Op = tuple[Any, ...]
 
 
@@ -325,10 +331,11 @@ class Limiter:
                 ttl = window
                 if options.expiration_jitter_max_seconds > 0 and self.jitter is not None:
                     ttl += self.jitter(options.expiration_jitter_max_seconds)
+                added = min(hits, FIXED_HITS_CAP)
                 if options.stop_counting_over_limit:
-                    to_ops.append((FIXED_CAPPED, key, hits, ttl, rule.requests_per_unit))
+                    to_ops.append((FIXED_CAPPED, key, added, ttl, rule.requests_per_unit))
                 else:
-                    to_ops.append((FIXED, key, hits, ttl))
+                    to_ops.append((FIXED, key, added, ttl))
                 to_pending.append((i, rule, row, hits, key, reset))
             elif rule.requests_per_unit == 0:
                 row[st.OVER_LIMIT] += hits
@@ -438,14 +445,14 @@ class Limiter:
         algorithm = rule.algorithm
         if algorithm is Algorithm.FIXED_WINDOW:
             after = result
-            before = after - hits
+            before = after - min(hits, FIXED_HITS_CAP)  # what the counter was raised by
             if after > limit:
                 # envoyproxy/ratelimit's accounting: hits past the limit are over, the
                 # part of them between near and the limit counts as near.
                 if before >= limit:
                     row[st.OVER_LIMIT] += hits
                 else:
-                    row[st.OVER_LIMIT] += after - limit
+                    row[st.OVER_LIMIT] += before + hits - limit
                     row[st.NEAR_LIMIT] += limit - max(near, before)
                 # with --stop-counting-over-limit the counter never passes the limit: only a
                 # counter at the limit is over for every later hit

@@ -20,7 +20,16 @@ The contract (DESIGN.md "ratelimit over RLQS"):
 - the share goes out as a ``token_bucket``: ``tokens_per_fill`` per ``fill_interval``
   (whole seconds, as Envoy reads it) at the share's rate, ``max_tokens`` small
   (Envoy refills a new or changed bucket to ``max_tokens``);
-- buckets with no traffic for ``idle_seconds`` are abandoned (``AbandonAction``).
+- buckets with no traffic for ``idle_seconds`` are abandoned (``AbandonAction``);
+- a bucket id without entries (Envoy omits an entry whose ``custom_value`` is empty, so a
+  bucket built only from a header sent empty has none) is a descriptor that reaches no
+  limit, as an RLS descriptor without entries does: allowed, counted
+  (``empty_buckets``), never tracked and never answered (Envoy cannot address an answer
+  to an id without entries: it keeps its ``no_assignment_behavior``). It never affects
+  the other buckets of the report or the stream;
+- an entry whose value is :data:`EMPTY_VALUE` is matched as the empty value: a bucket
+  id cannot carry an empty value, so the translator's bucket for a ``Distinct`` header
+  sent empty (which RLS sends as ``{key: ""}`` and limits) uses this stand-in.
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ from ..config import DescriptorNode, Domain, RateLimitConfig, RateLimitRule
 from .matcher import Entries, Match, find_limit
 
 BucketKey = tuple[tuple[str, str], ...]
+
+#: Stands for the empty value in a bucket id entry (RLQS bucket ids have no empty
+#: values): a line feed, which no request header value can hold (Envoy rejects it).
+EMPTY_VALUE = "\n"
 
 ALLOW_ALL = "allow_all"
 TOKEN_BUCKET = "token_bucket"
@@ -96,6 +109,8 @@ class Counters:
     #: Buckets refused because ``max_buckets`` were tracked.
     overflow: int = 0
     unknown_domain: int = 0
+    #: Bucket reports whose bucket id had no entries (not tracked, not answered).
+    empty_buckets: int = 0
     #: Requests a shadow_mode limit would have denied, by (domain, stats key): the key
     #: alone cannot say where the domain ends (a domain may contain dots).
     shadow_denials: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -147,6 +162,8 @@ def resolve(config: RateLimitConfig, domain: str, bucket: Mapping[str, str]) -> 
     d = config.domains.get(domain)
     if d is None or not bucket:
         return None
+    if EMPTY_VALUE in bucket.values():
+        bucket = {k: "" if v == EMPTY_VALUE else v for k, v in bucket.items()}
     return find_limit(d, order_entries(d, bucket))
 
 
@@ -292,7 +309,9 @@ class QuotaCore:
         """One usage report: (bucket, allowed, denied, time_elapsed seconds) per bucket.
 
         Answers every reported bucket (an assignment renewed or new, or ALLOW_ALL),
-        and abandons the ones idle for ``idle_seconds``.
+        and abandons the ones idle for ``idle_seconds``. A bucket without entries is
+        counted and skipped: it reaches no limit, and an answer to it could not be
+        addressed.
         """
         stream = self.streams[sid]
         if stream.domain is None:
@@ -303,6 +322,9 @@ class QuotaCore:
         touched: list[tuple[Consumer, int, float]] = []
         for bucket, allowed, denied, elapsed in usages:
             self.counters.bucket_reports += 1
+            if not bucket:
+                self.counters.empty_buckets += 1
+                continue
             consumer = stream.consumers.get(bucket)
             if consumer is None:
                 if self.buckets >= self.options.max_buckets:
