@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 import yaml
 
+from services.common.children import dies_with_parent
 from services.common.listeners import free_port
 
 from . import envoy_configs as ec
@@ -140,13 +141,16 @@ class Process:
     def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None):
         self.name = name
         self.log = log_dir / f"{name}.log"
+        env = {**os.environ, **(env or {})}
         with open(self.log, "wb") as out:
+            # killed, the runner takes its Envoys and sidecars along (no orphan keeps a
+            # port or burns CPU into the next benchmark)
             self.proc = subprocess.Popen(
-                cmd,
+                dies_with_parent(cmd, env=env),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env=env,
                 cwd=REPO,
                 start_new_session=True,
             )

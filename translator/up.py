@@ -52,6 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 #: through (Envoy Gateway's default is to fail open). A busy laptop can make a Python sidecar
 #: slower than that, and the demo's limits would silently stop applying: ``up`` waits 1 s.
 RATELIMIT_TIMEOUT = "1s"
+#: ... and the sidecar itself gives Redis 15 ms by default (then answers UNAVAILABLE, which
+#: the filter lets through): ``up`` gives it half of the filter's second.
+REDIS_TIMEOUT_SECONDS = "0.5"
 RATELIMIT_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
 EXAMPLES = REPO / "examples"
 TOKEN_SECONDS = 3600
@@ -517,7 +520,7 @@ class UpCommand:
                 f"127.0.0.1:{admin}",
             ]
             if name == "ratelimit" and redis_url:
-                argv += ["--redis-url", redis_url]
+                argv += ["--redis-url", redis_url, "--redis-timeout", REDIS_TIMEOUT_SECONDS]
             if name == "extauth" and args.extauth_mode == "http":
                 argv += ["--http-listen", f"unix:{sockets['extauth-http']}"]
             starting.append((stack.start(name, argv), admin))

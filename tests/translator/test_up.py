@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.harness.procs import (
@@ -39,6 +40,7 @@ from tests.harness.procs import (
     still_running,
     wait_until,
 )
+from translator.up import REDIS_TIMEOUT_SECONDS
 
 REPO = Path(__file__).resolve().parents[2]
 MISSING = [
@@ -241,6 +243,18 @@ def test_up_serves_the_guide_and_stops_cleanly(extauth_mode: str) -> None:
         names = {p.name for p in logs.iterdir()}
         assert {"envoy.log", "ratelimit.log", "extauth.log", "extproc.log", "echo.log"} <= names
         assert (workdir / "config" / "envoy.yaml").exists()
+        # on Redis, the sidecar waits for it longer than its 15 ms default (which would fail
+        # open on a busy laptop), within the filter's timeout
+        ratelimit = [
+            cmd
+            for proc in psutil.process_iter(["cmdline"])
+            if (cmd := proc.info["cmdline"] or []) and "ratelimit" in cmd
+            and any(str(workdir) in arg for arg in cmd)
+        ]  # fmt: skip
+        assert len(ratelimit) == 1, ratelimit
+        if "--redis-url" in ratelimit[0]:
+            timeout = ratelimit[0][ratelimit[0].index("--redis-timeout") + 1]
+            assert timeout == REDIS_TIMEOUT_SECONDS
     try:
         assert f"logs kept in {logs}" in up.text
         assert (logs / "extproc.log").read_text()  # the logs survive Ctrl-C ...
