@@ -8,9 +8,16 @@ costs; the difference between the reference and the native filter is the price o
 the gRPC hop in Python.
 
     python -m loadtests.floor ratelimit|extauth|extproc unix:/path.sock
+    python -m loadtests.floor ratelimit-grpclib unix:/path.sock
 
 They are benchmark references, not services: the rate limit reference limits nothing,
 the extauth reference allows everything.
+
+``ratelimit-grpclib`` is the same constant rate limit answer from grpclib (pure-Python
+HTTP/2 on the event loop's own thread) instead of grpc.aio: grpc.aio hands each call
+between threads (grpc-core's event engine, its completion-queue poller, the event loop)
+several times, grpclib not at all, so the pair shows what those hand-offs cost at a low
+rate (the latency tax) and what grpc-core's C HTTP/2 saves at saturation.
 """
 
 from __future__ import annotations
@@ -111,12 +118,39 @@ async def serve(kind: str, target: str) -> None:
         await server.stop(0)
 
 
+async def serve_grpclib_ratelimit(target: str) -> None:
+    from grpclib.const import Cardinality, Handler
+    from grpclib.server import Server, Stream
+
+    class Constant:
+        async def should_rate_limit(self, stream: Stream[Any, Any]) -> None:
+            await stream.recv_message()
+            await stream.send_message(ConstantRateLimit.RESPONSE)
+
+        def __mapping__(self) -> dict[str, Handler]:
+            return {
+                "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit": Handler(
+                    self.should_rate_limit,
+                    Cardinality.UNARY_UNARY,
+                    rls_pb2.RateLimitRequest,
+                    rls_pb2.RateLimitResponse,
+                )
+            }
+
+    server = Server([Constant()])
+    await server.start(path=target.removeprefix("unix:"))
+    await server.wait_closed()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("ratelimit", "extauth", "extproc"))
+    parser.add_argument("kind", choices=("ratelimit", "extauth", "extproc", "ratelimit-grpclib"))
     parser.add_argument("target", help="unix:/abs/path.sock")
     args = parser.parse_args()
-    uvloop.run(serve(args.kind, args.target))
+    if args.kind == "ratelimit-grpclib":
+        uvloop.run(serve_grpclib_ratelimit(args.target))
+    else:
+        uvloop.run(serve(args.kind, args.target))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class Plan:
 
     @staticmethod
     def full() -> Plan:
-        return Plan(3, 4.0, 1.0, 24, 4, 2, 16)
+        return Plan(3, 4.0, 1.0, 24, 4, 2, 16, fixed_seconds=8.0)
 
     @staticmethod
     def quick() -> Plan:

@@ -203,6 +203,12 @@ RATELIMIT = Scenario(
             Sidecar("ratelimit", "ratelimit", _ratelimit_files, grpc_call="ratelimit"),
         ),
         Setup("grpc-floor", "reference", _global_ratelimit, _floor("ratelimit", "ratelimit")),
+        Setup(
+            "grpclib-floor",
+            "reference",
+            _global_ratelimit,
+            _floor("ratelimit-grpclib", "ratelimit"),
+        ),
     ),
     comparisons=(
         Comparison("outrider-redis", "local_ratelimit", Goal("ratio_min", 0.5)),
@@ -212,7 +218,11 @@ RATELIMIT = Scenario(
         Comparison("outrider-redis", "grpc-floor", Goal("ratio_min", 0.75)),
         Comparison("outrider-memory", "grpc-floor", Goal("ratio_min", 0.85)),
     ),
-    notes=FLOOR_NOTE + " It limits nothing: the hot keys get 200s from it.",
+    notes=FLOOR_NOTE
+    + " It limits nothing: the hot keys get 200s from it. `grpclib-floor` answers the same "
+    "from grpclib (pure-Python HTTP/2 on the event loop's thread, no thread hand-offs per "
+    "call): what grpc.aio's hand-offs cost at a low rate, and what its C HTTP/2 saves at "
+    "saturation.",
     p99_tax_goals={
         "outrider-redis": Goal("tax_max_us", 1000),
         "outrider-memory": Goal("tax_max_us", 1000),
