@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from services.common.runtime import RECYCLE_CONNECTION_DURATION
-from tests.harness.procs import descendants, http_get, kill_leftovers, still_running, wait_until
+from tests.harness.procs import descendants, http_get, kill_leftovers, wait_gone
 
 from .envoycfg import envoy_config
 from .test_envoy import request
@@ -106,13 +106,8 @@ def test_workers_exit_when_the_supervisor_is_killed(
         assert len(workers) == 2, workers
         os.kill(ep.proc.pid, signal.SIGKILL)
         ep.proc.wait(30)
-        # A hang guard, not a speed expectation: each worker drains (5 s at most) first.
-        wait_until(
-            lambda: not still_running(workers),
-            60,
-            "both workers of the killed supervisor to exit",
-            interval=0.2,
-        )
+        # each worker drains (5 s at most) first
+        wait_gone(workers, 60, "both workers of the killed supervisor to exit")
         # the socket names it left dangle: a new supervisor takes them over
         again = outrider(
             "extproc", "--config", str(config), "--listen", f"unix:{sockdir / 'x.sock'}",

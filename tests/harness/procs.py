@@ -93,6 +93,12 @@ def still_running(procs: dict[int, int]) -> dict[int, int]:
     return out
 
 
+def wait_gone(procs: dict[int, int], timeout: float, what: str) -> None:
+    """Wait until none of ``procs`` (pid → start time) runs any more: a hang guard with a
+    generous ``timeout``, not a speed expectation."""
+    wait_until(lambda: not still_running(procs), timeout, what, interval=0.2)
+
+
 def kill_leftovers(procs: dict[int, int]) -> None:
     """SIGKILL those of ``procs`` (pid → start time) still running (a test's clean-up)."""
     for pid in still_running(procs):

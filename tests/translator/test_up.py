@@ -37,7 +37,7 @@ from tests.harness.procs import (
     http_get,
     kill_leftovers,
     short_tmpdir,
-    still_running,
+    wait_gone,
     wait_until,
 )
 from translator.up import REDIS_TIMEOUT_SECONDS
@@ -287,13 +287,8 @@ def test_up_killed_takes_its_children_along() -> None:
         assert len(children) >= len(names), (children, up.text)
         up.proc.kill()
         up.proc.wait(30)
-        # A hang guard, not a speed expectation: the sidecars drain (5 s at most) first.
-        wait_until(
-            lambda: not still_running(children),
-            120,
-            "every child of the killed `up` to exit",
-            interval=0.2,
-        )
+        # the sidecars drain (5 s at most) first
+        wait_gone(children, 120, "every child of the killed `up` to exit")
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", port))  # the port is free for the next `make up`
     finally:
