@@ -171,21 +171,25 @@ spec:
 """
 
 
-def test_translated_config_through_real_envoy(
+def run_translated(
+    policies: str,
+    mode: str,
     tmp_path: Path,
     sockdir: Path,
-    echo_upstream: Any,
+    echo_port: int,
     outrider: Callable[..., Any],
     envoy: Callable[..., Any],
-) -> None:
-    (tmp_path / "in.yaml").write_text(POLICIES)
+) -> tuple[int, Any]:
+    """Translate ``policies`` in ``mode`` for loopback, start the ratelimit sidecar and
+    Envoy on the output: (Envoy's port, the sidecar)."""
+    (tmp_path / "in.yaml").write_text(policies)
     port = free_port()
     socket = sockdir / "rl.sock"
     out = translate_resources(
         load_resources([tmp_path / "in.yaml"]),
         Options(
-            ratelimit_mode="rlqs",
-            backends={"echo": ("127.0.0.1", echo_upstream.port)},
+            ratelimit_mode=mode,
+            backends={"echo": ("127.0.0.1", echo_port)},
             sockets={"ratelimit": str(socket)},
             listen_address="127.0.0.1",
             admin_port=free_port(),
@@ -198,6 +202,19 @@ def test_translated_config_through_real_envoy(
         "ratelimit", "--config", str(tmp_path / "out" / "ratelimit"), "--listen", f"unix:{socket}"
     )
     envoy((tmp_path / "out" / "envoy.yaml").read_text())
+    return port, service
+
+
+def test_translated_config_through_real_envoy(
+    tmp_path: Path,
+    sockdir: Path,
+    echo_upstream: Any,
+    outrider: Callable[..., Any],
+    envoy: Callable[..., Any],
+) -> None:
+    port, service = run_translated(
+        POLICIES, "rlqs", tmp_path, sockdir, echo_upstream.port, outrider, envoy
+    )
     loads = {
         "alice": PacedLoad(port, 20, {"x-user": "alice"}, path="/q"),  # 5/s
         "bob": PacedLoad(port, 20, {"x-user": "bob"}, path="/q"),  # 5/s, own bucket
@@ -281,26 +298,9 @@ def test_distinct_values_sent_empty_are_limited_as_rls_limits_them(
     ``request_headers``/``query_parameters`` actions send ``{key: ""}``, which the
     key-only descriptor limits as one value; the quota filter's buckets must limit the
     same requests (they reached no limit when the empty entry was left out)."""
-    (tmp_path / "in.yaml").write_text(EMPTY_POLICIES)
-    port = free_port()
-    socket = sockdir / "rl.sock"
-    out = translate_resources(
-        load_resources([tmp_path / "in.yaml"]),
-        Options(
-            ratelimit_mode=mode,
-            backends={"echo": ("127.0.0.1", echo_upstream.port)},
-            sockets={"ratelimit": str(socket)},
-            listen_address="127.0.0.1",
-            admin_port=free_port(),
-            port_map={10000: port},
-            secrets_dir=tmp_path / "out" / "secrets",
-        ),
+    port, service = run_translated(
+        EMPTY_POLICIES, mode, tmp_path, sockdir, echo_upstream.port, outrider, envoy
     )
-    out.write(tmp_path / "out")
-    service = outrider(
-        "ratelimit", "--config", str(tmp_path / "out" / "ratelimit"), "--listen", f"unix:{socket}"
-    )
-    envoy((tmp_path / "out" / "envoy.yaml").read_text())
     loads = {
         "empty": PacedLoad(port, 20, {"x-user": ""}, path="/q"),  # 5/s
         "alice": PacedLoad(port, 20, {"x-user": "alice"}, path="/q"),  # 5/s, own bucket
