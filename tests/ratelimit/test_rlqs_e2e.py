@@ -91,15 +91,18 @@ def replicas(outrider: Callable[..., Any], tmp_path: Path, sockdir: Path) -> Rep
 
 
 @pytest.fixture
-def quota_envoy(envoy: Callable[..., Any], echo_upstream: Any) -> Callable[[Path], int]:
-    def start(socket: Path) -> int:
+def quota_envoy(envoy: Callable[..., Any], echo_upstream: Any) -> Callable[..., int]:
+    """Start an Envoy whose quota filter (``MATCHERS`` unless given) asks the replica
+    on ``socket``; returns its port."""
+
+    def start(socket: Path, quota: dict[str, Any] | None = None) -> int:
         port = free_port()
         envoy(
             bootstrap(
                 port,
                 free_port(),
                 routes=[route("/", "upstream")],
-                http_filters=[quota_filter("rlqs", MATCHERS)],
+                http_filters=[quota or quota_filter("rlqs", MATCHERS)],
                 clusters=[
                     http_cluster("upstream", "127.0.0.1", echo_upstream.port),
                     grpc_uds_cluster("rlqs", str(socket)),
@@ -189,7 +192,7 @@ def test_replica_killed_and_restarted(
 
 
 def test_a_header_sent_empty_keeps_the_stream_and_the_other_limits(
-    replicas: Replicas, envoy: Callable[..., Any], echo_upstream: Any
+    replicas: Replicas, quota_envoy: Callable[..., int]
 ) -> None:
     """A bucket id built only from ``x-user``, and clients sending ``x-user:`` (empty):
     Envoy omits the empty entry and reports ``bucket_id {}`` with every report. The
@@ -197,20 +200,8 @@ def test_a_header_sent_empty_keeps_the_stream_and_the_other_limits(
     keep limiting alice past her assignment's TTL (15 s), which a failed stream would let
     expire into the ALLOW_ALL fallback."""
     service = replicas.start("a")
-    port = free_port()
-    envoy(
-        bootstrap(
-            port,
-            free_port(),
-            routes=[route("/", "upstream")],
-            # ".*": the header's presence, whatever its value, as a Distinct header did
-            http_filters=[quota_filter("rlqs", MATCHERS[1:2], present=".*")],
-            clusters=[
-                http_cluster("upstream", "127.0.0.1", echo_upstream.port),
-                grpc_uds_cluster("rlqs", str(replicas.socket("a"))),
-            ],
-        )
-    )
+    # ".*": the header's presence, whatever its value, as a Distinct header did
+    port = quota_envoy(replicas.socket("a"), quota_filter("rlqs", MATCHERS[1:2], present=".*"))
     alice = PacedLoad(port, 30, {"x-user": "alice"}).start()  # 10/s
     empty = PacedLoad(port, 10, {"x-user": ""}).start()
     try:
