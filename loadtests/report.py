@@ -70,7 +70,7 @@ INTRO = """\
   at the same rate over the same number of connections (its Lua `delay()` waits a random,
   exponentially distributed time between a connection's answer and its next request;
   wrk times each request from its write). The headline tax is wrk's: Locust's own Python
-  client adds 2-3 ms at p50 and its scheduling jitter at p99 on this machine, which
+  client adds 1-3 ms at p50 and its scheduling jitter at p99 on this machine, which
   `baseline` only partly cancels.
   **Service capacity**: `loadtests/scaling.py` (h2load, see *Scaling*) and, per
   scenario, a gRPC Locust user (grpcio with `grpc.experimental.gevent.init_gevent()`).
